@@ -1,0 +1,18 @@
+"""flowgrove: GRPO alignment of flow-matching generators (DanceGRPO, Flow-GRPO, MixGRPO, BranchGRPO).
+
+Conventions, fixed once for the whole package:
+
+- ``sigma`` in [0, 1]: 1 is pure noise, 0 is data; ``x_sigma = (1 - sigma) * x0 + sigma * noise``.
+- The policy predicts the velocity ``v = noise - x0``. Euler ODE step: ``x + (sigma_next - sigma) * v``.
+- The model-facing ``timestep`` (``sigma * 1000`` for FLUX) exists only inside a policy adapter; exact
+  sigmas are fed, never quantised.
+- One SDE step family: ``mean = x + dt * (v - g**2 / 2 * score)``, ``std = g * sqrt(sigma - sigma_next)``
+  with ``g = eta`` (DanceGRPO, BranchGRPO), ``g = a * sqrt(sigma / (1 - sigma))`` (Flow-GRPO, MixGRPO)
+  or ``g = 0`` (ODE).
+- A transition log-probability is a per-sample scalar ``[B]``: the Gaussian log-density averaged over
+  every non-batch dimension, always under the std the sample was drawn with.
+- Shapes: ``B`` images in a batch, ``G`` images per prompt, ``T`` denoising steps, latents ``[B, C, H, W]``.
+- Images handed to rewards are float tensors ``[B, 3, H, W]`` in [0, 1].
+"""
+
+__version__ = "0.1.0"

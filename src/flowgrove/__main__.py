@@ -1,0 +1,5 @@
+import sys
+
+from flowgrove.cli import main
+
+sys.exit(main())

@@ -1,0 +1,268 @@
+"""Configuration schema (dataclasses), presets, YAML files and dotted overrides through OmegaConf.
+
+Precedence, lowest first: dataclass defaults < the method preset (``presets/<method>.yaml``) < a config file
+< ``key=value`` overrides. Unknown keys and bad values raise :class:`ConfigError`, which names the key, the
+allowed values and the closest match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message says which and how to fix it."""
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, low: float | None = None) -> Any:
+    meta = {"help": help, "choices": choices, "low": low}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class PolicyConfig:
+    name: str = _f("digits", "Registered policy adapter: digits (built-in tiny FLUX) or flux1 (a local FLUX.1 folder).")
+    path: str = _f("", "Weights: a safetensors file (digits) or a diffusers folder (flux1); empty = shipped digits weights.")
+    lora_rank: int = _f(0, "LoRA rank through peft; 0 trains the full transformer.", low=0)
+    lora_alpha: float = _f(0.0, "LoRA alpha; 0 means 2 * rank (the references' ratio).", low=0)
+    lora_targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "Module names that get LoRA adapters.")
+
+
+@dataclass
+class SamplerConfig:
+    num_steps: int = _f(16, "Denoising steps of a training rollout (T).", low=1)
+    shift: float = _f(3.0, "Time shift of the sigma grid (SD3/FLUX); 1 disables it.", low=0)
+    schedule: str = _f("flux", "Sigma grid: flux (shifted linspace) or sd3 (diffusers, shift applied twice).", ("flux", "sd3"))
+    noise: str = _f("constant", "SDE noise: constant g = level (DanceGRPO) or flow g = level*sqrt(s/(1-s)) (Flow-GRPO).", ("constant", "flow"))
+    noise_level: float = _f(0.3, "eta (constant) or a (flow).", low=0)
+    reward_image: str = _f("x0_pred", "Image scored: x0_pred of the last step (its transition is not trained) or final.", ("x0_pred", "final"))
+    chunk_size: int = _f(0, "Largest batch of one model call in rollouts and evaluation; 0 = no limit.", low=0)
+
+
+@dataclass
+class WindowConfig:
+    enabled: bool = _f(False, "MixGRPO: SDE only inside a sliding window of steps, Euler ODE elsewhere.")
+    size: int = _f(4, "Window size w (SDE and trained steps).", low=1)
+    interval: int = _f(25, "Shift interval tau: iterations between window moves.", low=1)
+    stride: int = _f(1, "Steps the window moves each time; 0 freezes it.", low=0)
+    strategy: str = _f("progressive", "Window schedule.", ("progressive", "frozen", "random", "linear_decay", "exp_decay"))
+    roll_back: bool = _f(True, "Return to the start after the last position.")
+    start: int = _f(0, "Initial window start.", low=0)
+    min_interval: int = _f(1, "linear_decay: shortest interval.", low=1)
+    max_interval: int = _f(10, "linear_decay: longest interval.", low=1)
+    exp_k: float = _f(0.1, "exp_decay: decay rate k.", low=0)
+    exp_threshold: int = _f(13, "exp_decay: window start after which the interval decays.", low=0)
+    tail: str = _f("euler", "ODE steps after the window: euler, or dpm (DPM-Solver++ 2M, compressed: Flash).", ("euler", "dpm"))
+    compress_ratio: float = _f(0.4, "dpm tail: kept fraction of the post-window steps (>= 2 grid points).", low=0)
+
+
+@dataclass
+class TreeConfig:
+    enabled: bool = _f(False, "BranchGRPO: tree rollouts that share prefixes and split at chosen steps.")
+    split_steps: list = _f([], "Steps at which every node splits; empty = split_rounds evenly spaced splits.")
+    split_rounds: int = _f(4, "Number of evenly spaced splits when split_steps is empty.", low=0)
+    branching: int = _f(2, "Children per split (K).", low=2)
+    split_noise_scale: float = _f(4.0, "Noise multiplier of split steps; the log-prob uses this std.", low=0)
+    same_noise: bool = _f(True, "All trees start from the same initial noise.")
+    fusion: str = _f("mean", "Leaf reward fusion: mean, path (path-probability softmax) or local (reference).", ("mean", "path", "local"))
+    temperature: float = _f(1.0, "Temperature of the path/local fusion softmax.", low=0)
+    depth_pruning: list = _f([], "Child depths excluded from the backward pass.")
+    depth_slide_interval: int = _f(0, "Iterations per one-depth slide of the pruned band towards the root; 0 = static.", low=0)
+    depth_stop: int = _f(-1, "Shallowest depth the sliding band may reach; -1 = the last split step.")
+    width_keep: int = _f(0, "Width pruning: leaves per tree whose post-split chains are trained (best and worst); 0 = off.", low=0)
+    pruning_fraction: float = _f(1.0, "Fraction of training during which pruning is active.", low=0)
+    mix: bool = _f(False, "Mix variant: SDE only at split steps and inside the window (window.*), ODE elsewhere.")
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = _f(4, "Prompts per training step (per rank).", low=1)
+    group_size: int = _f(8, "Images per prompt (chains); trees use their leaves.", low=1)
+    same_noise_in_group: bool = _f(True, "A group starts from one shared initial noise (DanceGRPO, MixGRPO).")
+    prompts_file: str = _f("", "Text file with one training prompt per line; empty = the policy's built-in prompts.")
+
+
+@dataclass
+class AdvantageConfig:
+    kind: str = _f("group", "group z-score, group_global_std (per-prompt mean, global std), or depthwise (trees).", ("group", "group_global_std", "depthwise"))
+    ddof: int = _f(1, "Delta degrees of freedom of the std.", low=0)
+    eps: float = _f(1e-8, "Added to the std.", low=0)
+    clip: float = _f(5.0, "Advantages are clamped to +-clip.", low=0)
+    aggregate: str = _f("reward", "Several rewards: weighted raw sum (reward) or weighted sum of per-reward advantages (advantage).", ("reward", "advantage"))
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(100, "Training iterations (rollout + update).", low=0)
+    lr: float = _f(1e-4, "AdamW learning rate.", low=0)
+    weight_decay: float = _f(1e-4, "AdamW weight decay.", low=0)
+    betas: list = _f([0.9, 0.999], "AdamW betas.")
+    adam_eps: float = _f(1e-8, "AdamW eps.", low=0)
+    clip_range: float = _f(1e-3, "PPO clip range of the importance ratio.", low=0)
+    kl_beta: float = _f(0.0, "Weight of the exact Gaussian KL to the initial policy (0 = off).", low=0)
+    timesteps: str = _f("random_fraction", "Trained steps: random_fraction per sample, first_k in order, or plan (window/tree).", ("random_fraction", "first_k", "plan"))
+    timestep_fraction: float = _f(0.6, "random_fraction: share of the eligible steps trained per sample.", low=0)
+    first_k: int = _f(0, "first_k: number of leading steps trained.", low=0)
+    accumulate: str = _f("samples", "An optimizer step per accumulate_size samples, or per accumulate_size transitions.", ("samples", "transitions"))
+    accumulate_size: int = _f(8, "Samples (or transitions) per optimizer step.", low=1)
+    micro_batch: int = _f(64, "Transitions per training forward pass.", low=1)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", low=0)
+    ema_decay: float = _f(0.0, "EMA of the trainable weights (0 = off); used for the final evaluation and export.", low=0)
+    seed: int = _f(0, "Seed of every generator in the run.")
+
+
+@dataclass
+class EvalConfig:
+    samples_per_prompt: int = _f(8, "Held-out images per prompt (fixed seeds, ODE sampling).", low=1)
+    num_steps: int = _f(16, "Euler ODE steps of the held-out evaluation.", low=1)
+    seed: int = _f(1234, "Seed of the held-out initial noise.")
+    every: int = _f(0, "Also evaluate every N steps (0 = only before and after).", low=0)
+
+
+@dataclass
+class RunConfig:
+    out: str = _f("", "Run directory; empty = runs/<method>-<timestamp>.")
+    checkpoint_every: int = _f(25, "Steps between checkpoints (and one at the end).", low=1)
+    keep_checkpoints: int = _f(2, "Checkpoints kept on disk.", low=1)
+    progress: bool = _f(True, "Show a progress bar.")
+    device: str = _f("cpu", "torch device.")
+
+
+@dataclass
+class Config:
+    method: str = _f("dancegrpo", "Method preset (flowgrove methods lists them).")
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    tree: TreeConfig = field(default_factory=TreeConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: dict = _f({"digit_classifier": 1.0, "boldness": 1.0}, "Reward name -> weight.")
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped method presets."""
+    folder = resources.files("flowgrove") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_text(name: str) -> str:
+    """The YAML text of a preset (its comments document the scaling to the digits task)."""
+    if name not in preset_names():
+        raise ConfigError(f"method={name!r} is unknown; allowed: {', '.join(preset_names())}{_hint(name, preset_names())}")
+    return (resources.files("flowgrove") / "presets" / f"{name}.yaml").read_text()
+
+
+def preset_summary(name: str) -> str:
+    """The first comment line of a preset file."""
+    first = preset_text(name).splitlines()[0]
+    return first.lstrip("# ").strip()
+
+
+def _hint(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(data: Any, schema: type, prefix: str = "") -> None:
+    """Reject unknown keys before OmegaConf does, with the allowed keys and the closest match."""
+    if not isinstance(data, dict) or schema is dict:
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in data.items():
+        if key not in fields:
+            allowed = ", ".join(fields)
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}{_hint(str(key), list(fields))}; allowed here: {allowed}")
+        sub = fields[key].type
+        sub_type = _SECTIONS.get(sub if isinstance(sub, str) else getattr(sub, "__name__", ""))
+        if sub_type is not None:
+            _check_keys(value, sub_type, f"{prefix}{key}.")
+
+
+def _check_values(cfg: Any, prefix: str = "") -> None:
+    """Choices and lower bounds from the field metadata."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_values(value, key + ".")
+            continue
+        choices, low = f.metadata.get("choices"), f.metadata.get("low")
+        if choices and value not in choices:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(choices)}{_hint(str(value), list(choices))}")
+        if low is not None and value < low:
+            raise ConfigError(f"{key}={value!r} must be >= {low} ({f.metadata['help']})")
+
+
+_SECTIONS = {c.__name__: c for c in (PolicyConfig, SamplerConfig, WindowConfig, TreeConfig, RolloutConfig, AdvantageConfig, TrainConfig, EvalConfig, RunConfig)}
+
+
+def _as_dict(node: Any, what: str) -> dict:
+    if node is None:
+        return {}
+    data = OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must be a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.lr=1e-4", ...]`` -> nested dict; a malformed item is an error that shows the expected form."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value (for example train.lr=3e-4)")
+    return _as_dict(OmegaConf.from_dotlist(list(overrides)), "overrides")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, method: str | None = None) -> Config:
+    """Build a validated :class:`Config` from the preset, an optional YAML file and dotted overrides."""
+    layers = []
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file or omit it to use the defaults")
+        layers.append(_as_dict(OmegaConf.load(path), f"config file {path}"))
+    layers.append(parse_overrides(overrides or []))
+    if method is not None:
+        layers.append({"method": method})
+    chosen = next((layer["method"] for layer in reversed(layers) if "method" in layer), Config.method)
+    layers.insert(0, _as_dict(OmegaConf.create(preset_text(chosen)), f"preset {chosen}"))
+    return build_config(layers)
+
+
+def build_config(layers: list[dict]) -> Config:
+    """Merge dict layers over the schema defaults and validate."""
+    merged = OmegaConf.structured(Config)
+    for layer in layers:
+        _check_keys(layer, Config)
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as err:
+            key = getattr(err, "full_key", "?")
+            raise ConfigError(f"bad value for {key}: {str(err).splitlines()[0]}") from None
+    cfg = OmegaConf.to_object(merged)
+    _check_values(cfg)
+    if cfg.method not in preset_names():
+        raise ConfigError(f"method={cfg.method!r} is unknown; allowed: {', '.join(preset_names())}{_hint(cfg.method, preset_names())}")
+    return cfg
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_from_yaml_text(text: str) -> Config:
+    """Load a resolved config written by :func:`config_to_yaml` (used on resume)."""
+    return build_config([_as_dict(OmegaConf.create(text), "saved config")])

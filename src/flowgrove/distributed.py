@@ -1,0 +1,65 @@
+"""Optional data parallelism (torchrun; gloo on CPU). Every helper works without ``init_process_group``."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def world_size_and_rank() -> tuple[int, int]:
+    """(1, 0) when not running distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def init_from_env() -> tuple[int, int]:
+    """Join the process group that torchrun describes in the environment, if any."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return world_size_and_rank()
+
+
+def all_gather_cat(x: Tensor) -> Tensor:
+    """Concatenate equally shaped tensors from all ranks along dim 0 (identity on one process)."""
+    world, _ = world_size_and_rank()
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def shard_rows(x: Tensor) -> Tensor:
+    """This rank's rows of a gathered tensor (inverse of :func:`all_gather_cat`)."""
+    world, rank = world_size_and_rank()
+    return x.chunk(world)[rank] if world > 1 else x
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank, so all ranks take the same branch (no deadlock)."""
+    world, _ = world_size_and_rank()
+    if world == 1:
+        return flag
+    value = torch.tensor([float(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """All-reduce the gradients of ``params`` to their mean (plain data parallelism without a DDP wrapper)."""
+    world, _ = world_size_and_rank()
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world)
+
+
+def is_main() -> bool:
+    return world_size_and_rank()[1] == 0

@@ -1,0 +1,24 @@
+"""Policies: flow-matching generators behind one contract (``FlowPolicy``) and a name registry.
+
+Registered: ``digits`` (built-in tiny FLUX on 8x8 digits, shipped weights) and ``flux1`` (a local diffusers
+FLUX.1 folder). Importing this package is light; diffusers and transformers load inside the factories.
+"""
+
+from flowgrove.policies.base import Conditioning, FlowPolicy, build_policy, policy_names, register_policy
+from flowgrove.policies.digits import build_digits_policy, digit_of_prompt, digit_prompts
+from flowgrove.policies.flux import FluxAdapter, build_flux1_policy, pack_latents, unpack_latents
+
+__all__ = [
+    "Conditioning",
+    "FlowPolicy",
+    "FluxAdapter",
+    "build_digits_policy",
+    "build_flux1_policy",
+    "build_policy",
+    "digit_of_prompt",
+    "digit_prompts",
+    "pack_latents",
+    "policy_names",
+    "register_policy",
+    "unpack_latents",
+]

@@ -1,0 +1,124 @@
+"""The policy contract: a velocity model, its prompt encoder and its decoder (design.md, sections 1 and 5).
+
+A policy works on unpacked latents ``[B, C, H, W]`` and exact sigmas in [0, 1] (1 = noise). Everything
+model-specific (token packing, position ids, the model-facing ``timestep``) stays inside its adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Prompt conditioning of a batch, batch first in every field (FLUX: T5 tokens and pooled CLIP)."""
+
+    prompt_embeds: Tensor  # [B, L, D] token embeddings (FLUX ``encoder_hidden_states``)
+    pooled: Tensor | None = None  # [B, P] pooled embedding (FLUX ``pooled_projections``); None if unused
+
+    def __post_init__(self) -> None:
+        if self.pooled is not None and self.pooled.shape[0] != self.prompt_embeds.shape[0]:
+            raise ValueError(
+                f"Conditioning fields disagree on the batch size: prompt_embeds has {self.prompt_embeds.shape[0]} "
+                f"rows, pooled has {self.pooled.shape[0]}; build both from the same prompts."
+            )
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def select(self, index: Tensor) -> Conditioning:
+        """Rows ``index`` of every field (``index_select`` on dim 0), e.g. to repeat prompts for their groups.
+
+        Args:
+            index: Row indices ``[N]`` (long), may repeat rows.
+
+        Returns:
+            A Conditioning with ``N`` rows.
+        """
+        index = torch.as_tensor(index, dtype=torch.long, device=self.prompt_embeds.device)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Conditioning(**{k: None if v is None else v.index_select(0, index) for k, v in fields.items()})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
+        """The same conditioning on ``device`` and/or in ``dtype``."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Conditioning(**{k: None if v is None else v.to(device=device, dtype=dtype) for k, v in fields.items()})
+
+
+@runtime_checkable
+class FlowPolicy(Protocol):
+    """A rectified-flow generator as the trainer sees it (velocity ``v = noise - x0``).
+
+    Attributes:
+        latent_shape: ``(C, H, W)`` of one unpacked latent.
+        module: The trainable transformer (what the optimizer, LoRA and DDP wrap).
+    """
+
+    latent_shape: tuple[int, int, int]
+    module: torch.nn.Module
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Conditioning ``[B, ...]`` for ``B`` prompts (no grad; text encoders are frozen)."""
+        ...
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        """Velocity ``[B, C, H, W]`` at latents ``x`` ``[B, C, H, W]`` and noise levels ``sigma`` ``[B]``."""
+        ...
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Images ``[B, 3, H', W']`` in [0, 1] from clean latents ``[B, C, H, W]``."""
+        ...
+
+
+PolicyFactory = Callable[..., FlowPolicy]
+_POLICIES: dict[str, PolicyFactory] = {}
+
+
+def register_policy(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
+    """Register a policy factory under ``name`` (ddpo-style registry; heavy imports go inside the factory).
+
+    Args:
+        name: Registry key used by ``build_policy`` and the ``policy.name`` config field.
+
+    Returns:
+        A decorator that stores the factory and returns it unchanged.
+    """
+
+    def decorator(factory: PolicyFactory) -> PolicyFactory:
+        if name in _POLICIES and _POLICIES[name] is not factory:
+            raise ValueError(f"policy {name!r} is already registered ({_POLICIES[name].__module__}); pick another name.")
+        _POLICIES[name] = factory
+        return factory
+
+    return decorator
+
+
+def policy_names() -> list[str]:
+    """Sorted names of the registered policies."""
+    return sorted(_POLICIES)
+
+
+def build_policy(name: str, **kwargs: object) -> FlowPolicy:
+    """Build the registered policy ``name`` with the factory's keyword arguments.
+
+    Args:
+        name: A registered policy name (see ``policy_names()``).
+        **kwargs: Passed to the factory (for example ``weights``, ``path``, ``device``).
+
+    Returns:
+        The policy.
+
+    Raises:
+        ValueError: ``name`` is not registered; the message lists the known names and the closest one.
+    """
+    if name not in _POLICIES:
+        close = difflib.get_close_matches(name, _POLICIES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown policy {name!r}; known policies: {', '.join(policy_names())}.{hint}")
+    return _POLICIES[name](**kwargs)

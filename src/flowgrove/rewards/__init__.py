@@ -1,0 +1,10 @@
+"""Rewards: ``(images [B, 3, H, W] in [0, 1], prompts) -> [B] float32`` callables built by name.
+
+Built in: ``digit_classifier``, ``boldness``, ``contrast``, ``brightness`` (the digits task). Heavy reward
+models import their packages inside their factories.
+"""
+
+from flowgrove.rewards import digits as _digits  # noqa: F401  (registers the digits rewards)
+from flowgrove.rewards.base import RewardFn, build_reward, register_reward, reward_names
+
+__all__ = ["RewardFn", "build_reward", "register_reward", "reward_names"]

@@ -1,0 +1,181 @@
+"""Batched rollouts: chains and trees through one loop over denoising steps.
+
+A chain is a tree that never splits, so DanceGRPO, Flow-GRPO, MixGRPO and BranchGRPO share this code. At
+every step all nodes of the current depth (all groups, all trees) go through the policy in one call (split
+into ``chunk_size`` rows if set). Only the transitions that training will re-score are stored, in float32,
+together with the log-prob computed on exactly the stored tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from flowgrove.plans import StepPlan
+from flowgrove.policies.base import Conditioning, FlowPolicy
+from flowgrove.samplers.dpm_solver import dpmpp_2m_step
+from flowgrove.samplers.steps import euler_step, noise_g, sde_step, x0_from_velocity
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """Everything a rollout needs besides the model, the prompts and the noise."""
+
+    plan: StepPlan  # sigma grid, per-step kind (sde / ode / dpm) and trained flags
+    noise: str  # "constant" (g = eta) or "flow" (g = a * sqrt(sigma / (1 - sigma)))
+    noise_level: float
+    reward_image: str = "x0_pred"  # "x0_pred" of the last step, or the "final" sample
+    branching: tuple[int, ...] = ()  # children per step (1 = no split); empty = a chain
+    split_noise_scale: float = 1.0
+    chunk_size: int = 0  # rows per model call; 0 = everything at once
+
+    def children(self, step: int) -> int:
+        return self.branching[step] if self.branching else 1
+
+
+class Transitions(NamedTuple):
+    """Stored SDE transitions (edges), E of them; everything training needs to re-score them."""
+
+    x: Tensor  # [E, C, H, W] model input at sigma
+    x_next: Tensor  # [E, C, H, W] the sample drawn at sigma_next
+    sigma: Tensor  # [E]
+    sigma_next: Tensor  # [E]
+    g: Tensor  # [E] diffusion coefficient of the step
+    noise_scale: Tensor  # [E] split-noise multiplier the sample was drawn with
+    old_log_prob: Tensor  # [E] log-prob under the rollout policy
+    cond_index: Tensor  # [E] row of the conditioning batch
+    depth: Tensor  # [E] depth of the child node (= step + 1)
+    node: Tensor  # [E] index of the child node within its depth
+
+    def select(self, index: Tensor) -> Transitions:
+        return Transitions(*(t[index] for t in self))
+
+    def __len__(self) -> int:  # type: ignore[override]
+        return self.x.shape[0]
+
+
+class Rollout(NamedTuple):
+    """Result of one rollout over N0 roots and N_L leaves."""
+
+    leaves: Tensor  # [N_L, C, H, W] latents handed to the decoder and the rewards
+    leaf_cond_index: Tensor  # [N_L] conditioning row of each leaf
+    transitions: Transitions
+    edge_log_probs: tuple[Tensor, ...]  # per step d: [N_{d+1}] log-prob of the edge into each node (0 for ODE)
+    nodes_per_depth: tuple[int, ...]
+    model_calls: int  # policy evaluations (rows), all nodes of all trees
+
+
+def batched_velocity(policy: FlowPolicy, x: Tensor, sigma: Tensor, cond: Conditioning, chunk_size: int = 0) -> Tensor:
+    """Policy velocity for many rows in chunks of at most ``chunk_size`` rows. x: [N, ...], sigma: [N]."""
+    if chunk_size <= 0 or x.shape[0] <= chunk_size:
+        return policy.velocity(x, sigma, cond)
+    parts = []
+    for start in range(0, x.shape[0], chunk_size):
+        rows = torch.arange(start, min(start + chunk_size, x.shape[0]), device=x.device)
+        parts.append(policy.velocity(x[rows], sigma[rows], cond.select(rows)))
+    return torch.cat(parts)  # [N, ...]
+
+
+def _empty_transitions(like: Tensor) -> Transitions:
+    flat, long = like.new_zeros(0), torch.zeros(0, dtype=torch.long, device=like.device)
+    lat = like.new_zeros((0, *like.shape[1:]))
+    return Transitions(lat, lat, flat, flat, flat, flat, flat, long, long, long)
+
+
+def _cat_transitions(parts: list[Transitions], like: Tensor) -> Transitions:
+    if not parts:
+        return _empty_transitions(like)
+    return Transitions(*(torch.cat(field) for field in zip(*parts)))
+
+
+@torch.no_grad()
+def rollout(
+    policy: FlowPolicy,
+    cond: Conditioning,
+    cond_index: Tensor,
+    x_init: Tensor,
+    spec: RolloutSpec,
+    generator: torch.Generator,
+    store_mask: Tensor | None = None,
+) -> Rollout:
+    """Sample chains or trees from ``x_init`` [N0, C, H, W] and store the trained SDE transitions.
+
+    Args:
+        policy: the velocity model.
+        cond: conditioning batch; ``cond_index`` [N0] picks each root's row.
+        x_init: initial noise at sigma_0.
+        spec: plan, noise family, branching.
+        generator: source of every SDE noise draw (seeded by the caller).
+        store_mask: optional [N0, S] bool, per-root trained steps (chains only: DanceGRPO's random subset).
+
+    Returns:
+        A :class:`Rollout`; the transitions hold only steps with ``plan.trained`` (and ``store_mask``).
+    """
+    plan = spec.plan
+    if store_mask is not None and any(k > 1 for k in spec.branching):
+        raise ValueError("store_mask selects steps per chain; tree rollouts select edges by pruning masks instead")
+    x = x_init.float()  # [N, C, H, W]
+    rows = cond_index.clone()  # [N] conditioning row per node
+    roots = torch.arange(x.shape[0], device=x.device)  # [N] root of each node
+    prev_x0 = prev_sigma = None
+    stored, edge_log_probs, nodes, calls = [], [], [x.shape[0]], 0
+    for step in range(plan.num_steps):
+        sigma, sigma_next = plan.sigmas[step].item(), plan.sigmas[step + 1].item()
+        sig = x.new_full((x.shape[0],), sigma)  # [N]
+        velocity = batched_velocity(policy, x, sig, cond.select(rows), spec.chunk_size).float()  # [N, C, H, W]
+        calls += x.shape[0]
+        x0_pred = x0_from_velocity(x, velocity, sigma)  # [N, C, H, W]
+        kind, k = plan.kinds[step], spec.children(step)
+        if step == plan.num_steps - 1 and spec.reward_image == "x0_pred":
+            if k > 1:
+                raise ValueError("the reward image is the last step's x0 prediction, so the last step cannot split")
+            # The last transition does not change x0_pred: it is neither sampled nor trained (DanceGRPO).
+            edge_log_probs.append(x.new_zeros(x.shape[0]))
+            nodes.append(x.shape[0])
+            return Rollout(x0_pred, rows, _cat_transitions(stored, x), tuple(edge_log_probs), tuple(nodes), calls)
+        if k > 1:
+            if kind != "sde":
+                raise ValueError(f"step {step} splits into {k} children but is a {kind} step; split steps must be SDE")
+            x, velocity, x0_pred, rows, roots = (t.repeat_interleave(k, dim=0) for t in (x, velocity, x0_pred, rows, roots))
+            if prev_x0 is not None:
+                prev_x0 = prev_x0.repeat_interleave(k, dim=0)
+        if kind == "sde":
+            g = noise_g(spec.noise, spec.noise_level, sig.new_tensor(sigma), sig.new_tensor(sigma_next))
+            scale = spec.split_noise_scale if k > 1 else 1.0
+            out = sde_step(x, velocity, sigma, sigma_next, g, noise_scale=scale, generator=generator)
+            x_next, log_prob = out.x_next, out.log_prob
+            keep = _stored_rows(plan.trained[step], store_mask, roots, step)
+            if keep is not None:
+                n = int(keep.numel())
+                full = lambda value: x.new_full((n,), float(value))  # noqa: E731
+                stored.append(Transitions(x[keep], x_next[keep], full(sigma), full(sigma_next), full(g), full(scale),
+                                          log_prob[keep], rows[keep], torch.full_like(keep, step + 1), keep))
+        elif kind == "dpm":
+            x_next = dpmpp_2m_step(x, x0_pred, sigma, sigma_next, prev_x0, prev_sigma)
+            log_prob = None
+        else:
+            x_next, log_prob = euler_step(x, velocity, sigma, sigma_next), None
+        edge_log_probs.append(log_prob if log_prob is not None else x.new_zeros(x.shape[0]))
+        nodes.append(x_next.shape[0])
+        prev_x0, prev_sigma, x = x0_pred, sigma, x_next
+    return Rollout(x, rows, _cat_transitions(stored, x), tuple(edge_log_probs), tuple(nodes), calls)
+
+
+def _stored_rows(trained: bool, store_mask: Tensor | None, roots: Tensor, step: int) -> Tensor | None:
+    """Indices of the nodes whose incoming edge at ``step`` is stored, or None."""
+    if not trained:
+        return None
+    if store_mask is None:
+        return torch.arange(roots.shape[0], device=roots.device)
+    keep = store_mask[roots, step].nonzero().flatten()
+    return keep if keep.numel() else None
+
+
+def rescore(policy: FlowPolicy, batch: Transitions, cond: Conditioning) -> tuple[Tensor, Tensor]:
+    """Re-evaluate stored transitions under the current policy: (log_prob [E], mean [E, C, H, W])."""
+    velocity = policy.velocity(batch.x, batch.sigma, cond.select(batch.cond_index)).float()  # [E, C, H, W]
+    out = sde_step(batch.x, velocity, batch.sigma, batch.sigma_next, batch.g, noise_scale=batch.noise_scale, x_next=batch.x_next)
+    return out.log_prob, out.mean

@@ -1,0 +1,43 @@
+"""`flowgrove sample` and `flowgrove eval`: load a run's latest checkpoint (or the base policy) and sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flowgrove.checkpoint import latest_checkpoint, load_checkpoint
+from flowgrove.config import Config, config_from_yaml_text, load_config
+from flowgrove.metrics import save_grid
+from flowgrove.runner import build_trainer
+from flowgrove.trainer import GRPOTrainer, ode_images
+
+
+def load_run(run: str | Path | None) -> GRPOTrainer:
+    """A trainer holding a run's latest weights (EMA swapped in by ``evaluate``), or the base policy."""
+    if run is None:
+        return build_trainer(load_config())
+    ckpt = latest_checkpoint(Path(run))
+    if ckpt is None:
+        raise FileNotFoundError(f"{run} has no checkpoint (expected {run}/checkpoints/latest); is it a run directory?")
+    cfg: Config = config_from_yaml_text((ckpt / "config.yaml").read_text())
+    trainer = build_trainer(cfg)
+    load_checkpoint(trainer, ckpt)
+    return trainer
+
+
+@torch.no_grad()
+def sample_to_png(run: str | None, out: str, prompts: list[str] | None, n: int, steps: int, seed: int) -> Path:
+    """Euler ODE samples, ``n`` per prompt, written as one PNG grid (one row per prompt)."""
+    trainer = load_run(run)
+    prompts = prompts or trainer.prompts
+    cond = trainer.policy.encode_prompts(prompts)
+    rows = torch.arange(len(prompts)).repeat_interleave(n)  # [N]
+    images = ode_images(trainer.policy, cond, rows, steps, trainer.cfg.sampler.shift, seed, trainer.cfg.sampler.chunk_size)
+    save_grid(images, Path(out), columns=n)
+    return Path(out)
+
+
+def evaluate_run(run: str | Path) -> dict:
+    """Held-out reward of a run's latest checkpoint with the run's evaluation settings."""
+    return dict(load_run(run).evaluate())

@@ -1,0 +1,185 @@
+"""Rectified-flow sampler steps: Euler ODE and the common reverse-SDE family (spec section 0).
+
+Conventions: ``x_sigma = (1 - sigma) * x0 + sigma * noise``, velocity ``v = noise - x0``,
+``dt = sigma_next - sigma < 0``. ``sigma``, ``sigma_next``, ``g`` and ``noise_scale`` may be python
+floats, 0-dim tensors or per-sample ``[B]`` tensors (a micro-batch may mix steps).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from flowgrove.samplers.gaussian import gaussian_log_prob
+from flowgrove.types import StepOutput
+
+Scalar = float | Tensor
+
+
+def _per_sample(value: Scalar, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``value`` as a ``[B]`` tensor on ``x``'s device (dtype ``dtype`` or ``x.dtype``)."""
+    value = torch.as_tensor(value, dtype=dtype or x.dtype, device=x.device)
+    if value.ndim == 0:
+        return value.expand(x.shape[0])  # [B]
+    if value.shape != (x.shape[0],):
+        raise ValueError(f"per-sample values must have shape [B]={x.shape[0]}, got {tuple(value.shape)}.")
+    return value  # [B]
+
+
+def _bcast(value: Scalar, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``value`` shaped ``[B, 1, ...]`` to broadcast against ``x`` ``[B, ...]``."""
+    return _per_sample(value, x, dtype).view(-1, *([1] * (x.ndim - 1)))  # [B, 1, ...]
+
+
+def _as_float(value: Scalar) -> Tensor:
+    value = torch.as_tensor(value)
+    return value if value.is_floating_point() else value.to(torch.get_default_dtype())
+
+
+def x0_from_velocity(x: Tensor, velocity: Tensor, sigma: Scalar) -> Tensor:
+    """Data prediction ``x0_pred = x - sigma * v`` (rectified flow, Liu et al. 2023).
+
+    Args:
+        x: Latents ``[B, ...]`` at ``sigma``.
+        velocity: Predicted velocity ``[B, ...]``.
+        sigma: Noise level, scalar or ``[B]``.
+
+    Returns:
+        ``x0_pred`` ``[B, ...]``.
+    """
+    return x - _bcast(sigma, x) * velocity  # [B, ...]
+
+
+def euler_step(x: Tensor, velocity: Tensor, sigma: Scalar, sigma_next: Scalar) -> Tensor:
+    """Euler step of the probability-flow ODE ``x + (sigma_next - sigma) * v`` (rectified flow).
+
+    Args:
+        x: Latents ``[B, ...]`` at ``sigma``.
+        velocity: Predicted velocity ``[B, ...]``.
+        sigma: Current noise level, scalar or ``[B]``.
+        sigma_next: Next noise level, scalar or ``[B]``.
+
+    Returns:
+        Latents ``[B, ...]`` at ``sigma_next``.
+    """
+    return x + (_bcast(sigma_next, x) - _bcast(sigma, x)) * velocity  # [B, ...]
+
+
+def constant_g(eta: float, sigma: Scalar, sigma_next: Scalar) -> Tensor:
+    """Constant diffusion coefficient ``g = eta`` (DanceGRPO / BranchGRPO ``flux_step``).
+
+    Args:
+        eta: Noise level ``eta`` (0.3 for FLUX).
+        sigma: Current noise level, scalar or ``[B]`` (sets the output shape).
+        sigma_next: Unused; kept for the common ``g`` signature.
+
+    Returns:
+        ``g`` with the shape and dtype of ``sigma``.
+    """
+    return torch.full_like(_as_float(sigma), eta)
+
+
+def flow_grpo_g(a: float, sigma: Scalar, sigma_next: Scalar) -> Tensor:
+    """``g = a * sqrt(sigma / (1 - sigma'))`` (Flow-GRPO ``sde_step_with_logprob``, Liu et al. 2025).
+
+    ``sigma' = sigma`` except at ``sigma >= 1``, where ``sigma' = sigma_next`` (Flow-GRPO uses the
+    schedule's second sigma; spec bug F2, kept because it defines the first step). There
+    ``g = a / sqrt(1 - sigma_next) = a / sqrt(delta_sigma)``, so the first step's transition std
+    ``g * sqrt(delta_sigma)`` is exactly ``a``.
+
+    Args:
+        a: Noise level ``a`` (0.7 in Flow-GRPO and MixGRPO).
+        sigma: Current noise level, scalar or ``[B]``.
+        sigma_next: Next noise level, scalar or ``[B]``.
+
+    Returns:
+        ``g`` with the broadcast shape of ``sigma`` and ``sigma_next``.
+    """
+    sigma, sigma_next = _as_float(sigma), _as_float(sigma_next)
+    sigma_denominator = torch.where(sigma >= 1, sigma_next.to(sigma.dtype), sigma)
+    return a * torch.sqrt(sigma / (1 - sigma_denominator))
+
+
+NOISE_LEVELS: dict[str, Callable[[float, Scalar, Scalar], Tensor]] = {
+    "constant": constant_g,  # DanceGRPO, BranchGRPO
+    "flow": flow_grpo_g,  # Flow-GRPO, MixGRPO
+}
+
+
+def noise_g(kind: str, level: float, sigma: Scalar, sigma_next: Scalar) -> Tensor:
+    """Diffusion coefficient ``g`` of the named family (see ``NOISE_LEVELS``).
+
+    Args:
+        kind: ``"constant"`` (DanceGRPO ``eta``) or ``"flow"`` (Flow-GRPO ``a``).
+        level: ``eta`` or ``a``.
+        sigma: Current noise level, scalar or ``[B]``.
+        sigma_next: Next noise level, scalar or ``[B]``.
+
+    Returns:
+        ``g``, scalar or ``[B]``.
+    """
+    if kind not in NOISE_LEVELS:
+        raise ValueError(f"unknown noise kind {kind!r}; use one of {sorted(NOISE_LEVELS)}.")
+    return NOISE_LEVELS[kind](level, sigma, sigma_next)
+
+
+def sde_step(
+    x: Tensor,
+    velocity: Tensor,
+    sigma: Scalar,
+    sigma_next: Scalar,
+    g: Scalar,
+    *,
+    noise_scale: Scalar = 1.0,
+    x_next: Tensor | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reduce: str = "mean",
+) -> StepOutput:
+    """Euler-Maruyama step of the reverse SDE with the ODE's marginals (Flow-GRPO, Liu et al. 2025; DanceGRPO).
+
+    ``mean = x + dt * (v - g^2/2 * score)``, ``score = -(x - (1 - sigma) * x0_pred) / sigma^2``,
+    ``std = noise_scale * g * sqrt(sigma - sigma_next)``. ``g = 0`` gives the Euler ODE mean.
+    The log-prob is taken under the std the sample was drawn with, ``noise_scale`` included
+    (fixes BranchGRPO bug B1). Everything is computed in float32 or wider (inputs are upcast).
+
+    Args:
+        x: Latents ``[B, ...]`` at ``sigma``.
+        velocity: Predicted velocity ``[B, ...]``.
+        sigma: Current noise level (> 0), scalar or ``[B]``.
+        sigma_next: Next noise level, scalar or ``[B]``.
+        g: Diffusion coefficient (see ``noise_g``), scalar or ``[B]``.
+        noise_scale: Extra std multiplier (BranchGRPO split steps), scalar or ``[B]``.
+        x_next: A stored sample ``[B, ...]`` to re-score instead of sampling.
+        noise: Standard normal noise ``[B, ...]`` to use instead of drawing it.
+        generator: Generator for drawing the noise.
+        reduce: ``"mean"`` or ``"sum"`` over non-batch dims for the log-prob.
+
+    Returns:
+        ``StepOutput(x_next, log_prob [B] or None when std == 0 everywhere, mean, std [B])``;
+        rows with zero std get log_prob 0.
+    """
+    dtype = torch.promote_types(torch.promote_types(x.dtype, velocity.dtype), torch.float32)
+    x, velocity = x.to(dtype), velocity.to(dtype)
+    s, s_next, g_b = _bcast(sigma, x), _bcast(sigma_next, x), _bcast(g, x)  # [B, 1, ...]
+    score = -(x - (1 - s) * x0_from_velocity(x, velocity, sigma)) / s**2  # [B, ...]
+    mean = x + (s_next - s) * (velocity - 0.5 * g_b**2 * score)  # [B, ...]
+    std = _per_sample(noise_scale, x) * _per_sample(g, x) * torch.sqrt(
+        _per_sample(sigma, x) - _per_sample(sigma_next, x)
+    )  # [B]
+    std_b = std.view(-1, *([1] * (x.ndim - 1)))  # [B, 1, ...]
+    if x_next is None:
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype)  # [B, ...]
+        x_next = mean + std_b * noise.to(dtype)  # [B, ...]
+    else:
+        x_next = x_next.to(dtype)
+    stochastic = std > 0  # [B]
+    if not bool(stochastic.any()):
+        return StepOutput(x_next=x_next, log_prob=None, mean=mean, std=std)
+    safe_std = torch.where(stochastic, std, torch.ones_like(std))  # [B] keeps zero-std rows finite
+    log_prob = gaussian_log_prob(x_next, mean, safe_std, reduce=reduce)  # [B]
+    log_prob = torch.where(stochastic, log_prob, torch.zeros_like(log_prob))  # [B]
+    return StepOutput(x_next=x_next, log_prob=log_prob, mean=mean, std=std)

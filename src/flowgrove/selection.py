@@ -1,0 +1,66 @@
+"""Which denoising transitions are trained: boolean masks ``[B, T]`` over samples and steps.
+
+Random choices use a caller-provided ``torch.Generator`` seeded identically on every rank, so all
+ranks pick the same steps (unlike MixGRPO's unseeded window, spec bug M4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _check_shape(num_samples: int, num_steps: int) -> None:
+    if num_samples < 1 or num_steps < 1:
+        raise ValueError(f"num_samples and num_steps must be >= 1, got {num_samples} and {num_steps}.")
+
+
+def random_fraction_mask(
+    num_samples: int, num_steps: int, fraction: float, exclude_last: bool, generator: torch.Generator
+) -> Tensor:
+    """Per sample, a random ``fraction`` of the eligible steps (DanceGRPO ``train_one_step``).
+
+    Each sample draws an independent permutation of the eligible steps (all ``T``, or the first
+    ``T - 1`` when ``exclude_last``, i.e. when the reward image is the x0 prediction at the last step)
+    and keeps the first ``max(int(eligible * fraction), 1)``. FLUX: T=16, 0.6 -> 9 of 15.
+
+    Args:
+        num_samples: Number of samples ``B``.
+        num_steps: Number of denoising steps ``T``.
+        fraction: Fraction in (0, 1] of the eligible steps to train.
+        exclude_last: Never select step ``T - 1``.
+        generator: CPU generator, seeded identically on every rank.
+
+    Returns:
+        Bool mask ``[B, T]`` on the CPU.
+    """
+    _check_shape(num_samples, num_steps)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}; DanceGRPO uses 0.6.")
+    eligible = num_steps - 1 if exclude_last else num_steps
+    if eligible < 1:
+        raise ValueError("exclude_last=True needs num_steps >= 2; set exclude_last=False for a 1-step sampler.")
+    keep = max(int(eligible * fraction), 1)
+    order = torch.rand(num_samples, eligible, generator=generator).argsort(dim=1)  # [B, eligible] permutations
+    mask = torch.zeros(num_samples, num_steps, dtype=torch.bool)  # [B, T]
+    mask.scatter_(1, order[:, :keep], True)
+    return mask
+
+
+def first_k_mask(num_samples: int, num_steps: int, k: int) -> Tensor:
+    """The first ``k`` steps in order for every sample (Flow-GRPO: ``k = int(T * 0.99) = 9`` of 10).
+
+    Args:
+        num_samples: Number of samples ``B``.
+        num_steps: Number of denoising steps ``T``.
+        k: Number of leading steps to train, in [1, T].
+
+    Returns:
+        Bool mask ``[B, T]`` on the CPU.
+    """
+    _check_shape(num_samples, num_steps)
+    if not 1 <= k <= num_steps:
+        raise ValueError(f"k must be in [1, num_steps={num_steps}], got {k}.")
+    mask = torch.zeros(num_samples, num_steps, dtype=torch.bool)  # [B, T]
+    mask[:, :k] = True
+    return mask

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny download-free policy and reward for trainer and rollout tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from flowgrove.policies.base import Conditioning
+
+
+class TinyVelocity(nn.Module):
+    """A small MLP velocity field on [B, 1, 4, 4] latents, conditioned on sigma and a pooled embedding."""
+
+    def __init__(self, dim: int = 16, cond_dim: int = 8, hidden: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim + 1 + cond_dim, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor, sigma: Tensor, pooled: Tensor) -> Tensor:
+        h = torch.cat([x.flatten(1), sigma[:, None], pooled], dim=1)  # [B, 16 + 1 + 8]
+        return self.net(h).view_as(x)
+
+
+class TinyPolicy:
+    """FlowPolicy over [1, 4, 4] latents (lucidrains-style tiny model for tests)."""
+
+    latent_shape = (1, 4, 4)
+
+    def __init__(self, seed: int = 0):
+        torch.manual_seed(seed)
+        self.module = TinyVelocity()
+
+    def default_prompts(self) -> list[str]:
+        return ["zero", "one", "two"]
+
+    def encode_prompts(self, prompts) -> Conditioning:
+        rows = [torch.Generator().manual_seed(sum(map(ord, p))) for p in prompts]
+        pooled = torch.stack([torch.randn(8, generator=g) for g in rows])  # [B, 8]
+        return Conditioning(prompt_embeds=pooled[:, None, :], pooled=pooled)
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        return self.module(x, sigma, cond.pooled)
+
+    def decode(self, x: Tensor) -> Tensor:
+        return ((x + 1) / 2).clamp(0, 1).repeat(1, 3, 1, 1)  # [B, 3, 4, 4]
+
+
+def brightness(images: Tensor, prompts) -> Tensor:
+    return images.float().mean(dim=(1, 2, 3))  # [B]
+
+
+@pytest.fixture
+def tiny_policy() -> TinyPolicy:
+    return TinyPolicy()
