@@ -50,6 +50,16 @@ def run_sampler(kind: str | None, level: float, shift: float, check_index: int) 
     return intermediate, x
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # ~1000 small ops on 50k-element tensors: intra-op threads only add barrier waits, and on a busy
+    # 2-core machine they made this file 30x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Tolerance: the sampling error of the mean is s / sqrt(N) = 0.4 / 224 = 0.0018 and of the std about
 # s / sqrt(2N) = 0.0013; the Euler / Euler-Maruyama bias with 200 steps is O(1/200) = 0.005.
 # Observed errors are <= 0.006 (seed 0). Dropping the score correction with eta = 0.3 would add

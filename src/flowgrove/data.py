@@ -102,6 +102,7 @@ def save_weights(path: str | Path, tensors: dict[str, Tensor], config: dict) -> 
     tmp = path.with_name(path.name + ".tmp")
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     save_file(contiguous, str(tmp), metadata={"config": json.dumps(config, sort_keys=True)})
+    os.chmod(tmp, 0o644)  # safetensors creates files owner-only; these ship inside the package
     os.replace(tmp, path)
     return path
 

@@ -176,10 +176,15 @@ def sde_step(
         x_next = mean + std_b * noise.to(dtype)  # [B, ...]
     else:
         x_next = x_next.to(dtype)
+    log_prob = _transition_log_prob(x_next, mean, std, reduce)  # [B] or None
+    return StepOutput(x_next=x_next, log_prob=log_prob, mean=mean, std=std)
+
+
+def _transition_log_prob(x_next: Tensor, mean: Tensor, std: Tensor, reduce: str) -> Tensor | None:
+    """``gaussian_log_prob`` ``[B]``; rows with zero std get 0, and None when every row has zero std."""
     stochastic = std > 0  # [B]
     if not bool(stochastic.any()):
-        return StepOutput(x_next=x_next, log_prob=None, mean=mean, std=std)
+        return None
     safe_std = torch.where(stochastic, std, torch.ones_like(std))  # [B] keeps zero-std rows finite
     log_prob = gaussian_log_prob(x_next, mean, safe_std, reduce=reduce)  # [B]
-    log_prob = torch.where(stochastic, log_prob, torch.zeros_like(log_prob))  # [B]
-    return StepOutput(x_next=x_next, log_prob=log_prob, mean=mean, std=std)
+    return torch.where(stochastic, log_prob, torch.zeros_like(log_prob))  # [B]

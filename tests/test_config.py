@@ -1,0 +1,46 @@
+"""Config schema, presets and the errors users see for bad keys and values."""
+
+from __future__ import annotations
+
+import pytest
+
+from flowgrove.config import ConfigError, config_from_yaml_text, config_to_yaml, load_config, preset_names
+
+
+def test_every_preset_loads_and_round_trips():
+    for name in preset_names():
+        cfg = load_config(method=name)
+        assert cfg.method == name
+        assert config_from_yaml_text(config_to_yaml(cfg)) == cfg
+
+
+def test_precedence_preset_file_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: flowgrpo\ntrain: {lr: 0.5}\nsampler: {num_steps: 7}\n")
+    cfg = load_config(path, ["train.lr=0.25"])
+    assert cfg.method == "flowgrpo"
+    assert cfg.sampler.noise == "flow"  # from the flowgrpo preset
+    assert cfg.sampler.num_steps == 7  # the file beats the preset
+    assert cfg.train.lr == 0.25  # the override beats the file
+
+
+def test_unknown_key_names_the_closest_match():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.lrr'.*did you mean 'lr'.*allowed here"):
+        load_config(None, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'sampeler'.*did you mean 'sampler'"):
+        load_config(None, ["sampeler.num_steps=3"])
+
+
+def test_bad_values_name_key_and_allowed_values():
+    with pytest.raises(ConfigError, match=r"sampler.noise='flwo'.*constant, flow.*did you mean 'flow'"):
+        load_config(None, ["sampler.noise=flwo"])
+    with pytest.raises(ConfigError, match=r"train.lr"):
+        load_config(None, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"rollout.group_size=0 must be >= 1"):
+        load_config(None, ["rollout.group_size=0"])
+    with pytest.raises(ConfigError, match=r"method='dancegrp' is unknown.*did you mean 'dancegrpo'"):
+        load_config(method="dancegrp")
+    with pytest.raises(ConfigError, match=r"not of the form key=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match=r"does not exist"):
+        load_config("/nonexistent.yaml")

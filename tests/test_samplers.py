@@ -1,0 +1,166 @@
+"""Gaussian log-density, Euler and SDE steps (sampler math against independent references)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal
+
+from flowgrove.samplers import (
+    NOISE_LEVELS,
+    constant_g,
+    euler_step,
+    flow_grpo_g,
+    gaussian_log_prob,
+    noise_g,
+    sde_step,
+    x0_from_velocity,
+)
+from flowgrove.schedules import flux_sigmas, sd3_sigmas
+
+
+def _latents(seed: int, shape=(4, 2, 3, 5), dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ---------------------------------------------------------------- gaussian_log_prob
+
+
+@pytest.mark.parametrize("per_sample_std", [False, True])
+def test_gaussian_log_prob_matches_torch_normal(per_sample_std: bool) -> None:
+    x, mean = _latents(0, dtype=torch.float64), _latents(1, dtype=torch.float64)  # [4, 2, 3, 5]
+    std = torch.tensor([0.1, 0.5, 1.0, 2.0] if per_sample_std else 0.3, dtype=torch.float64)
+    scale = std.view(-1, 1, 1, 1) if per_sample_std else std
+    reference = Normal(mean, scale).log_prob(x)  # [4, 2, 3, 5]
+    torch.testing.assert_close(gaussian_log_prob(x, mean, std), reference.mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(gaussian_log_prob(x, mean, std, reduce="sum"), reference.sum(dim=(1, 2, 3)))
+
+
+def test_gaussian_log_prob_float_std_1d_and_upcast() -> None:
+    x, mean = torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0])
+    # log N(0; 0, 1) = -0.5 log(2 pi) = -0.918939; log N(1; 0, 1) = -0.918939 - 0.5 = -1.418939
+    torch.testing.assert_close(gaussian_log_prob(x, mean, 1.0), torch.tensor([-0.918939, -1.418939]))
+    out = gaussian_log_prob(_latents(0, dtype=torch.bfloat16), _latents(1, dtype=torch.bfloat16), 0.5)
+    assert out.dtype == torch.float32 and out.shape == (4,)
+
+
+def test_gaussian_log_prob_rejects_bad_reduce() -> None:
+    with pytest.raises(ValueError, match="reduce"):
+        gaussian_log_prob(torch.zeros(2, 3), torch.zeros(2, 3), 1.0, reduce="max")
+
+
+# ---------------------------------------------------------------- deterministic steps and g
+
+
+def test_x0_and_euler_by_hand() -> None:
+    x, v = torch.tensor([[1.0], [2.0]]), torch.tensor([[0.5], [-1.0]])
+    # x0 = x - sigma v = [1 - 0.8 * 0.5, 2 + 0.8 * 1] = [0.6, 2.8]
+    torch.testing.assert_close(x0_from_velocity(x, v, 0.8), torch.tensor([[0.6], [2.8]]))
+    # Euler: x + (0.6 - 0.8) v = [1 - 0.1, 2 + 0.2]; per-sample sigmas [0.8, 0.5] -> [0.6, 0.25]:
+    # [1 + (0.6 - 0.8) * 0.5, 2 + (0.25 - 0.5) * -1] = [0.9, 2.25]
+    torch.testing.assert_close(euler_step(x, v, 0.8, 0.6), torch.tensor([[0.9], [2.2]]))
+    per_sample = euler_step(x, v, torch.tensor([0.8, 0.5]), torch.tensor([0.6, 0.25]))
+    torch.testing.assert_close(per_sample, torch.tensor([[0.9], [2.25]]))
+
+
+def test_noise_levels() -> None:
+    assert set(NOISE_LEVELS) == {"constant", "flow"}
+    g = constant_g(0.3, torch.tensor([0.9, 0.5]), torch.tensor([0.8, 0.4]))
+    torch.testing.assert_close(g, torch.tensor([0.3, 0.3]))
+    # flow: 0.7 * sqrt(0.5 / (1 - 0.5)) = 0.7; at sigma 1 with sigma_next 0.75: 0.7 * sqrt(1 / 0.25) = 1.4
+    g = flow_grpo_g(0.7, torch.tensor([0.5, 1.0]), torch.tensor([0.4, 0.75]))
+    torch.testing.assert_close(g, torch.tensor([0.7, 1.4]))
+    torch.testing.assert_close(noise_g("flow", 0.7, 0.5, 0.4), torch.tensor(0.7))
+    with pytest.raises(ValueError, match="constant"):
+        noise_g("dance", 0.3, 0.5, 0.4)
+
+
+def test_per_step_std_tables_from_spec() -> None:
+    # Flow-GRPO, SD3 schedule T=10, a=0.7 (spec 2.2, derived): 0.70, 0.74, 0.54, ..., 0.006; first exactly a
+    sigmas = sd3_sigmas(10, 3.0, dtype=torch.float64)
+    g = flow_grpo_g(0.7, sigmas[:-1], sigmas[1:])  # [10]
+    std = g * (sigmas[:-1] - sigmas[1:]).sqrt()  # [10]
+    expected = torch.tensor([0.70, 0.74, 0.54, 0.45, 0.39, 0.35, 0.32, 0.28, 0.23, 0.006], dtype=torch.float64)
+    torch.testing.assert_close(std, expected, rtol=0, atol=0.006)
+    assert abs(std[0].item() - 0.7) < 1e-12
+    # DanceGRPO FLUX T=16, eta=0.3: 0.3 * sqrt(1 - 0.9783) = 0.044, 0.3 * sqrt(0.1667) = 0.122 (spec 1.2)
+    sigmas = flux_sigmas(16, 3.0, dtype=torch.float64)
+    std = constant_g(0.3, sigmas[:-1], sigmas[1:]) * (sigmas[:-1] - sigmas[1:]).sqrt()
+    assert abs(std[0].item() - 0.044) < 5e-4 and abs(std[-1].item() - 0.122) < 5e-4
+
+
+# ---------------------------------------------------------------- sde_step
+
+
+def test_sde_mean_with_zero_g_is_euler() -> None:
+    x, v = _latents(0), _latents(1)
+    per_sample = (torch.tensor([1.0, 0.8, 0.5, 0.2]), torch.tensor([0.9, 0.7, 0.4, 0.0]))
+    for sigma, sigma_next in ((1.0, 0.97), (0.5, 0.4), per_sample):
+        out = sde_step(x, v, sigma, sigma_next, 0.0)
+        assert torch.equal(out.mean, euler_step(x, v, sigma, sigma_next))
+        assert torch.equal(out.x_next, out.mean) and out.log_prob is None
+        assert torch.equal(out.std, torch.zeros(4))
+
+
+def test_sde_mean_matches_spec_expanded_form() -> None:
+    # spec 0: mean = x (1 + g^2 dt / (2 sigma)) + v (1 + g^2 (1 - sigma) / (2 sigma)) dt
+    x, v = _latents(0, dtype=torch.float64), _latents(1, dtype=torch.float64)
+    sigma, sigma_next, g = 0.6, 0.5, 0.7
+    dt = sigma_next - sigma
+    expected = x * (1 + g**2 * dt / (2 * sigma)) + v * (1 + g**2 * (1 - sigma) / (2 * sigma)) * dt
+    out = sde_step(x, v, sigma, sigma_next, g, noise=torch.zeros_like(x))
+    torch.testing.assert_close(out.mean, expected)
+    torch.testing.assert_close(out.std, torch.full((4,), 0.7 * math.sqrt(0.1), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind, level", [("constant", 0.3), ("flow", 0.7)])
+def test_rescoring_is_bit_identical(kind: str, level: float) -> None:
+    # rows sit at different steps of the FLUX grid, including the first (sigma = 1) and last (sigma_next = 0)
+    sigmas = flux_sigmas(16, 3.0)
+    index = torch.tensor([0, 5, 11, 15])
+    sigma, sigma_next = sigmas[index], sigmas[index + 1]  # [4], [4]
+    g = noise_g(kind, level, sigma, sigma_next)  # [4]
+    x, v = _latents(0), _latents(1)
+    drawn = sde_step(x, v, sigma, sigma_next, g, generator=torch.Generator().manual_seed(7))
+    rescored = sde_step(x, v, sigma, sigma_next, g, x_next=drawn.x_next)
+    assert torch.isfinite(drawn.log_prob).all() and (drawn.std > 0).all()
+    assert torch.equal(rescored.log_prob, drawn.log_prob)  # ratio exp(0) == 1 exactly
+    assert torch.equal(rescored.mean, drawn.mean)
+    # and the log-prob is the Gaussian density under the std the sample was drawn with
+    torch.testing.assert_close(drawn.log_prob, gaussian_log_prob(drawn.x_next, drawn.mean, drawn.std))
+    # same generator seed -> same sample
+    again = sde_step(x, v, sigma, sigma_next, g, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(again.x_next, drawn.x_next)
+
+
+def test_first_flow_grpo_step_is_finite_with_std_a() -> None:
+    sigmas = flux_sigmas(16, 3.0)
+    g = flow_grpo_g(0.7, sigmas[0], sigmas[1])  # sigma = 1: 0.7 / sqrt(1 - 0.9783)
+    out = sde_step(_latents(0), _latents(1), sigmas[0], sigmas[1], g, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.std, torch.full((4,), 0.7))
+    assert torch.isfinite(out.mean).all() and torch.isfinite(out.log_prob).all()
+
+
+def test_noise_scale_given_noise_and_mixed_zero_std() -> None:
+    x, v, noise = _latents(0), _latents(1), _latents(2)
+    # BranchGRPO split: std = 4 * 0.3 * sqrt(0.1) and the log-prob uses that same std (bug B1 fixed)
+    out = sde_step(x, v, 0.5, 0.4, 0.3, noise_scale=4.0, noise=noise)
+    std = 4 * 0.3 * math.sqrt(0.1)
+    torch.testing.assert_close(out.std, torch.full((4,), std))
+    torch.testing.assert_close(out.x_next, out.mean + std * noise)
+    torch.testing.assert_close(out.log_prob, gaussian_log_prob(out.x_next, out.mean, std))
+    # per-sample g with some ODE rows: those rows are deterministic and get log_prob 0, the rest are finite
+    mixed = sde_step(x, v, 0.5, 0.4, torch.tensor([0.0, 0.3, 0.0, 0.7]), noise=noise)
+    assert torch.equal(mixed.x_next[0], mixed.mean[0]) and mixed.log_prob[0] == 0 and mixed.log_prob[2] == 0
+    assert torch.isfinite(mixed.log_prob).all()
+    summed = sde_step(x, v, 0.5, 0.4, 0.3, x_next=out.x_next, reduce="sum")
+    torch.testing.assert_close(summed.log_prob, gaussian_log_prob(out.x_next, summed.mean, 0.3 * math.sqrt(0.1), "sum"))
+
+
+def test_low_precision_inputs_are_upcast() -> None:
+    x, v = _latents(0, dtype=torch.bfloat16), _latents(1, dtype=torch.bfloat16)
+    out = sde_step(x, v, 0.5, 0.4, 0.3, generator=torch.Generator().manual_seed(0))
+    assert out.x_next.dtype == out.mean.dtype == out.log_prob.dtype == torch.float32
+    assert torch.equal(sde_step(x, v, 0.5, 0.4, 0.3, x_next=out.x_next).log_prob, out.log_prob)
