@@ -224,7 +224,9 @@ def test_digits_velocity_is_batch_invariant():
         batched = policy.velocity(x, sigma, cond)
         rows = torch.cat([policy.velocity(x[i : i + 1], sigma[i : i + 1], cond.select(torch.tensor([i])))
                           for i in range(12)])
-    torch.testing.assert_close(batched, rows, atol=1e-6, rtol=0)
+    # CPU GEMM kernels depend on the row count, so equality holds to float32 rounding (measured: bit-exact for
+    # chunks that are multiples of 4 rows, up to 6e-6 apart for |v| <= 6.2 otherwise).
+    torch.testing.assert_close(batched, rows, atol=1e-5, rtol=1e-5)
 
 
 def test_digits_weights_round_trip(tmp_path):

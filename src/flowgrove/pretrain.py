@@ -100,7 +100,7 @@ def classifier_accuracy(classifier: nn.Module, data: DigitsData) -> float:
     return (classifier(data.images).argmax(dim=-1) == data.labels).float().mean().item()
 
 
-def train_policy(train: DigitsData, *, steps: int, seed: int, batch: int = 256, lr: float = 1e-3,
+def train_policy(train: DigitsData, *, steps: int, seed: int, batch: int = 256, lr: float = 2e-3,
                  progress: bool = True) -> tuple[nn.Module, nn.Module, float]:
     """Rectified-flow training of the digits transformer and its text encoder, jointly, with AdamW.
 

@@ -4,7 +4,7 @@ The latent is the image itself, ``[1, 8, 8]`` in [-1, 1] (ink +1), packed 2x2 in
 and driven through the same ``FluxAdapter`` as FLUX.1. The text encoder is a one-layer transformers
 ``CLIPTextModel`` over a word-level vocabulary built in code: the real FLUX CLIP architecture (token states as
 ``prompt_embeds``, the EOS state as ``pooled``) with nothing to download. A hand-written tokenizer replaces
-a ``tokenizers`` object because the vocabulary is fifteen fixed words. The encoder is trained with the
+a ``tokenizers`` object because the vocabulary is fourteen fixed tokens. The encoder is trained with the
 transformer in ``flowgrove pretrain digits`` and frozen afterwards; the ten prompt encodings are cached.
 """
 
@@ -117,6 +117,7 @@ class DigitsPolicy:
 
     @property
     def module(self) -> nn.Module:
+        """The transformer the adapter calls; assign a wrapper (DDP) here so that forward goes through it."""
         return self.adapter.transformer
 
     @module.setter
@@ -133,9 +134,11 @@ class DigitsPolicy:
         return self._prompt_table.select(digits)  # [B, L, D], [B, D]
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        """Velocity ``[B, 1, 8, 8]`` through ``FluxAdapter.velocity`` (sigma ``[B]`` or a scalar)."""
         return self.adapter.velocity(x, sigma, cond)  # [B, 1, 8, 8]
 
     def decode(self, x: Tensor) -> Tensor:
+        """Images ``[B, 3, 8, 8]`` in [0, 1], ``digits_to_images``."""
         return digits_to_images(x)  # [B, 3, 8, 8]
 
 

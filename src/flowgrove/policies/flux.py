@@ -8,6 +8,7 @@ feeds the exact float ``sigma`` as ``timestep``: the same value, without the rou
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -172,6 +173,7 @@ class Flux1Policy:
 
     @property
     def module(self) -> nn.Module:
+        """The transformer the adapter calls; assign a wrapper (DDP) here so that forward goes through it."""
         return self.adapter.transformer
 
     @module.setter
@@ -188,9 +190,11 @@ class Flux1Policy:
         return Conditioning(prompt_embeds, pooled)
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        """Velocity ``[B, C, H, W]`` through ``FluxAdapter.velocity``."""
         return self.adapter.velocity(x, sigma, cond)  # [B, C, H, W]
 
     def decode(self, x: Tensor) -> Tensor:
+        """Images ``[B, 3, H', W']`` in [0, 1] through the pipeline's VAE (``vae_decode``)."""
         return vae_decode(self.pipe.vae, x)  # [B, 3, H', W']
 
 
@@ -227,7 +231,10 @@ def build_flux1_policy(path: str = "", *, device: str | torch.device = "cpu", dt
         raise _flux1_missing(str(path))
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(str(path), torch_dtype=_DTYPES[dtype], local_files_only=True).to(device)
+    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = FluxPipeline.from_pretrained(str(path), torch_dtype=_DTYPES[dtype], local_files_only=True)
+    pipe.to(device)
     for frozen in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         frozen.requires_grad_(False).eval()
     if not pipe.transformer.config.guidance_embeds:
