@@ -121,3 +121,22 @@ def test_dpm_tail_uses_x0_history(tiny_policy):
     assert ro.model_calls == 4 * 7
     assert len(ro.transitions) == 4 * 4
     assert torch.isfinite(ro.leaves).all()
+
+
+def test_shared_ode_prefix_is_exact_and_saves_calls(tiny_policy):
+    # MixGRPO with the window at steps 3..6: steps 0..2 are ODE from a noise the whole group shares, so they are
+    # computed once per group (and so is the velocity at step 3). Leaves and stored transitions are identical.
+    plan = plans.window_plan(10, 3.0, 3, 4)
+    spec = RolloutSpec(plan, "flow", 0.7, reward_image="final")
+    cond = tiny_policy.encode_prompts(["zero", "one"])
+    rows = torch.tensor([0, 1]).repeat_interleave(4)
+    x_init = torch.randn(2, 1, 4, 4).repeat_interleave(4, dim=0)
+    groups = torch.arange(2).repeat_interleave(4)
+    plain = rollout(tiny_policy, cond, rows, x_init, spec, torch.Generator().manual_seed(5))
+    shared = rollout(tiny_policy, cond, rows, x_init, spec, torch.Generator().manual_seed(5), groups=groups)
+    assert plain.model_calls == 8 * 10
+    assert shared.model_calls == 2 * 4 + 8 * 6  # the first SDE step still starts from the shared latent
+    torch.testing.assert_close(shared.leaves, plain.leaves, rtol=1e-6, atol=1e-6)
+    for a, b in zip(shared.transitions, plain.transitions):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert shared.nodes_per_depth == plain.nodes_per_depth

@@ -93,3 +93,11 @@ def test_depth_pruning_removes_edges():
     width = make("branchgrpo-widpru", "rollout.prompts_per_step=1").step()["transitions"]
     # after the last split (step 9) the 16 chains have steps 10..18 sampled (x0_pred image): keep 8 of 16 chains
     assert full - width == 8 * 9
+
+
+def test_group_prefix_sharing_lowers_measured_calls():
+    # dancegrpo: the group's shared initial noise makes the first model call common to its G = 4 members.
+    m = make("dancegrpo").step()
+    assert m["model_calls_per_sample"] == 15 + 1 / 4
+    m = make("mixgrpo", "window.start=5", "window.interval=1000").step()
+    assert m["model_calls_per_sample"] == 25 - 6 + 6 / 4  # steps 0..5 computed once per group of 4

@@ -100,6 +100,7 @@ def rollout(
     spec: RolloutSpec,
     generator: torch.Generator,
     store_mask: Tensor | None = None,
+    groups: Tensor | None = None,
 ) -> Rollout:
     """Sample chains or trees from ``x_init`` [N0, C, H, W] and store the trained SDE transitions.
 
@@ -110,6 +111,8 @@ def rollout(
         spec: plan, noise family, branching.
         generator: source of every SDE noise draw (seeded by the caller).
         store_mask: optional [N0, S] bool, per-root trained steps (chains only: DanceGRPO's random subset).
+        groups: optional [N0] ids; roots with equal ids are identical (same noise and prompt). The leading
+            deterministic (ODE) steps and the first SDE step's model call are computed once per group.
 
     Returns:
         A :class:`Rollout`; the transitions hold only steps with ``plan.trained`` (and ``store_mask``).
@@ -120,8 +123,14 @@ def rollout(
     x = x_init.float()  # [N, C, H, W]
     rows = cond_index.clone()  # [N] conditioning row per node
     roots = torch.arange(x.shape[0], device=x.device)  # [N] root of each node
+    fan_out = None
+    if groups is not None:
+        unique, fan_out = torch.unique(groups, return_inverse=True)  # [U], [N0]
+        member = torch.zeros_like(unique).scatter_(0, fan_out, roots)  # [U] any root of each group (all are equal)
+        x, rows = x[member], rows[member]  # [U, C, H, W]
     prev_x0 = prev_sigma = None
-    stored, edge_log_probs, nodes, calls = [], [], [x.shape[0]], 0
+    n_nodes = x_init.shape[0]  # nodes at the current depth (groups share rows while fan_out is set)
+    stored, edge_log_probs, nodes, calls = [], [], [n_nodes], 0
     for step in range(plan.num_steps):
         sigma, sigma_next = plan.sigmas[step].item(), plan.sigmas[step + 1].item()
         sig = x.new_full((x.shape[0],), sigma)  # [N]
@@ -129,6 +138,10 @@ def rollout(
         calls += x.shape[0]
         x0_pred = x0_from_velocity(x, velocity, sigma)  # [N, C, H, W]
         kind, k = plan.kinds[step], spec.children(step)
+        if fan_out is not None and (kind == "sde" or k > 1 or step == plan.num_steps - 1):
+            x, velocity, x0_pred, rows = (t[fan_out] for t in (x, velocity, x0_pred, rows))  # [N0, ...]
+            prev_x0 = prev_x0[fan_out] if prev_x0 is not None else None
+            fan_out = None
         if step == plan.num_steps - 1 and spec.reward_image == "x0_pred":
             if k > 1:
                 raise ValueError("the reward image is the last step's x0 prediction, so the last step cannot split")
@@ -158,8 +171,9 @@ def rollout(
             log_prob = None
         else:
             x_next, log_prob = euler_step(x, velocity, sigma, sigma_next), None
-        edge_log_probs.append(log_prob if log_prob is not None else x.new_zeros(x.shape[0]))
-        nodes.append(x_next.shape[0])
+        n_nodes *= k
+        edge_log_probs.append(log_prob if log_prob is not None else x.new_zeros(n_nodes))
+        nodes.append(n_nodes)
         prev_x0, prev_sigma, x = x0_pred, sigma, x_next
     return Rollout(x, rows, _cat_transitions(stored, x), tuple(edge_log_probs), tuple(nodes), calls)
 

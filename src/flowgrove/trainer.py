@@ -79,7 +79,10 @@ class GRPOTrainer:
         spec = method.rollout_spec(cfg, plan)
         roots, x_init = self._roots(prompt_ids, noise)
         mask = method.store_mask(cfg, plan, roots.shape[0], shared)
-        ro = rollout(self.policy, self.cond, roots, x_init, spec, noise, store_mask=mask)
+        groups = None
+        if not cfg.tree.enabled and cfg.rollout.same_noise_in_group:  # a group's ODE prefix is computed once
+            groups = torch.arange(prompt_ids.shape[0], device=roots.device).repeat_interleave(cfg.rollout.group_size)
+        ro = rollout(self.policy, self.cond, roots, x_init, spec, noise, store_mask=mask, groups=groups)
         t1 = time.perf_counter()
         raw = self.score(ro)  # [K, N_L]
         t2 = time.perf_counter()
@@ -95,12 +98,19 @@ class GRPOTrainer:
             "step": self.iteration, "reward_mean": total.mean().item(), "reward_std": total.std().item(),
             **{f"reward/{name}": raw[k].mean().item() for k, name in enumerate(self.rewards)},
             **{k: v for k, v in vars(stats).items()},
-            "nfe_old": ro.model_calls / n_leaves, "nfe_new": stats.transitions / n_leaves,
+            "nfe_old": self.nominal_nfe(plan), "nfe_new": stats.transitions / n_leaves,
+            "model_calls_per_sample": ro.model_calls / n_leaves,  # below nfe_old where groups share a prefix
             "seconds_rollout": t1 - t0, "seconds_reward": t2 - t1, "seconds_update": t3 - t2, "seconds_step": t3 - t0,
         }
         if cfg.window.enabled:
             metrics["window_start"] = float(min(plan.trained_steps, default=-1))
         return metrics
+
+    def nominal_nfe(self, plan) -> float:
+        """Model evaluations per final sample as the papers count them: plan steps, or tree calls per leaf."""
+        if self.cfg.tree.enabled:
+            return method.forest(self.cfg, 1).nfe_per_leaf
+        return float(plan.nfe_old)
 
     def _roots(self, prompt_ids: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Conditioning rows [N0] and initial noise [N0, C, H, W] of the chains or tree roots."""
