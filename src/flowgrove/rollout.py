@@ -92,16 +92,8 @@ def _cat_transitions(parts: list[Transitions], like: Tensor) -> Transitions:
 
 
 @torch.no_grad()
-def rollout(
-    policy: FlowPolicy,
-    cond: Conditioning,
-    cond_index: Tensor,
-    x_init: Tensor,
-    spec: RolloutSpec,
-    generator: torch.Generator,
-    store_mask: Tensor | None = None,
-    groups: Tensor | None = None,
-) -> Rollout:
+def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: Tensor, spec: RolloutSpec,
+            generator: torch.Generator, store_mask: Tensor | None = None, groups: Tensor | None = None) -> Rollout:
     """Sample chains or trees from ``x_init`` [N0, C, H, W] and store the trained SDE transitions.
 
     Args:
@@ -111,8 +103,8 @@ def rollout(
         spec: plan, noise family, branching.
         generator: source of every SDE noise draw (seeded by the caller).
         store_mask: optional [N0, S] bool, per-root trained steps (chains only: DanceGRPO's random subset).
-        groups: optional [N0] ids; roots with equal ids are identical (same noise and prompt). The leading
-            deterministic (ODE) steps and the first SDE step's model call are computed once per group.
+        groups: optional [N0] ids of identical roots (same noise and prompt): their ODE prefix and first model
+            call are computed once per group.
 
     Returns:
         A :class:`Rollout`; the transitions hold only steps with ``plan.trained`` (and ``store_mask``).
@@ -120,55 +112,39 @@ def rollout(
     plan = spec.plan
     if store_mask is not None and any(k > 1 for k in spec.branching):
         raise ValueError("store_mask selects steps per chain; tree rollouts select edges by pruning masks instead")
-    x = x_init.float()  # [N, C, H, W]
-    rows = cond_index.clone()  # [N] conditioning row per node
+    x, rows = x_init.float(), cond_index.clone()  # [N, C, H, W], [N] conditioning row per node
     roots = torch.arange(x.shape[0], device=x.device)  # [N] root of each node
-    fan_out = None
-    if groups is not None:
-        unique, fan_out = torch.unique(groups, return_inverse=True)  # [U], [N0]
-        member = torch.zeros_like(unique).scatter_(0, fan_out, roots)  # [U] any root of each group (all are equal)
-        x, rows = x[member], rows[member]  # [U, C, H, W]
+    x, rows, fan_out = _share_groups(x, rows, roots, groups)
     prev_x0 = prev_sigma = None
     n_nodes = x_init.shape[0]  # nodes at the current depth (groups share rows while fan_out is set)
     stored, edge_log_probs, nodes, calls = [], [], [n_nodes], 0
     for step in range(plan.num_steps):
         sigma, sigma_next = plan.sigmas[step].item(), plan.sigmas[step + 1].item()
-        sig = x.new_full((x.shape[0],), sigma)  # [N]
-        velocity = batched_velocity(policy, x, sig, cond.select(rows), spec.chunk_size).float()  # [N, C, H, W]
+        velocity = batched_velocity(policy, x, x.new_full((x.shape[0],), sigma), cond.select(rows), spec.chunk_size)
+        velocity = velocity.float()  # [N, C, H, W]
         calls += x.shape[0]
         x0_pred = x0_from_velocity(x, velocity, sigma)  # [N, C, H, W]
         kind, k = plan.kinds[step], spec.children(step)
         if fan_out is not None and (kind == "sde" or k > 1 or step == plan.num_steps - 1):
             x, velocity, x0_pred, rows = (t[fan_out] for t in (x, velocity, x0_pred, rows))  # [N0, ...]
-            prev_x0 = prev_x0[fan_out] if prev_x0 is not None else None
-            fan_out = None
+            prev_x0, fan_out = (prev_x0[fan_out] if prev_x0 is not None else None), None
         if step == plan.num_steps - 1 and spec.reward_image == "x0_pred":
-            if k > 1:
-                raise ValueError("the reward image is the last step's x0 prediction, so the last step cannot split")
             # The last transition does not change x0_pred: it is neither sampled nor trained (DanceGRPO).
-            edge_log_probs.append(x.new_zeros(x.shape[0]))
-            nodes.append(x.shape[0])
-            return Rollout(x0_pred, rows, _cat_transitions(stored, x), tuple(edge_log_probs), tuple(nodes), calls)
+            _check_split(step, "x0_pred", k)
+            edges = (*edge_log_probs, x.new_zeros(x.shape[0]))
+            return Rollout(x0_pred, rows, _cat_transitions(stored, x), edges, (*nodes, x.shape[0]), calls)
         if k > 1:
-            if kind != "sde":
-                raise ValueError(f"step {step} splits into {k} children but is a {kind} step; split steps must be SDE")
+            _check_split(step, kind, k)
             x, velocity, x0_pred, rows, roots = (t.repeat_interleave(k, dim=0) for t in (x, velocity, x0_pred, rows, roots))
-            if prev_x0 is not None:
-                prev_x0 = prev_x0.repeat_interleave(k, dim=0)
+            prev_x0 = prev_x0.repeat_interleave(k, dim=0) if prev_x0 is not None else None
         if kind == "sde":
-            g = noise_g(spec.noise, spec.noise_level, sig.new_tensor(sigma), sig.new_tensor(sigma_next))
-            scale = spec.split_noise_scale if k > 1 else 1.0
-            out = sde_step(x, velocity, sigma, sigma_next, g, noise_scale=scale, generator=generator)
+            out, g, scale = _sde(spec, x, velocity, sigma, sigma_next, k, generator)
             x_next, log_prob = out.x_next, out.log_prob
             keep = _stored_rows(plan.trained[step], store_mask, roots, step)
             if keep is not None:
-                n = int(keep.numel())
-                full = lambda value: x.new_full((n,), float(value))  # noqa: E731
-                stored.append(Transitions(x[keep], x_next[keep], full(sigma), full(sigma_next), full(g), full(scale),
-                                          log_prob[keep], rows[keep], torch.full_like(keep, step + 1), keep))
+                stored.append(_transitions(x, x_next, log_prob, rows, keep, step, sigma, sigma_next, g, scale))
         elif kind == "dpm":
-            x_next = dpmpp_2m_step(x, x0_pred, sigma, sigma_next, prev_x0, prev_sigma)
-            log_prob = None
+            x_next, log_prob = dpmpp_2m_step(x, x0_pred, sigma, sigma_next, prev_x0, prev_sigma), None
         else:
             x_next, log_prob = euler_step(x, velocity, sigma, sigma_next), None
         n_nodes *= k
@@ -176,6 +152,38 @@ def rollout(
         nodes.append(n_nodes)
         prev_x0, prev_sigma, x = x0_pred, sigma, x_next
     return Rollout(x, rows, _cat_transitions(stored, x), tuple(edge_log_probs), tuple(nodes), calls)
+
+
+def _check_split(step: int, kind: str, k: int) -> None:
+    if k > 1 and kind == "x0_pred":
+        raise ValueError("the reward image is the last step's x0 prediction, so the last step cannot split")
+    if k > 1 and kind != "sde":
+        raise ValueError(f"step {step} splits into {k} children but is a {kind} step; split steps must be SDE")
+
+
+def _share_groups(x: Tensor, rows: Tensor, roots: Tensor, groups: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One representative row per group of identical roots, and the index that fans them out again."""
+    if groups is None:
+        return x, rows, None
+    unique, fan_out = torch.unique(groups, return_inverse=True)  # [U], [N0]
+    member = torch.zeros_like(unique).scatter_(0, fan_out, roots)  # [U] any root of each group (all are equal)
+    return x[member], rows[member], fan_out  # [U, C, H, W], [U], [N0]
+
+
+def _sde(spec: RolloutSpec, x: Tensor, velocity: Tensor, sigma: float, sigma_next: float, k: int,
+         generator: torch.Generator):
+    """One SDE step of every node; split children (k > 1) are drawn and scored with the scaled std."""
+    g = noise_g(spec.noise, spec.noise_level, x.new_tensor(sigma), x.new_tensor(sigma_next))
+    scale = spec.split_noise_scale if k > 1 else 1.0
+    return sde_step(x, velocity, sigma, sigma_next, g, noise_scale=scale, generator=generator), float(g), scale
+
+
+def _transitions(x: Tensor, x_next: Tensor, log_prob: Tensor, rows: Tensor, keep: Tensor, step: int,
+                 sigma: float, sigma_next: float, g: float, scale: float) -> Transitions:
+    """The stored record of the edges ``keep`` of one step."""
+    full = lambda value: x.new_full((keep.numel(),), float(value))  # noqa: E731
+    return Transitions(x[keep], x_next[keep], full(sigma), full(sigma_next), full(g), full(scale), log_prob[keep],
+                       rows[keep], torch.full_like(keep, step + 1), keep)
 
 
 def _stored_rows(trained: bool, store_mask: Tensor | None, roots: Tensor, step: int) -> Tensor | None:
