@@ -26,6 +26,8 @@ def _train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides, method=args.method)
         result = runner.train(cfg)
     s = result.summary
+    if not s:  # ranks other than 0 of a torchrun job
+        return 0
     print(f"flowgrove: {s['method']} {s['steps']} steps in {s['wall_seconds']:.0f} s, held-out reward "
           f"{s['heldout_reward_before']:.4f} -> {s['heldout_reward_after']:.4f}, NFE {s['nfe_old']:.1f}/{s['nfe_new']:.1f}; "
           f"run directory {result.run_dir}")

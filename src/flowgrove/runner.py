@@ -53,6 +53,7 @@ def apply_lora(policy: FlowPolicy, cfg: Config) -> None:
 
 def build_trainer(cfg: Config) -> GRPOTrainer:
     """Policy, LoRA, rewards and prompts for ``cfg``, wrapped in a trainer. Seeds the global RNG."""
+    distributed.init_from_env()
     torch.manual_seed(cfg.train.seed)
     kwargs = {"device": cfg.run.device}
     if cfg.policy.path:

@@ -74,7 +74,8 @@ class GRPOTrainer:
         shared = step_generator(cfg.train.seed, it, 0)
         noise = step_generator(cfg.train.seed, it, 1, rank)
         t0 = time.perf_counter()
-        prompt_ids = torch.randint(len(self.prompts), (cfg.rollout.prompts_per_step,), generator=shared)  # [P]
+        n = cfg.rollout.prompts_per_step  # per rank; all ranks draw the same global list and take their slice
+        prompt_ids = torch.randint(len(self.prompts), (world * n,), generator=shared)[rank * n:(rank + 1) * n]  # [P]
         plan = method.step_plan(cfg, it)
         spec = method.rollout_spec(cfg, plan)
         roots, x_init = self._roots(prompt_ids, noise)
@@ -149,7 +150,7 @@ class GRPOTrainer:
         cfg = self.cfg
         gathered = distributed.all_gather_cat(raw.T.contiguous()).T  # [K, N_total]
         if cfg.tree.enabled:
-            forest = method.forest(cfg, gathered.shape[1] // (ro.leaves.shape[0] // prompt_ids.shape[0]))
+            forest = method.forest(cfg, gathered.shape[1] // forest_leaves(cfg))
             log_probs = tuple(distributed.all_gather_cat(lp) for lp in ro.edge_log_probs)
             per_depth = credit.tree_advantages(gathered, self.weights, forest, log_probs, cfg.advantage, cfg.tree)
             local = tuple(distributed.shard_rows(a) for a in per_depth)
