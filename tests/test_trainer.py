@@ -101,3 +101,14 @@ def test_group_prefix_sharing_lowers_measured_calls():
     assert m["model_calls_per_sample"] == 15 + 1 / 4
     m = make("mixgrpo", "window.start=5", "window.interval=1000").step()
     assert m["model_calls_per_sample"] == 25 - 6 + 6 / 4  # steps 0..5 computed once per group of 4
+
+
+def test_tree_with_compressed_tail():
+    # flowgrove preset: SDE at {0,1,2,3} | {0,3,6,9}; after step 9 the 11 Euler steps become int(11 * 0.4) = 4 grid
+    # points, 3 DPM steps: 13 steps. Calls per tree: 1 + 2*3 + 4*3 + 8*3 + 16*(1 + 3) = 91; trained edges 34.
+    trainer = make("flowgrove", "rollout.prompts_per_step=1")
+    m = trainer.step()
+    assert m["nfe_old"] == 91 / 16 and m["model_calls_per_sample"] == 91 / 16
+    assert m["nfe_new"] == 34 / 16
+    plan = method.step_plan(trainer.cfg, 0)
+    assert plan.kinds[9:] == ("sde", "dpm", "dpm", "dpm") and plan.sigmas[-1] == 0

@@ -50,12 +50,22 @@ def step_plan(cfg: Config, iteration: int) -> plans.StepPlan:
         if cfg.tree.mix:
             sde = splits | set(plans.window_steps(iteration, last, window_schedule(cfg)))
         trained = {i for i in sde if i < last}
+        if cfg.tree.mix and cfg.window.tail == "dpm":
+            return compressed_tree_plan(cfg, sde, trained)
         return plans.sde_mask_plan(base_sigmas(cfg), sde, trained)
     if cfg.window.enabled:
         start = plans.window_start(iteration, last, window_schedule(cfg))
         return plans.window_plan(cfg.sampler.num_steps, cfg.sampler.shift, start, cfg.window.size,
                                  tail=cfg.window.tail, ratio=cfg.window.compress_ratio)
     return plans.all_sde_plan(base_sigmas(cfg))
+
+
+def compressed_tree_plan(cfg: Config, sde: set[int], trained: set[int]) -> plans.StepPlan:
+    """Tree-Mix with a Flash tail: after the last SDE step the ODE steps are compressed by DPM-Solver++ (2M)."""
+    last_sde = max(sde)
+    sigmas = schedules.compressed_tail_sigmas(cfg.sampler.num_steps, cfg.sampler.shift, last_sde, cfg.window.compress_ratio)
+    kinds = tuple("sde" if i in sde else "ode" if i < last_sde else "dpm" for i in range(sigmas.numel() - 1))
+    return plans.StepPlan(sigmas, kinds, tuple(i in trained for i in range(len(kinds))))
 
 
 def rollout_spec(cfg: Config, plan: plans.StepPlan) -> RolloutSpec:
@@ -79,8 +89,9 @@ def store_mask(cfg: Config, plan: plans.StepPlan, num_chains: int, generator: to
     return selection.random_fraction_mask(num_chains, plan.num_steps, cfg.train.timestep_fraction, exclude_last, generator)
 
 
-def forest(cfg: Config, n_trees: int) -> tree.Forest:
-    return tree.build_forest(cfg.sampler.num_steps, split_steps(cfg), cfg.tree.branching, n_trees)
+def forest(cfg: Config, n_trees: int, num_steps: int | None = None) -> tree.Forest:
+    """The trees of one step; ``num_steps`` is the plan's (a compressed tail shortens the trees)."""
+    return tree.build_forest(num_steps or cfg.sampler.num_steps, split_steps(cfg), cfg.tree.branching, n_trees)
 
 
 def check_method(cfg: Config) -> None:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from flowgrove import credit, distributed, method, tree
 from flowgrove.config import Config
+from flowgrove.plans import StepPlan
 from flowgrove.losses import ppo_clip_loss, transition_kl
 from flowgrove.policies.base import Conditioning, FlowPolicy
 from flowgrove.rewards.base import RewardFn
@@ -87,8 +88,8 @@ class GRPOTrainer:
         t1 = time.perf_counter()
         raw = self.score(ro)  # [K, N_L]
         t2 = time.perf_counter()
-        adv = self.edge_advantages(raw, ro, prompt_ids)  # [E]
-        keep = self.pruning_keep(ro, raw)
+        adv = self.edge_advantages(raw, ro, plan)  # [E]
+        keep = self.pruning_keep(ro, raw, plan)
         transitions, adv = ro.transitions.select(keep), adv[keep]
         n_leaves = ro.leaves.shape[0]
         stats = self.update(transitions, adv, n_leaves, shared)
@@ -107,10 +108,10 @@ class GRPOTrainer:
             metrics["window_start"] = float(min(plan.trained_steps, default=-1))
         return metrics
 
-    def nominal_nfe(self, plan) -> float:
+    def nominal_nfe(self, plan: StepPlan) -> float:
         """Model evaluations per final sample as the papers count them: plan steps, or tree calls per leaf."""
         if self.cfg.tree.enabled:
-            return method.forest(self.cfg, 1).nfe_per_leaf
+            return method.forest(self.cfg, 1, plan.num_steps).nfe_per_leaf
         return float(plan.nfe_old)
 
     def _roots(self, prompt_ids: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -145,12 +146,12 @@ class GRPOTrainer:
             )
         return raw
 
-    def edge_advantages(self, raw: Tensor, ro: Rollout, prompt_ids: Tensor) -> Tensor:
+    def edge_advantages(self, raw: Tensor, ro: Rollout, plan: StepPlan) -> Tensor:
         """Advantages [E] of the stored transitions, from rewards gathered over all ranks."""
         cfg = self.cfg
         gathered = distributed.all_gather_cat(raw.T.contiguous()).T  # [K, N_total]
         if cfg.tree.enabled:
-            forest = method.forest(cfg, gathered.shape[1] // forest_leaves(cfg))
+            forest = method.forest(cfg, gathered.shape[1] // forest_leaves(cfg, plan), plan.num_steps)
             log_probs = tuple(distributed.all_gather_cat(lp) for lp in ro.edge_log_probs)
             per_depth = credit.tree_advantages(gathered, self.weights, forest, log_probs, cfg.advantage, cfg.tree)
             local = tuple(distributed.shard_rows(a) for a in per_depth)
@@ -159,14 +160,14 @@ class GRPOTrainer:
         sample_adv = distributed.shard_rows(credit.chain_advantages(gathered, self.weights, group, cfg.advantage))
         return credit.chain_edge_advantages(sample_adv, ro)
 
-    def pruning_keep(self, ro: Rollout, raw: Tensor) -> Tensor:
+    def pruning_keep(self, ro: Rollout, raw: Tensor, plan: StepPlan) -> Tensor:
         """Indices of the stored transitions that enter the backward pass (BranchGRPO pruning)."""
         tr = ro.transitions
         all_rows = torch.arange(len(tr), device=tr.depth.device)
         t = self.cfg.tree
         if not t.enabled or not tree.pruning_active(self.iteration, self.cfg.train.steps, t.pruning_fraction):
             return all_rows
-        forest = method.forest(self.cfg, ro.leaf_cond_index.shape[0] // forest_leaves(self.cfg))
+        forest = method.forest(self.cfg, ro.leaves.shape[0] // forest_leaves(self.cfg, plan), plan.num_steps)
         masks = []
         if t.depth_pruning:
             stop = t.depth_stop if t.depth_stop >= 0 else max(forest.split_steps)
@@ -273,9 +274,9 @@ def rewards_weights(cfg: Config, rewards: Mapping[str, RewardFn]) -> list[float]
     return [float(cfg.rewards[name]) for name in rewards]
 
 
-def forest_leaves(cfg: Config) -> int:
+def forest_leaves(cfg: Config, plan: StepPlan) -> int:
     """Leaves per tree."""
-    return method.forest(cfg, 1).num_leaves
+    return method.forest(cfg, 1, plan.num_steps).num_leaves
 
 
 @torch.no_grad()
