@@ -112,3 +112,22 @@ def test_tree_with_compressed_tail():
     assert m["nfe_new"] == 34 / 16
     plan = method.step_plan(trainer.cfg, 0)
     assert plan.kinds[9:] == ("sde", "dpm", "dpm", "dpm") and plan.sigmas[-1] == 0
+
+
+@pytest.mark.parametrize("fusion", ["path", "local"])
+def test_tree_fusion_modes_and_transition_accumulation(fusion):
+    trainer = make("branchgrpo", "rollout.prompts_per_step=1", f"tree.fusion={fusion}", "train.accumulate=transitions",
+                   "train.accumulate_size=12")
+    m = trainer.step()
+    # the reference grouping: an optimizer step per 12 transitions -> ceil(202 / 12) = 17 steps per rollout
+    assert m["updates"] == 17 and m["transitions"] == 202
+
+
+def test_kl_penalty_and_ema():
+    trainer = make("flowgrpo", "train.kl_beta=0.01", "train.ema_decay=0.9")
+    first = trainer.step()
+    assert first["kl"] == 0.0 or first["kl"] < 1e-8  # the first micro-batch still has the reference weights
+    second = trainer.step()
+    assert second["kl"] > 0
+    # EMA moved towards the weights but not onto them
+    assert any(not torch.equal(e, p) for e, p in zip(trainer.ema, trainer.params))

@@ -215,14 +215,16 @@ class GRPOTrainer:
     def _micro_step(self, batch: Transitions, adv: Tensor, weight: float) -> dict[str, float]:
         """Forward, loss and backward of one micro-batch; ``weight`` is its share of the accumulation group."""
         t = self.cfg.train
+        ref_mean = None
+        if self.reference is not None:  # before the policy forward: swapping weights in place after it would
+            with torch.no_grad(), self.weights_swapped(self.reference):  # corrupt the tensors autograd saved
+                _, ref_mean = rescore(self.policy, batch, self.cond)
         log_prob, mean = rescore(self.policy, batch, self.cond)
         out = ppo_clip_loss(log_prob, batch.old_log_prob, adv, t.clip_range, self.cfg.advantage.clip)
         loss, logs = out.loss, {"loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
                                 "approx_kl": out.approx_kl.item(), "ratio_dev": (out.ratio - 1).abs().max().item()}
-        if self.reference is not None:
-            with torch.no_grad(), self.weights_swapped(self.reference):
-                _, ref_mean = rescore(self.policy, batch, self.cond)
-            std = batch.noise_scale * batch.g * (batch.sigma - batch.sigma_next).sqrt()  # [E]
+        if ref_mean is not None:
+            std = batch.noise_scale * batch.g * (batch.sigma - batch.sigma_next).sqrt()  # [E] transition std
             kl = transition_kl(mean, ref_mean, std).mean()
             loss = loss + t.kl_beta * kl
             logs["kl"] = kl.item()
