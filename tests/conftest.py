@@ -8,6 +8,10 @@ from torch import Tensor, nn
 
 from flowgrove.policies.base import Conditioning
 
+# Tiny models run fastest on one thread, and two threads per process slow the suite badly when anything else
+# uses the machine's two cores.
+torch.set_num_threads(1)
+
 
 class TinyVelocity(nn.Module):
     """A small MLP velocity field on [B, 1, 4, 4] latents, conditioned on sigma and a pooled embedding."""
