@@ -43,6 +43,8 @@ def test_run_directory_checkpoint_layout(tmp_path):
     # resuming a finished run with more steps continues it
     assert main(["train", "--resume", str(out), "--steps", "3"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    assert main(["eval", str(out)]) == 0
+    assert main(["sample", "--run", str(out), "--out", str(tmp_path / "s.png"), "--n", "1", "--steps", "2"]) == 0
     # a fresh run into a used directory is refused, not overwritten
     assert main(["train", "--steps", "1", "--out", str(out), *TINY]) == 2
 
