@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from flowgrove.data import NEGATIVE_FAMILIES, NOT_A_DIGIT, DigitsData, dilate_ink, load_digits_tensors, not_a_digit
+from flowgrove.data import saturate_ink
 from flowgrove.policies import build_policy
-from flowgrove.pretrain import logit_normal_sigma, main, pretrain_digits, rectified_flow_pair
+from flowgrove.pretrain import classifier_batch, logit_normal_sigma, main, pretrain_digits, rectified_flow_pair
 from flowgrove.rewards import build_reward
 
 
@@ -26,6 +28,59 @@ def test_logit_normal_sigma_is_seeded_and_in_unit_interval():
     assert abs(a.median().item() - 0.5) < 0.05  # sigmoid(N(0, 1)) has median sigmoid(0) = 0.5
 
 
+def test_dilate_ink_by_hand():
+    # One ink pixel at (3, 3): one cross dilation lights it and its 4 neighbours (5 pixels); a second
+    # one gives the diamond |dr| + |dc| <= 2, 1 + 4 + 8 = 13 pixels. A corner pixel keeps only 3 (padding).
+    ink = torch.zeros(1, 1, 8, 8)
+    ink[0, 0, 3, 3] = 1.0
+    once, twice = dilate_ink(ink, 1), dilate_ink(ink, 2)
+    assert once.sum().item() == 5 and once[0, 0, 2:5, 3].tolist() == [1.0, 1.0, 1.0]
+    assert once[0, 0, 2, 2].item() == 0.0  # diagonal neighbour stays dark
+    assert twice.sum().item() == 13 and twice[0, 0, 1, 3].item() == 1.0
+    corner = torch.zeros(1, 1, 8, 8)
+    corner[0, 0, 0, 0] = 0.5
+    assert dilate_ink(corner, 1).sum().item() == 1.5  # 3 pixels of 0.5
+
+
+def test_saturate_ink_by_hand():
+    # ink u = (x + 1) / 2; with fraction 1 every row is divided by s = lowest + (1 - lowest) U, U the
+    # generator's first draw, and clamped to 1. Row of ink (0, 0.25, 0.5, 1): s = 0.5 + 0.5 U.
+    x = torch.tensor([0.0, 0.25, 0.5, 1.0]).repeat(16).view(1, 1, 8, 8) * 2 - 1
+    s = 0.5 + 0.5 * torch.rand(1, generator=torch.Generator().manual_seed(3)).item()
+    out = (saturate_ink(x, torch.Generator().manual_seed(3), fraction=1.0, lowest=0.5) + 1) / 2
+    expected = torch.tensor([0.0, min(0.25 / s, 1), min(0.5 / s, 1), 1.0]).repeat(16).view(1, 1, 8, 8)
+    torch.testing.assert_close(out, expected)  # background stays 0, strokes brighten
+    assert torch.equal(saturate_ink(x, torch.Generator().manual_seed(3), fraction=0.0), x)
+    with pytest.raises(ValueError, match="fraction"):
+        saturate_ink(x, torch.Generator(), fraction=2.0)
+
+
+def test_not_a_digit_families():
+    data = load_digits_tensors()
+    images, labels = data.images[:40], data.labels[:40]  # [40, 1, 8, 8], [40]
+    for family in NEGATIVE_FAMILIES:
+        a = not_a_digit(images, labels, family, torch.Generator().manual_seed(0))
+        b = not_a_digit(images, labels, family, torch.Generator().manual_seed(0))
+        assert a.shape == images.shape and torch.equal(a, b), family
+        assert bool(((a >= -1) & (a <= 1)).all()), family
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(not_a_digit(images, labels, "inverted", generator), -images)  # 1 - u in ink = -x
+    for family in ("filled", "grey_background", "two_digits"):  # these only add ink to the digit
+        out = not_a_digit(images, labels, family, generator)
+        assert bool((out >= images).all()) and out.mean() > images.mean() + 0.1, family
+    with pytest.raises(ValueError, match="inverted"):
+        not_a_digit(images, labels, "cats", generator)
+
+
+def test_classifier_batch_layout():
+    data = load_digits_tensors()
+    train = DigitsData(data.images[:100], data.labels[:100])
+    a = classifier_batch(train, torch.Generator().manual_seed(0), batch=12, negatives=6)
+    b = classifier_batch(train, torch.Generator().manual_seed(0), batch=12, negatives=6)
+    assert a.images.shape == (18, 1, 8, 8) and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert bool((a.labels[:12] < 10).all()) and a.labels[12:].tolist() == [NOT_A_DIGIT] * 6
+
+
 def test_pretrain_is_deterministic_and_writes_loadable_files(tmp_path):
     kwargs = dict(steps=5, classifier_steps=5, seed=0, progress=False, judge_per_digit=2)
     first = pretrain_digits(tmp_path / "a", **kwargs)
@@ -36,7 +91,10 @@ def test_pretrain_is_deterministic_and_writes_loadable_files(tmp_path):
     assert first.judged_accuracy == second.judged_accuracy and first.final_loss == second.final_loss
     report = json.loads((tmp_path / "a" / "digits_pretrain.json").read_text())
     assert report["architecture"]["transformer"]["num_attention_heads"] == 2
-    assert set(report["metrics"]) >= {"classifier_accuracy", "judged_accuracy", "reward_means", "wall_s"}
+    assert set(report["metrics"]) >= {"classifier_accuracy", "judged_accuracy", "reward_means", "wall_s",
+                                      "negative_rewards", "saturated_reward"}
+    assert set(report["metrics"]["negative_rewards"]) == set(NEGATIVE_FAMILIES)
+    assert report["architecture"]["classifier_classes"] == 11
     policy = build_policy("digits", weights=first.policy_path)
     reward = build_reward("digit_classifier", weights=first.classifier_path)
     images = policy.decode(torch.zeros(2, *policy.latent_shape))

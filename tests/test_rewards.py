@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowgrove.data import digit_prompts, load_digits_tensors, split_digits
+from flowgrove.data import NEGATIVE_FAMILIES, digit_prompts, load_digits_tensors, not_a_digit, saturate_ink
+from flowgrove.data import save_weights, split_digits
 from flowgrove.rewards import build_reward, register_reward, reward_names
-from flowgrove.rewards.digits import DigitClassifier, classifier_pixels, ink_boldness, ink_contrast
+from flowgrove.rewards.digits import DigitClassifier, classifier_pixels, ink_boldness, ink_contrast, ink_mass
+from flowgrove.rewards.digits import load_digit_classifier
 
 
 def _images(values: list[float]) -> torch.Tensor:
@@ -24,12 +26,26 @@ def test_registry_lists_and_suggests():
         register_reward("boldness")(lambda: None)
 
 
-def test_boldness_by_hand():
+def test_ink_mass_by_hand():
     # ramp (g - 0.25) / 0.5 clamped: g = 0, 0.25, 0.5, 0.75 -> 0, 0, 0.5, 1; mean = 1.5 / 4 = 0.375.
     images = _images([[0.0, 0.25, 0.5, 0.75], [1.0, 1.0, 1.0, 1.0]])
-    assert ink_boldness(images).tolist() == [0.375, 1.0]
+    assert ink_mass(images).tolist() == [0.375, 1.0]
+
+
+def test_boldness_is_ink_mass_capped_at_the_target():
+    # ink mass: [0, .25, .5, .75] -> 0.375 (as above); [0, 0, 0, .5] -> 0.5 / 4 = 0.125; [0, 0, .75, .6] ->
+    # (0 + 0 + 1 + 0.7) / 4 = 0.425; a white frame -> 1. boldness = min(mass, 0.4) / 0.4 -> 0.9375, 0.3125,
+    # 1.0, 1.0: the filled frame earns no more than a digit whose ink just reaches the target.
+    images = _images([[0.0, 0.25, 0.5, 0.75], [0.0, 0.0, 0.0, 0.5], [0.0, 0.0, 0.75, 0.6], [1.0, 1.0, 1.0, 1.0]])
+    expected = torch.tensor([0.9375, 0.3125, 1.0, 1.0])
+    torch.testing.assert_close(ink_boldness(images), expected)
+    torch.testing.assert_close(build_reward("boldness")(images, ["any"] * 4), expected)
+    # target 0.25: min(0.375, 0.25) / 0.25 = 1 and 0.125 / 0.25 = 0.5.
+    torch.testing.assert_close(ink_boldness(images, target=0.25), torch.tensor([1.0, 0.5, 1.0, 1.0]))
     with pytest.raises(ValueError, match="low < high"):
         build_reward("boldness", low=0.8, high=0.2)
+    with pytest.raises(ValueError, match="target"):
+        build_reward("boldness", target=0.0)
 
 
 def test_contrast_and_brightness_by_hand():
@@ -65,7 +81,8 @@ def test_classifier_reward_is_softmax_of_prompted_digit():
     reward = build_reward("digit_classifier")
     images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     prompts = ["a handwritten two", "a handwritten five", "a handwritten nine"]
-    probs = reward.classifier(classifier_pixels(images)).softmax(-1)  # [3, 10]
+    probs = reward.classifier(classifier_pixels(images)).softmax(-1)  # [3, 11], class 10 = not a digit
+    assert probs.shape == (3, 11)
     torch.testing.assert_close(reward(images, prompts), probs[torch.arange(3), torch.tensor([2, 5, 9])])
 
 
@@ -79,6 +96,41 @@ def test_shipped_classifier_prefers_the_right_digit_on_heldout_digits():
     assert accuracy >= 0.97
     assert (right > wrong).float().mean().item() >= 0.97
     assert right.mean().item() > 0.9
+
+
+def test_shipped_classifier_rejects_not_a_digit_images():
+    heldout = split_digits(load_digits_tensors()).heldout
+    classifier = load_digit_classifier()
+    generator = torch.Generator().manual_seed(7)
+    limits = {"inverted": 0.05, "filled": 0.05, "grey_background": 0.05, "noise": 0.05, "speckle": 0.15,
+              "two_digits": 0.35}  # two overlaid digits can look like one (1 over 7), hence the looser bound
+    assert set(limits) == set(NEGATIVE_FAMILIES)
+    for family, limit in limits.items():
+        images = not_a_digit(heldout.images, heldout.labels, family, generator)  # [N, 1, 8, 8]
+        best_digit = classifier(images).softmax(-1)[:, :10].amax(-1)  # [N], the most any prompt could earn
+        assert best_digit.mean().item() < limit, family
+    # The hack GRPO found with the 10-class classifier: frames filled with grey or white ink.
+    reward = build_reward("digit_classifier")
+    frames = _images([[0.5], [0.75], [1.0]])
+    for prompt in digit_prompts():
+        assert reward(frames, [prompt] * 3).max().item() < 0.05
+
+
+def test_shipped_classifier_accepts_bolder_digits():
+    heldout = split_digits(load_digits_tensors()).heldout
+    bold = saturate_ink(heldout.images, torch.Generator().manual_seed(0), fraction=1.0)  # strokes pushed to white
+    reward = build_reward("digit_classifier")
+    images = ((bold + 1) / 2).expand(-1, 3, -1, -1)  # [N, 3, 8, 8]
+    right = reward(images, [digit_prompts()[d] for d in heldout.labels.tolist()])  # [N]
+    assert right.mean().item() > 0.9
+    assert ink_mass(images).mean().item() > ink_mass(((heldout.images + 1) / 2).expand(-1, 3, -1, -1)).mean().item()
+
+
+def test_old_ten_class_classifier_files_are_refused(tmp_path):
+    path = save_weights(tmp_path / "old.safetensors", DigitClassifier().state_dict(),
+                        {"format": "flowgrove-digits-classifier-v1", "hidden": 256})
+    with pytest.raises(ValueError, match="not-a-digit.*flowgrove pretrain digits"):
+        load_digit_classifier(path)
 
 
 def test_classifier_reward_follows_the_images_device():

@@ -3,9 +3,13 @@
 The policy (tiny FLUX transformer + its CLIP text encoder) is trained by rectified flow on the training
 split: ``sigma`` logit-normal, ``x_sigma = (1 - sigma) x0 + sigma noise``, target ``v = noise - x0``, MSE
 (SD3, Esser et al. 2024). The digit classifier (the ``digit_classifier`` reward) is trained by cross-entropy
-on the same split. Every random draw comes from seeded generators, so a seed gives the same files on one
-machine. The report JSON records the architecture, the classifier's held-out accuracy and the judged
-accuracy (that classifier's accuracy on Euler ODE samples of the pretrained policy) with base reward means.
+on the same split, half of it with strokes saturated to white (``saturate_ink``, still the digit), plus an
+eleventh "not a digit" class made from it (``not_a_digit``: inverted, filled, grey background, noise, two
+digits, speckle). Every random draw comes from seeded generators, so a seed gives the same files on one
+machine; the policy's draws do not depend on the classifier's, so its weights do not change when only the
+classifier recipe does. The report JSON records the architecture, the classifier's held-out accuracy, the
+reward it gives to each not-a-digit family and to saturated held-out digits, and the judged accuracy (that
+classifier's accuracy on Euler ODE samples of the pretrained policy) with base reward means.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from flowgrove.data import DigitsData, assets_dir, digit_prompts, load_digits_tensors, split_digits
+from flowgrove.data import NEGATIVE_FAMILIES, NOT_A_DIGIT, DigitsData, assets_dir, digit_prompts, load_digits_tensors
+from flowgrove.data import not_a_digit, saturate_ink, split_digits
 from flowgrove.policies import digits as digits_policy
 from flowgrove.policies.flux import FluxAdapter
 from flowgrove.rewards import digits as digits_rewards
@@ -29,7 +34,8 @@ from flowgrove.samplers import sample_euler
 from flowgrove.schedules import flux_sigmas
 
 DEFAULT_STEPS = 1500
-DEFAULT_CLASSIFIER_STEPS = 1000
+DEFAULT_CLASSIFIER_STEPS = 2000
+CLASSIFIER_HIDDEN = 256
 REPORT_FILE = "digits_pretrain.json"
 
 
@@ -40,7 +46,9 @@ class PretrainReport:
     policy_path: str
     classifier_path: str
     report_path: str
-    classifier_accuracy: float  # held-out real digits
+    classifier_accuracy: float  # held-out real digits (arg-max over the 11 classes)
+    negative_rewards: dict[str, float]  # family -> mean over held-out negatives of the best digit probability
+    saturated_reward: float  # mean p(label) on held-out digits with saturated strokes
     judged_accuracy: float  # classifier accuracy on ODE samples of the pretrained policy
     judged_per_digit: list[float]  # [10]
     reward_means: dict[str, float]  # base-policy rewards on those samples
@@ -77,17 +85,40 @@ def rectified_flow_pair(x0: Tensor, noise: Tensor, sigma: Tensor) -> tuple[Tenso
     return (1 - s) * x0 + s * noise, noise - x0
 
 
-def train_classifier(train: DigitsData, *, steps: int, seed: int, hidden: int = 128, batch: int = 128,
-                     lr: float = 2e-3) -> digits_rewards.DigitClassifier:
-    """Cross-entropy training of the digit classifier on mini-batches drawn with a seeded generator."""
+def classifier_batch(train: DigitsData, generator: torch.Generator, batch: int = 128, negatives: int = 64,
+                     bold_fraction: float = 0.5) -> DigitsData:
+    """One batch of the 11-class classifier, ``batch`` digits then ``negatives`` not-digits (Dhamija et al. 2018).
+
+    Digit rows are drawn with replacement, a ``bold_fraction`` of them saturated (``saturate_ink``). Negative
+    rows are drawn the same way, saturated likewise, and each turned into a not-a-digit image of a uniformly
+    drawn family (``not_a_digit``; every family is computed, one is kept per row), labelled ``NOT_A_DIGIT``.
+
+    Returns:
+        ``DigitsData`` with images ``[batch + negatives, 1, 8, 8]`` and labels ``[batch + negatives]``.
+    """
+    n = train.labels.shape[0]
+    rows = torch.randint(n, (batch,), generator=generator)  # [B]
+    digits = saturate_ink(train.images[rows], generator, bold_fraction)  # [B, 1, 8, 8]
+    neg_rows = torch.randint(n, (negatives,), generator=generator)  # [M]
+    sources = saturate_ink(train.images[neg_rows], generator, bold_fraction)  # [M, 1, 8, 8]
+    family = torch.randint(len(NEGATIVE_FAMILIES), (negatives,), generator=generator)  # [M]
+    every = torch.stack([not_a_digit(sources, train.labels[neg_rows], f, generator) for f in NEGATIVE_FAMILIES])
+    negative_images = every[family, torch.arange(negatives)]  # [M, 1, 8, 8]
+    labels = torch.cat([train.labels[rows], torch.full((negatives,), NOT_A_DIGIT)])  # [B + M]
+    return DigitsData(torch.cat([digits, negative_images]), labels)
+
+
+def train_classifier(train: DigitsData, *, steps: int, seed: int, hidden: int = CLASSIFIER_HIDDEN, batch: int = 128,
+                     negatives: int = 64, lr: float = 2e-3) -> digits_rewards.DigitClassifier:
+    """Cross-entropy training of the 11-class digit classifier on ``classifier_batch`` draws (seeded)."""
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         classifier = digits_rewards.DigitClassifier(hidden)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=1e-2)
     for _ in range(steps):
-        rows = torch.randint(train.labels.shape[0], (batch,), generator=generator)  # [B]
-        loss = nn.functional.cross_entropy(classifier(train.images[rows]), train.labels[rows])
+        data = classifier_batch(train, generator, batch, negatives)
+        loss = nn.functional.cross_entropy(classifier(data.images), data.labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -98,6 +129,29 @@ def train_classifier(train: DigitsData, *, steps: int, seed: int, hidden: int = 
 def classifier_accuracy(classifier: nn.Module, data: DigitsData) -> float:
     """Fraction of ``data`` whose arg-max logit is the label."""
     return (classifier(data.images).argmax(dim=-1) == data.labels).float().mean().item()
+
+
+@torch.no_grad()
+def negative_rewards(classifier: nn.Module, heldout: DigitsData, seed: int = 0) -> dict[str, float]:
+    """Per not-a-digit family, the mean over held-out sources of the largest digit probability.
+
+    That is the most ``digit_classifier`` would pay for such an image under any prompt (softmax over 11 classes).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for family in NEGATIVE_FAMILIES:
+        images = not_a_digit(heldout.images, heldout.labels, family, generator)  # [N, 1, 8, 8]
+        probs = classifier(images).softmax(dim=-1)  # [N, 11]
+        out[family] = round(probs[:, :NOT_A_DIGIT].amax(dim=-1).mean().item(), 4)
+    return out
+
+
+@torch.no_grad()
+def saturated_reward(classifier: nn.Module, heldout: DigitsData, seed: int = 0) -> float:
+    """Mean probability of the label on held-out digits with every row saturated (``saturate_ink``, fraction 1)."""
+    images = saturate_ink(heldout.images, torch.Generator().manual_seed(seed), fraction=1.0)  # [N, 1, 8, 8]
+    probs = classifier(images).softmax(dim=-1)  # [N, 11]
+    return probs.gather(1, heldout.labels[:, None]).mean().item()
 
 
 def train_policy(train: DigitsData, *, steps: int, seed: int, batch: int = 256, lr: float = 2e-3,
@@ -194,6 +248,7 @@ def judge_policy(policy: digits_policy.DigitsPolicy, classifier: digits_rewards.
     rewards = {
         "digit_classifier": digits_rewards.DigitClassifierReward(classifier)(images, prompts),
         "boldness": digits_rewards.ink_boldness(images),
+        "ink_mass": digits_rewards.ink_mass(images),
         "contrast": digits_rewards.ink_contrast(images),
         "brightness": digits_rewards.image_brightness(images),
     }
@@ -211,7 +266,7 @@ def pretrain_digits(out_dir: str | Path, *, steps: int, classifier_steps: int, s
     Args:
         out_dir: Output folder (the package's ``assets`` folder for the shipped weights).
         steps: Policy optimizer steps (batch 256).
-        classifier_steps: Classifier optimizer steps (batch 128).
+        classifier_steps: Classifier optimizer steps (128 digits + 64 not-digits a batch).
         seed: Seed of the split-independent training draws (the data split is fixed, seed 0).
         progress: Show progress bars.
         judge_per_digit: ODE samples per digit for the judged accuracy.
@@ -233,6 +288,8 @@ def pretrain_digits(out_dir: str | Path, *, steps: int, classifier_steps: int, s
     report = PretrainReport(
         policy_path=str(policy_path), classifier_path=str(classifier_path), report_path=str(out / REPORT_FILE),
         classifier_accuracy=round(classifier_accuracy(classifier, split.heldout), 4),
+        negative_rewards=negative_rewards(classifier, split.heldout, seed=seed + 3),
+        saturated_reward=round(saturated_reward(classifier, split.heldout, seed=seed + 3), 4),
         judged_accuracy=round(judged.accuracy, 4), judged_per_digit=judged.per_digit,
         reward_means=judged.reward_means, final_loss=round(final_loss, 5),
         wall_s=round(time.perf_counter() - start, 1),
@@ -243,11 +300,14 @@ def pretrain_digits(out_dir: str | Path, *, steps: int, classifier_steps: int, s
 
 def _write_report(path: Path, report: PretrainReport, **settings: int) -> None:
     body = {
-        "settings": {**settings, "batch": 256, "classifier_batch": 128, "heldout_fraction": 0.2, "split_seed": 0,
+        "settings": {**settings, "batch": 256, "classifier_batch": 128, "classifier_negatives": 64,
+                     "classifier_bold_fraction": 0.5, "heldout_fraction": 0.2, "split_seed": 0,
                      "judge": "Euler ODE, 16 steps, shift 3", "torch": torch.__version__},
         "architecture": {
             "transformer": digits_policy.TRANSFORMER_CONFIG, "text_encoder": digits_policy.TEXT_ENCODER_CONFIG,
-            "vocab": list(digits_policy.VOCAB), "max_length": digits_policy.MAX_LENGTH, "classifier_hidden": 128,
+            "vocab": list(digits_policy.VOCAB), "max_length": digits_policy.MAX_LENGTH,
+            "classifier_hidden": CLASSIFIER_HIDDEN, "classifier_classes": digits_rewards.NUM_CLASSES,
+            "negative_families": list(NEGATIVE_FAMILIES),
         },
         "metrics": {k: v for k, v in asdict(report).items() if not k.endswith("_path")},
     }
@@ -271,4 +331,5 @@ def main(argv: Sequence[str] | None = None) -> int:
                              seed=args.seed, progress=not args.quiet, judge_per_digit=args.judge_per_digit)
     print(f"pretrained digits in {report.wall_s:.1f} s: classifier held-out accuracy {report.classifier_accuracy:.3f}, "
           f"judged sample accuracy {report.judged_accuracy:.3f}; wrote {Path(report.policy_path).parent}")
+    print(f"not-a-digit families get digit_classifier <= {report.negative_rewards}")
     return 0

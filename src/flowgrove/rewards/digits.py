@@ -1,8 +1,10 @@
 """Rewards of the embedded ``digits`` task: prompt faithfulness (a digit classifier) and ink preferences.
 
 ``digit_classifier`` is the softmax probability of the prompted digit under a small MLP trained on the
-sklearn digits (shipped weights). ``boldness`` and ``contrast`` are preferences the pretrained policy does not
-maximise, so GRPO has headroom when they are mixed in (e.g. ``digit_classifier`` 1.0 + ``boldness`` 0.5).
+sklearn digits plus an eleventh "not a digit" class (inverted, filled, grey-background, noise, two-digit and
+speckled images; ``flowgrove.data.not_a_digit``), so frames filled with ink score near 0 instead of rewarding
+the hack. ``boldness`` (bounded ink mass) and ``contrast`` are preferences the pretrained policy does not
+maximise, so GRPO has headroom when they are mixed in (default ``digit_classifier`` 1.0 + ``boldness`` 1.0).
 All take images ``[B, 3, H, W]`` in [0, 1] (ink bright) and return ``[B]`` float32 in [0, 1].
 """
 
@@ -14,24 +16,26 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from flowgrove.data import PRETRAIN_HINT, assets_dir, digit_of_prompt, load_weights, save_weights
+from flowgrove.data import NOT_A_DIGIT, PRETRAIN_HINT, assets_dir, digit_of_prompt, load_weights, save_weights
 from flowgrove.rewards.base import RewardFn, check_reward_inputs, register_reward
 
 CLASSIFIER_FILE = "digits_classifier.safetensors"
-FORMAT = "flowgrove-digits-classifier-v1"
+FORMAT = "flowgrove-digits-classifier-v2"  # v2: eleven classes, index 10 = not a digit
+NUM_CLASSES = NOT_A_DIGIT + 1
+BOLD_TARGET = 0.4  # ink mass of a bold real digit, see ``ink_boldness``
 
 
 class DigitClassifier(nn.Module):
-    """Two-layer MLP on the 64 pixels of an 8x8 digit in [-1, 1] (ink +1); returns 10 logits."""
+    """Two-layer MLP on the 64 pixels of an 8x8 digit in [-1, 1] (ink +1); logits of digits 0-9 and not a digit."""
 
-    def __init__(self, hidden: int = 128) -> None:
+    def __init__(self, hidden: int = 256) -> None:
         super().__init__()
         self.hidden = hidden
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.GELU(), nn.Linear(hidden, 10))
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.GELU(), nn.Linear(hidden, NUM_CLASSES))
 
     def forward(self, pixels: Tensor) -> Tensor:
-        """Logits ``[B, 10]`` for pixels ``[B, 1, 8, 8]`` in [-1, 1]."""
-        return self.net(pixels)  # [B, 10]
+        """Logits ``[B, 11]`` for pixels ``[B, 1, 8, 8]`` in [-1, 1]."""
+        return self.net(pixels)  # [B, 11]
 
 
 def gray(images: Tensor) -> Tensor:
@@ -56,7 +60,8 @@ def load_digit_classifier(weights: str | Path | None = None) -> DigitClassifier:
     path = Path(weights) if weights else assets_dir() / CLASSIFIER_FILE
     tensors, config = load_weights(path, "digit classifier")
     if config.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a digit classifier file (format {config.get('format')!r}); {PRETRAIN_HINT}.")
+        raise ValueError(f"{path} is not a {FORMAT} file (format {config.get('format')!r}; v1 files lack the "
+                         f"not-a-digit class); {PRETRAIN_HINT}.")
     classifier = DigitClassifier(int(config["hidden"]))
     try:
         classifier.load_state_dict(tensors, strict=True)
@@ -66,7 +71,10 @@ def load_digit_classifier(weights: str | Path | None = None) -> DigitClassifier:
 
 
 class DigitClassifierReward:
-    """Probability of the prompted digit, ``softmax(classifier(image))[digit(prompt)]`` (digits task)."""
+    """Probability of the prompted digit, ``softmax(classifier(image))[digit(prompt)]`` over all 11 classes.
+
+    The softmax includes the not-a-digit class, so an image the classifier rejects scores near 0 for every prompt.
+    """
 
     def __init__(self, classifier: DigitClassifier) -> None:
         self.classifier = classifier
@@ -77,12 +85,12 @@ class DigitClassifierReward:
         if param.device != images.device:
             self.classifier.to(images.device)
         digits = torch.tensor([digit_of_prompt(p) for p in prompts], device=images.device)  # [B]
-        logits = self.classifier(classifier_pixels(images).to(param.dtype))  # [B, 10]
-        probs = logits.float().softmax(dim=-1)  # [B, 10]
+        logits = self.classifier(classifier_pixels(images).to(param.dtype))  # [B, 11]
+        probs = logits.float().softmax(dim=-1)  # [B, 11]
         return probs.gather(1, digits[:, None]).squeeze(1)  # [B]
 
 
-def ink_boldness(images: Tensor, low: float = 0.25, high: float = 0.75) -> Tensor:
+def ink_mass(images: Tensor, low: float = 0.25, high: float = 0.75) -> Tensor:
     """Soft fraction of strongly inked pixels: mean of ``clamp((g - low) / (high - low), 0, 1)`` over pixels.
 
     Args:
@@ -95,6 +103,30 @@ def ink_boldness(images: Tensor, low: float = 0.25, high: float = 0.75) -> Tenso
     """
     ink = ((gray(images) - low) / (high - low)).clamp(0, 1)  # [B, H, W]
     return ink.float().mean(dim=(1, 2))  # [B]
+
+
+def ink_boldness(images: Tensor, low: float = 0.25, high: float = 0.75, target: float = BOLD_TARGET) -> Tensor:
+    """Bounded ink mass ``min(ink_mass, target) / target`` (digits task preference, design.md section 4).
+
+    Ink mass alone is maximised by a frame full of ink (the hack GRPO found). Capped at ``target``, ink
+    beyond a bold digit earns nothing, so the best image under ``digit_classifier + w * boldness`` is a
+    digit the classifier still accepts whose ink reaches the target: solid white strokes, thickened a
+    little, on a black background. A grey or filled background is left to the classifier, whose
+    not-a-digit class scores it near 0. ``target`` 0.4 is the ink mass of the boldest real digits (sklearn
+    digits: median 0.31, 99th percentile 0.395, the same digits with strokes saturated to white 0.41),
+    while the base policy draws 0.30 and a digit dilated once to fill the frame has 0.62. A fixed constant
+    (no statistics at run time); piecewise linear, as GRPO needs only the scores.
+
+    Args:
+        images: ``[B, 3, H, W]`` in [0, 1], ink bright.
+        low: Gray level counted as no ink.
+        high: Gray level counted as full ink.
+        target: Ink mass that earns the full reward, in (0, 1].
+
+    Returns:
+        ``[B]`` float32 in [0, 1]; 1 when ``ink_mass >= target``.
+    """
+    return ink_mass(images, low, high).clamp(max=target) / target  # [B]
 
 
 def ink_contrast(images: Tensor) -> Tensor:
@@ -135,14 +167,17 @@ def digit_classifier(weights: str | Path | None = None, device: str | torch.devi
 
 
 @register_reward("boldness")
-def boldness(low: float = 0.25, high: float = 0.75, device: str | torch.device | None = None) -> RewardFn:
-    """Stroke boldness ``ink_boldness`` (a preference the pretrained digits policy leaves headroom on).
+def boldness(low: float = 0.25, high: float = 0.75, target: float = BOLD_TARGET,
+             device: str | torch.device | None = None) -> RewardFn:
+    """Stroke boldness ``ink_boldness``, bounded ink mass (the base policy scores about 0.75 of it).
 
     ``device`` is accepted like every reward factory's and unused: the score follows the images' device.
     """
     if not 0.0 <= low < high <= 1.0:
         raise ValueError(f"boldness needs 0 <= low < high <= 1, got low={low}, high={high}; defaults 0.25, 0.75.")
-    return _prompt_free(ink_boldness, low=low, high=high)
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"boldness needs 0 < target <= 1, got target={target}; default {BOLD_TARGET}.")
+    return _prompt_free(ink_boldness, low=low, high=high, target=target)
 
 
 @register_reward("contrast")
