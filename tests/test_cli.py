@@ -83,3 +83,9 @@ def test_sample_writes_a_grid(tmp_path):
     out = tmp_path / "s.png"
     assert main(["sample", "--out", str(out), "--n", "2", "--steps", "4"]) == 0
     assert out.stat().st_size > 0
+
+
+def test_overrides_may_follow_options(tmp_path):
+    out = tmp_path / "o"
+    assert main(["train", "rollout.group_size=4", "--steps", "1", "--out", str(out), *TINY]) == 0
+    assert "group_size: 4" in (out / "config.yaml").read_text()

@@ -108,12 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    overrides: list[str] = []
+    if argv and argv[0] in ("train", "bench"):  # key=value overrides may stand anywhere, also after options
+        overrides = [a for a in argv[1:] if "=" in a and not a.startswith("-")]
+        argv = [argv[0]] + [a for a in argv[1:] if a not in overrides]
     args = parser.parse_args(argv)
+    if overrides:
+        args.overrides = [*getattr(args, "overrides", []), *overrides]
     if args.command is None:
         parser.print_help()
         return 2
-    if args.command == "train" and args.config and "=" in args.config:
-        args.overrides, args.config = [args.config, *args.overrides], None
     try:
         return args.fn(args)
     except ConfigError as err:
