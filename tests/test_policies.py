@@ -20,7 +20,6 @@ from flowgrove.policies.digits import (
 )
 from flowgrove.policies.flux import FluxAdapter, latent_image_ids, pack_latents, unpack_latents
 from flowgrove.samplers import sample_euler
-from flowgrove.schedules import flux_sigmas
 
 FluxPipeline = pytest.importorskip("diffusers").FluxPipeline
 

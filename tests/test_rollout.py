@@ -6,7 +6,7 @@ import torch
 
 from flowgrove import plans, schedules, tree
 from flowgrove.rollout import RolloutSpec, rescore, rollout
-from flowgrove.samplers.steps import euler_step, noise_g, sde_step, x0_from_velocity
+from flowgrove.samplers.steps import euler_step, noise_g, sde_step
 
 
 def _tree_spec(num_steps: int, splits: tuple[int, ...], reward_image: str = "final", sde=None) -> RolloutSpec:

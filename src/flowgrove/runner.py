@@ -7,7 +7,6 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -177,4 +176,3 @@ def _finish(cfg: Config, run_dir: Path, trainer: GRPOTrainer, before: dict, wall
     return summary
 
 
-ProgressFn = Callable[[dict], None]

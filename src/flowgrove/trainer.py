@@ -4,7 +4,6 @@ config (see ``method.py``), a model family is a policy adapter. No I/O here: met
 
 from __future__ import annotations
 
-import copy
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
