@@ -17,7 +17,7 @@ $(BIN)/flowgrove: pyproject.toml
 install: $(BIN)/flowgrove
 
 demo: install
-	$(BIN)/flowgrove train --out runs/demo
+	$(BIN)/flowgrove train
 
 test: install
 	$(BIN)/python -m pytest -q
