@@ -5,7 +5,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test clean
 
 $(BIN)/flowgrove: pyproject.toml
 	$(PY) -m venv $(VENV)
