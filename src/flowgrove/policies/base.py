@@ -7,12 +7,13 @@ model-specific (token packing, position ids, the model-facing ``timestep``) stay
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from flowgrove.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -77,48 +78,23 @@ class FlowPolicy(Protocol):
 
 
 PolicyFactory = Callable[..., FlowPolicy]
-_POLICIES: dict[str, PolicyFactory] = {}
+_POLICIES: Registry[PolicyFactory] = Registry("policy", "policies")
 
 
 def register_policy(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
-    """Register a policy factory under ``name`` (ddpo-style registry; heavy imports go inside the factory).
-
-    Args:
-        name: Registry key used by ``build_policy`` and the ``policy.name`` config field.
-
-    Returns:
-        A decorator that stores the factory and returns it unchanged.
-    """
-
-    def decorator(factory: PolicyFactory) -> PolicyFactory:
-        if name in _POLICIES and _POLICIES[name] is not factory:
-            raise ValueError(f"policy {name!r} is already registered ({_POLICIES[name].__module__}); pick another name.")
-        _POLICIES[name] = factory
-        return factory
-
-    return decorator
+    """Register a policy factory under ``name`` (a different factory under a used name raises ``ValueError``)."""
+    return _POLICIES.register(name)
 
 
 def policy_names() -> list[str]:
     """Sorted names of the registered policies."""
-    return sorted(_POLICIES)
+    return _POLICIES.names()
 
 
 def build_policy(name: str, **kwargs: object) -> FlowPolicy:
-    """Build the registered policy ``name`` with the factory's keyword arguments.
-
-    Args:
-        name: A registered policy name (see ``policy_names()``).
-        **kwargs: Passed to the factory (for example ``weights``, ``path``, ``device``).
-
-    Returns:
-        The policy.
+    """Build the registered policy ``name`` with the factory's keyword arguments (``path``, ``device``, ...).
 
     Raises:
         ValueError: ``name`` is not registered; the message lists the known names and the closest one.
     """
-    if name not in _POLICIES:
-        close = difflib.get_close_matches(name, _POLICIES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown policy {name!r}; known policies: {', '.join(policy_names())}.{hint}")
-    return _POLICIES[name](**kwargs)
+    return _POLICIES.build(name, **kwargs)

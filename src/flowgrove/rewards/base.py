@@ -6,10 +6,11 @@ are registered by name and import heavy packages inside their body, so importing
 
 from __future__ import annotations
 
-import difflib
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 from torch import Tensor
+
+from flowgrove.registry import Registry
 
 
 @runtime_checkable
@@ -22,54 +23,26 @@ class RewardFn(Protocol):
 
 
 RewardFactory = Callable[..., RewardFn]
-_REWARDS: dict[str, RewardFactory] = {}
+_REWARDS: Registry[RewardFactory] = Registry("reward", "rewards")
 
 
 def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
-    """Register a reward factory under ``name``.
-
-    Args:
-        name: Registry key used by ``build_reward`` and the config's reward list.
-
-    Returns:
-        A decorator that stores the factory and returns it unchanged.
-
-    Raises:
-        ValueError: ``name`` is already registered.
-    """
-
-    def decorator(factory: RewardFactory) -> RewardFactory:
-        if name in _REWARDS:
-            raise ValueError(f"reward {name!r} is already registered ({_REWARDS[name].__module__}); pick another name.")
-        _REWARDS[name] = factory
-        return factory
-
-    return decorator
+    """Register a reward factory under ``name`` (a different factory under a used name raises ``ValueError``)."""
+    return _REWARDS.register(name)
 
 
 def reward_names() -> list[str]:
     """Sorted names of the registered rewards."""
-    return sorted(_REWARDS)
+    return _REWARDS.names()
 
 
 def build_reward(name: str, **kwargs: object) -> RewardFn:
-    """Build the registered reward ``name``.
-
-    Args:
-        name: A registered reward (see ``reward_names()``).
-        **kwargs: Passed to the factory (weights path, device, options).
-
-    Returns:
-        The reward callable.
+    """Build the registered reward ``name`` with the factory's keyword arguments (weights path, device, options).
 
     Raises:
         ValueError: unknown ``name``; the message lists the known rewards and the closest match.
     """
-    if name not in _REWARDS:
-        close = difflib.get_close_matches(name, _REWARDS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(reward_names())}.{hint}")
-    return _REWARDS[name](**kwargs)
+    return _REWARDS.build(name, **kwargs)
 
 
 def check_reward_inputs(images: Tensor, prompts: Sequence[str]) -> None:
