@@ -5,7 +5,7 @@ config (see ``method.py``), a model family is a policy adapter. No I/O here: met
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from flowgrove import credit, distributed, method, tree
 from flowgrove.config import Config
-from flowgrove.plans import StepPlan
+from flowgrove.advantages import aggregate_rewards
 from flowgrove.losses import ppo_clip_loss, transition_kl
 from flowgrove.policies.base import Conditioning, FlowPolicy
 from flowgrove.rewards.base import RewardFn
@@ -87,31 +87,26 @@ class GRPOTrainer:
         t1 = time.perf_counter()
         raw = self.score(ro)  # [K, N_L]
         t2 = time.perf_counter()
-        adv = self.edge_advantages(raw, ro, plan)  # [E]
-        keep = self.pruning_keep(ro, raw, plan)
+        forest = method.forest(cfg, prompt_ids.shape[0], plan.num_steps) if cfg.tree.enabled else None
+        adv = self.edge_advantages(raw, ro, forest)  # [E]
+        keep = self.pruning_keep(ro, raw, forest)
         transitions, adv = ro.transitions.select(keep), adv[keep]
         n_leaves = ro.leaves.shape[0]
         stats = self.update(transitions, adv, n_leaves, shared)
         t3 = time.perf_counter()
         self.iteration += 1
-        total = (self.weights[:, None] * raw).sum(0) / self.weights.sum()  # [N_L]
+        total = weighted_total(raw, self.weights)  # [N_L]
         metrics = {
             "step": self.iteration, "reward_mean": total.mean().item(), "reward_std": total.std().item(),
             **{f"reward/{name}": raw[k].mean().item() for k, name in enumerate(self.rewards)},
             **{k: v for k, v in vars(stats).items()},
-            "nfe_old": self.nominal_nfe(plan), "nfe_new": stats.transitions / n_leaves,
+            "nfe_old": forest.nfe_per_leaf if forest else float(plan.nfe_old), "nfe_new": stats.transitions / n_leaves,
             "model_calls_per_sample": ro.model_calls / n_leaves,  # below nfe_old where groups share a prefix
             "seconds_rollout": t1 - t0, "seconds_reward": t2 - t1, "seconds_update": t3 - t2, "seconds_step": t3 - t0,
         }
         if cfg.window.enabled:
             metrics["window_start"] = float(min(plan.trained_steps, default=-1))
         return metrics
-
-    def nominal_nfe(self, plan: StepPlan) -> float:
-        """Model evaluations per final sample as the papers count them: plan steps, or tree calls per leaf."""
-        if self.cfg.tree.enabled:
-            return method.forest(self.cfg, 1, plan.num_steps).nfe_per_leaf
-        return float(plan.nfe_old)
 
     def _roots(self, prompt_ids: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Conditioning rows [N0] and initial noise [N0, C, H, W] of the chains or tree roots."""
@@ -136,21 +131,22 @@ class GRPOTrainer:
             prompts = [self.prompts[i] for i in ro.leaf_cond_index.tolist()]
             raw = torch.stack([fn(images, prompts).float().to(self.device) for fn in self.rewards.values()])  # [K, N]
         bad = ~torch.isfinite(raw)
-        if distributed.any_rank(bool(bad.any())):
+        if distributed.any_rank(bool(bad.any())):  # every rank raises, so no collective is left waiting
             names = [name for k, name in enumerate(self.rewards) if bad[k].any()]
+            where = f" (e.g. for prompt {prompts[int(bad.any(0).nonzero()[0])]!r})" if bad.any() else " on another rank"
             raise NonFiniteRewardError(
-                f"reward(s) {names} returned NaN/inf at step {self.iteration + 1} "
-                f"(e.g. for prompt {prompts[int(bad.any(0).nonzero()[0])] if bad.any() else '?'!r}); the step was "
+                f"reward(s) {names} returned NaN/inf at step {self.iteration + 1}{where}; the step was "
                 "skipped and no weights changed. Check the reward model and its inputs, then resume from the last checkpoint."
             )
         return raw
 
-    def edge_advantages(self, raw: Tensor, ro: Rollout, plan: StepPlan) -> Tensor:
+    def edge_advantages(self, raw: Tensor, ro: Rollout, forest: tree.Forest | None) -> Tensor:
         """Advantages [E] of the stored transitions, from rewards gathered over all ranks."""
         cfg = self.cfg
         gathered = distributed.all_gather_cat(raw.T.contiguous()).T  # [K, N_total]
-        if cfg.tree.enabled:
-            forest = method.forest(cfg, gathered.shape[1] // forest_leaves(cfg, plan), plan.num_steps)
+        if forest is not None:
+            world, _ = distributed.world_size_and_rank()
+            forest = method.forest(cfg, forest.n_trees * world, forest.num_steps)  # every rank's trees
             log_probs = tuple(distributed.all_gather_cat(lp) for lp in ro.edge_log_probs)
             per_depth = credit.tree_advantages(gathered, self.weights, forest, log_probs, cfg.advantage, cfg.tree)
             local = tuple(distributed.shard_rows(a) for a in per_depth)
@@ -159,22 +155,20 @@ class GRPOTrainer:
         sample_adv = distributed.shard_rows(credit.chain_advantages(gathered, self.weights, group, cfg.advantage))
         return credit.chain_edge_advantages(sample_adv, ro)
 
-    def pruning_keep(self, ro: Rollout, raw: Tensor, plan: StepPlan) -> Tensor:
+    def pruning_keep(self, ro: Rollout, raw: Tensor, forest: tree.Forest | None) -> Tensor:
         """Indices of the stored transitions that enter the backward pass (BranchGRPO pruning)."""
         tr = ro.transitions
         all_rows = torch.arange(len(tr), device=tr.depth.device)
         t = self.cfg.tree
-        if not t.enabled or not tree.pruning_active(self.iteration, self.cfg.train.steps, t.pruning_fraction):
+        if forest is None or not tree.pruning_active(self.iteration, self.cfg.train.steps, t.pruning_fraction):
             return all_rows
-        forest = method.forest(self.cfg, ro.leaves.shape[0] // forest_leaves(self.cfg, plan), plan.num_steps)
         masks = []
         if t.depth_pruning:
             stop = t.depth_stop if t.depth_stop >= 0 else max(forest.split_steps)
             depths = tree.depth_pruned_depths(set(t.depth_pruning), self.iteration, t.depth_slide_interval or None, stop)
             masks.append(tree.depth_prune_mask(forest, depths))
         if t.width_keep:
-            total = (self.weights[:, None] * raw).sum(0)  # [N_L]
-            masks.append(tree.width_prune_mask(forest, total, t.width_keep))
+            masks.append(tree.width_prune_mask(forest, weighted_total(raw, self.weights), t.width_keep))
         if not masks:
             return all_rows
         keep_edges = credit.edge_values(tuple(m.float() for m in tree.combine_masks(*masks)), tr.depth - 1, tr.node)
@@ -256,7 +250,7 @@ class GRPOTrainer:
     @torch.no_grad()
     def evaluate(self) -> EvalResult:
         """Held-out reward: every prompt, fixed seeds, Euler ODE sampling (EMA weights when enabled)."""
-        with self.weights_swapped(self.ema) if self.ema is not None else _nullcontext():
+        with self.weights_swapped(self.ema) if self.ema is not None else nullcontext():
             return evaluate_policy(self.policy, self.cond, self.prompts, self.rewards, self.weights, self.cfg)
 
 
@@ -266,18 +260,13 @@ class EvalResult(dict):
     images: Tensor
 
 
-@contextmanager
-def _nullcontext() -> Iterator[None]:
-    yield
-
-
 def rewards_weights(cfg: Config, rewards: Mapping[str, RewardFn]) -> list[float]:
     return [float(cfg.rewards[name]) for name in rewards]
 
 
-def forest_leaves(cfg: Config, plan: StepPlan) -> int:
-    """Leaves per tree."""
-    return method.forest(cfg, 1, plan.num_steps).num_leaves
+def weighted_total(raw: Tensor, weights: Tensor) -> Tensor:
+    """Rewards [K, N] -> the weighted mean over reward models [N] (weights renormalised to sum 1)."""
+    return aggregate_rewards(raw, weights / weights.sum())
 
 
 @torch.no_grad()
@@ -304,7 +293,7 @@ def evaluate_policy(policy: FlowPolicy, cond: Conditioning, prompts: Sequence[st
     images = ode_images(policy, cond, rows, e.num_steps, cfg.sampler.shift, e.seed, cfg.sampler.chunk_size)
     names = [prompts[i] for i in rows.tolist()]
     raw = torch.stack([fn(images, names).float() for fn in rewards.values()])  # [K, N]
-    result = EvalResult({"reward": ((weights[:, None] * raw).sum(0) / weights.sum()).mean().item()})
+    result = EvalResult({"reward": weighted_total(raw, weights).mean().item()})
     result.update({f"reward/{name}": raw[k].mean().item() for k, name in enumerate(rewards)})
     result.images = images
     return result
