@@ -16,7 +16,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.overrides or args.method:
             raise ConfigError("--resume continues a run with its saved config; drop CONFIG, --method and key=value overrides")
-        result = runner.resume(Path(args.resume), steps=args.steps)
+        result = runner.resume(Path(args.resume), steps=args.steps, checkpoint=args.checkpoint)
     else:
         overrides = list(args.overrides)
         if args.steps is not None:
@@ -24,7 +24,7 @@ def _train(args: argparse.Namespace) -> int:
         if args.out:
             overrides.append(f"run.out={args.out}")
         cfg = load_config(args.config, overrides, method=args.method)
-        result = runner.train(cfg)
+        result = runner.train(cfg, overwrite=args.overwrite)
     s = result.summary
     if not s:  # ranks other than 0 of a torchrun job
         return 0
@@ -43,7 +43,7 @@ def _methods(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from flowgrove import sample
 
-    path = sample.sample_to_png(args.run, args.out, args.prompt, args.n, args.steps, args.seed)
+    path = sample.sample_to_png(args.run, args.out, args.prompt, args.n, args.steps, args.seed, ema=args.ema)
     print(f"wrote {path}")
     return 0
 
@@ -70,6 +70,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowgrove", description="GRPO alignment of flow-matching generators.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (for developers)")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("train", help="train a policy (default: the embedded digits task)")
     p.add_argument("config", nargs="?", help="YAML config file (optional)")
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training steps (train.steps)")
     p.add_argument("--out", help="run directory (run.out)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--checkpoint", metavar="step_N", help="with --resume: continue from this checkpoint instead of the latest")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that holds a partial run without a checkpoint")
     p.set_defaults(fn=_train)
     p = sub.add_parser("methods", help="list the method presets")
     p.set_defaults(fn=_methods)
@@ -88,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="images per prompt")
     p.add_argument("--steps", type=int, default=16, help="Euler ODE steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample with the run's EMA weights (default: EMA when the run has it)")
     p.set_defaults(fn=_sample)
     p = sub.add_parser("eval", help="held-out reward of a run's latest checkpoint")
     p.add_argument("run")

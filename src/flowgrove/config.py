@@ -82,6 +82,7 @@ class TreeConfig:
     width_keep: int = _f(0, "Width pruning: leaves per tree whose post-split chains are trained (best and worst); 0 = off.", low=0)
     pruning_fraction: float = _f(1.0, "Fraction of training during which pruning is active.", low=0)
     mix: bool = _f(False, "Mix variant: SDE only at split steps and inside the window (window.*), ODE elsewhere.")
+    split_logprob_std: str = _f("drawn", "Std of a split child's log-prob: drawn (the std it was sampled with) or reference (BranchGRPO: unscaled).", ("drawn", "reference"))
 
 
 @dataclass
@@ -119,6 +120,10 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", low=0)
     ema_decay: float = _f(0.0, "EMA of the trainable weights (0 = off); used for the final evaluation and export.", low=0)
     seed: int = _f(0, "Seed of every generator in the run.")
+    max_nonfinite_skips: int = _f(3, "Consecutive optimizer steps skipped for a NaN/inf loss or gradient norm before the run stops with a checkpoint.", low=1)
+    kl_scale: str = _f("exact", "KL term: exact transition KL, or reference (Flow-GRPO: ||dmu||^2 / 2g^2 = exact KL * dsigma).", ("exact", "reference"))
+    loss_scale: str = _f("mean", "Loss per optimizer step: mean over its transitions, or reference (BranchGRPO: sum / (G * edges per tree)).", ("mean", "reference"))
+    ema_schedule: str = _f("update", "EMA: every optimizer step (update), once per rollout (dancegrpo), or Flow-GRPO's min((1+s)/(10+s), decay) every 8 steps (flowgrpo).", ("update", "dancegrpo", "flowgrpo"))
 
 
 @dataclass
@@ -136,6 +141,7 @@ class RunConfig:
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk.", low=1)
     progress: bool = _f(True, "Show a progress bar.")
     device: str = _f("cpu", "torch device.")
+    threads: int = _f(1, "torch CPU threads per process (0 = torch's default).", low=0)
 
 
 @dataclass

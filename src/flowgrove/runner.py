@@ -90,7 +90,7 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def train(cfg: Config, run_dir: Path | None = None) -> RunResult:
+def train(cfg: Config, run_dir: Path | None = None, overwrite: bool = False) -> RunResult:
     """A fresh run into ``run_dir`` (or ``run.out``, or ``runs/<method>-<time>``)."""
     run_dir = Path(run_dir or cfg.run.out or default_run_dir(cfg))
     if latest_checkpoint(run_dir) is not None:
@@ -100,7 +100,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> RunResult:
     return _run(cfg, run_dir, build_trainer(cfg), resumed=False)
 
 
-def resume(run_dir: Path, steps: int | None = None) -> RunResult:
+def resume(run_dir: Path, steps: int | None = None, checkpoint: str | None = None) -> RunResult:
     """Continue a run from its latest checkpoint (optionally with a new total step count)."""
     run_dir = Path(run_dir)
     ckpt = latest_checkpoint(run_dir)

@@ -27,7 +27,8 @@ def load_run(run: str | Path | None) -> GRPOTrainer:
 
 
 @torch.no_grad()
-def sample_to_png(run: str | None, out: str, prompts: list[str] | None, n: int, steps: int, seed: int) -> Path:
+def sample_to_png(run: str | None, out: str, prompts: list[str] | None, n: int, steps: int, seed: int,
+                  ema: bool | None = None) -> Path:
     """Euler ODE samples, ``n`` per prompt, written as one PNG grid (one row per prompt)."""
     trainer = load_run(run)
     prompts = prompts or trainer.prompts

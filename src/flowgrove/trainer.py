@@ -23,8 +23,16 @@ from flowgrove.samplers.dpm_solver import sample_euler
 from flowgrove.schedules import flux_sigmas
 
 
-class NonFiniteRewardError(RuntimeError):
+class TrainingHalted(RuntimeError):
+    """The run cannot go on; the trainer still holds the last good state, which the runner checkpoints."""
+
+
+class NonFiniteRewardError(TrainingHalted):
     """A reward model returned NaN or inf; the step is abandoned before any weight changes."""
+
+
+class NonFiniteUpdatesError(TrainingHalted):
+    """Too many consecutive optimizer steps were skipped for a NaN/inf loss or gradient norm."""
 
 
 @dataclass
