@@ -59,15 +59,43 @@ def test_frozen_and_stride_zero_never_move():
 
 
 def test_last_position_reached_every_transition_trainable():
-    # bug M3 fix: T=25 with the last transition dropped -> T_train=24, last start 24-4=20, window 20..23 holds 23
+    # bug M3 fix: every position a window may cover is reached. T=25 with the final sample scored -> the last two
+    # steps stay out (method.window_positions = 23), last start 23-4=19, window 19..22 holds 22
     schedule = WindowSchedule(size=4, interval=1)
-    assert window_steps(20, 24, schedule) == range(20, 24)
-    assert window_start(21, 24, schedule) == 0  # 21 > 20 -> roll back
-    covered = set().union(*(window_steps(k, 24, schedule) for k in range(21)))
-    assert covered == set(range(24))
+    assert window_steps(19, 23, schedule) == range(19, 23)
+    assert window_start(20, 23, schedule) == 0  # 20 > 19 -> roll back
+    covered = set().union(*(window_steps(k, 23, schedule) for k in range(20)))
+    assert covered == set(range(23))
     # released MixGRPO: tau=25, 300 iterations -> start 300 // 25 = 12 at the last iteration (299 // 25 = 11)
-    assert window_start(299, 24, WindowSchedule()) == 11
-    assert window_start(300, 24, WindowSchedule()) == 12
+    assert window_start(299, 23, WindowSchedule()) == 11
+    assert window_start(300, 23, WindowSchedule()) == 12
+
+
+@pytest.mark.parametrize("preset", ["mixgrpo", "mixgrpo-flash", "mixgrpo-flash-star", "branchgrpo-mix", "flowgrove"])
+@pytest.mark.parametrize("strategy", ["progressive", "random", "linear_decay", "exp_decay"])
+def test_windows_never_cover_the_scored_images_last_steps(preset, strategy):
+    # With reward_image=final an SDE step on the last transition (sigma 0.111 -> 0 at T=25) would leave noise in
+    # the scored image; the reference keeps the last two steps out of every window (max_timesteps = T - 2).
+    from flowgrove import method, plans
+    from flowgrove.config import load_config
+
+    for image in ("final", "x0_pred"):
+        cfg = load_config(method=preset, overrides=[f"window.strategy={strategy}", "window.interval=1",
+                                                    f"sampler.reward_image={image}", "window.exp_threshold=0"])
+        if cfg.tree.enabled and image == "final":
+            continue  # trees score the x0 prediction (a final split step would need a sampled last edge)
+        T, out = cfg.sampler.num_steps, (2 if image == "final" else 1)
+        seen = set()
+        for it in range(300):
+            plan = method.step_plan(cfg, it)
+            window = set(plans.window_steps(it, method.window_positions(cfg), method.window_schedule(cfg)))
+            assert max(window) < T - out, (it, window)
+            if not cfg.tree.enabled:
+                assert set(plan.trained_steps) == window and all(plan.kinds[i] != "sde" for i in range(plan.num_steps) if i not in window)
+                last_kind = plan.kinds[-1]
+                assert last_kind != "sde"
+            seen |= window
+        assert cfg.window.stride == 0 or T - out - 1 in seen  # a moving window reaches the last allowed position
 
 
 def test_linear_decay_intervals():

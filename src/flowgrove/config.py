@@ -152,7 +152,8 @@ class Config:
     window: WindowConfig = field(default_factory=WindowConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    rewards: dict = _f({"digit_classifier": 1.0, "boldness": 1.0}, "Reward name -> weight.")
+    rewards: dict = _f({"digit_classifier": 0.5, "boldness": 0.5},
+                       "Reward name -> weight, used as given (a negative weight penalises that reward); replaces the preset's set.")
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

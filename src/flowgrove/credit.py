@@ -23,7 +23,7 @@ def chain_normalizer(cfg: AdvantageConfig) -> Callable[[Tensor, Tensor], Tensor]
 
 def chain_advantages(rewards: Tensor, weights: Tensor, group_ids: Tensor, cfg: AdvantageConfig) -> Tensor:
     """rewards [K, N] (one row per reward model) -> advantages [N] of the final samples."""
-    normalize, weights = chain_normalizer(cfg), weights / weights.sum()  # MixGRPO renormalises the weights
+    normalize = chain_normalizer(cfg)  # the weights are used as given: a negative weight penalises its reward
     if cfg.aggregate == "advantage":
         return advantages.aggregate_advantages(rewards, weights, group_ids, normalize)
     return normalize(advantages.aggregate_rewards(rewards, weights), group_ids)
@@ -40,7 +40,6 @@ def tree_advantages(
                                   temperature=tree_cfg.temperature)
         return tree.depthwise_advantages(fused, forest, ddof=cfg.ddof, eps=cfg.eps)
 
-    weights = weights / weights.sum()
     if cfg.aggregate == "advantage":
         per_reward = [one(row) for row in rewards]
         return tuple(sum(wk * adv[d] for wk, adv in zip(weights, per_reward)) for d in range(len(per_reward[0])))

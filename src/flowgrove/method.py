@@ -25,6 +25,13 @@ def trainable_positions(cfg: Config) -> int:
     return cfg.sampler.num_steps - (cfg.sampler.reward_image == "x0_pred")
 
 
+def window_positions(cfg: Config) -> int:
+    """Steps a sliding SDE window may cover. With the final sample as the reward image the last two steps stay
+    out of every window position, as in MixGRPO's reference (max_timesteps = T - 2): an SDE step there would leave
+    its noise in the scored image. With the x0 prediction only the last (unsampled) transition is out."""
+    return cfg.sampler.num_steps - (2 if cfg.sampler.reward_image == "final" else 1)
+
+
 def window_schedule(cfg: Config) -> plans.WindowSchedule:
     w = cfg.window
     return plans.WindowSchedule(
@@ -48,13 +55,13 @@ def step_plan(cfg: Config, iteration: int) -> plans.StepPlan:
         splits = set(split_steps(cfg))
         sde = set(range(cfg.sampler.num_steps))
         if cfg.tree.mix:
-            sde = splits | set(plans.window_steps(iteration, last, window_schedule(cfg)))
+            sde = splits | set(plans.window_steps(iteration, window_positions(cfg), window_schedule(cfg)))
         trained = {i for i in sde if i < last}
         if cfg.tree.mix and cfg.window.tail == "dpm":
             return compressed_tree_plan(cfg, sde, trained)
         return plans.sde_mask_plan(base_sigmas(cfg), sde, trained)
     if cfg.window.enabled:
-        start = plans.window_start(iteration, last, window_schedule(cfg))
+        start = plans.window_start(iteration, window_positions(cfg), window_schedule(cfg))
         return plans.window_plan(cfg.sampler.num_steps, cfg.sampler.shift, start, cfg.window.size,
                                  tail=cfg.window.tail, ratio=cfg.window.compress_ratio)
     return plans.all_sde_plan(base_sigmas(cfg))
@@ -75,7 +82,8 @@ def rollout_spec(cfg: Config, plan: plans.StepPlan) -> RolloutSpec:
         branching = tuple(cfg.tree.branching if i in splits else 1 for i in range(plan.num_steps))
     return RolloutSpec(plan=plan, noise=cfg.sampler.noise, noise_level=cfg.sampler.noise_level,
                        reward_image=cfg.sampler.reward_image, branching=branching,
-                       split_noise_scale=cfg.tree.split_noise_scale, chunk_size=cfg.sampler.chunk_size)
+                       split_noise_scale=cfg.tree.split_noise_scale, split_logprob_std=cfg.tree.split_logprob_std,
+                       chunk_size=cfg.sampler.chunk_size)
 
 
 def store_mask(cfg: Config, plan: plans.StepPlan, num_chains: int, generator: torch.Generator) -> Tensor | None:
@@ -102,7 +110,8 @@ def check_method(cfg: Config) -> None:
         raise ValueError(f"tree rollouts need advantage.kind=depthwise, got {cfg.advantage.kind!r}")
     if not cfg.tree.enabled and cfg.advantage.kind == "depthwise":
         raise ValueError("advantage.kind=depthwise needs tree.enabled=true; use group or group_global_std for chains")
-    if cfg.window.enabled and cfg.window.size > trainable_positions(cfg):
-        raise ValueError(f"window.size={cfg.window.size} exceeds the {trainable_positions(cfg)} trainable steps; lower it")
+    if cfg.window.enabled and cfg.window.size > window_positions(cfg):
+        raise ValueError(f"window.size={cfg.window.size} exceeds the {window_positions(cfg)} steps a window may cover "
+                         "(sampler.num_steps minus the last step, minus two with sampler.reward_image=final); lower it")
     if not cfg.tree.enabled and cfg.rollout.group_size < 2:
         raise ValueError("rollout.group_size must be >= 2: GRPO normalises rewards within the images of one prompt")

@@ -30,6 +30,7 @@ class RolloutSpec:
     reward_image: str = "x0_pred"  # "x0_pred" of the last step, or the "final" sample
     branching: tuple[int, ...] = ()  # children per step (1 = no split); empty = a chain
     split_noise_scale: float = 1.0
+    split_logprob_std: str = "drawn"  # split children scored with the std they were drawn with, or "reference" (unscaled)
     chunk_size: int = 0  # rows per model call; 0 = everything at once
 
     def children(self, step: int) -> int:
@@ -172,10 +173,15 @@ def _share_groups(x: Tensor, rows: Tensor, roots: Tensor, groups: Tensor | None)
 
 def _sde(spec: RolloutSpec, x: Tensor, velocity: Tensor, sigma: float, sigma_next: float, k: int,
          generator: torch.Generator):
-    """One SDE step of every node; split children (k > 1) are drawn and scored with the scaled std."""
+    """One SDE step of every node; split children (k > 1) are drawn with the scaled std and scored with it, or with
+    the unscaled std under ``split_logprob_std="reference"`` (BranchGRPO's convention, bug B1); the returned scale is
+    the one training re-scores with."""
     g = noise_g(spec.noise, spec.noise_level, x.new_tensor(sigma), x.new_tensor(sigma_next))
     scale = spec.split_noise_scale if k > 1 else 1.0
-    return sde_step(x, velocity, sigma, sigma_next, g, noise_scale=scale, generator=generator), float(g), scale
+    out = sde_step(x, velocity, sigma, sigma_next, g, noise_scale=scale, generator=generator)
+    if scale != 1.0 and spec.split_logprob_std == "reference":
+        out, scale = sde_step(x, velocity, sigma, sigma_next, g, x_next=out.x_next), 1.0
+    return out, float(g), scale
 
 
 def _transitions(x: Tensor, x_next: Tensor, log_prob: Tensor, rows: Tensor, keep: Tensor, step: int,

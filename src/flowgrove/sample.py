@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,12 +30,19 @@ def load_run(run: str | Path | None) -> GRPOTrainer:
 @torch.no_grad()
 def sample_to_png(run: str | None, out: str, prompts: list[str] | None, n: int, steps: int, seed: int,
                   ema: bool | None = None) -> Path:
-    """Euler ODE samples, ``n`` per prompt, written as one PNG grid (one row per prompt)."""
+    """Euler ODE samples, ``n`` per prompt, written as one PNG grid (one row per prompt); with the run's EMA weights
+    when it has them (``ema=None``), or as ``ema`` says."""
+    if n < 1:
+        raise ValueError(f"--n {n}: give at least one image per prompt (--n 8)")
     trainer = load_run(run)
+    if ema and trainer.ema is None:
+        raise ValueError(f"--ema: the run {run} has no EMA weights (it trained with train.ema_decay=0); drop --ema")
     prompts = prompts or trainer.prompts
     cond = trainer.policy.encode_prompts(prompts)
     rows = torch.arange(len(prompts)).repeat_interleave(n)  # [N]
-    images = ode_images(trainer.policy, cond, rows, steps, trainer.cfg.sampler.shift, seed, trainer.cfg.sampler.chunk_size)
+    use_ema = trainer.ema is not None and ema is not False  # the run's EMA weights unless --no-ema, as `eval`
+    with trainer.weights_swapped(trainer.ema) if use_ema else nullcontext():
+        images = ode_images(trainer.policy, cond, rows, steps, trainer.cfg.sampler.shift, seed, trainer.cfg.sampler.chunk_size)
     save_grid(images, Path(out), columns=n)
     return Path(out)
 

@@ -64,3 +64,32 @@ def first_k_mask(num_samples: int, num_steps: int, k: int) -> Tensor:
     mask = torch.zeros(num_samples, num_steps, dtype=torch.bool)  # [B, T]
     mask[:, :k] = True
     return mask
+
+
+
+def _epoch_permutation(num_items: int, seed: int, epoch: int) -> Tensor:
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))  # [num_items]
+
+
+def epoch_draws(num_items: int, step: int, per_step: int, seed: int) -> Tensor:
+    """The items of training step ``step`` when every step takes ``per_step`` of ``num_items`` items.
+
+    Each epoch is a permutation of ``range(num_items)`` drawn from a generator seeded by (``seed``, epoch) and cut
+    into ``num_items // per_step`` steps (the last ``num_items % per_step`` items of the permutation sit that epoch
+    out, as in a sampler with ``drop_last``), so no item repeats within a step or an epoch, epochs are
+    reshuffled, every rank draws the same items, and the draw is a pure function of the step (a resumed run
+    continues without stored state). With ``per_step > num_items`` the permutations are concatenated instead.
+
+    Returns:
+        Item indices ``[per_step]`` (long).
+    """
+    if num_items < 1 or step < 0 or per_step < 1:
+        raise ValueError(f"need num_items >= 1, step >= 0, per_step >= 1; got {num_items}, {step}, {per_step}.")
+    if per_step <= num_items:
+        steps_per_epoch = num_items // per_step
+        epoch, slot = divmod(step, steps_per_epoch)
+        return _epoch_permutation(num_items, seed, epoch)[slot * per_step:(slot + 1) * per_step]  # [per_step]
+    positions = torch.arange(step * per_step, (step + 1) * per_step)  # [per_step] in the concatenated sequence
+    epochs = positions // num_items
+    perms = {int(e): _epoch_permutation(num_items, seed, int(e)) for e in epochs.unique()}
+    return torch.stack([perms[int(e)][int(p)] for e, p in zip(epochs, positions % num_items)])  # [per_step]

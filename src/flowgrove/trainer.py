@@ -4,6 +4,7 @@ config (see ``method.py``), a model family is a policy adapter. No I/O here: met
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from flowgrove import credit, distributed, method, tree
+from flowgrove import credit, distributed, method, selection, tree
 from flowgrove.config import Config
 from flowgrove.advantages import aggregate_rewards
 from flowgrove.losses import ppo_clip_loss, transition_kl
@@ -24,7 +25,12 @@ from flowgrove.schedules import flux_sigmas
 
 
 class TrainingHalted(RuntimeError):
-    """The run cannot go on; the trainer still holds the last good state, which the runner checkpoints."""
+    """The run cannot go on; the trainer still holds the last good state, which the runner checkpoints.
+    ``metrics`` holds the metrics of the step that ended it, when it completed (None otherwise)."""
+
+    def __init__(self, message: str, metrics: dict[str, float] | None = None):
+        super().__init__(message)
+        self.metrics = metrics
 
 
 class NonFiniteRewardError(TrainingHalted):
@@ -44,6 +50,7 @@ class UpdateStats:
     grad_norm: float = 0.0
     first_ratio_max_dev: float = 0.0  # max |ratio - 1| in the first micro-batch, before any weight change
     updates: int = 0
+    skipped_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient norm
     transitions: int = 0
 
 
@@ -73,6 +80,7 @@ class GRPOTrainer:
         with torch.no_grad():
             self.cond = policy.encode_prompts(self.prompts).to(self.device)  # [P_all, ...] computed once
         self.iteration = 0
+        self.nonfinite_streak = 0  # consecutive optimizer steps skipped for NaN/inf
 
     # ---- one iteration -------------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
@@ -83,7 +91,9 @@ class GRPOTrainer:
         noise = step_generator(cfg.train.seed, it, 1, rank)
         t0 = time.perf_counter()
         n = cfg.rollout.prompts_per_step  # per rank; all ranks draw the same global list and take their slice
-        prompt_ids = torch.randint(len(self.prompts), (world * n,), generator=shared)[rank * n:(rank + 1) * n]  # [P]
+        # without replacement within an epoch of the prompt set, reshuffled per epoch from the run's seed
+        drawn = selection.epoch_draws(len(self.prompts), it, world * n, cfg.train.seed)  # [world * n]
+        prompt_ids = drawn[rank * n:(rank + 1) * n]  # [P]
         plan = method.step_plan(cfg, it)
         spec = method.rollout_spec(cfg, plan)
         roots, x_init = self._roots(prompt_ids, noise)
@@ -100,7 +110,7 @@ class GRPOTrainer:
         keep = self.pruning_keep(ro, raw, forest)
         transitions, adv = ro.transitions.select(keep), adv[keep]
         n_leaves = ro.leaves.shape[0]
-        stats = self.update(transitions, adv, n_leaves, shared)
+        stats = self.update(transitions, adv, n_leaves, shared, n_roots=roots.shape[0])
         t3 = time.perf_counter()
         self.iteration += 1
         total = weighted_total(raw, self.weights)  # [N_L]
@@ -114,6 +124,11 @@ class GRPOTrainer:
         }
         if cfg.window.enabled:
             metrics["window_start"] = float(min(plan.trained_steps, default=-1))
+        if self.nonfinite_streak >= cfg.train.max_nonfinite_skips:
+            raise NonFiniteUpdatesError(
+                f"{self.nonfinite_streak} consecutive optimizer steps had a NaN/inf loss or gradient norm and were "
+                f"skipped (train.max_nonfinite_skips={cfg.train.max_nonfinite_skips}), the last at step {self.iteration}; "
+                "lower train.lr, set train.max_grad_norm, or check the rewards and the policy's dtype", metrics)
         return metrics
 
     def _roots(self, prompt_ids: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -183,8 +198,14 @@ class GRPOTrainer:
         return keep_edges.bool().nonzero().flatten()
 
     # ---- update --------------------------------------------------------------------------------------
-    def update(self, tr: Transitions, adv: Tensor, n_samples: int, generator: torch.Generator) -> UpdateStats:
-        """PPO-clip updates over the stored transitions, shuffled; an optimizer step per accumulation group."""
+    def update(self, tr: Transitions, adv: Tensor, n_samples: int, generator: torch.Generator,
+               n_roots: int | None = None) -> UpdateStats:
+        """PPO-clip updates over the stored transitions, shuffled; an optimizer step per accumulation group.
+
+        A group whose loss or gradient norm is NaN/inf on any rank is skipped on every rank (no weight, optimizer
+        or EMA change); ``train.max_nonfinite_skips`` consecutive skips raise :class:`NonFiniteUpdatesError`
+        at the end of the step. ``n_roots`` (chains or trees on this rank) sets ``train.loss_scale=reference``.
+        """
         t, stats = self.cfg.train, UpdateStats(transitions=len(tr))
         if len(tr) == 0:
             return stats
@@ -193,28 +214,42 @@ class GRPOTrainer:
             chunks = order.tensor_split(max(1, min(len(tr), -(-n_samples // t.accumulate_size))))
         else:
             chunks = order.split(t.accumulate_size)
+        per_root = max(1, len(tr) // (n_roots or n_samples))  # N-bar: stored transitions per chain or tree
         totals: dict[str, float] = {}
+        norms: list[float] = []
         for chunk in chunks:
             self.optimizer.zero_grad(set_to_none=True)
+            chunk_loss = 0.0
             for rows in chunk.split(t.micro_batch):
-                part = self._micro_step(tr.select(rows), adv[rows], rows.numel() / chunk.numel())
-                if stats.updates == 0 and not totals:
+                part = self._micro_step(tr.select(rows), adv[rows], loss_weight(t.loss_scale, rows.numel(), chunk.numel(),
+                                                                                 t.accumulate_size, per_root))
+                if stats.updates == 0 and stats.skipped_steps == 0 and not totals:
                     stats.first_ratio_max_dev = part.pop("ratio_dev")
                 part.pop("ratio_dev", None)
+                chunk_loss += part["loss"]
                 for k, v in part.items():
                     totals[k] = totals.get(k, 0.0) + v * rows.numel() / len(tr)
             distributed.average_gradients(self.params)
-            norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
-            stats.grad_norm += norm.item() / len(chunks)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")).item()
+            if distributed.any_rank(not (math.isfinite(chunk_loss) and math.isfinite(norm))):
+                self.optimizer.zero_grad(set_to_none=True)  # skipped on every rank: weights, Adam and EMA untouched
+                stats.skipped_steps += 1
+                self.nonfinite_streak += 1
+                continue
+            norms.append(norm)
             self.optimizer.step()
-            self._ema_update()
+            self.nonfinite_streak = 0
+            self._ema_update(per_rollout=False)
             stats.updates += 1
+        if stats.updates:
+            self._ema_update(per_rollout=True)
+        stats.grad_norm = sum(norms) / len(norms) if norms else float("nan")
         stats.loss, stats.clip_fraction = totals["loss"], totals["clip_fraction"]
         stats.approx_kl, stats.kl = totals["approx_kl"], totals.get("kl", 0.0)
         return stats
 
     def _micro_step(self, batch: Transitions, adv: Tensor, weight: float) -> dict[str, float]:
-        """Forward, loss and backward of one micro-batch; ``weight`` is its share of the accumulation group."""
+        """Forward, loss and backward of one micro-batch; ``weight`` scales its loss (see :func:`loss_weight`)."""
         t = self.cfg.train
         ref_mean = None
         if self.reference is not None:  # before the policy forward: swapping weights in place after it would
@@ -225,20 +260,27 @@ class GRPOTrainer:
         loss, logs = out.loss, {"loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
                                 "approx_kl": out.approx_kl.item(), "ratio_dev": (out.ratio - 1).abs().max().item()}
         if ref_mean is not None:
-            std = batch.noise_scale * batch.g * (batch.sigma - batch.sigma_next).sqrt()  # [E] transition std
-            kl = transition_kl(mean, ref_mean, std).mean()
+            kl = transition_kl(mean, ref_mean, kl_std(t.kl_scale, batch)).mean()
             loss = loss + t.kl_beta * kl
             logs["kl"] = kl.item()
         (loss * weight).backward()
         return logs
 
-    def _ema_update(self) -> None:
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken so far in the run (AdamW's own count, so it survives a resume)."""
+        state = self.optimizer.state.get(self.params[0], {})
+        return int(state["step"]) if "step" in state else 0
+
+    def _ema_update(self, per_rollout: bool) -> None:
+        """EMA towards the weights by (1 - decay) on the schedule of ``train.ema_schedule``."""
         if self.ema is None:
             return
-        d = self.cfg.train.ema_decay
+        decay = ema_decay(self.cfg.train.ema_schedule, self.cfg.train.ema_decay, self.optimizer_steps(), per_rollout)
+        if decay is None:
+            return
         with torch.no_grad():
             for e, p in zip(self.ema, self.params):
-                e.lerp_(p.detach(), 1 - d)
+                e.lerp_(p.detach(), 1 - decay)
 
     @contextmanager
     def weights_swapped(self, values: list[Tensor]) -> Iterator[None]:
@@ -273,8 +315,37 @@ def rewards_weights(cfg: Config, rewards: Mapping[str, RewardFn]) -> list[float]
 
 
 def weighted_total(raw: Tensor, weights: Tensor) -> Tensor:
-    """Rewards [K, N] -> the weighted mean over reward models [N] (weights renormalised to sum 1)."""
-    return aggregate_rewards(raw, weights / weights.sum())
+    """Rewards [K, N] -> the weighted sum over reward models [N], with the weights as configured."""
+    return aggregate_rewards(raw, weights)
+
+
+def loss_weight(scale: str, rows: int, chunk: int, accumulate_size: int, per_root: int) -> float:
+    """Factor of a micro-batch's mean loss. ``mean``: its share of the accumulation group (the group's loss is the
+    mean over its transitions). ``reference``: BranchGRPO's sum over the group's transitions / (G * N-bar), with
+    G = ``train.accumulate_size`` and N-bar the stored transitions per chain or tree (DanceGRPO's 1/(G*K))."""
+    return rows / chunk if scale == "mean" else rows / (accumulate_size * per_root)
+
+
+def kl_std(scale: str, batch: Transitions) -> Tensor:
+    """Std [E] in the KL term ``||dmu||^2 / 2 std^2``: the transition std (exact KL), or Flow-GRPO's ``g`` without
+    sqrt(dsigma) (``reference``: the exact KL times dsigma, so the reference's beta transfers)."""
+    if scale == "reference":
+        return batch.g
+    return batch.noise_scale * batch.g * (batch.sigma - batch.sigma_next).sqrt()
+
+
+def ema_decay(schedule: str, decay: float, optimizer_steps: int, per_rollout: bool) -> float | None:
+    """The EMA decay to apply now, or None. ``update``: ``decay`` after every optimizer step. ``dancegrpo``: once
+    per rollout. ``flowgrpo``: min((1 + s) / (10 + s), decay) after optimizer step s when (s + 1) % 8 == 0 (once,
+    not once per batch as the reference's bug F4 does)."""
+    if schedule == "dancegrpo":
+        return decay if per_rollout else None
+    if per_rollout:
+        return None
+    if schedule == "flowgrpo":
+        s = optimizer_steps
+        return min((1 + s) / (10 + s), decay) if (s + 1) % 8 == 0 else None
+    return decay
 
 
 @torch.no_grad()
