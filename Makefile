@@ -4,6 +4,12 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# One torch thread per process: on a 2-core machine with other work running, torch's default (a thread per core)
+# made a training step 23x slower (README, "Threads"). `make demo THREADS=0` restores torch's default.
+THREADS ?= 1
+ifneq ($(THREADS),0)
+export OMP_NUM_THREADS := $(THREADS)
+endif
 
 .PHONY: install demo test clean
 
@@ -17,7 +23,8 @@ $(BIN)/flowgrove: pyproject.toml
 install: $(BIN)/flowgrove
 
 demo: install
-	$(BIN)/flowgrove train
+	$(BIN)/flowgrove train run.threads=$(THREADS)
+	@echo "flowgrove is installed in $(VENV): run it as $(BIN)/flowgrove (or: . $(BIN)/activate)"
 
 test: install
 	$(BIN)/python -m pytest -q
