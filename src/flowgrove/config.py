@@ -36,6 +36,9 @@ class PolicyConfig:
     lora_rank: int = _f(0, "LoRA rank through peft; 0 trains the full transformer.", low=0)
     lora_alpha: float = _f(0.0, "LoRA alpha; 0 means 2 * rank (the references' ratio).", low=0)
     lora_targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "Module names that get LoRA adapters.")
+    dtype: str = _f("float32", "Compute dtype: float32, or bfloat16/float16 autocast; trainable weights and Adam stay float32, frozen weights may be bf16.", ("float32", "bfloat16", "float16"))
+    options: dict = _f({}, "Adapter settings passed to the policy factory (flux1: height, width, guidance, max_sequence_length).")
+    offload_text_encoders: bool = _f(False, "Move the text encoders to the CPU once the prompts are encoded.")
 
 
 @dataclass
@@ -91,6 +94,7 @@ class RolloutConfig:
     group_size: int = _f(8, "Images per prompt (chains); trees use their leaves.", low=1)
     same_noise_in_group: bool = _f(True, "A group starts from one shared initial noise (DanceGRPO, MixGRPO).")
     prompts_file: str = _f("", "Text file with one training prompt per line; empty = the policy's built-in prompts.")
+    decode_batch: int = _f(0, "Largest batch of one decoder (VAE) call; 0 = no limit.", low=0)
 
 
 @dataclass
@@ -118,6 +122,7 @@ class TrainConfig:
     accumulate_size: int = _f(8, "Samples (or transitions) per optimizer step.", low=1)
     micro_batch: int = _f(64, "Transitions per training forward pass.", low=1)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", low=0)
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (the diffusers transformer's own switch).")
     ema_decay: float = _f(0.0, "EMA of the trainable weights (0 = off); used for the final evaluation and export.", low=0)
     seed: int = _f(0, "Seed of every generator in the run.")
     max_nonfinite_skips: int = _f(3, "Consecutive optimizer steps skipped for a NaN/inf loss or gradient norm before the run stops with a checkpoint.", low=1)
@@ -140,7 +145,7 @@ class RunConfig:
     checkpoint_every: int = _f(25, "Steps between checkpoints (and one at the end).", low=1)
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk.", low=1)
     progress: bool = _f(True, "Show a progress bar.")
-    device: str = _f("cpu", "torch device.")
+    device: str = _f("auto", "auto (CUDA when present), cpu or cuda; under torchrun each rank uses cuda:LOCAL_RANK.", ("auto", "cpu", "cuda"))
     threads: int = _f(1, "torch CPU threads per process (0 = torch's default).", low=0)
 
 

@@ -16,12 +16,34 @@ def world_size_and_rank() -> tuple[int, int]:
     return 1, 0
 
 
-def init_from_env() -> tuple[int, int]:
-    """Join the process group that torchrun describes in the environment, if any."""
+def resolve_device(requested: str = "auto") -> torch.device:
+    """``run.device`` -> this process's device: ``auto`` is CUDA when present, else the CPU; under torchrun each
+    rank uses ``cuda:LOCAL_RANK`` (and makes it the current CUDA device)."""
+    if requested not in ("auto", "cpu", "cuda") and not requested.startswith("cuda:"):
+        raise ValueError(f"run.device={requested!r} is not one of auto, cpu, cuda")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"run.device={requested} but this machine has no CUDA device; use run.device=cpu (or auto)")
+    index = int(requested.split(":")[1]) if ":" in requested else int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def init_from_env(device: torch.device | None = None) -> tuple[int, int]:
+    """Join the process group that torchrun describes in the environment, if any: NCCL for CUDA devices,
+    gloo for the CPU."""
     if "RANK" in os.environ and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        device = device or resolve_device("auto")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return world_size_and_rank()
+
+
+def _collective_device() -> torch.device:
+    """Where small control tensors must live for the process group's backend (NCCL: the current CUDA device)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_gather_cat(x: Tensor) -> Tensor:
@@ -45,7 +67,7 @@ def any_rank(flag: bool) -> bool:
     world, _ = world_size_and_rank()
     if world == 1:
         return flag
-    value = torch.tensor([float(flag)])
+    value = torch.tensor([float(flag)], device=_collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
 

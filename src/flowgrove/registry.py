@@ -30,9 +30,13 @@ class Registry(Generic[F]):
     def names(self) -> list[str]:
         return sorted(self._factories)
 
-    def build(self, name: str, **kwargs: object) -> object:
+    def factory(self, name: str) -> F:
+        """The factory registered under ``name``; an unknown name lists the known ones and the closest."""
         if name not in self._factories:
             close = difflib.get_close_matches(name, self._factories, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"unknown {self.kind} {name!r}; known {self.plural}: {', '.join(self.names())}.{hint}")
-        return self._factories[name](**kwargs)
+        return self._factories[name]
+
+    def build(self, name: str, **kwargs: object) -> object:
+        return self.factory(name)(**kwargs)

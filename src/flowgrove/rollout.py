@@ -80,6 +80,13 @@ def batched_velocity(policy: FlowPolicy, x: Tensor, sigma: Tensor, cond: Conditi
     return torch.cat(parts)  # [N, ...]
 
 
+def decode_batched(policy: FlowPolicy, latents: Tensor, batch: int = 0) -> Tensor:
+    """``policy.decode`` in micro-batches of at most ``batch`` latents (0 = all at once). Returns images [N, 3, H', W']."""
+    if batch <= 0 or latents.shape[0] <= batch:
+        return policy.decode(latents)
+    return torch.cat([policy.decode(part) for part in latents.split(batch)])  # [N, 3, H', W']
+
+
 def _empty_transitions(like: Tensor) -> Transitions:
     flat, long = like.new_zeros(0), torch.zeros(0, dtype=torch.long, device=like.device)
     lat = like.new_zeros((0, *like.shape[1:]))
@@ -113,7 +120,8 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
     plan = spec.plan
     if store_mask is not None and any(k > 1 for k in spec.branching):
         raise ValueError("store_mask selects steps per chain; tree rollouts select edges by pruning masks instead")
-    x, rows = x_init.float(), cond_index.clone()  # [N, C, H, W], [N] conditioning row per node
+    x, rows = x_init.float(), cond_index.to(x_init.device)  # [N, C, H, W], [N] conditioning row per node
+    store_mask = store_mask.to(x.device) if store_mask is not None else None
     roots = torch.arange(x.shape[0], device=x.device)  # [N] root of each node
     x, rows, fan_out = _share_groups(x, rows, roots, groups)
     prev_x0 = prev_sigma = None

@@ -15,7 +15,7 @@ from flowgrove import distributed
 from flowgrove.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from flowgrove.config import Config, config_from_yaml_text, config_to_yaml
 from flowgrove.metrics import MetricsLogger, plot_reward_curves, read_metrics, save_grid
-from flowgrove.policies import build_policy
+from flowgrove.policies.prepare import offload_text_encoders, prepare_policy
 from flowgrove.policies.base import FlowPolicy
 from flowgrove.rewards import build_reward
 from flowgrove.trainer import GRPOTrainer
@@ -37,34 +37,21 @@ def load_prompts(cfg: Config, policy: FlowPolicy) -> list[str]:
     return prompts
 
 
-def apply_lora(policy: FlowPolicy, cfg: Config) -> None:
-    """Freeze the transformer and add peft LoRA adapters to ``policy.lora_targets`` (rank 0: full fine-tune)."""
-    p = cfg.policy
-    if p.lora_rank <= 0:
-        return
-    from peft import LoraConfig
-
-    policy.module.requires_grad_(False)
-    alpha = p.lora_alpha or 2 * p.lora_rank
-    policy.module.add_adapter(LoraConfig(r=p.lora_rank, lora_alpha=alpha, target_modules=list(p.lora_targets),
-                                         init_lora_weights="gaussian"))
-
-
 def build_trainer(cfg: Config) -> GRPOTrainer:
     """Policy, LoRA, rewards and prompts for ``cfg``, wrapped in a trainer. Seeds the global RNG."""
-    distributed.init_from_env()
+    device = distributed.resolve_device(cfg.run.device)
+    distributed.init_from_env(device)
     if cfg.run.threads > 0:  # torch's default (one per core) is 4-17x slower on a busy machine (README)
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.train.seed)
-    kwargs = {"device": cfg.run.device}
-    if cfg.policy.path:
-        kwargs["path"] = cfg.policy.path
-    policy = build_policy(cfg.policy.name, **kwargs)
-    apply_lora(policy, cfg)
-    rewards = {name: build_reward(name, device=cfg.run.device) for name, w in cfg.rewards.items() if float(w) != 0}
+    policy = prepare_policy(cfg, device)
+    rewards = {name: build_reward(name, device=device) for name, w in cfg.rewards.items() if float(w) != 0}
     if not rewards:
         raise ValueError("every reward weight is 0; give at least one reward a nonzero weight in `rewards`")
-    return GRPOTrainer(cfg, policy, rewards, load_prompts(cfg, policy))
+    trainer = GRPOTrainer(cfg, policy, rewards, load_prompts(cfg, policy))  # encodes every prompt once
+    if cfg.policy.offload_text_encoders:
+        offload_text_encoders(policy)
+    return trainer
 
 
 @dataclass

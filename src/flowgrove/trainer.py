@@ -19,7 +19,7 @@ from flowgrove.advantages import aggregate_rewards
 from flowgrove.losses import ppo_clip_loss, transition_kl
 from flowgrove.policies.base import Conditioning, FlowPolicy
 from flowgrove.rewards.base import RewardFn
-from flowgrove.rollout import Rollout, Transitions, batched_velocity, rescore, rollout
+from flowgrove.rollout import Rollout, Transitions, batched_velocity, decode_batched, rescore, rollout
 from flowgrove.samplers.dpm_solver import sample_euler
 from flowgrove.schedules import flux_sigmas
 
@@ -69,7 +69,7 @@ class GRPOTrainer:
             raise ValueError("the prompt list is empty; give at least one prompt")
         self.cfg, self.policy, self.rewards, self.prompts = cfg, policy, dict(rewards), list(prompts)
         self.weights = torch.tensor([float(w) for w in rewards_weights(cfg, self.rewards)])
-        self.device = torch.device(cfg.run.device)
+        self.device = distributed.resolve_device(cfg.run.device)
         self.params = [p for p in policy.module.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the policy has no trainable parameters")
@@ -113,7 +113,7 @@ class GRPOTrainer:
         stats = self.update(transitions, adv, n_leaves, shared, n_roots=roots.shape[0])
         t3 = time.perf_counter()
         self.iteration += 1
-        total = weighted_total(raw, self.weights)  # [N_L]
+        total = weighted_total(raw.cpu(), self.weights)  # [N_L]
         metrics = {
             "step": self.iteration, "reward_mean": total.mean().item(), "reward_std": total.std().item(),
             **{f"reward/{name}": raw[k].mean().item() for k, name in enumerate(self.rewards)},
@@ -150,7 +150,7 @@ class GRPOTrainer:
     def score(self, ro: Rollout) -> Tensor:
         """Rewards [K, N_leaves] of the decoded leaves; NaN or inf stops the step with a clear message."""
         with torch.no_grad():
-            images = self.policy.decode(ro.leaves)  # [N, 3, H, W] in [0, 1]
+            images = decode_batched(self.policy, ro.leaves, self.cfg.rollout.decode_batch)  # [N, 3, H, W] in [0, 1]
             prompts = [self.prompts[i] for i in ro.leaf_cond_index.tolist()]
             raw = torch.stack([fn(images, prompts).float().to(self.device) for fn in self.rewards.values()])  # [K, N]
         bad = ~torch.isfinite(raw)
@@ -164,19 +164,20 @@ class GRPOTrainer:
         return raw
 
     def edge_advantages(self, raw: Tensor, ro: Rollout, forest: tree.Forest | None) -> Tensor:
-        """Advantages [E] of the stored transitions, from rewards gathered over all ranks."""
-        cfg = self.cfg
-        gathered = distributed.all_gather_cat(raw.T.contiguous()).T  # [K, N_total]
+        """Advantages [E] (on the policy's device) of the stored transitions, from rewards gathered over all ranks.
+        The collectives run on the device; the credit math on these few numbers runs on the CPU, where the forest is."""
+        cfg, tr = self.cfg, ro.transitions
+        gathered = distributed.all_gather_cat(raw.T.contiguous()).T.cpu()  # [K, N_total]
         if forest is not None:
             world, _ = distributed.world_size_and_rank()
             forest = method.forest(cfg, forest.n_trees * world, forest.num_steps)  # every rank's trees
-            log_probs = tuple(distributed.all_gather_cat(lp) for lp in ro.edge_log_probs)
+            log_probs = tuple(distributed.all_gather_cat(lp).cpu() for lp in ro.edge_log_probs)
             per_depth = credit.tree_advantages(gathered, self.weights, forest, log_probs, cfg.advantage, cfg.tree)
             local = tuple(distributed.shard_rows(a) for a in per_depth)
-            return credit.edge_values(local, ro.transitions.depth, ro.transitions.node)
-        group = torch.arange(gathered.shape[1], device=gathered.device) // cfg.rollout.group_size  # [N_total]
+            return credit.edge_values(local, tr.depth.cpu(), tr.node.cpu()).to(tr.x.device)
+        group = torch.arange(gathered.shape[1]) // cfg.rollout.group_size  # [N_total]
         sample_adv = distributed.shard_rows(credit.chain_advantages(gathered, self.weights, group, cfg.advantage))
-        return credit.chain_edge_advantages(sample_adv, ro)
+        return credit.chain_edge_advantages(sample_adv.to(tr.x.device), ro)
 
     def pruning_keep(self, ro: Rollout, raw: Tensor, forest: tree.Forest | None) -> Tensor:
         """Indices of the stored transitions that enter the backward pass (BranchGRPO pruning)."""
@@ -191,11 +192,11 @@ class GRPOTrainer:
             depths = tree.depth_pruned_depths(set(t.depth_pruning), self.iteration, t.depth_slide_interval or None, stop)
             masks.append(tree.depth_prune_mask(forest, depths))
         if t.width_keep:
-            masks.append(tree.width_prune_mask(forest, weighted_total(raw, self.weights), t.width_keep))
+            masks.append(tree.width_prune_mask(forest, weighted_total(raw.cpu(), self.weights), t.width_keep))
         if not masks:
             return all_rows
-        keep_edges = credit.edge_values(tuple(m.float() for m in tree.combine_masks(*masks)), tr.depth - 1, tr.node)
-        return keep_edges.bool().nonzero().flatten()
+        keep_edges = credit.edge_values(tuple(m.float() for m in tree.combine_masks(*masks)), tr.depth.cpu() - 1, tr.node.cpu())
+        return keep_edges.bool().nonzero().flatten().to(tr.depth.device)
 
     # ---- update --------------------------------------------------------------------------------------
     def update(self, tr: Transitions, adv: Tensor, n_samples: int, generator: torch.Generator,
@@ -350,17 +351,18 @@ def ema_decay(schedule: str, decay: float, optimizer_steps: int, per_rollout: bo
 
 @torch.no_grad()
 def ode_images(policy: FlowPolicy, cond: Conditioning, rows: Tensor, num_steps: int, shift: float, seed: int,
-               chunk_size: int = 0) -> Tensor:
+               chunk_size: int = 0, decode_batch: int = 0) -> Tensor:
     """Euler ODE samples for conditioning rows [N] from noise seeded by ``seed``. Returns images [N, 3, H, W]."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((rows.shape[0], *policy.latent_shape), generator=gen).to(cond.prompt_embeds.device)
+    device = next(policy.module.parameters()).device
+    x = torch.randn((rows.shape[0], *policy.latent_shape), generator=gen).to(device)  # CPU noise: same on any device
     rows = rows.to(x.device)
-    cond_rows = cond.select(rows)
+    cond_rows = cond.to(device).select(rows)
 
     def velocity(z: Tensor, sigma: Tensor) -> Tensor:
         return batched_velocity(policy, z, z.new_full((z.shape[0],), float(sigma)), cond_rows, chunk_size)
 
-    return policy.decode(sample_euler(velocity, x, flux_sigmas(num_steps, shift)))
+    return decode_batched(policy, sample_euler(velocity, x, flux_sigmas(num_steps, shift)), decode_batch)
 
 
 @torch.no_grad()
@@ -369,9 +371,10 @@ def evaluate_policy(policy: FlowPolicy, cond: Conditioning, prompts: Sequence[st
     """ODE samples for every prompt (``eval.samples_per_prompt`` each, noise from ``eval.seed``) and their rewards."""
     e = cfg.eval
     rows = torch.arange(len(prompts)).repeat_interleave(e.samples_per_prompt)  # [N]
-    images = ode_images(policy, cond, rows, e.num_steps, cfg.sampler.shift, e.seed, cfg.sampler.chunk_size)
+    images = ode_images(policy, cond, rows, e.num_steps, cfg.sampler.shift, e.seed, cfg.sampler.chunk_size,
+                        cfg.rollout.decode_batch)
     names = [prompts[i] for i in rows.tolist()]
-    raw = torch.stack([fn(images, names).float() for fn in rewards.values()])  # [K, N]
+    raw = torch.stack([fn(images, names).float().cpu() for fn in rewards.values()])  # [K, N]
     result = EvalResult({"reward": weighted_total(raw, weights).mean().item()})
     result.update({f"reward/{name}": raw[k].mean().item() for k, name in enumerate(rewards)})
     result.images = images

@@ -91,6 +91,11 @@ def policy_names() -> list[str]:
     return _POLICIES.names()
 
 
+def policy_factory(name: str) -> PolicyFactory:
+    """The factory registered under ``name`` (``ValueError`` for an unknown name, as :func:`build_policy`)."""
+    return _POLICIES.factory(name)
+
+
 def build_policy(name: str, **kwargs: object) -> FlowPolicy:
     """Build the registered policy ``name`` with the factory's keyword arguments (``path``, ``device``, ...).
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from flowgrove.data import DIGIT_WORDS, PRETRAIN_HINT, assets_dir, digit_of_prompt, digit_prompts, load_weights
 from flowgrove.data import save_weights
 from flowgrove.policies.base import Conditioning, register_policy
-from flowgrove.policies.flux import FluxAdapter
+from flowgrove.policies.flux import DTYPES, FluxAdapter
 
 __all__ = [
     "DigitsPolicy", "build_digits_policy", "digit_of_prompt", "digit_prompts", "digits_to_images", "encode_text",
@@ -107,8 +107,8 @@ class DigitsPolicy:
     latent_shape: tuple[int, int, int] = LATENT_SHAPE
 
     def __init__(self, transformer: nn.Module, text_encoder: nn.Module, max_length: int = MAX_LENGTH,
-                 vocab: Sequence[str] = VOCAB) -> None:
-        self.adapter = FluxAdapter(transformer, guidance=None)
+                 vocab: Sequence[str] = VOCAB, compute_dtype: torch.dtype = torch.float32) -> None:
+        self.adapter = FluxAdapter(transformer, guidance=None, compute_dtype=compute_dtype)
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         device = next(transformer.parameters()).device
         with torch.no_grad():
@@ -158,13 +158,15 @@ def save_digits_policy(path: str | Path, transformer: nn.Module, text_encoder: n
 
 @register_policy("digits")
 def build_digits_policy(weights: str | Path | None = None, device: str | torch.device = "cpu", *,
-                        path: str | Path | None = None) -> DigitsPolicy:
+                        path: str | Path | None = None, dtype: str = "float32") -> DigitsPolicy:
     """Load the digits policy (default: the weights shipped in ``flowgrove/assets``).
 
     Args:
         weights: A ``digits_policy.safetensors`` written by ``flowgrove pretrain digits``; None = shipped.
         device: Device of both modules.
         path: Alias of ``weights`` under the config's name (``policy.path``); give at most one of the two.
+        dtype: Compute dtype of the transformer's forward (``float32``, or ``bfloat16``/``float16`` autocast over
+            the float32 weights).
 
     Returns:
         The policy in float32, transformer in eval mode (the trainer switches modes).
@@ -190,4 +192,4 @@ def build_digits_policy(weights: str | Path | None = None, device: str | torch.d
             raise ValueError(f"{path} does not match the digits architecture ({error}); {PRETRAIN_HINT}.") from error
     transformer.to(device).eval()
     text_encoder.to(device)
-    return DigitsPolicy(transformer, text_encoder, config["max_length"], config["vocab"])
+    return DigitsPolicy(transformer, text_encoder, config["max_length"], config["vocab"], compute_dtype=DTYPES[dtype])

@@ -20,7 +20,7 @@ from flowgrove.policies.base import Conditioning, register_policy
 if TYPE_CHECKING:
     from diffusers import FluxPipeline
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pack_latents(x: Tensor) -> Tensor:
@@ -89,7 +89,8 @@ class FluxAdapter:
     ``transformer`` may be replaced by a wrapper (DDP, ``torch.compile``) that forwards the same keywords.
     """
 
-    def __init__(self, transformer: nn.Module, guidance: float | None = None) -> None:
+    def __init__(self, transformer: nn.Module, guidance: float | None = None,
+                 compute_dtype: torch.dtype = torch.float32) -> None:
         embeds_guidance = bool(transformer.config.guidance_embeds)
         if embeds_guidance and guidance is None:
             raise ValueError("this FLUX transformer embeds guidance (FLUX.1-dev): pass guidance, e.g. 3.5.")
@@ -97,6 +98,7 @@ class FluxAdapter:
             raise ValueError("this FLUX transformer has no guidance embedding (FLUX.1-schnell): pass guidance=None.")
         self.transformer = transformer
         self.guidance = guidance
+        self.compute_dtype = compute_dtype  # bf16/fp16: the forward runs under autocast over float32 master weights
         self._ids: dict[tuple, Tensor] = {}
 
     def _cached_ids(self, key: tuple, make) -> Tensor:
@@ -126,16 +128,18 @@ class FluxAdapter:
         guidance = None
         if self.guidance is not None:
             guidance = torch.full((b,), float(self.guidance), device=x.device, dtype=torch.float32)  # [B]
-        out = self.transformer(
-            hidden_states=pack_latents(x).to(dtype),  # [B, HW/4, 4C]
-            encoder_hidden_states=cond.prompt_embeds.to(dtype),  # [B, L, D]
-            pooled_projections=None if cond.pooled is None else cond.pooled.to(dtype),  # [B, P]
-            timestep=sigma,  # [B]; the model casts it to its dtype and multiplies by 1000 (module docstring)
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            guidance=guidance,
-            return_dict=False,
-        )[0]  # [B, HW/4, 4C]
+        autocast = torch.autocast(x.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+        with autocast:  # bf16/fp16 compute over the (float32 master) weights; log-probs stay float32 outside
+            out = self.transformer(
+                hidden_states=pack_latents(x).to(dtype),  # [B, HW/4, 4C]
+                encoder_hidden_states=cond.prompt_embeds.to(dtype),  # [B, L, D]
+                pooled_projections=None if cond.pooled is None else cond.pooled.to(dtype),  # [B, P]
+                timestep=sigma,  # [B]; the model casts it to its dtype and multiplies by 1000 (module docstring)
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                guidance=guidance,
+                return_dict=False,
+            )[0]  # [B, HW/4, 4C]
         return unpack_latents(out, h, w).to(x.dtype)  # [B, C, H, W]
 
 
@@ -159,9 +163,9 @@ class Flux1Policy:
     """A diffusers FLUX.1 pipeline as a ``FlowPolicy`` (black-forest-labs FLUX.1 dev / schnell)."""
 
     def __init__(self, pipe: FluxPipeline, guidance: float | None, height: int, width: int,
-                 max_sequence_length: int) -> None:
+                 max_sequence_length: int, compute_dtype: torch.dtype = torch.float32) -> None:
         self.pipe = pipe
-        self.adapter = FluxAdapter(pipe.transformer, guidance)
+        self.adapter = FluxAdapter(pipe.transformer, guidance, compute_dtype)
         self.max_sequence_length = max_sequence_length
         vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         # FluxPipeline._unpack_latents: the latent side is a multiple of 2 after the VAE's compression.
@@ -197,6 +201,11 @@ class Flux1Policy:
         """Images ``[B, 3, H', W']`` in [0, 1] through the pipeline's VAE (``vae_decode``)."""
         return vae_decode(self.pipe.vae, x)  # [B, 3, H', W']
 
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders to the CPU once the prompts are encoded (``policy.offload_text_encoders``)."""
+        for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2):
+            encoder.to("cpu")
+
 
 def _flux1_missing(path: str) -> FileNotFoundError:
     return FileNotFoundError(
@@ -225,18 +234,18 @@ def build_flux1_policy(path: str = "", *, device: str | torch.device = "cpu", dt
     Returns:
         The policy; its text encoders and VAE are frozen.
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
     if not path or not (Path(path) / "model_index.json").is_file():
         raise _flux1_missing(str(path))
     from diffusers import FluxPipeline
 
     with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = FluxPipeline.from_pretrained(str(path), torch_dtype=_DTYPES[dtype], local_files_only=True)
+        pipe = FluxPipeline.from_pretrained(str(path), torch_dtype=DTYPES[dtype], local_files_only=True)
     pipe.to(device)
     for frozen in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         frozen.requires_grad_(False).eval()
     if not pipe.transformer.config.guidance_embeds:
         guidance = None
-    return Flux1Policy(pipe, guidance, height, width, max_sequence_length)
+    return Flux1Policy(pipe, guidance, height, width, max_sequence_length, compute_dtype=DTYPES[dtype])

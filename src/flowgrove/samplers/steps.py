@@ -171,8 +171,9 @@ def sde_step(
     )  # [B]
     std_b = std.view(-1, *([1] * (x.ndim - 1)))  # [B, 1, ...]
     if x_next is None:
-        if noise is None:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype)  # [B, ...]
+        if noise is None:  # drawn on the generator's device (the CPU) and moved, as diffusers' randn_tensor,
+            where = generator.device if generator is not None else x.device  # so a seed gives the same samples anywhere
+            noise = torch.randn(x.shape, generator=generator, device=where, dtype=dtype).to(x.device)  # [B, ...]
         x_next = mean + std_b * noise.to(dtype)  # [B, ...]
     else:
         x_next = x_next.to(dtype)
