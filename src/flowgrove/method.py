@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from flowgrove import plans, schedules, selection, tree
-from flowgrove.config import Config
+from flowgrove.config import Config, ConfigError, did_you_mean
 from flowgrove.rollout import RolloutSpec
 
 
@@ -95,14 +95,86 @@ def forest(cfg: Config, n_trees: int, num_steps: int | None = None) -> tree.Fore
 
 
 def check_method(cfg: Config) -> None:
-    """Cross-field checks that a single field's metadata cannot express."""
+    """Cross-field checks that a single field's metadata cannot express; :class:`ConfigError` naming the keys.
+
+    ``build_config`` runs them, so a bad combination is reported before any model or weight is loaded.
+    """
+    for check in (_check_mode, _check_steps, _check_window, _check_tree, _check_train, _check_reward_names):
+        check(cfg)
+
+
+def _check_mode(cfg: Config) -> None:
     if cfg.tree.enabled and cfg.window.enabled and not cfg.tree.mix:
-        raise ValueError("window.enabled with tree.enabled needs tree.mix=true (BranchGRPO-Mix); or disable one of them")
+        raise ConfigError("window.enabled with tree.enabled needs tree.mix=true (BranchGRPO-Mix); or disable one of them")
     if cfg.tree.enabled and cfg.advantage.kind != "depthwise":
-        raise ValueError(f"tree rollouts need advantage.kind=depthwise, got {cfg.advantage.kind!r}")
+        raise ConfigError(f"tree rollouts need advantage.kind=depthwise, got {cfg.advantage.kind!r}")
     if not cfg.tree.enabled and cfg.advantage.kind == "depthwise":
-        raise ValueError("advantage.kind=depthwise needs tree.enabled=true; use group or group_global_std for chains")
-    if cfg.window.enabled and cfg.window.size > trainable_positions(cfg):
-        raise ValueError(f"window.size={cfg.window.size} exceeds the {trainable_positions(cfg)} trainable steps; lower it")
+        raise ConfigError("advantage.kind=depthwise needs tree.enabled=true; use group or group_global_std for chains")
     if not cfg.tree.enabled and cfg.rollout.group_size < 2:
-        raise ValueError("rollout.group_size must be >= 2: GRPO normalises rewards within the images of one prompt")
+        raise ConfigError("rollout.group_size must be >= 2: GRPO normalises rewards within the images of one prompt")
+
+
+def _check_steps(cfg: Config) -> None:
+    if trainable_positions(cfg) < 1:
+        raise ConfigError(f"sampler.num_steps={cfg.sampler.num_steps} with sampler.reward_image=x0_pred leaves no trainable "
+                          "step (the last transition is not trained when the reward scores its x0 prediction); set "
+                          "sampler.num_steps>=2 or sampler.reward_image=final")
+
+
+def _check_window(cfg: Config) -> None:
+    """The window of MixGRPO (window.enabled) or of BranchGRPO-Mix (tree.mix) must fit the trainable steps."""
+    w, last = cfg.window, trainable_positions(cfg)
+    if not (cfg.window.enabled or (cfg.tree.enabled and cfg.tree.mix)):
+        return
+    if w.size > last:
+        raise ConfigError(f"window.size={w.size} exceeds the {last} trainable steps (sampler.num_steps="
+                          f"{cfg.sampler.num_steps}, reward_image={cfg.sampler.reward_image}); lower window.size")
+    if w.start > last - w.size:
+        raise ConfigError(f"window.start={w.start} is beyond the last window position {last - w.size} "
+                          f"(= {last} trainable steps - window.size {w.size}); lower window.start")
+    if w.max_interval < w.min_interval:
+        raise ConfigError(f"window.max_interval={w.max_interval} must be >= window.min_interval={w.min_interval}")
+
+
+def _check_tree(cfg: Config) -> None:
+    t, steps = cfg.tree, cfg.sampler.num_steps
+    if not t.enabled:
+        return
+    if not t.split_steps and t.split_rounds > steps:
+        raise ConfigError(f"tree.split_rounds={t.split_rounds} exceeds sampler.num_steps={steps}; lower it or list tree.split_steps")
+    try:
+        splits = split_steps(cfg)
+    except ValueError as err:
+        raise ConfigError(f"tree.split_steps={list(t.split_steps)} is out of range for sampler.num_steps={steps}: {err}") from None
+    leaves = t.branching ** len(splits)
+    if t.width_keep > leaves:
+        raise ConfigError(f"tree.width_keep={t.width_keep} is larger than the {leaves} leaves per tree "
+                          f"(tree.branching {t.branching} ** {len(splits)} splits); lower tree.width_keep (0 = off)")
+    bad = sorted(d for d in t.depth_pruning if not 1 <= d <= steps)
+    if bad:
+        raise ConfigError(f"tree.depth_pruning={list(t.depth_pruning)} holds depths {bad} outside [1, {steps}] "
+                          f"(child depths of sampler.num_steps={steps})")
+    if t.depth_stop != -1 and not 1 <= t.depth_stop <= steps:
+        raise ConfigError(f"tree.depth_stop={t.depth_stop} must be -1 (the last split step) or in [1, {steps}]")
+
+
+def _check_train(cfg: Config) -> None:
+    t, last = cfg.train, trainable_positions(cfg)
+    if not 0 < t.timestep_fraction <= 1:
+        raise ConfigError(f"train.timestep_fraction={t.timestep_fraction} must be in (0, 1] (share of the steps trained "
+                          "per sample; DanceGRPO uses 0.6)")
+    if t.timesteps == "first_k" and t.first_k > last:
+        raise ConfigError(f"train.first_k={t.first_k} is larger than the {last} trainable steps (sampler.num_steps="
+                          f"{cfg.sampler.num_steps}, reward_image={cfg.sampler.reward_image}); lower train.first_k "
+                          "(0 = all of them)")
+    if not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"train.betas={list(t.betas)} must both be in [0, 1); for example train.betas=[0.9,0.999]")
+
+
+def _check_reward_names(cfg: Config) -> None:
+    from flowgrove.rewards import reward_names
+
+    for name in cfg.rewards:
+        if name not in reward_names():
+            raise ConfigError(f"rewards.{name} is not a registered reward{did_you_mean(name, reward_names())}; "
+                              f"known rewards: {', '.join(reward_names())}")
