@@ -192,16 +192,6 @@ def one_line(text: object) -> str:
 
 _SECTIONS = {c.__name__: c for c in (PolicyConfig, SamplerConfig, WindowConfig, TreeConfig, RolloutConfig, AdvantageConfig, TrainConfig, EvalConfig, RunConfig)}
 
-# List fields: the type of their items and the required length (None: any length).
-_LIST_ITEMS: dict[str, tuple[type, int | None]] = {
-    "policy.lora_targets": (str, None),
-    "train.betas": (float, 2),
-    "tree.split_steps": (int, None),
-    "tree.depth_pruning": (int, None),
-}
-_KIND = {float: "number", int: "integer", str: "string"}
-
-
 def _section_of(f: dataclasses.Field) -> type | None:
     return _SECTIONS.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
 
@@ -226,40 +216,14 @@ def _check_keys(data: Any, schema: type, prefix: str = "") -> None:
             raise ConfigError(f"{name} takes one value, not the mapping {value!r}; write {name}=VALUE")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _item_ok(item: Any, kind: type) -> bool:
-    if kind is float:
-        return _is_number(item)
-    return isinstance(item, kind) and not isinstance(item, bool)
-
-
-def _check_list(key: str, value: list, f: dataclasses.Field) -> None:
-    kind, length = _LIST_ITEMS.get(key, (None, None))
-    if kind is None:
-        return
-    help_text = f.metadata["help"].rstrip(".")
-    if length is not None and len(value) != length:
-        example = f.default_factory() if f.default_factory is not dataclasses.MISSING else []
-        raise ConfigError(f"{key}={value} must hold exactly {length} {_KIND[kind]}s ({help_text}); "
-                          f"for example {key}=[{','.join(map(str, example))}]")
-    bad = next((item for item in value if not _item_ok(item, kind)), None)
-    if bad is not None:
-        raise ConfigError(f"{key}={value} must be a list of {_KIND[kind]}s ({help_text}); {bad!r} is not one")
-
-
 def _check_values(cfg: Any, prefix: str = "") -> None:
-    """Choices, lower bounds and finiteness from the field metadata; item types and lengths of list fields."""
+    """Choices, lower bounds and finiteness from the field metadata."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         key = prefix + f.name
         if dataclasses.is_dataclass(value):
             _check_values(value, key + ".")
             continue
-        if isinstance(value, list):
-            _check_list(key, value, f)
         choices, low = f.metadata.get("choices"), f.metadata.get("low")
         if choices and value not in choices:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(choices)}{did_you_mean(str(value), list(choices))}")
@@ -267,45 +231,6 @@ def _check_values(cfg: Any, prefix: str = "") -> None:
             raise ConfigError(f"{key}={value} must be a finite number ({f.metadata['help'].rstrip('.')})")
         if low is not None and value < low:
             raise ConfigError(f"{key}={value!r} must be >= {low} ({f.metadata['help'].rstrip('.')})")
-
-
-def check_rewards(rewards: Any) -> dict[str, float]:
-    """The reward set as ``{name: float weight}``; not a mapping, a weight that is not a number, or all zero: error."""
-    example = "rewards={digit_classifier: 1.0, boldness: 1.0}"
-    if not isinstance(rewards, dict) or not rewards:
-        raise ConfigError(f"rewards={rewards!r} must map reward names to weights; for example {example}")
-    weights = {}
-    for name, weight in rewards.items():
-        if not _is_number(weight) or not math.isfinite(weight):
-            raise ConfigError(f"rewards.{name}={weight!r} is not a number; give the reward a numeric weight, "
-                              f"for example rewards.{name}=1.0")
-        weights[str(name)] = float(weight)
-    if not any(weights.values()):
-        raise ConfigError(f"every weight in rewards={weights} is 0; give at least one reward a nonzero weight, "
-                          f"for example rewards.{next(iter(weights))}=1.0")
-    if sum(weights.values()) == 0:
-        raise ConfigError(f"the weights in rewards={weights} sum to 0 (the weighted total is normalised by their sum); "
-                          "make the sum nonzero")
-    return weights
-
-
-def check_device(device: str) -> None:
-    """``run.device`` must name a device this machine has (checked at config time, before any model loads)."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as err:
-        raise ConfigError(f"run.device={device!r} is not a torch device ({one_line(err)}); use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else f"a CUDA {torch.version.cuda} build that finds no GPU"
-        raise ConfigError(f"run.device={device!r} but this machine has no usable CUDA device (torch {torch.__version__} is "
-                          f"{build}); set run.device=cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"run.device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
-                          f"pick cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"run.device={device!r} but MPS is not available on this machine; set run.device=cpu")
 
 
 def _yaml_problem(err: Exception) -> str:
@@ -426,14 +351,14 @@ def build_config(layers: list[dict]) -> Config:
             rewards = layer["rewards"]
         merged = _merge_layer(merged, {k: v for k, v in layer.items() if k != "rewards"})
     cfg = OmegaConf.to_object(merged)
-    cfg.rewards = check_rewards(cfg.rewards if rewards is None else rewards)
+    cfg.rewards = cfg.rewards if rewards is None else rewards
     _check_values(cfg)
     if cfg.method not in preset_names():
         raise ConfigError(f"method={cfg.method!r} is unknown; allowed: {', '.join(preset_names())}{did_you_mean(cfg.method, preset_names())}")
-    from flowgrove.method import check_method  # lazy: method imports torch and this module
+    from flowgrove.method import check_config  # lazy: method imports torch and this module
 
-    check_method(cfg)
-    check_device(cfg.run.device)
+    check_config(cfg)
+    cfg.rewards = {str(name): float(weight) for name, weight in cfg.rewards.items()}
     return cfg
 
 

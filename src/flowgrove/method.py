@@ -1,14 +1,18 @@
 """From a config and an iteration number to the pieces of one GRPO iteration: the step plan, the rollout
 spec, the tree and the trained-step selection. Pure functions of (config, iteration), identical on every rank.
+Also the config-time checks that the field metadata cannot express (``check_config``, run by ``build_config``).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import torch
 from torch import Tensor
 
 from flowgrove import plans, schedules, selection, tree
-from flowgrove.config import Config, ConfigError, did_you_mean
+from flowgrove.config import Config, ConfigError, did_you_mean, one_line
 from flowgrove.rollout import RolloutSpec
 
 
@@ -99,8 +103,19 @@ def check_method(cfg: Config) -> None:
 
     ``build_config`` runs them, so a bad combination is reported before any model or weight is loaded.
     """
-    for check in (_check_mode, _check_steps, _check_window, _check_tree, _check_train, _check_reward_names):
+    for check in (_check_mode, _check_steps, _check_window, _check_tree, _check_train):
         check(cfg)
+
+
+def check_config(cfg: Config) -> None:
+    """Every config-time check beyond the field metadata (``build_config`` runs it, before any model loads): list
+    items, reward weights and names, the cross-field checks of :func:`check_method`, and ``run.device``."""
+    for key, (kind, length) in _LIST_ITEMS.items():
+        _check_list(cfg, key, kind, length)
+    _check_rewards(cfg.rewards)
+    check_method(cfg)
+    _check_reward_names(cfg)
+    check_device(cfg.run.device)
 
 
 def _check_mode(cfg: Config) -> None:
@@ -178,3 +193,68 @@ def _check_reward_names(cfg: Config) -> None:
         if name not in reward_names():
             raise ConfigError(f"rewards.{name} is not a registered reward{did_you_mean(name, reward_names())}; "
                               f"known rewards: {', '.join(reward_names())}")
+
+
+# List fields: the type of their items and the required length (None: any length).
+_LIST_ITEMS: dict[str, tuple[type, int | None]] = {
+    "policy.lora_targets": (str, None),
+    "train.betas": (float, 2),
+    "tree.split_steps": (int, None),
+    "tree.depth_pruning": (int, None),
+}
+_KIND = {float: "number", int: "integer", str: "string"}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _item_ok(item: object, kind: type) -> bool:
+    return _is_number(item) if kind is float else isinstance(item, kind) and not isinstance(item, bool)
+
+
+def _check_list(cfg: Config, key: str, kind: type, length: int | None) -> None:
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    f = next(f for f in dataclasses.fields(getattr(cfg, section)) if f.name == name)
+    help_text = f.metadata["help"].rstrip(".")
+    if length is not None and len(value) != length:
+        example = ",".join(map(str, f.default_factory()))
+        raise ConfigError(f"{key}={value} must hold exactly {length} {_KIND[kind]}s ({help_text}); for example {key}=[{example}]")
+    bad = next((item for item in value if not _item_ok(item, kind)), None)
+    if bad is not None:
+        raise ConfigError(f"{key}={value} must be a list of {_KIND[kind]}s ({help_text}); {bad!r} is not one")
+
+
+def _check_rewards(rewards: object) -> None:
+    """A mapping of reward names to finite numbers, not all zero and not summing to zero."""
+    if not isinstance(rewards, dict) or not rewards:
+        raise ConfigError(f"rewards={rewards!r} must map reward names to weights; for example "
+                          "rewards={digit_classifier: 1.0, boldness: 1.0}")
+    for name, weight in rewards.items():
+        if not _is_number(weight) or not math.isfinite(weight):
+            raise ConfigError(f"rewards.{name}={weight!r} is not a number; give the reward a numeric weight, "
+                              f"for example rewards.{name}=1.0")
+    if not any(rewards.values()):
+        raise ConfigError(f"every weight in rewards={rewards} is 0; give at least one reward a nonzero weight, "
+                          f"for example rewards.{next(iter(rewards))}=1.0")
+    if sum(rewards.values()) == 0:
+        raise ConfigError(f"the weights in rewards={rewards} sum to 0 (the weighted total is normalised by their sum); "
+                          "make the sum nonzero")
+
+
+def check_device(device: str) -> None:
+    """``run.device`` must name a device this machine has."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"run.device={device!r} is not a torch device ({one_line(err)}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"a CUDA {torch.version.cuda} build that finds no GPU"
+        raise ConfigError(f"run.device={device!r} but this machine has no usable CUDA device (torch {torch.__version__} is "
+                          f"{build}); set run.device=cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"run.device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          f"pick cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"run.device={device!r} but MPS is not available on this machine; set run.device=cpu")
