@@ -258,7 +258,7 @@ def test_digit_classifier_names_itself_and_its_prompts():
 
     reward = build_reward("digit_classifier")
     images = torch.rand(2, 3, 8, 8)
-    with pytest.raises(ValueError, match=r"reward digit_classifier .*'a handwritten zero'.*'a handwritten nine'.*'a cat'"):
+    with pytest.raises(ValueError, match=r"reward digit_classifier: .*'a cat'.*'a handwritten zero'.*'a handwritten nine'"):
         reward(images, ["a handwritten seven", "a cat"])
     assert reward(images, ["a handwritten seven", "A handwritten  one"]).shape == (2,)
 
@@ -277,3 +277,12 @@ def test_sample_grids_upscale_only_tiny_images(tmp_path):
     assert Image.open(tmp_path / "g.png").size == (3 * 97 + 1, 2 * 97 + 1)
     with pytest.raises(ValueError, match="at least one image"):
         grid_layout(0, 8, 8, columns=1)
+
+
+def test_os_errors_name_the_path():
+    assert cli.error_message(FileNotFoundError(errno.ENOENT, "No such file or directory", "w.safetensors")) == (
+        "flowgrove: error: w.safetensors: No such file or directory; check the path")
+    line = cli.error_message(PermissionError(errno.EACCES, "Permission denied", "/runs/x"))
+    assert line.startswith("flowgrove: cannot access /runs/x: permission denied") and "--out" in line
+    assert cli.error_message(FileExistsError("runs/x already holds a run; continue it")) == (
+        "flowgrove: error: runs/x already holds a run; continue it")

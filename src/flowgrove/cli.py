@@ -179,6 +179,8 @@ _DISK_FIXES = {
     errno.ENOSPC: "the disk is full; free space there or write elsewhere with --out PATH",
     errno.EDQUOT: "the disk quota is used up; free space there or write elsewhere with --out PATH",
     errno.EROFS: "the file system is read-only; write elsewhere with --out PATH",
+}
+_ACCESS_FIXES = {
     errno.EACCES: "permission denied; pick a folder you can write with --out PATH (or fix its permissions)",
     errno.EPERM: "operation not permitted; pick a folder you can write with --out PATH (or fix its permissions)",
 }
@@ -189,12 +191,13 @@ def error_message(err: Exception) -> str:
     """One line naming what went wrong and how to fix it, for an error that reached the command line."""
     if isinstance(err, ConfigError):
         return f"flowgrove: config error: {one_line(err)}"
+    where = f" {err.filename}" if isinstance(err, OSError) and err.filename else ""
     if isinstance(err, OSError) and err.errno in _DISK_FIXES:
-        where = f" {err.filename}" if err.filename else ""
         return f"flowgrove: cannot write{where}: {_DISK_FIXES[err.errno]}"
+    if isinstance(err, OSError) and err.errno in _ACCESS_FIXES:
+        return f"flowgrove: cannot access{where}: {_ACCESS_FIXES[err.errno]}"
     if isinstance(err, OSError) and err.errno is not None and err.strerror:
-        where = f"{err.filename}: " if err.filename else ""
-        return f"flowgrove: error: {where}{err.strerror}"
+        return f"flowgrove: error:{where or ' a file'}: {err.strerror}; check the path"
     if isinstance(err, (OSError, ValueError)):  # FileNotFoundError / CheckpointError / ... with a message of ours
         return f"flowgrove: error: {one_line(err)}"
     if any(word in str(err) for word in _DISK_WORDS):  # torch.save and safetensors wrap the OSError
@@ -204,8 +207,11 @@ def error_message(err: Exception) -> str:
 
 def interrupt_message(args: argparse.Namespace | None) -> str:
     """One line after Ctrl-C: what stays valid and how to continue."""
-    if args is None or getattr(args, "command", None) != "train":
-        return "flowgrove: interrupted (Ctrl-C); stopped before finishing"
+    command = getattr(args, "command", None)
+    if command in ("bench", "pretrain"):
+        return f"flowgrove: interrupted (Ctrl-C); {command} stopped, the files it wrote so far stay"
+    if command != "train":
+        return "flowgrove: interrupted (Ctrl-C); nothing was written"
     run = args.resume or args.out
     if run is None:
         return (f"flowgrove: interrupted (Ctrl-C); checkpoints already written stay valid; continue with "
@@ -214,7 +220,8 @@ def interrupt_message(args: argparse.Namespace | None) -> str:
         return (f"flowgrove: interrupted (Ctrl-C); the last checkpoint in {run} stays valid; continue with "
                 f"`{program()} train --resume {run}`")
     if Path(run).exists():
-        return f"flowgrove: interrupted (Ctrl-C) before the first checkpoint; {run} holds no checkpoint to resume (start again with --overwrite)"
+        return (f"flowgrove: interrupted (Ctrl-C) before the first checkpoint; {run} holds no checkpoint to resume "
+                "(start again with --overwrite)")
     return "flowgrove: interrupted (Ctrl-C) during start-up; nothing was written"
 
 
@@ -227,12 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; a user-fixable error is one line on stderr and exit code 2 (``--debug``: the traceback)."""
     argv, overrides = _split_overrides(list(sys.argv[1:] if argv is None else argv))
     debug, args = "--debug" in argv, None
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
         if overrides:
             args.overrides = [*getattr(args, "overrides", []), *overrides]
         if args.command is None:
-            build_parser().print_help()
+            parser.print_help()
             return USAGE_EXIT
         _check_args(args)
         return args.fn(args)

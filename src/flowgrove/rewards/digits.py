@@ -79,8 +79,8 @@ def prompt_digits(prompts: Sequence[str], reward: str) -> list[int]:
             digits.append(digit_of_prompt(prompt))
         except ValueError:
             known = ", ".join(repr(p) for p in digit_prompts())
-            raise ValueError(f"reward {reward} scores only the ten prompts of the digits task ({known}), got {prompt!r}; "
-                             "use those prompts or choose other rewards in `rewards`") from None
+            raise ValueError(f"reward {reward}: unknown digits prompt {prompt!r}; it scores only the ten prompts of the "
+                             f"digits task ({known}); use those prompts or choose other rewards in `rewards`") from None
     return digits
 
 
