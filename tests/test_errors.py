@@ -62,6 +62,7 @@ CASES = {
     "malformed override value": (["train.betas=[0.9"], ["train.betas=[0.9", "line"]),
     "reward weight not a number": (["rewards.boldness=abc"], ["rewards.boldness", "not a number"]),
     "reward weight a bool": (["rewards={boldness: true}"], ["rewards.boldness", "not a number"]),
+    "reward mapping without a space": (["rewards={contrast:1}"], ["rewards={contrast: 1}", "space after the colon"]),
     "all reward weights zero": (["rewards={boldness: 0, digit_classifier: 0.0}"], ["rewards", "nonzero"]),
     "unknown reward": (["rewards.boldnes=1"], ["rewards.boldnes", "did you mean 'boldness'"]),
     "timestep fraction zero": (["train.timestep_fraction=0"], ["train.timestep_fraction", "(0, 1]"]),

@@ -232,6 +232,10 @@ def _check_rewards(rewards: object) -> None:
         raise ConfigError(f"rewards={rewards!r} must map reward names to weights; for example "
                           "rewards={digit_classifier: 1.0, boldness: 1.0}")
     for name, weight in rewards.items():
+        if weight is None and ":" in str(name):
+            key, value = str(name).split(":", 1)
+            raise ConfigError(f"rewards holds {name!r} without a weight: YAML needs a space after the colon, "
+                              f"for example rewards={{{key}: {value}}}")
         if not _is_number(weight) or not math.isfinite(weight):
             raise ConfigError(f"rewards.{name}={weight!r} is not a number; give the reward a numeric weight, "
                               f"for example rewards.{name}=1.0")
