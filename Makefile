@@ -1,6 +1,8 @@
 # Two commands on a fresh machine: `make demo` (install, then train on the embedded digits task) and
-# `make test` (install, then run the test suite). Both create .venv and install torch 2.13.0 (CPU) first,
-# so that no other package pulls a multi-GB CUDA build.
+# `make test` (install, then run the test suite). Both create .venv and install torch 2.13.0 first, so that no
+# other package pulls a newer torch. This takes the CPU wheel where one lies on the machine (as here); on other
+# Linux machines PyPI's torch 2.13.0 is the CUDA build: `make TORCH_INDEX=https://download.pytorch.org/whl/cpu`
+# takes the CPU build from PyTorch's own index instead.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -16,7 +18,7 @@ endif
 $(BIN)/flowgrove: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 

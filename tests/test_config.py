@@ -16,11 +16,11 @@ def test_every_preset_loads_and_round_trips():
 
 def test_precedence_preset_file_override(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("method: flowgrpo\ntrain: {lr: 0.5}\nsampler: {num_steps: 7}\n")
+    path.write_text("method: flowgrpo\ntrain: {lr: 0.5}\nsampler: {num_steps: 12}\n")
     cfg = load_config(path, ["train.lr=0.25"])
     assert cfg.method == "flowgrpo"
     assert cfg.sampler.noise == "flow"  # from the flowgrpo preset
-    assert cfg.sampler.num_steps == 7  # the file beats the preset
+    assert cfg.sampler.num_steps == 12  # the file beats the preset
     assert cfg.train.lr == 0.25  # the override beats the file
 
 

@@ -250,3 +250,12 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     assert r0["skipped"] == r1["skipped"] == 1  # rank 0's loss was finite, yet it skipped with rank 1
     assert r0["updates"] == r1["updates"] == 1
     assert r0["equal"] and r1["equal"]  # the ranks still hold identical weights
+
+
+def test_weights_that_sum_to_zero_are_a_valid_set_and_all_zero_is_not():
+    from flowgrove.config import ConfigError
+
+    cfg = load_config(None, ["rewards={digit_classifier: 1.0, boldness: -1.0}"])
+    assert cfg.rewards == {"digit_classifier": 1.0, "boldness": -1.0}  # replaces the preset's set, kept as given
+    with pytest.raises(ConfigError, match="every weight in rewards"):
+        load_config(None, ["rewards={digit_classifier: 0, boldness: 0}"])

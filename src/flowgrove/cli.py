@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from flowgrove.config import ConfigError, load_config, preset_names, preset_summary
+from flowgrove.config import ConfigError, load_config, one_line, preset_names, preset_summary
+
+# Exit code of every error the user can fix (argparse uses it for usage errors too).
+USAGE_EXIT = 2
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -68,11 +75,31 @@ def _pretrain(args: argparse.Namespace) -> int:
     return pretrain.main(args.rest) or 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit code 2), like every other flowgrove error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_EXIT, f"{self.prog}: error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give 1 or more") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; give 1 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowgrove", description="GRPO alignment of flow-matching generators.")
+    parser = OneLineParser(prog="flowgrove", description="GRPO alignment of flow-matching generators.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks (for developers)")
-    sub = parser.add_subparsers(dest="command")
-    p = sub.add_parser("train", help="train a policy (default: the embedded digits task)")
+    common = argparse.ArgumentParser(add_help=False)  # --debug also after the subcommand
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks (for developers)")
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+    p = sub.add_parser("train", parents=[common], help="train a policy (default: the embedded digits task)")
     p.add_argument("config", nargs="?", help="YAML config file (optional)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 rollout.group_size=12")
     p.add_argument("--method", help="method preset (see `flowgrove methods`)")
@@ -82,24 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="step_N", help="with --resume: continue from this checkpoint instead of the latest")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that holds a partial run without a checkpoint")
     p.set_defaults(fn=_train)
-    p = sub.add_parser("methods", help="list the method presets")
+    p = sub.add_parser("methods", parents=[common], help="list the method presets")
     p.set_defaults(fn=_methods)
-    p = sub.add_parser("sample", help="sample images from a run's latest checkpoint (or the base policy) to a PNG grid")
+    p = sub.add_parser("sample", parents=[common], help="sample images from a run's latest checkpoint (or the base policy) to a PNG grid")
     p.add_argument("--run", help="run directory (omit for the base policy of the default config)")
     p.add_argument("--out", default="samples.png")
     p.add_argument("--prompt", action="append", help="prompt (repeatable); default: the policy's built-in prompts")
-    p.add_argument("--n", type=int, default=8, help="images per prompt")
-    p.add_argument("--steps", type=int, default=16, help="Euler ODE steps")
+    p.add_argument("--n", type=positive_int, default=8, help="images per prompt (>= 1)")
+    p.add_argument("--steps", type=positive_int, default=16, help="Euler ODE steps (>= 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="sample with the run's EMA weights (default: EMA when the run has it)")
     p.set_defaults(fn=_sample)
-    p = sub.add_parser("eval", help="held-out reward of a run's latest checkpoint")
+    p = sub.add_parser("eval", parents=[common], help="held-out reward of a run's latest checkpoint")
     p.add_argument("run")
     p.set_defaults(fn=_eval)
-    p = sub.add_parser("bench", help="run several presets side by side and compare time and reward")
+    p = sub.add_parser("bench", parents=[common], help="run several presets side by side and compare time and reward")
     p.add_argument("--methods", default="dancegrpo,mixgrpo,mixgrpo-flash,mixgrpo-flash-star")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--baseline", default="dancegrpo", help="method whose time is the ratio's denominator")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every method")
@@ -110,27 +137,121 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    overrides: list[str] = []
-    if argv and argv[0] in ("train", "bench"):  # key=value overrides may stand anywhere, also after options
-        overrides = [a for a in argv[1:] if "=" in a and not a.startswith("-")]
-        argv = [argv[0]] + [a for a in argv[1:] if a not in overrides]
-    args = parser.parse_args(argv)
-    if overrides:
-        args.overrides = [*getattr(args, "overrides", []), *overrides]
-    if args.command is None:
-        parser.print_help()
-        return 2
+def program() -> str:
+    """How this user runs flowgrove: ``flowgrove`` when it is on PATH, else the script's path (``.venv/bin/flowgrove``
+    after ``make``) or ``python -m flowgrove`` with the interpreter's path."""
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    if script.name == "flowgrove":
+        found = shutil.which("flowgrove")
+        return "flowgrove" if found and Path(found).resolve() == script.resolve() else _short_path(script)
+    python = shutil.which("python")
+    same = python is not None and Path(python).resolve() == Path(sys.executable).resolve()
+    return f"{'python' if same else _short_path(Path(sys.executable))} -m flowgrove"
+
+
+def _short_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, else absolute."""
+    absolute = path.absolute()
     try:
+        return str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        return str(absolute)
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``key=value`` items of ``train`` and ``bench`` may stand anywhere, also after options: pull them out."""
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is None or argv[command] not in ("train", "bench"):
+        return argv, []
+    tail = argv[command + 1:]
+    overrides = [a for a in tail if "=" in a and not a.startswith("-")]
+    return argv[: command + 1] + [a for a in tail if a not in overrides], overrides
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Argument checks that need no model: a PNG path whose folder exists."""
+    if args.command == "sample" and not Path(args.out).absolute().parent.is_dir():
+        raise ConfigError(f"--out {args.out}: the folder {Path(args.out).absolute().parent} does not exist; create it or "
+                          "pick another path")
+
+
+_DISK_FIXES = {
+    errno.ENOSPC: "the disk is full; free space there or write elsewhere with --out PATH",
+    errno.EDQUOT: "the disk quota is used up; free space there or write elsewhere with --out PATH",
+    errno.EROFS: "the file system is read-only; write elsewhere with --out PATH",
+}
+_ACCESS_FIXES = {
+    errno.EACCES: "permission denied; pick a folder you can write with --out PATH (or fix its permissions)",
+    errno.EPERM: "operation not permitted; pick a folder you can write with --out PATH (or fix its permissions)",
+}
+_DISK_WORDS = ("No space left", "Read-only file system", "Disk quota exceeded", "StorageFull", "file write failed")
+
+
+def error_message(err: Exception) -> str:
+    """One line naming what went wrong and how to fix it, for an error that reached the command line."""
+    if isinstance(err, ConfigError):
+        return f"flowgrove: config error: {one_line(err)}"
+    where = f" {err.filename}" if isinstance(err, OSError) and err.filename else ""
+    if isinstance(err, OSError) and err.errno in _DISK_FIXES:
+        return f"flowgrove: cannot write{where}: {_DISK_FIXES[err.errno]}"
+    if isinstance(err, OSError) and err.errno in _ACCESS_FIXES:
+        return f"flowgrove: cannot access{where}: {_ACCESS_FIXES[err.errno]}"
+    if isinstance(err, OSError) and err.errno is not None and err.strerror:
+        return f"flowgrove: error:{where or ' a file'}: {err.strerror}; check the path"
+    if isinstance(err, (OSError, ValueError)):  # FileNotFoundError / CheckpointError / ... with a message of ours
+        return f"flowgrove: error: {one_line(err)}"
+    if any(word in str(err) for word in _DISK_WORDS):  # torch.save and safetensors wrap the OSError
+        return f"flowgrove: cannot write a file ({one_line(err)[:200]}); free disk space or write elsewhere with --out PATH"
+    return f"flowgrove: error: {type(err).__name__}: {one_line(err)} (rerun with --debug for the traceback)"
+
+
+def interrupt_message(args: argparse.Namespace | None) -> str:
+    """One line after Ctrl-C: what stays valid and how to continue."""
+    command = getattr(args, "command", None)
+    if command in ("bench", "pretrain"):
+        return f"flowgrove: interrupted (Ctrl-C); {command} stopped, the files it wrote so far stay"
+    if command != "train":
+        return "flowgrove: interrupted (Ctrl-C); nothing was written"
+    run = args.resume or args.out
+    if run is None:
+        return (f"flowgrove: interrupted (Ctrl-C); checkpoints already written stay valid; continue with "
+                f"`{program()} train --resume RUN_DIR` (RUN_DIR as listed under runs/)")
+    if (Path(run) / "checkpoints" / "latest").is_file():
+        return (f"flowgrove: interrupted (Ctrl-C); the last checkpoint in {run} stays valid; continue with "
+                f"`{program()} train --resume {run}`")
+    if Path(run).exists():
+        return (f"flowgrove: interrupted (Ctrl-C) before the first checkpoint; {run} holds no checkpoint to resume "
+                "(start again with --overwrite)")
+    return "flowgrove: interrupted (Ctrl-C) during start-up; nothing was written"
+
+
+def _report(line: str) -> int:
+    print(line, file=sys.stderr)
+    return USAGE_EXIT
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; a user-fixable error is one line on stderr and exit code 2 (``--debug``: the traceback)."""
+    argv, overrides = _split_overrides(list(sys.argv[1:] if argv is None else argv))
+    debug, args = "--debug" in argv, None
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if overrides:
+            args.overrides = [*getattr(args, "overrides", []), *overrides]
+        if args.command is None:
+            parser.print_help()
+            return USAGE_EXIT
+        _check_args(args)
         return args.fn(args)
-    except ConfigError as err:
-        print(f"flowgrove: config error: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"flowgrove: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        return _report(interrupt_message(args))
+    except Exception as err:  # noqa: BLE001  (every error ends as one line; --debug shows the traceback)
+        if debug:
+            raise
+        return _report(error_message(err))
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -145,7 +147,7 @@ class RunConfig:
     checkpoint_every: int = _f(25, "Steps between checkpoints (and one at the end).", low=1)
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk.", low=1)
     progress: bool = _f(True, "Show a progress bar.")
-    device: str = _f("auto", "auto (CUDA when present), cpu or cuda; under torchrun each rank uses cuda:LOCAL_RANK.", ("auto", "cpu", "cuda"))
+    device: str = _f("auto", "auto (CUDA when present), cpu, cuda or cuda:N; under torchrun each rank uses cuda:LOCAL_RANK.")
     threads: int = _f(1, "torch CPU threads per process (0 = torch's default).", low=0)
 
 
@@ -174,7 +176,7 @@ def preset_names() -> list[str]:
 def preset_text(name: str) -> str:
     """The YAML text of a preset (its comments document the scaling to the digits task)."""
     if name not in preset_names():
-        raise ConfigError(f"method={name!r} is unknown; allowed: {', '.join(preset_names())}{_hint(name, preset_names())}")
+        raise ConfigError(f"method={name!r} is unknown; allowed: {', '.join(preset_names())}{did_you_mean(name, preset_names())}")
     return (resources.files("flowgrove") / "presets" / f"{name}.yaml").read_text()
 
 
@@ -184,28 +186,44 @@ def preset_summary(name: str) -> str:
     return first.lstrip("# ").strip()
 
 
-def _hint(word: str, options: list[str]) -> str:
+def did_you_mean(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines included) collapsed to one space."""
+    return " ".join(str(text).split())
+
+
+_SECTIONS = {c.__name__: c for c in (PolicyConfig, SamplerConfig, WindowConfig, TreeConfig, RolloutConfig, AdvantageConfig, TrainConfig, EvalConfig, RunConfig)}
+
+def _section_of(f: dataclasses.Field) -> type | None:
+    return _SECTIONS.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+
+
 def _check_keys(data: Any, schema: type, prefix: str = "") -> None:
-    """Reject unknown keys before OmegaConf does, with the allowed keys and the closest match."""
+    """Reject unknown keys, a section set to a value and a value set to a mapping, before OmegaConf does."""
     if not isinstance(data, dict) or schema is dict:
         return
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for key, value in data.items():
+        name = prefix + str(key)
         if key not in fields:
             allowed = ", ".join(fields)
-            raise ConfigError(f"unknown config key {prefix + str(key)!r}{_hint(str(key), list(fields))}; allowed here: {allowed}")
-        sub = fields[key].type
-        sub_type = _SECTIONS.get(sub if isinstance(sub, str) else getattr(sub, "__name__", ""))
-        if sub_type is not None:
-            _check_keys(value, sub_type, f"{prefix}{key}.")
+            raise ConfigError(f"unknown config key {name!r}{did_you_mean(str(key), list(fields))}; allowed here: {allowed}")
+        section = _section_of(fields[key])
+        if section is not None and not isinstance(value, dict):
+            first = dataclasses.fields(section)[0].name
+            raise ConfigError(f"{name} is a section, not a value (got {name}={value!r}); set its keys, for example {name}.{first}=...")
+        if section is not None:
+            _check_keys(value, section, name + ".")
+        elif isinstance(value, dict) and fields[key].type not in ("dict", dict):
+            raise ConfigError(f"{name} takes one value, not the mapping {value!r}; write {name}=VALUE")
 
 
 def _check_values(cfg: Any, prefix: str = "") -> None:
-    """Choices and lower bounds from the field metadata."""
+    """Choices, lower bounds and finiteness from the field metadata."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         key = prefix + f.name
@@ -214,60 +232,139 @@ def _check_values(cfg: Any, prefix: str = "") -> None:
             continue
         choices, low = f.metadata.get("choices"), f.metadata.get("low")
         if choices and value not in choices:
-            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(choices)}{_hint(str(value), list(choices))}")
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(choices)}{did_you_mean(str(value), list(choices))}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number ({f.metadata['help'].rstrip('.')})")
         if low is not None and value < low:
-            raise ConfigError(f"{key}={value!r} must be >= {low} ({f.metadata['help']})")
+            raise ConfigError(f"{key}={value!r} must be >= {low} ({f.metadata['help'].rstrip('.')})")
 
 
-_SECTIONS = {c.__name__: c for c in (PolicyConfig, SamplerConfig, WindowConfig, TreeConfig, RolloutConfig, AdvantageConfig, TrainConfig, EvalConfig, RunConfig)}
+def _yaml_problem(err: Exception) -> str:
+    """``problem at line L, column C`` of a YAML parse error (1-based, as editors count)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{one_line(getattr(err, 'problem', None) or err)}{where}"
 
 
 def _as_dict(node: Any, what: str) -> dict:
     if node is None:
         return {}
-    data = OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
+    data = OmegaConf.to_container(node) if isinstance(node, (DictConfig, ListConfig)) else node
     if not isinstance(data, dict):
-        raise ConfigError(f"{what} must be a mapping of config keys, got {type(data).__name__}")
+        raise ConfigError(f"{what} must be a mapping of config keys (key: value), got {type(data).__name__}")
+    return data
+
+
+def parse_yaml(text: str, what: str) -> dict:
+    """YAML text -> dict of config keys; malformed YAML is a :class:`ConfigError` with its line and column."""
+    try:
+        node = OmegaConf.create(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} is not valid YAML: {_yaml_problem(err)}; fix the syntax there") from None
+    except AssertionError:  # OmegaConf.create of a YAML scalar
+        raise ConfigError(f"{what} must be a mapping of config keys (key: value lines), got {text.strip()[:40]!r}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{what} cannot be read as a config: {one_line(err)}") from None
+    return _as_dict(node, what)
+
+
+def _read_config_file(path: str | Path) -> dict:
+    what = f"config file {str(path)!r}"
+    if not Path(path).exists() or Path(path).is_dir():
+        raise ConfigError(f"{what} does not exist or is a folder; pass a YAML file or omit it to use the defaults")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} is not UTF-8 text; pass a YAML file") from None
+    except OSError as err:
+        raise ConfigError(f"{what} cannot be read ({err.strerror}); check its permissions") from None
+    return parse_yaml(text, what)
+
+
+def _merged(low: dict, high: dict) -> dict:
+    """Nested dicts merged key by key, ``high`` winning; a value that is not a dict replaces what was there."""
+    out = dict(low)
+    for key, value in high.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
+
+
+def _parse_override(item: str) -> dict:
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"override {item!r} is not of the form key=value (for example train.lr=3e-4)")
+    try:
+        data = _as_dict(OmegaConf.from_dotlist([item]), f"override {item!r}")
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r} has a malformed value: {_yaml_problem(err)}; complete or quote it "
+                          "(for example train.betas=[0.9,0.999])") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"override {item!r} cannot be parsed: {one_line(err)}") from None
+    _check_keys(data, Config)
     return data
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """``["train.lr=1e-4", ...]`` -> nested dict; a malformed item is an error that shows the expected form."""
+    """``["train.lr=1e-4", ...]`` -> nested dict; each item is checked on its own, so ``train=5`` is an error even
+    when a later ``train.steps=...`` would hide it."""
+    merged: dict = {}
     for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override {item!r} is not of the form key=value (for example train.lr=3e-4)")
-    return _as_dict(OmegaConf.from_dotlist(list(overrides)), "overrides")
+        merged = _merged(merged, _parse_override(item))
+    return merged
+
+
+def _patch_rewards(lower: list[dict], overrides: list[str], over: dict) -> None:
+    """``rewards.NAME=W`` overrides set one weight of the reward set below them; ``rewards={...}`` replaces it."""
+    if "rewards" not in over or any(item.split("=", 1)[0].strip() == "rewards" for item in overrides):
+        return
+    base = next((layer["rewards"] for layer in reversed(lower) if "rewards" in layer), Config().rewards)
+    if isinstance(base, dict) and isinstance(over["rewards"], dict):
+        over["rewards"] = {**base, **over["rewards"]}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, method: str | None = None) -> Config:
-    """Build a validated :class:`Config` from the preset, an optional YAML file and dotted overrides."""
-    layers = []
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file or omit it to use the defaults")
-        layers.append(_as_dict(OmegaConf.load(path), f"config file {path}"))
-    layers.append(parse_overrides(overrides or []))
-    if method is not None:
-        layers.append({"method": method})
-    chosen = next((layer["method"] for layer in reversed(layers) if "method" in layer), Config.method)
-    layers.insert(0, _as_dict(OmegaConf.create(preset_text(chosen)), f"preset {chosen}"))
-    return build_config(layers)
+    """Build a validated :class:`Config` from the preset, an optional YAML file and dotted overrides.
+
+    A ``rewards`` mapping of a later layer replaces the reward set of the earlier ones; ``rewards.NAME=W``
+    overrides change one weight of it.
+    """
+    overrides = list(overrides or [])
+    upper = [_read_config_file(path)] if path is not None else []
+    over = parse_overrides(overrides)
+    chosen = method or over.get("method") or next((layer["method"] for layer in upper if "method" in layer), Config.method)
+    lower = [parse_yaml(preset_text(str(chosen)), f"preset {chosen}"), *upper]
+    _patch_rewards(lower, overrides, over)
+    return build_config([*lower, over, *([{"method": method}] if method is not None else [])])
+
+
+def _merge_layer(merged: DictConfig, layer: dict) -> DictConfig:
+    try:
+        return OmegaConf.merge(merged, layer)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"bad value for {key}: {one_line(str(err).splitlines()[0])}") from None
 
 
 def build_config(layers: list[dict]) -> Config:
-    """Merge dict layers over the schema defaults and validate."""
-    merged = OmegaConf.structured(Config)
+    """Merge dict layers over the schema defaults and validate, cross-field checks included (before any model loads).
+
+    The ``rewards`` mapping of a layer replaces the earlier ones whole (reward sets do not merge).
+    """
+    merged, rewards = OmegaConf.structured(Config), None
     for layer in layers:
         _check_keys(layer, Config)
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as err:
-            key = getattr(err, "full_key", "?")
-            raise ConfigError(f"bad value for {key}: {str(err).splitlines()[0]}") from None
+        if "rewards" in layer:
+            rewards = layer["rewards"]
+        merged = _merge_layer(merged, {k: v for k, v in layer.items() if k != "rewards"})
     cfg = OmegaConf.to_object(merged)
+    cfg.rewards = cfg.rewards if rewards is None else rewards
     _check_values(cfg)
     if cfg.method not in preset_names():
-        raise ConfigError(f"method={cfg.method!r} is unknown; allowed: {', '.join(preset_names())}{_hint(cfg.method, preset_names())}")
+        raise ConfigError(f"method={cfg.method!r} is unknown; allowed: {', '.join(preset_names())}{did_you_mean(cfg.method, preset_names())}")
+    from flowgrove.method import check_config  # lazy: method imports torch and this module
+
+    check_config(cfg)
+    cfg.rewards = {str(name): float(weight) for name, weight in cfg.rewards.items()}
     return cfg
 
 
@@ -275,6 +372,9 @@ def config_to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def config_from_yaml_text(text: str) -> Config:
-    """Load a resolved config written by :func:`config_to_yaml` (used on resume)."""
-    return build_config([_as_dict(OmegaConf.create(text), "saved config")])
+def config_from_yaml_text(text: str, source: str = "saved config") -> Config:
+    """Load a resolved config written by :func:`config_to_yaml` (used on resume); errors name ``source``."""
+    try:
+        return build_config([parse_yaml(text, source)])
+    except ConfigError as err:
+        raise ConfigError(err if str(err).startswith(source) else f"{source}: {err}") from None

@@ -20,7 +20,7 @@ def resolve_device(requested: str = "auto") -> torch.device:
     """``run.device`` -> this process's device: ``auto`` is CUDA when present, else the CPU; under torchrun each
     rank uses ``cuda:LOCAL_RANK`` (and makes it the current CUDA device)."""
     if requested not in ("auto", "cpu", "cuda") and not requested.startswith("cuda:"):
-        raise ValueError(f"run.device={requested!r} is not one of auto, cpu, cuda")
+        raise ValueError(f"run.device={requested!r} is not one of auto, cpu, cuda, cuda:N")
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,19 +47,51 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+GRID_MAX_SIDE = 4096  # pixels: a larger grid is shrunk to fit
+TINY_SIDE = 64  # images smaller than this are enlarged (nearest) towards it, by at most ``scale``
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Shape of a sample grid: ``rows`` x ``columns`` images with 1-px gaps, enlarged ``scale`` times, then
+    shrunk if needed so that the PNG (``width`` x ``height`` pixels) fits ``GRID_MAX_SIDE``."""
+
+    rows: int
+    columns: int
+    scale: int
+    width: int
+    height: int
+
+
+def grid_layout(n: int, height: int, width: int, columns: int, scale: int = 8, max_side: int = GRID_MAX_SIDE) -> GridLayout:
+    """Layout of ``n`` images of ``height`` x ``width`` pixels: only tiny images are enlarged (8x8 digits 8x, 512-px
+    images not at all), and the grid never exceeds ``max_side`` pixels a side."""
+    if n < 1:
+        raise ValueError("save_grid needs at least one image")
+    columns = max(1, min(columns, n))
+    rows = math.ceil(n / columns)
+    scale = max(1, min(scale, TINY_SIDE // max(height, width)))
+    grid_h, grid_w = (rows * (height + 1) + 1) * scale, (columns * (width + 1) + 1) * scale
+    shrink = min(1.0, max_side / max(grid_h, grid_w))
+    return GridLayout(rows, columns, scale, max(1, round(grid_w * shrink)), max(1, round(grid_h * shrink)))
+
+
 def save_grid(images: Tensor, path: Path, columns: int, scale: int = 8) -> None:
-    """Images [N, 3, H, W] in [0, 1] -> one PNG grid, each image enlarged ``scale`` times (nearest)."""
+    """Images [N, 3, H, W] in [0, 1] -> one PNG grid (layout: :func:`grid_layout`)."""
     from PIL import Image
 
     n, _, h, w = images.shape
-    rows = math.ceil(n / columns)
-    grid = torch.ones(3, rows * (h + 1) + 1, columns * (w + 1) + 1)
+    layout = grid_layout(n, h, w, columns, scale)
+    grid = torch.ones(3, layout.rows * (h + 1) + 1, layout.columns * (w + 1) + 1)
     for i in range(n):
-        r, c = divmod(i, columns)
+        r, c = divmod(i, layout.columns)
         grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = images[i].float().cpu()
     array = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     image = Image.fromarray(array)
-    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+    size = (layout.width, layout.height)
+    if size != image.size:
+        image = image.resize(size, Image.NEAREST if layout.width >= image.width else Image.LANCZOS)
+    image.save(path)
 
 
 def plot_reward_curves(curves: dict[str, tuple[list[float], list[float]]], path: Path, xlabel: str, ylabel: str) -> None:

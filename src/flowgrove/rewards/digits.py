@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from flowgrove.data import NOT_A_DIGIT, PRETRAIN_HINT, assets_dir, digit_of_prompt, load_weights, save_weights
+from flowgrove.data import NOT_A_DIGIT, PRETRAIN_HINT, assets_dir, digit_of_prompt, digit_prompts, load_weights, save_weights
 from flowgrove.rewards.base import RewardFn, check_reward_inputs, register_reward
 
 CLASSIFIER_FILE = "digits_classifier.safetensors"
@@ -70,6 +70,20 @@ def load_digit_classifier(weights: str | Path | None = None) -> DigitClassifier:
     return classifier.eval().requires_grad_(False)
 
 
+def prompt_digits(prompts: Sequence[str], reward: str) -> list[int]:
+    """The digit each prompt asks for; a prompt outside the digits task is an error naming ``reward`` and the prompts
+    it accepts."""
+    digits = []
+    for prompt in prompts:
+        try:
+            digits.append(digit_of_prompt(prompt))
+        except ValueError:
+            known = ", ".join(repr(p) for p in digit_prompts())
+            raise ValueError(f"reward {reward}: unknown digits prompt {prompt!r}; it scores only the ten prompts of the "
+                             f"digits task ({known}); use those prompts or choose other rewards in `rewards`") from None
+    return digits
+
+
 class DigitClassifierReward:
     """Probability of the prompted digit, ``softmax(classifier(image))[digit(prompt)]`` over all 11 classes.
 
@@ -84,7 +98,7 @@ class DigitClassifierReward:
         param = next(self.classifier.parameters())
         if param.device != images.device:
             self.classifier.to(images.device)
-        digits = torch.tensor([digit_of_prompt(p) for p in prompts], device=images.device)  # [B]
+        digits = torch.tensor(prompt_digits(prompts, "digit_classifier"), device=images.device)  # [B]
         logits = self.classifier(classifier_pixels(images).to(param.dtype))  # [B, 11]
         probs = logits.float().softmax(dim=-1)  # [B, 11]
         return probs.gather(1, digits[:, None]).squeeze(1)  # [B]
