@@ -73,7 +73,7 @@ def test_config_errors_exit_with_a_message(tmp_path, capsys):
     assert "did you mean 'lr'" in capsys.readouterr().err
     empty = tmp_path / "prompts.txt"
     empty.write_text("\n\n")
-    assert main(["train", "--steps", "1", "--out", str(tmp_path / "y"), f"rollout.prompts_file={empty}"]) == 2
+    assert main(["train", "--steps", "1", "--out", str(tmp_path / "y"), f"data.train={empty}"]) == 2
     assert "holds no prompts" in capsys.readouterr().err
     assert main(["train", "--steps", "1", "--out", str(tmp_path / "z"), "policy.path=/nonexistent.safetensors"]) == 2
     assert "pretrain digits" in capsys.readouterr().err

@@ -132,13 +132,14 @@ def test_prompts_per_step_never_repeat_within_an_epoch():
 def test_trainer_draws_distinct_prompts_per_step():
     seen = []
     t = make("dancegrpo", "rollout.prompts_per_step=3", "train.micro_batch=1000", prompts=[f"p{i}" for i in range(6)])
-    real = t._roots
+    real = t.rows
 
-    def roots(prompt_ids, generator):
-        seen.append(prompt_ids.tolist())
-        return real(prompt_ids, generator)
+    class Recording:  # the step's prompt rows are fetched once per step, in draw order
+        def rows(self, ids):
+            seen.append(ids.tolist())
+            return real.rows(ids)
 
-    t._roots = roots
+    t.rows = Recording()
     for _ in range(4):
         t.step()
     assert all(len(set(s)) == 3 for s in seen)

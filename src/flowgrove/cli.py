@@ -69,6 +69,14 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encode_prompts(args: argparse.Namespace) -> int:
+    from flowgrove import prompts
+
+    out = prompts.encode_prompt_file(args.prompts, args.policy, list(args.overrides), args.out, args.batch, args.shard_rows)
+    print(f"wrote {out} ({prompts.read_index(out)['num_prompts']} prompts); train with data.cache={out}")
+    return 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from flowgrove import pretrain
 
@@ -131,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="dancegrpo", help="method whose time is the ratio's denominator")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every method")
     p.set_defaults(fn=_bench)
+    p = sub.add_parser("encode-prompts", help="encode a prompt file once into a cache that training reads by rows")
+    p.add_argument("prompts", help="prompt file: .txt, .jsonl or .csv")
+    p.add_argument("--policy", default="digits", help="policy whose text encoders to run (policy.name)")
+    p.add_argument("--out", required=True, help="cache folder (sharded safetensors + index.json)")
+    p.add_argument("--batch", type=int, default=16, help="prompts per encoder call")
+    p.add_argument("--shard-rows", type=int, default=1024, help="prompts per shard file")
+    p.add_argument("overrides", nargs="*", help="policy settings, e.g. policy.path=/models/FLUX.1-dev policy.dtype=bfloat16")
+    p.set_defaults(fn=_encode_prompts)
     p = sub.add_parser("pretrain", help="pretrain the built-in task's policy and reward (flowgrove pretrain digits)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_pretrain)
@@ -161,7 +177,7 @@ def _short_path(path: Path) -> str:
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """``key=value`` items of ``train`` and ``bench`` may stand anywhere, also after options: pull them out."""
     command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
-    if command is None or argv[command] not in ("train", "bench"):
+    if command is None or argv[command] not in ("train", "bench", "encode-prompts"):
         return argv, []
     tail = argv[command + 1:]
     overrides = [a for a in tail if "=" in a and not a.startswith("-")]

@@ -95,8 +95,14 @@ class RolloutConfig:
     prompts_per_step: int = _f(4, "Prompts per training step (per rank).", low=1)
     group_size: int = _f(8, "Images per prompt (chains); trees use their leaves.", low=1)
     same_noise_in_group: bool = _f(True, "A group starts from one shared initial noise (DanceGRPO, MixGRPO).")
-    prompts_file: str = _f("", "Text file with one training prompt per line; empty = the policy's built-in prompts.")
     decode_batch: int = _f(0, "Largest batch of one decoder (VAE) call; 0 = no limit.", low=0)
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("", "Training prompts: a .txt (one per line), .jsonl or .csv (a prompt column; other columns are metadata for the rewards); empty = the policy's built-in prompts.")
+    test: str = _f("", "Held-out prompts of the evaluation (same formats); empty = the training prompts (with the evaluation's own seeds).")
+    cache: str = _f("", "A `flowgrove encode-prompts` folder of the training prompts: steps read only their rows from it.")
 
 
 @dataclass
@@ -159,6 +165,7 @@ class Config:
     window: WindowConfig = field(default_factory=WindowConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     rewards: dict = _f({"digit_classifier": 0.5, "boldness": 0.5},
                        "Reward name -> weight, used as given (a negative weight penalises that reward); replaces the preset's set.")
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
@@ -196,7 +203,7 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-_SECTIONS = {c.__name__: c for c in (PolicyConfig, SamplerConfig, WindowConfig, TreeConfig, RolloutConfig, AdvantageConfig, TrainConfig, EvalConfig, RunConfig)}
+_SECTIONS = {c.__name__: c for c in (PolicyConfig, SamplerConfig, WindowConfig, TreeConfig, RolloutConfig, DataConfig, AdvantageConfig, TrainConfig, EvalConfig, RunConfig)}
 
 def _section_of(f: dataclasses.Field) -> type | None:
     return _SECTIONS.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))

@@ -14,14 +14,16 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-from flowgrove.policies.base import Conditioning, FlowPolicy
+from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, PromptRows  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    from flowgrove.config import Config
 
 INDEX = "index.json"
 CACHE_FORMAT = "flowgrove-prompt-cache-1"
@@ -53,12 +55,12 @@ def _from_record(record: Any, path: Path, line: int) -> Prompt:
     return Prompt(record["prompt"].strip(), {k: v for k, v in record.items() if k != "prompt"})
 
 
-def read_prompts(path: str | Path) -> list[Prompt]:
+def read_prompts(path: str | Path, key: str = "prompt file") -> list[Prompt]:
     """Prompts of a ``.txt`` (one per line), ``.jsonl`` (one object per line with ``"prompt"``) or ``.csv`` (a
-    ``prompt`` column) file; every other field or column is kept as the prompt's metadata."""
+    ``prompt`` column) file; every other field or column is kept as the prompt's metadata. Errors name ``key``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist; give a .txt, .jsonl or .csv file")
+        raise FileNotFoundError(f"{key}={str(path)!r} does not exist; give a .txt, .jsonl or .csv file")
     suffix = path.suffix.lower()
     text = path.read_text(encoding="utf-8")
     if suffix == ".jsonl":
@@ -82,25 +84,6 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     if not prompts:
         raise _bad(path, None, "holds no prompts; write one prompt per line (txt), object (jsonl) or row (csv)")
     return prompts
-
-
-# ---- where a step's conditioning comes from ----------------------------------------------------------------------
-class PromptRows(Protocol):
-    """Conditioning rows by prompt index (an in-memory encoding or a cache on disk)."""
-
-    def rows(self, ids: Tensor) -> Conditioning:
-        """Conditioning ``[N, ...]`` of the prompts ``ids`` ``[N]`` (may repeat), on the CPU or the device."""
-        ...
-
-
-@dataclass(frozen=True)
-class EncodedPrompts:
-    """Every prompt encoded once and kept (small prompt sets)."""
-
-    cond: Conditioning
-
-    def rows(self, ids: Tensor) -> Conditioning:
-        return self.cond.select(ids)
 
 
 class CachedPrompts:
@@ -182,3 +165,51 @@ def write_cache(policy: FlowPolicy, prompts: Sequence[Prompt], folder: str | Pat
     tmp.write_text(json.dumps(index))
     os.replace(tmp, folder / INDEX)
     return folder
+
+
+class PromptSets(NamedTuple):
+    """The prompts of a run: training, held-out (None: the training prompts) and where training rows come from."""
+
+    train: list[Prompt]
+    test: list[Prompt] | None
+    rows: PromptRows | None  # None: the trainer encodes the training prompts once
+
+
+def load_prompt_sets(cfg: Config, policy: FlowPolicy) -> PromptSets:
+    """``data.train`` / ``data.cache`` (or the policy's built-in prompts) and ``data.test``."""
+    d = cfg.data
+    rows = CachedPrompts(d.cache) if d.cache else None
+    if rows is not None and rows.index.get("policy") != cfg.policy.name:
+        raise ValueError(f"data.cache={d.cache!r} was encoded by policy {rows.index.get('policy')!r}, not "
+                         f"{cfg.policy.name!r}; encode the prompts again with `flowgrove encode-prompts --policy {cfg.policy.name}`")
+    if d.train:
+        train = read_prompts(d.train, "data.train")
+    elif rows is not None:
+        train = rows.prompts()
+    else:
+        default = getattr(policy, "default_prompts", None)
+        if default is None:
+            raise ValueError(f"policy {cfg.policy.name!r} has no built-in prompts; set data.train=PROMPTS.txt|jsonl|csv")
+        train = [Prompt(p) for p in default()]
+    if rows is not None and [str(p) for p in train] != [str(p) for p in rows.prompts()]:
+        raise ValueError(f"data.cache={d.cache!r} holds other prompts than data.train={d.train!r}; encode data.train "
+                         "again with `flowgrove encode-prompts` or drop one of the two keys")
+    test = read_prompts(d.test, "data.test") if d.test else None
+    return PromptSets(train, test, rows)
+
+
+def encode_prompt_file(prompt_file: str, policy_name: str, overrides: list[str], out: str, batch: int = 16,
+                       shard_rows: int = 1024) -> Path:
+    """``flowgrove encode-prompts``: build ``policy_name`` (with ``policy.*`` overrides) and cache its encodings."""
+    from flowgrove import distributed
+    from flowgrove.config import load_config
+    from flowgrove.policies.base import build_policy
+    from flowgrove.policies.prepare import policy_kwargs
+
+    if batch < 1 or shard_rows < 1:
+        raise ValueError(f"--batch {batch} and --shard-rows {shard_rows} must be >= 1")
+    cfg = load_config(None, [f"policy.name={policy_name}", *overrides])
+    prompts = read_prompts(prompt_file, "PROMPTS")
+    policy = build_policy(cfg.policy.name, **policy_kwargs(cfg, distributed.resolve_device(cfg.run.device)))
+    fingerprint = {"path": cfg.policy.path, "dtype": cfg.policy.dtype, "options": dict(cfg.policy.options)}
+    return write_cache(policy, prompts, out, cfg.policy.name, batch, shard_rows, fingerprint)

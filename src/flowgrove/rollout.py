@@ -118,10 +118,9 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
         A :class:`Rollout`; the transitions hold only steps with ``plan.trained`` (and ``store_mask``).
     """
     plan = spec.plan
-    if store_mask is not None and any(k > 1 for k in spec.branching):
-        raise ValueError("store_mask selects steps per chain; tree rollouts select edges by pruning masks instead")
+    _check_store_mask(store_mask, spec)
     x, rows = x_init.float(), cond_index.to(x_init.device)  # [N, C, H, W], [N] conditioning row per node
-    store_mask = store_mask.to(x.device) if store_mask is not None else None
+    store_mask = None if store_mask is None else store_mask.to(x.device)  # masks index the device's tensors
     roots = torch.arange(x.shape[0], device=x.device)  # [N] root of each node
     x, rows, fan_out = _share_groups(x, rows, roots, groups)
     prev_x0 = prev_sigma = None
@@ -161,6 +160,11 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
         nodes.append(n_nodes)
         prev_x0, prev_sigma, x = x0_pred, sigma, x_next
     return Rollout(x, rows, _cat_transitions(stored, x), tuple(edge_log_probs), tuple(nodes), calls)
+
+
+def _check_store_mask(store_mask: Tensor | None, spec: RolloutSpec) -> None:
+    if store_mask is not None and any(k > 1 for k in spec.branching):
+        raise ValueError("store_mask selects steps per chain; tree rollouts select edges by pruning masks instead")
 
 
 def _check_split(step: int, kind: str, k: int) -> None:

@@ -16,25 +16,9 @@ from flowgrove.checkpoint import latest_checkpoint, load_checkpoint, save_checkp
 from flowgrove.config import Config, config_from_yaml_text, config_to_yaml
 from flowgrove.metrics import MetricsLogger, plot_reward_curves, read_metrics, save_grid
 from flowgrove.policies.prepare import offload_text_encoders, prepare_policy
-from flowgrove.policies.base import FlowPolicy
+from flowgrove.prompts import load_prompt_sets
 from flowgrove.rewards import build_reward
 from flowgrove.trainer import GRPOTrainer
-
-
-def load_prompts(cfg: Config, policy: FlowPolicy) -> list[str]:
-    """Training prompts: ``rollout.prompts_file`` (one per line) or the policy's built-in list."""
-    path = cfg.rollout.prompts_file
-    if not path:
-        default = getattr(policy, "default_prompts", None)
-        if default is None:
-            raise ValueError(f"policy {cfg.policy.name!r} has no built-in prompts; set rollout.prompts_file=PATH")
-        return list(default())
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"rollout.prompts_file={path!r} does not exist; give a text file with one prompt per line")
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"rollout.prompts_file={path!r} holds no prompts; write one prompt per line")
-    return prompts
 
 
 def build_trainer(cfg: Config) -> GRPOTrainer:
@@ -48,7 +32,8 @@ def build_trainer(cfg: Config) -> GRPOTrainer:
     rewards = {name: build_reward(name, device=device) for name, w in cfg.rewards.items() if float(w) != 0}
     if not rewards:
         raise ValueError("every reward weight is 0; give at least one reward a nonzero weight in `rewards`")
-    trainer = GRPOTrainer(cfg, policy, rewards, load_prompts(cfg, policy))  # encodes every prompt once
+    data = load_prompt_sets(cfg, policy)
+    trainer = GRPOTrainer(cfg, policy, rewards, data.train, data.test, data.rows)  # encodes the prompts once
     if cfg.policy.offload_text_encoders:
         offload_text_encoders(policy)
     return trainer

@@ -17,7 +17,7 @@ from flowgrove import credit, distributed, method, selection, tree
 from flowgrove.config import Config
 from flowgrove.advantages import aggregate_rewards
 from flowgrove.losses import ppo_clip_loss, transition_kl
-from flowgrove.policies.base import Conditioning, FlowPolicy
+from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, PromptRows
 from flowgrove.rewards.base import RewardFn
 from flowgrove.rollout import Rollout, Transitions, batched_velocity, decode_batched, rescore, rollout
 from flowgrove.samplers.dpm_solver import sample_euler
@@ -63,11 +63,15 @@ def step_generator(seed: int, iteration: int, stream: int, rank: int = 0) -> tor
 class GRPOTrainer:
     """Group-relative policy optimisation of a flow policy against weighted rewards."""
 
-    def __init__(self, cfg: Config, policy: FlowPolicy, rewards: Mapping[str, RewardFn], prompts: Sequence[str]):
+    def __init__(self, cfg: Config, policy: FlowPolicy, rewards: Mapping[str, RewardFn], prompts: Sequence[str],
+                 test_prompts: Sequence[str] | None = None, rows: PromptRows | None = None):
+        """``prompts`` train, ``test_prompts`` (default: the same) are evaluated; ``rows`` serves the training
+        prompts' conditioning by index (an ``encode-prompts`` cache), else every training prompt is encoded once."""
         method.check_method(cfg)
         if not prompts:
             raise ValueError("the prompt list is empty; give at least one prompt")
         self.cfg, self.policy, self.rewards, self.prompts = cfg, policy, dict(rewards), list(prompts)
+        self.test_prompts = list(test_prompts) if test_prompts else self.prompts
         self.weights = torch.tensor([float(w) for w in rewards_weights(cfg, self.rewards)])
         self.device = distributed.resolve_device(cfg.run.device)
         self.params = [p for p in policy.module.parameters() if p.requires_grad]
@@ -77,8 +81,11 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
         self.ema = [p.detach().clone() for p in self.params] if t.ema_decay > 0 else None
         self.reference = [p.detach().clone() for p in self.params] if t.kl_beta > 0 else None
-        with torch.no_grad():
-            self.cond = policy.encode_prompts(self.prompts).to(self.device)  # [P_all, ...] computed once
+        with torch.no_grad():  # text encoders run once per prompt
+            self.cond = None if rows is not None else policy.encode_prompts(self.prompts).to(self.device)  # [P_all, ...]
+            same = self.test_prompts is self.prompts and self.cond is not None
+            self.test_cond = self.cond if same else policy.encode_prompts(self.test_prompts).to(self.device)
+        self.rows: PromptRows = rows if rows is not None else EncodedPrompts(self.cond)
         self.iteration = 0
         self.nonfinite_streak = 0  # consecutive optimizer steps skipped for NaN/inf
 
@@ -93,24 +100,26 @@ class GRPOTrainer:
         n = cfg.rollout.prompts_per_step  # per rank; all ranks draw the same global list and take their slice
         # without replacement within an epoch of the prompt set, reshuffled per epoch from the run's seed
         drawn = selection.epoch_draws(len(self.prompts), it, world * n, cfg.train.seed)  # [world * n]
-        prompt_ids = drawn[rank * n:(rank + 1) * n]  # [P]
+        prompt_ids = drawn[rank * n:(rank + 1) * n]  # [P] into the prompt set
+        cond = self.rows.rows(prompt_ids).to(self.device)  # [P, ...]: only this step's rows reach the device
+        prompts = [self.prompts[i] for i in prompt_ids.tolist()]
         plan = method.step_plan(cfg, it)
         spec = method.rollout_spec(cfg, plan)
-        roots, x_init = self._roots(prompt_ids, noise)
+        roots, x_init = self._roots(torch.arange(prompt_ids.shape[0]), noise)  # roots index the step's rows
         mask = method.store_mask(cfg, plan, roots.shape[0], shared)
         groups = None
         if not cfg.tree.enabled and cfg.rollout.same_noise_in_group:  # a group's ODE prefix is computed once
             groups = torch.arange(prompt_ids.shape[0], device=roots.device).repeat_interleave(cfg.rollout.group_size)
-        ro = rollout(self.policy, self.cond, roots, x_init, spec, noise, store_mask=mask, groups=groups)
+        ro = rollout(self.policy, cond, roots, x_init, spec, noise, store_mask=mask, groups=groups)
         t1 = time.perf_counter()
-        raw = self.score(ro)  # [K, N_L]
+        raw = self.score(ro, prompts)  # [K, N_L]
         t2 = time.perf_counter()
         forest = method.forest(cfg, prompt_ids.shape[0], plan.num_steps) if cfg.tree.enabled else None
         adv = self.edge_advantages(raw, ro, forest)  # [E]
         keep = self.pruning_keep(ro, raw, forest)
         transitions, adv = ro.transitions.select(keep), adv[keep]
         n_leaves = ro.leaves.shape[0]
-        stats = self.update(transitions, adv, n_leaves, shared, n_roots=roots.shape[0])
+        stats = self.update(transitions, adv, n_leaves, shared, n_roots=roots.shape[0], cond=cond)
         t3 = time.perf_counter()
         self.iteration += 1
         total = weighted_total(raw.cpu(), self.weights)  # [N_L]
@@ -147,11 +156,13 @@ class GRPOTrainer:
                 x = torch.randn((roots.shape[0], *shape), generator=generator)
         return roots.to(self.device), x.contiguous().to(self.device)
 
-    def score(self, ro: Rollout) -> Tensor:
-        """Rewards [K, N_leaves] of the decoded leaves; NaN or inf stops the step with a clear message."""
+    def score(self, ro: Rollout, cond_prompts: Sequence[str] | None = None) -> Tensor:
+        """Rewards [K, N_leaves] of the decoded leaves, whose ``leaf_cond_index`` indexes ``cond_prompts`` (default:
+        the training prompts); NaN or inf stops the step with a clear message."""
+        cond_prompts = self.prompts if cond_prompts is None else cond_prompts
         with torch.no_grad():
             images = decode_batched(self.policy, ro.leaves, self.cfg.rollout.decode_batch)  # [N, 3, H, W] in [0, 1]
-            prompts = [self.prompts[i] for i in ro.leaf_cond_index.tolist()]
+            prompts = [cond_prompts[i] for i in ro.leaf_cond_index.tolist()]
             raw = torch.stack([fn(images, prompts).float().to(self.device) for fn in self.rewards.values()])  # [K, N]
         bad = ~torch.isfinite(raw)
         if distributed.any_rank(bool(bad.any())):  # every rank raises, so no collective is left waiting
@@ -200,13 +211,15 @@ class GRPOTrainer:
 
     # ---- update --------------------------------------------------------------------------------------
     def update(self, tr: Transitions, adv: Tensor, n_samples: int, generator: torch.Generator,
-               n_roots: int | None = None) -> UpdateStats:
+               n_roots: int | None = None, cond: Conditioning | None = None) -> UpdateStats:
         """PPO-clip updates over the stored transitions, shuffled; an optimizer step per accumulation group.
 
         A group whose loss or gradient norm is NaN/inf on any rank is skipped on every rank (no weight, optimizer
         or EMA change); ``train.max_nonfinite_skips`` consecutive skips raise :class:`NonFiniteUpdatesError`
-        at the end of the step. ``n_roots`` (chains or trees on this rank) sets ``train.loss_scale=reference``.
+        at the end of the step. ``n_roots`` (chains or trees on this rank) sets ``train.loss_scale=reference``;
+        ``cond`` is the conditioning the transitions' ``cond_index`` points into (default: every training prompt).
         """
+        cond = self.cond if cond is None else cond
         t, stats = self.cfg.train, UpdateStats(transitions=len(tr))
         if len(tr) == 0:
             return stats
@@ -222,8 +235,8 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             chunk_loss = 0.0
             for rows in chunk.split(t.micro_batch):
-                part = self._micro_step(tr.select(rows), adv[rows], loss_weight(t.loss_scale, rows.numel(), chunk.numel(),
-                                                                                 t.accumulate_size, per_root))
+                weight = loss_weight(t.loss_scale, rows.numel(), chunk.numel(), t.accumulate_size, per_root)
+                part = self._micro_step(tr.select(rows), adv[rows], weight, cond)
                 if stats.updates == 0 and stats.skipped_steps == 0 and not totals:
                     stats.first_ratio_max_dev = part.pop("ratio_dev")
                 part.pop("ratio_dev", None)
@@ -249,14 +262,14 @@ class GRPOTrainer:
         stats.approx_kl, stats.kl = totals["approx_kl"], totals.get("kl", 0.0)
         return stats
 
-    def _micro_step(self, batch: Transitions, adv: Tensor, weight: float) -> dict[str, float]:
+    def _micro_step(self, batch: Transitions, adv: Tensor, weight: float, cond: Conditioning) -> dict[str, float]:
         """Forward, loss and backward of one micro-batch; ``weight`` scales its loss (see :func:`loss_weight`)."""
         t = self.cfg.train
         ref_mean = None
         if self.reference is not None:  # before the policy forward: swapping weights in place after it would
             with torch.no_grad(), self.weights_swapped(self.reference):  # corrupt the tensors autograd saved
-                _, ref_mean = rescore(self.policy, batch, self.cond)
-        log_prob, mean = rescore(self.policy, batch, self.cond)
+                _, ref_mean = rescore(self.policy, batch, cond)
+        log_prob, mean = rescore(self.policy, batch, cond)
         out = ppo_clip_loss(log_prob, batch.old_log_prob, adv, t.clip_range, self.cfg.advantage.clip)
         loss, logs = out.loss, {"loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
                                 "approx_kl": out.approx_kl.item(), "ratio_dev": (out.ratio - 1).abs().max().item()}
@@ -302,7 +315,7 @@ class GRPOTrainer:
     def evaluate(self) -> EvalResult:
         """Held-out reward: every prompt, fixed seeds, Euler ODE sampling (EMA weights when enabled)."""
         with self.weights_swapped(self.ema) if self.ema is not None else nullcontext():
-            return evaluate_policy(self.policy, self.cond, self.prompts, self.rewards, self.weights, self.cfg)
+            return evaluate_policy(self.policy, self.test_cond, self.test_prompts, self.rewards, self.weights, self.cfg)
 
 
 class EvalResult(dict):

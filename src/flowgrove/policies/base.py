@@ -52,6 +52,24 @@ class Conditioning:
         return Conditioning(**{k: None if v is None else v.to(device=device, dtype=dtype) for k, v in fields.items()})
 
 
+class PromptRows(Protocol):
+    """Conditioning rows by prompt index (an in-memory encoding or a cache on disk)."""
+
+    def rows(self, ids: Tensor) -> Conditioning:
+        """Conditioning ``[N, ...]`` of the prompts ``ids`` ``[N]`` (may repeat), on the CPU or the device."""
+        ...
+
+
+@dataclass(frozen=True)
+class EncodedPrompts:
+    """Every prompt encoded once and kept (small prompt sets)."""
+
+    cond: Conditioning
+
+    def rows(self, ids: Tensor) -> Conditioning:
+        return self.cond.select(ids)
+
+
 @runtime_checkable
 class FlowPolicy(Protocol):
     """A rectified-flow generator as the trainer sees it (velocity ``v = noise - x0``).
