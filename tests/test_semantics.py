@@ -194,9 +194,9 @@ def test_split_logprob_std_reference_scores_split_children_with_the_unscaled_std
         stored = {}
         real = t.update
 
-        def update(tr, adv, n, gen, n_roots=None, _real=real, _stored=stored):
+        def update(tr, adv, n, gen, _real=real, _stored=stored, **kwargs):
             _stored["tr"] = tr
-            return _real(tr, adv, n, gen, n_roots=n_roots)
+            return _real(tr, adv, n, gen, **kwargs)
 
         t.update = update
         t.step()
