@@ -42,6 +42,11 @@ def steps_of(run) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def rows_of(run) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]
+
+
 def test_the_first_step_is_checkpointed(two_steps):
     assert [p.name for p in checkpoint_folders(two_steps)] == ["step_000002", "step_000001"]
 
@@ -148,3 +153,31 @@ def test_resume_from_an_older_checkpoint_logs_each_step_once(run, capsys):
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("reward_mean")] == [1, 2]
+
+
+@pytest.mark.parametrize("name", ["trainable.safetensors", "optimizer.pt", "state.json", "config.yaml"])
+def test_a_corrupt_checkpoint_asked_for_is_one_line_and_exit_2(run, capsys, name):
+    file = run / "checkpoints" / "step_000002" / name
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    assert main(["train", "--resume", str(run), "--checkpoint", "step_2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"flowgrove: error: checkpoint file {file} ") and err.count("\n") == 1
+    assert "--checkpoint step_N" in err
+
+
+def test_a_corrupt_latest_falls_back_to_the_older_checkpoint_and_says_so(run, two_steps, capsys):
+    file = run / "checkpoints" / "step_000002" / "trainable.safetensors"
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0x10
+    file.write_bytes(bytes(data))
+    assert main(["train", "--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "skipping step_000002" in err and "taking" in err and "step_000001" in err
+    assert rows_of(run) == rows_of(two_steps)  # step 2 trained again from step 1, to the same numbers
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+
+
+def test_resume_without_a_checkpoint_points_to_overwrite(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
