@@ -272,8 +272,7 @@ def _read(file: Path, loader: Callable[[Path], object]) -> object:
     try:
         return loader(file)
     except Exception as err:  # noqa: BLE001  (safetensors, pickle and zip errors of a damaged file)
-        raise CheckpointError(f"checkpoint file {file} cannot be read ({type(err).__name__}); it is damaged: "
-                              "pick another checkpoint with `--checkpoint step_N`") from None
+        raise CheckpointError(f"checkpoint file {file} cannot be read ({type(err).__name__}); {_PICK}") from None
 
 
 def load_checkpoint(trainer: GRPOTrainer, path: Path, state: CheckpointState | None = None) -> CheckpointState:
