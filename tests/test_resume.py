@@ -63,3 +63,202 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, sig):
     b = json.loads((killed / "summary.json").read_text())
     assert a["heldout_reward_after"] == b["heldout_reward_after"]
     assert a["heldout_reward_before"] == b["heldout_reward_before"]
+
+
+# ---- in-process: halted training, Ctrl-C, and twenty SIGKILLs ---------------------------------------------
+
+def _cfg(steps: int, *extra: str):
+    from flowgrove.config import load_config
+
+    return load_config(None, [*SMALL, f"train.steps={steps}", *extra])
+
+
+def _summary(run: Path) -> dict:
+    s = json.loads((run / "summary.json").read_text())
+    return {k: v for k, v in s.items() if k.startswith("heldout") or k == "steps"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted 4-step run."""
+    from flowgrove import runner
+
+    run = tmp_path_factory.mktemp("ref") / "full"
+    runner.train(_cfg(4), run)
+    return run
+
+
+def _boldness_hook(monkeypatch, at_step: int, action) -> None:
+    """Apply ``action(rewards)`` to the boldness reward of training step ``at_step`` (call 0 is eval_before)."""
+    from flowgrove import runner
+
+    real, calls = runner.build_reward, [0]
+
+    def build(name, **kwargs):
+        fn = real(name, **kwargs)
+        if name != "boldness":
+            return fn
+
+        def reward(images, prompts):
+            out = fn(images, prompts)
+            calls[0] += 1
+            return action(out) if calls[0] - 1 == at_step else out
+
+        return reward
+
+    monkeypatch.setattr(runner, "build_reward", build)
+
+
+def _saved_steps(monkeypatch) -> list[int]:
+    from flowgrove import runner
+
+    saved, real = [], runner.save_checkpoint
+
+    def save(trainer, *args, **kwargs):
+        saved.append(trainer.iteration)
+        return real(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "save_checkpoint", save)
+    return saved
+
+
+@pytest.mark.parametrize("every", [100, 1])
+def test_a_nan_reward_halts_with_a_checkpoint_of_the_last_good_state(tmp_path, monkeypatch, reference, every):
+    from flowgrove import runner
+
+    run = tmp_path / "halted"
+    saved = _saved_steps(monkeypatch)
+    _boldness_hook(monkeypatch, 3, lambda r: r * float("nan"))
+    with pytest.raises(SystemExit) as err:
+        runner.train(_cfg(4, f"run.checkpoint_every={every}"), run)
+    message = str(err.value)
+    ckpt = run / "checkpoints" / "step_000002"
+    assert message.startswith("flowgrove: reward(s) ['boldness'] returned NaN/inf at step 3")
+    assert f"the last good state is checkpoint {ckpt}" in message and f"--resume {run}" in message
+    assert "\n" not in message
+    assert saved == [1, 2]  # step 2 once: by the halt (every=100) or by the loop (every=1), never both
+    monkeypatch.undo()
+    runner.resume(run)
+    assert _rows(run) == _rows(reference) and _summary(run) == _summary(reference)
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_and_resumes(tmp_path, monkeypatch, capfd, reference):
+    from flowgrove import runner
+
+    run = tmp_path / "interrupted"
+    _boldness_hook(monkeypatch, 2, lambda r: (os.kill(os.getpid(), signal.SIGINT), r)[1])
+    with pytest.raises(SystemExit, match="stopped by signal after step 2"):
+        runner.train(_cfg(4, "run.checkpoint_every=100"), run)
+    err = capfd.readouterr().err
+    assert err.count("stopping after the current step and writing a checkpoint") == 1
+    assert (run / "checkpoints" / "latest").read_text() == "step_000002"
+    monkeypatch.undo()
+    runner.resume(run)
+    assert _rows(run) == _rows(reference) and _summary(run) == _summary(reference)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, reference):
+    from flowgrove import runner
+    from flowgrove.checkpoint import choose_checkpoint
+
+    run = tmp_path / "interrupted"
+
+    def two_interrupts(r):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return r
+
+    _boldness_hook(monkeypatch, 2, two_interrupts)
+    with pytest.raises(KeyboardInterrupt):
+        runner.train(_cfg(4, "run.checkpoint_every=100"), run)
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert choose_checkpoint(run).state.iteration == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.undo()
+    runner.resume(run)
+    assert _rows(run) == _rows(reference) and _summary(run) == _summary(reference)
+
+
+def _child(run: Path, steps: int, slow_writes: bool) -> None:
+    """A forked training process: resume ``run``, or start it afresh when it has no checkpoint yet."""
+    code = 1
+    try:
+        from flowgrove import checkpoint, runner
+
+        if slow_writes:  # widen the checkpoint-write window, so that random kills land inside it too
+            real = checkpoint._write
+            checkpoint._write = lambda folder, name, writer: (time.sleep(0.05), real(folder, name, writer))[1]
+        try:
+            runner.resume(run)
+        except FileNotFoundError:
+            runner.train(_cfg(steps, "run.checkpoint_every=1"), run, overwrite=True)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _latest_step(run: Path) -> int:
+    latest = run / "checkpoints" / "latest"
+    text = latest.read_text().strip() if latest.is_file() else ""
+    return int(text[5:]) if text.startswith("step_") else 0
+
+
+def _writing_since(run: Path, start_ns: int) -> bool:
+    """A checkpoint write (a temporary folder) begun after ``start_ns``."""
+    for tmp in (run / "checkpoints").glob(".step_*.tmp"):
+        try:
+            if tmp.stat().st_mtime_ns >= start_ns:
+                return True
+        except FileNotFoundError:  # renamed into place meanwhile
+            pass
+    return False
+
+
+def _wait(pid: int, seconds: float, until=lambda: False) -> int | None:
+    """The exit status of ``pid`` if it ends within ``seconds`` (or before ``until()`` holds), else None."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not until():
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.005)
+    return None
+
+
+@pytest.mark.slow
+def test_twenty_sigkills_at_random_moments_resume_to_the_uninterrupted_run(tmp_path):
+    # Training processes are forked from this one (imports done once) and killed with SIGKILL at moments drawn
+    # from a seeded RNG, a random delay after one of three events: the process start (startup, evaluation, the
+    # first step), its first finished checkpoint (the next step, its write), or the start of a checkpoint write
+    # (slowed down, so the kill lands inside it; the next process trains that step again and writes it again).
+    # A last process runs to the end without a kill.
+    import random
+
+    from flowgrove import runner
+
+    steps = 12
+    full = tmp_path / "full"
+    runner.train(_cfg(steps, "run.checkpoint_every=1"), full)
+    run, rng = tmp_path / "killed", random.Random(7)
+    in_write, at_steps, events = 0, [], []
+    for _ in range(20):
+        start, start_ns, event = _latest_step(run), time.time_ns(), rng.choice(["start", "checkpoint", "write"])
+        until = {"start": lambda: True, "checkpoint": lambda: _latest_step(run) > start,
+                 "write": lambda: _writing_since(run, start_ns)}[event]
+        pid = os.fork()
+        if pid == 0:
+            _child(run, steps, slow_writes=True)
+        assert _wait(pid, 60, until) is None, "a child ended before its kill"
+        assert _wait(pid, rng.uniform(0.0, 0.6 if event != "write" else 0.2)) is None, "a child ended before its kill"
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        in_write += event == "write" and _writing_since(run, start_ns)
+        at_steps.append(_latest_step(run))
+        events.append(event)
+    pid = os.fork()
+    if pid == 0:
+        _child(run, steps, slow_writes=False)
+    assert _wait(pid, 120) == 0
+    assert in_write >= events.count("write") // 2 >= 2 and len(set(at_steps)) >= 4, (in_write, events, at_steps)
+    assert max(at_steps) < steps, "the run was complete before the last kill; fewer moments were tested"
+    assert _rows(run) == _rows(full) and _summary(run) == _summary(full)

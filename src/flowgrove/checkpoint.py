@@ -1,6 +1,11 @@
 """Checkpoints: trainable weights and EMA (safetensors), optimizer state (tensors only, loaded with
-``weights_only=True``), the global RNG, the iteration and the resolved config. Written to a temporary folder and
-renamed into place, so a kill at any moment leaves either the old or the new checkpoint, never half of one.
+``weights_only=True``), the global RNG, the iteration and the resolved config.
+
+A checkpoint is the folder ``checkpoints/step_NNNNNN``. It is written under a temporary name and renamed into
+place, and its ``state.json`` (written last) holds the sha256 of every other file, so a folder is complete
+exactly when it has that name and its checksums verify. ``checkpoints/latest`` is only a hint: resume takes
+the newest intact checkpoint and says so when that is not the one ``latest`` names. A step already on disk is
+never written again, and a folder is only removed once a newer intact one is in place.
 
 Every sampling generator is derived from (seed, iteration, stream, rank) (``trainer.step_generator``), so the
 iteration number restores them exactly; the global torch RNG is saved as well for anything else.
@@ -8,75 +13,287 @@ iteration number restores them exactly; the global torch RNG is saved as well fo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from flowgrove import distributed
+from flowgrove.rundir import atomic_write_text
 from flowgrove.trainer import GRPOTrainer
 
 LATEST = "latest"
+STATE = "state.json"
+REQUIRED = ("trainable.safetensors", "optimizer.pt", "rng.safetensors", "config.yaml")
+_NAME = re.compile(r"step_(\d+)")
+_PICK = "pick another with `--checkpoint step_N` or resume without it to take the newest intact one"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated or corrupt; the message names the file and the fix (one line)."""
 
 
-def save_checkpoint(trainer: GRPOTrainer, run_dir: Path, config_yaml: str, keep: int = 2) -> Path:
-    """Write ``run_dir/checkpoints/step_XXXXXX`` atomically and point ``checkpoints/latest`` at it."""
+@dataclass(frozen=True)
+class CheckpointState:
+    """What ``state.json`` records besides the weights."""
+
+    iteration: int
+    world_size: int  # processes of the run that wrote it; the per-rank data split depends on it
+    wall_seconds: float  # training wall time of the whole run up to this checkpoint, over all resumes
+    files: dict  # file name -> sha256 hex digest of every other file in the folder
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The checkpoint a resume starts from, and one line per reason it is not simply ``latest``."""
+
+    path: Path
+    state: CheckpointState
+    notes: tuple[str, ...]
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"step_{iteration:06d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write(folder: Path, name: str, writer: Callable[[Path], None]) -> str:
+    """Write one checkpoint file with ``writer`` and return its sha256."""
+    writer(folder / name)
+    return _sha256(folder / name)
+
+
+def _trainable_names(trainer: GRPOTrainer) -> list[str]:
+    return [n for n, p in trainer.policy.module.named_parameters() if p.requires_grad]
+
+
+def _tensor_files(trainer: GRPOTrainer) -> dict[str, dict[str, torch.Tensor]]:
+    """File name -> tensors of every safetensors file of a checkpoint."""
+    names = _trainable_names(trainer)
+    files = {"trainable.safetensors": {n: p.detach().contiguous().cpu() for n, p in zip(names, trainer.params)}}
+    for attr, file in (("ema", "ema.safetensors"), ("reference", "reference.safetensors")):
+        if getattr(trainer, attr) is not None:
+            files[file] = {n: t.contiguous().cpu() for n, t in zip(names, getattr(trainer, attr))}
+    files["rng.safetensors"] = {"torch_rng": torch.get_rng_state()}
+    return files
+
+
+def _write_folder(trainer: GRPOTrainer, folder: Path, config_yaml: str, wall_seconds: float) -> None:
+    """Every file of a checkpoint into ``folder``; ``state.json`` with the checksums comes last."""
+    files = {name: _write(folder, name, lambda p, t=tensors: save_file(t, str(p)))
+             for name, tensors in _tensor_files(trainer).items()}
+    files["optimizer.pt"] = _write(folder, "optimizer.pt", lambda p: torch.save(trainer.optimizer.state_dict(), p))
+    files["config.yaml"] = _write(folder, "config.yaml", lambda p: p.write_text(config_yaml))
+    world, _ = distributed.world_size_and_rank()
+    state = CheckpointState(trainer.iteration, world, round(wall_seconds, 3), files)
+    (folder / STATE).write_text(json.dumps(asdict(state), indent=1))
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` to ``final``; a damaged ``final`` is moved aside first, removed only after."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    aside = final.with_name(f".{final.name}.damaged")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(final, aside)
+    os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def save_checkpoint(trainer: GRPOTrainer, run_dir: Path, config_yaml: str, keep: int = 2,
+                    wall_seconds: float = 0.0) -> Path:
+    """Write ``run_dir/checkpoints/step_NNNNNN`` and point ``checkpoints/latest`` at it.
+
+    An intact checkpoint of the same step is kept as it is (a step is never saved twice). Of the other
+    complete checkpoints the newest ``keep`` stay.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{trainer.iteration:06d}"
-    tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    names = [n for n, p in trainer.policy.module.named_parameters() if p.requires_grad]
-    save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, trainer.params)}, str(tmp / "trainable.safetensors"))
-    if trainer.ema is not None:
-        save_file({n: e.contiguous().cpu() for n, e in zip(names, trainer.ema)}, str(tmp / "ema.safetensors"))
-    if trainer.reference is not None:
-        save_file({n: r.contiguous().cpu() for n, r in zip(names, trainer.reference)}, str(tmp / "reference.safetensors"))
-    torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
-    save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    (tmp / "config.yaml").write_text(config_yaml)
-    (tmp / "state.json").write_text(json.dumps({"iteration": trainer.iteration}))
-    final = root / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _atomic_write_text(root / LATEST, name)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    final = root / checkpoint_name(trainer.iteration)
+    if not (final.is_dir() and _intact(final)):
+        tmp = root / f".{final.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write_folder(trainer, tmp, config_yaml, wall_seconds)
+        _install(tmp, final)
+    atomic_write_text(root / LATEST, final.name)
+    _prune(root, keep, final)
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = Path(run_dir) / "checkpoints" / LATEST
+def _prune(root: Path, keep: int, current: Path) -> None:
+    """Remove leftovers of interrupted writes and all but the newest ``keep`` checkpoints (never ``current``)."""
+    for leftover in root.glob(".step_*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for old in checkpoint_folders(root.parent)[keep:]:
+        if old != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _step(path: Path) -> int:
+    return int(_NAME.fullmatch(path.name).group(1))
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """``checkpoints/step_*`` folders of a run, newest first (complete by name, not yet verified)."""
+    root = Path(run_dir) / "checkpoints"
+    found = [p for p in root.glob("step_*") if p.is_dir() and _NAME.fullmatch(p.name)] if root.is_dir() else []
+    return sorted(found, key=_step, reverse=True)
+
+
+def read_state(path: Path) -> CheckpointState:
+    """``state.json`` of a checkpoint folder, checked for shape (not yet the checksums)."""
+    file = Path(path) / STATE
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {file} is missing; the checkpoint is incomplete: {_PICK}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"checkpoint file {file} is truncated or not JSON; {_PICK}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise CheckpointError(f"checkpoint file {file} lists no file checksums (written by an older flowgrove or "
+                              f"damaged); {_PICK}, or start a new run")
+    try:
+        return CheckpointState(int(data["iteration"]), int(data.get("world_size", 1)),
+                               float(data.get("wall_seconds", 0.0)), dict(data["files"]))
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"checkpoint file {file} has no valid iteration; {_PICK}") from None
+
+
+def verify_checkpoint(path: Path) -> CheckpointState:
+    """The checkpoint's state once every file matches its sha256 in ``state.json``; else :class:`CheckpointError`."""
+    path = Path(path)
+    state = read_state(path)
+    missing = sorted(set(REQUIRED) - set(state.files))
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no {missing[0]} in {STATE}; the checkpoint is incomplete: {_PICK}")
+    for name, digest in sorted(state.files.items()):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint file {file} is missing; {_PICK}")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"checkpoint file {file} is truncated or corrupt (its sha256 differs from {STATE}); {_PICK}")
+    return state
+
+
+def _intact(path: Path) -> bool:
+    try:
+        verify_checkpoint(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _named(run_dir: Path, name: str) -> Path:
+    """The folder of an explicit ``--checkpoint step_N`` (any zero padding)."""
+    match = _NAME.fullmatch(name.strip())
+    path = Path(run_dir) / "checkpoints" / (checkpoint_name(int(match.group(1))) if match else name)
+    if not path.is_dir():
+        have = ", ".join(p.name for p in checkpoint_folders(run_dir)) or "none"
+        raise CheckpointError(f"{run_dir} has no checkpoint {name!r}; its checkpoints: {have}; pass one of them to --checkpoint")
+    return path
+
+
+def _pointer_note(root: Path, chosen: Path) -> str | None:
+    """Why ``latest`` was not taken, or None when it names ``chosen``."""
+    pointer = root / LATEST
     if not pointer.is_file():
+        return f"{pointer} is missing"
+    named = pointer.read_text(errors="replace").strip()
+    if named == chosen.name:
         return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    if not (root / named).is_dir() or not _NAME.fullmatch(named):
+        return f"{pointer} names {named!r}, which does not exist"
+    return f"{pointer} names {named}, but {chosen.name} is newer"
 
 
-def load_checkpoint(trainer: GRPOTrainer, path: Path) -> None:
-    """Restore a checkpoint written by :func:`save_checkpoint` into a freshly built trainer."""
-    names = [n for n, p in trainer.policy.module.named_parameters() if p.requires_grad]
-    weights = load_file(str(path / "trainable.safetensors"))
+def choose_checkpoint(run_dir: Path, name: str | None = None) -> Choice | None:
+    """The checkpoint to resume: ``name`` (must verify), else the newest intact one. None when there is none."""
+    if name:
+        path = _named(run_dir, name)
+        return Choice(path, verify_checkpoint(path), ())
+    folders = checkpoint_folders(run_dir)
+    notes: list[str] = []
+    for path in folders:
+        try:
+            state = verify_checkpoint(path)
+        except CheckpointError as err:
+            notes.append(f"skipping {path.name}: {str(err).split('; ')[0]}")
+            continue
+        pointer = _pointer_note(path.parent, path)
+        if pointer is not None and not notes:
+            notes.append(pointer)
+        if notes:
+            notes.append(f"taking {path}, the newest intact checkpoint")
+        return Choice(path, state, tuple(notes))
+    if folders:
+        reason = "; ".join(notes)
+        raise CheckpointError(f"{run_dir} has no intact checkpoint ({reason}); start a new run with another --out")
+    return None
+
+
+def discard_after(run_dir: Path, chosen: Path) -> list[Path]:
+    """Remove the checkpoints newer than ``chosen`` (damaged, or of a future the run is going back from) and
+    point ``latest`` at ``chosen``. Returns what was removed."""
+    newer = [p for p in checkpoint_folders(run_dir) if _step(p) > _step(chosen)]
+    atomic_write_text(Path(run_dir) / "checkpoints" / LATEST, chosen.name)
+    for path in newer:
+        shutil.rmtree(path, ignore_errors=True)
+    return newer
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest intact checkpoint of a run (notes on stderr when ``latest`` was not it), or None."""
+    choice = choose_checkpoint(run_dir)
+    if choice is None:
+        return None
+    for note in choice.notes:
+        print(f"flowgrove: {note}", file=sys.stderr)
+    return choice.path
+
+
+def _read(file: Path, loader: Callable[[Path], object]) -> object:
+    try:
+        return loader(file)
+    except Exception as err:  # noqa: BLE001  (safetensors, pickle and zip errors of a damaged file)
+        raise CheckpointError(f"checkpoint file {file} cannot be read ({type(err).__name__}); {_PICK}") from None
+
+
+def load_checkpoint(trainer: GRPOTrainer, path: Path, state: CheckpointState | None = None) -> CheckpointState:
+    """Restore a checkpoint written by :func:`save_checkpoint` into a freshly built trainer (verified first)."""
+    path = Path(path)
+    state = state or verify_checkpoint(path)
+    names = _trainable_names(trainer)
+    weights = _read(path / "trainable.safetensors", lambda f: load_file(str(f)))
     missing = sorted(set(names) - set(weights))
     if missing:
-        raise ValueError(f"checkpoint {path} lacks trainable tensors {missing[:3]}...; was it written with another policy or LoRA setting?")
+        raise CheckpointError(f"checkpoint {path} lacks trainable tensors {missing[:3]}...; was it written with another policy or LoRA setting?")
     with torch.no_grad():
         for n, p in zip(names, trainer.params):
             p.copy_(weights[n])
         for attr, file in (("ema", "ema.safetensors"), ("reference", "reference.safetensors")):
             if getattr(trainer, attr) is not None:
-                saved = load_file(str(path / file))
+                saved = _read(path / file, lambda f: load_file(str(f)))
                 for buf, n in zip(getattr(trainer, attr), names):
                     buf.copy_(saved[n])
-    trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch_rng"])
-    trainer.iteration = json.loads((path / "state.json").read_text())["iteration"]
+    optimizer = _read(path / "optimizer.pt", lambda f: torch.load(f, weights_only=True))
+    trainer.optimizer.load_state_dict(optimizer)
+    torch.set_rng_state(_read(path / "rng.safetensors", lambda f: load_file(str(f)))["torch_rng"])
+    trainer.iteration = state.iteration
+    return state

@@ -11,9 +11,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flowgrove.rundir import atomic_write_text
+
 
 class MetricsLogger:
-    """Appends one JSON line per step to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+    """Appends one JSON line per step to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
+
+    On resume from ``resume_step``, lines and TensorBoard events of later steps (done by a killed run after its
+    last checkpoint) are dropped, so every step appears once.
+    """
 
     def __init__(self, run_dir: Path, resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -21,7 +27,8 @@ class MetricsLogger:
             truncate_metrics(self.path, resume_step)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        purge = None if resume_step is None else resume_step + 1  # TensorBoard hides older events from this step on
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def log(self, metrics: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -42,9 +49,17 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop lines logged after ``last_step`` (steps a killed run did past its last checkpoint)."""
-    rows = [r for r in read_metrics(path) if r["step"] <= last_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    """Drop lines logged after ``last_step`` (steps a killed run did past its last checkpoint), and a last line
+    that a kill cut short. Atomic: a kill meanwhile leaves the old file."""
+    if not Path(path).is_file():
+        return
+    lines = Path(path).read_text().splitlines()
+    rows = [json.loads(line) for line in lines[:-1] if line.strip()]
+    try:
+        rows += [json.loads(lines[-1])] if lines and lines[-1].strip() else []
+    except json.JSONDecodeError:
+        pass
+    atomic_write_text(Path(path), "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= last_step))
 
 
 GRID_MAX_SIDE = 4096  # pixels: a larger grid is shrunk to fit

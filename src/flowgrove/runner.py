@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 from tqdm import tqdm
 
-from flowgrove import distributed
-from flowgrove.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from flowgrove import distributed, rundir
+from flowgrove.checkpoint import (CheckpointError, Choice, checkpoint_folders, choose_checkpoint, discard_after,
+                                  load_checkpoint, save_checkpoint)
 from flowgrove.config import Config, config_from_yaml_text, config_to_yaml
 from flowgrove.metrics import MetricsLogger, plot_reward_curves, read_metrics, save_grid
 from flowgrove.policies.prepare import offload_text_encoders, prepare_policy
 from flowgrove.prompts import load_prompt_sets
 from flowgrove.rewards import build_reward
-from flowgrove.trainer import GRPOTrainer
+from flowgrove.trainer import GRPOTrainer, TrainingHalted
+
+T = TypeVar("T")
 
 
 def build_trainer(cfg: Config) -> GRPOTrainer:
@@ -41,18 +47,42 @@ def build_trainer(cfg: Config) -> GRPOTrainer:
 
 @dataclass
 class RunResult:
-    run_dir: Path
+    run_dir: Path | None  # None on ranks other than 0 of a fresh run with a default folder name
     summary: dict
 
 
+@dataclass
+class _Claim:
+    run_dir: Path
+    lock: rundir.RunLock
+
+
+@dataclass
+class _ResumePlan:
+    choice: Choice
+    cfg: Config
+    saved_yaml: str  # the checkpoint's config.yaml as written
+
+
+def _note(text: str) -> None:
+    print(f"flowgrove: {text}", file=sys.stderr)
+
+
 class _Stop:
-    """SIGTERM/SIGINT set a flag; the loop finishes the current step, checkpoints and exits."""
+    """SIGTERM or a first Ctrl-C set a flag: the loop finishes the current step, checkpoints and exits.
+    A second Ctrl-C raises KeyboardInterrupt at once; the last checkpoint on disk stays valid."""
 
     def __init__(self) -> None:
         self.requested = False
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            # os.write, not print: a handler may run in the middle of another write to stderr
+            os.write(2, b"flowgrove: stopping after the current step and writing a checkpoint; "
+                        b"press Ctrl-C again to stop at once\n")
         self.requested = True
 
     def restore(self) -> None:
@@ -60,74 +90,188 @@ class _Stop:
             signal.signal(s, handler)
 
 
-def default_run_dir(cfg: Config) -> Path:
-    return Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+class _Saver:
+    """Checkpoints of this process: rank 0 only, each step at most once, wall time counted over all resumes."""
+
+    def __init__(self, cfg: Config, run_dir: Path | None, resumed: Choice | None) -> None:
+        self.run_dir, self.yaml, self.keep = run_dir, config_to_yaml(cfg), cfg.run.keep_checkpoints
+        self.main = distributed.is_main()
+        self.seconds_before = resumed.state.wall_seconds if resumed else 0.0
+        self.start = time.perf_counter()
+        self.saved_iteration = resumed.state.iteration if resumed else None
+        self.saved_path = resumed.path if resumed else None
+
+    def wall_seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.start
+
+    def __call__(self, trainer: GRPOTrainer) -> Path | None:
+        if self.main and self.saved_iteration != trainer.iteration:
+            self.saved_path = save_checkpoint(trainer, self.run_dir, self.yaml, self.keep, self.wall_seconds())
+            self.saved_iteration = trainer.iteration
+        return self.saved_path
+
+
+def _agreed(setup: Callable[[], T], everywhere: bool = False) -> T | None:
+    """``setup()`` on rank 0 (or on every rank); when it fails anywhere, every rank stops, so none is left
+    waiting in a collective. Returns None on ranks that did not run it."""
+    result, error = None, None
+    if everywhere or distributed.is_main():
+        try:
+            result = setup()
+        except Exception as err:  # noqa: BLE001  (re-raised below, once every rank knows)
+            error = err
+    if distributed.any_rank(error is not None):
+        if error is not None:
+            raise error
+        raise SystemExit("flowgrove: another rank could not set up the run (see its message)")
+    return result
+
+
+def _claim_fresh(cfg: Config, target: str | Path | None, overwrite: bool) -> _Claim:
+    """Create or check the folder of a fresh run, lock it and write its config."""
+    run_dir = Path(target) if target else rundir.default_run_dir(cfg.method)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = rundir.RunLock(run_dir)
+    try:
+        removed = rundir.clear_for_fresh_run(run_dir, overwrite, has_checkpoint=bool(checkpoint_folders(run_dir)))
+        if removed:
+            _note(f"--overwrite: removed {', '.join(removed)} of an earlier partial run in {run_dir}")
+        rundir.atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+    except BaseException:
+        lock.release()
+        raise
+    return _Claim(run_dir, lock)
 
 
 def train(cfg: Config, run_dir: Path | None = None, overwrite: bool = False) -> RunResult:
-    """A fresh run into ``run_dir`` (or ``run.out``, or ``runs/<method>-<time>``)."""
-    run_dir = Path(run_dir or cfg.run.out or default_run_dir(cfg))
-    if latest_checkpoint(run_dir) is not None:
-        raise FileExistsError(f"{run_dir} already holds a run; continue it with `flowgrove train --resume {run_dir}` or pick another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    return _run(cfg, run_dir, build_trainer(cfg), resumed=False)
+    """A fresh run into ``run_dir`` (or ``run.out``, or a new ``runs/<method>-<time>-<hex>``).
+
+    A folder that holds a partial run without a checkpoint is only reused with ``overwrite``.
+    """
+    distributed.init_from_env()
+    target = run_dir or cfg.run.out or None
+    claim = _agreed(lambda: _claim_fresh(cfg, target, overwrite))
+    try:
+        folder = claim.run_dir if claim else (Path(target) if target else None)
+        return _run(cfg, folder, build_trainer(cfg), resumed=None)
+    finally:
+        if claim:
+            claim.lock.release()
+
+
+def _resume_plan(run_dir: Path, checkpoint: str | None) -> _ResumePlan:
+    """The checkpoint to resume and its config; refuses another world size."""
+    choice = choose_checkpoint(run_dir, checkpoint)
+    if choice is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint to resume (expected {run_dir}/checkpoints/step_N); "
+                                f"start afresh with `flowgrove train --out {run_dir} --overwrite`")
+    world, _ = distributed.world_size_and_rank()
+    if choice.state.world_size != world:
+        raise ValueError(f"checkpoint {choice.path} was written by a run on {choice.state.world_size} process(es), "
+                         f"this resume has {world}; relaunch with {choice.state.world_size} (the per-rank data "
+                         "split depends on it)")
+    file = choice.path / "config.yaml"
+    saved_yaml = file.read_text()
+    try:
+        cfg = config_from_yaml_text(saved_yaml)
+    except Exception as err:  # noqa: BLE001  (YAML or schema errors of a config from another version)
+        raise CheckpointError(f"checkpoint file {file} is not a valid config ({str(err).splitlines()[0]}); "
+                              "pick another checkpoint with `--checkpoint step_N`") from None
+    return _ResumePlan(choice, cfg, saved_yaml)
+
+
+def _lock_run(run_dir: Path) -> rundir.RunLock:
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} does not exist; pass the folder of an earlier `flowgrove train` to --resume")
+    return rundir.RunLock(run_dir)
 
 
 def resume(run_dir: Path, steps: int | None = None, checkpoint: str | None = None) -> RunResult:
-    """Continue a run from its latest checkpoint (optionally with a new total step count)."""
+    """Continue a run from its newest intact checkpoint, or from ``checkpoint`` (``step_N``), optionally with a
+    new total step count. Checkpoints newer than the one taken are removed: the run continues from there."""
     run_dir = Path(run_dir)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint to resume (expected {run_dir}/checkpoints/latest)")
-    cfg = config_from_yaml_text((ckpt / "config.yaml").read_text())
-    if steps is not None:
-        cfg.train.steps = steps
-    trainer = build_trainer(cfg)
-    load_checkpoint(trainer, ckpt)
-    return _run(cfg, run_dir, trainer, resumed=True)
-
-
-def _run(cfg: Config, run_dir: Path, trainer: GRPOTrainer, resumed: bool) -> RunResult:
-    main = distributed.is_main()
-    start = time.perf_counter()
-    logger = MetricsLogger(run_dir, resume_step=trainer.iteration if resumed else None) if main else None
-    before = _eval_before(trainer, run_dir, main)
-    stop, config_yaml = _Stop(), config_to_yaml(cfg)
-    bar = tqdm(total=cfg.train.steps, initial=trainer.iteration, disable=not (cfg.run.progress and main), unit="step")
+    distributed.init_from_env()
+    lock = _agreed(lambda: _lock_run(run_dir))
     try:
-        while trainer.iteration < cfg.train.steps and not stop.requested:
-            metrics = trainer.step()
-            if logger:
-                logger.log(metrics)
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", s_per_step=f"{metrics['seconds_step']:.2f}")
-            if main and (trainer.iteration % cfg.run.checkpoint_every == 0 or stop.requested):
-                save_checkpoint(trainer, run_dir, config_yaml, cfg.run.keep_checkpoints)
+        plan = _agreed(lambda: _resume_plan(run_dir, checkpoint), everywhere=True)
+        if distributed.is_main():
+            for note in plan.choice.notes:
+                _note(note)
+        if steps is not None:
+            plan.cfg.train.steps = steps
+        trainer = build_trainer(plan.cfg)
+        load_checkpoint(trainer, plan.choice.path, plan.choice.state)
+        if distributed.is_main():
+            _settle_run_dir(run_dir, plan)
+        return _run(plan.cfg, run_dir, trainer, resumed=plan.choice)
     finally:
-        bar.close()
-        stop.restore()
-    if stop.requested:
-        if main:
-            save_checkpoint(trainer, run_dir, config_yaml, cfg.run.keep_checkpoints)
-        raise SystemExit(f"stopped by signal after step {trainer.iteration}; resume with `flowgrove train --resume {run_dir}`")
-    if main:
-        save_checkpoint(trainer, run_dir, config_yaml, cfg.run.keep_checkpoints)
-    summary = _finish(cfg, run_dir, trainer, before, time.perf_counter() - start) if main else {}
-    if logger:
-        logger.close()
+        if lock:
+            lock.release()
+
+
+def _settle_run_dir(run_dir: Path, plan: _ResumePlan) -> None:
+    """Drop checkpoints after the resumed one, point ``latest`` at it, and sync ``config.yaml`` with it."""
+    for path in discard_after(run_dir, plan.choice.path):
+        _note(f"removed {path}: the run continues from {plan.choice.path.name}")
+    note = rundir.reconcile_config(run_dir, plan.saved_yaml, config_to_yaml(plan.cfg))
+    if note:
+        _note(note)
+
+
+def _run(cfg: Config, run_dir: Path | None, trainer: GRPOTrainer, resumed: Choice | None) -> RunResult:
+    main = distributed.is_main()
+    save = _Saver(cfg, run_dir, resumed)
+    logger = MetricsLogger(run_dir, resume_step=trainer.iteration if resumed else None) if main else None
+    try:
+        before = _eval_before(trainer, run_dir, main)
+        _train_steps(cfg, trainer, logger, save)
+        summary = _finish(cfg, run_dir, trainer, before, save.wall_seconds()) if main else {}
+    finally:
+        if logger:
+            logger.close()
     return RunResult(run_dir, summary)
 
 
-def _eval_before(trainer: GRPOTrainer, run_dir: Path, main: bool) -> dict:
+def _train_steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None, save: _Saver) -> Path | None:
+    """Train to ``train.steps``, checkpointing after step 1, every ``run.checkpoint_every`` steps and at the end.
+
+    Returns the final checkpoint. A signal, or a :class:`TrainingHalted` from the trainer (raised before any
+    weight changed), ends in a checkpoint of the last good state and ``SystemExit``.
+    """
+    stop = _Stop()
+    bar = tqdm(total=cfg.train.steps, initial=trainer.iteration, disable=not (cfg.run.progress and save.main), unit="step")
+    resume_hint = f"resume with `flowgrove train --resume {save.run_dir}`"
+    try:
+        try:
+            while trainer.iteration < cfg.train.steps and not distributed.any_rank(stop.requested):
+                metrics = trainer.step()
+                if logger:
+                    logger.log(metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", s_per_step=f"{metrics['seconds_step']:.2f}")
+                if trainer.iteration == 1 or trainer.iteration % cfg.run.checkpoint_every == 0:
+                    save(trainer)
+        except TrainingHalted as err:
+            path = save(trainer)
+            raise SystemExit(f"flowgrove: {str(err).rstrip('.')}; the last good state is checkpoint {path}; {resume_hint}") from None
+        path = save(trainer)
+        if trainer.iteration < cfg.train.steps:
+            raise SystemExit(f"flowgrove: stopped by signal after step {trainer.iteration}; checkpoint {path}; {resume_hint}")
+    finally:
+        bar.close()
+        stop.restore()
+    return path
+
+
+def _eval_before(trainer: GRPOTrainer, run_dir: Path | None, main: bool) -> dict:
     """Held-out reward of the initial policy; computed once per run and kept on disk for resumes."""
-    path = run_dir / "eval_before.json"
-    if path.is_file():
+    path = run_dir / "eval_before.json" if run_dir else None
+    if path is not None and path.is_file():
         return json.loads(path.read_text())
     result = trainer.evaluate()
     if main:
         save_grid(result.images, run_dir / "samples_before.png", columns=trainer.cfg.eval.samples_per_prompt)
-        path.write_text(json.dumps(dict(result)))
+        rundir.atomic_write_text(path, json.dumps(dict(result)))
     return dict(result)
 
 
@@ -146,7 +290,5 @@ def _finish(cfg: Config, run_dir: Path, trainer: GRPOTrainer, before: dict, wall
         "nfe_old": mean("nfe_old"), "nfe_new": mean("nfe_new"),
         "seconds_per_step": mean("seconds_step"),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    rundir.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
-
-

@@ -1,0 +1,181 @@
+"""Checkpoint folders: sha256 of every file, the newest-intact fallback, a step is never saved twice, and a crash
+at any file-system step of a save leaves an intact checkpoint at least as new as before."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from flowgrove import checkpoint as ck
+from flowgrove.checkpoint import CheckpointError, choose_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
+from flowgrove.config import config_to_yaml, load_config
+from flowgrove.trainer import GRPOTrainer
+
+from conftest import TinyPolicy, brightness
+
+SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "train.micro_batch=1000", "rewards={brightness: 1.0}",
+         "train.ema_decay=0.9"]
+
+
+def make() -> GRPOTrainer:
+    cfg = load_config(None, SMALL)
+    return GRPOTrainer(cfg, TinyPolicy(), {"brightness": brightness}, ["zero", "one", "two"])
+
+
+def trained_run(run, steps: int, keep: int = 2) -> GRPOTrainer:
+    """A trainer after ``steps`` steps, each checkpointed into ``run``."""
+    trainer = make()
+    for _ in range(steps):
+        trainer.step()
+        save_checkpoint(trainer, run, config_to_yaml(trainer.cfg), keep=keep)
+    return trainer
+
+
+def step_dir(run, n: int):
+    return run / "checkpoints" / f"step_{n:06d}"
+
+
+def test_state_json_holds_the_sha256_of_every_file_and_loads_back(tmp_path):
+    trainer = trained_run(tmp_path, 2)
+    folder = step_dir(tmp_path, 2)
+    state = json.loads((folder / "state.json").read_text())
+    on_disk = {p.name for p in folder.iterdir()} - {"state.json"}
+    assert set(state["files"]) == on_disk >= {"trainable.safetensors", "ema.safetensors", "optimizer.pt", "config.yaml"}
+    for name, digest in state["files"].items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+    assert state["iteration"] == 2 and state["world_size"] == 1
+    fresh = make()
+    load_checkpoint(fresh, folder)
+    assert fresh.iteration == 2
+    assert all(torch.equal(a, b) for a, b in zip(fresh.params, trainer.params))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.ema, trainer.ema))
+    a, b = fresh.step(), trainer.step()  # optimizer moments and generators restored too
+    assert {k: v for k, v in a.items() if not k.startswith("seconds")} == {k: v for k, v in b.items() if not k.startswith("seconds")}
+
+
+def _flip_byte(path, offset_from_end: int = 5) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x01  # inside the tensor data, after the header: safetensors itself loads this fine
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_a_tensor_file_is_detected_and_skipped(tmp_path):
+    trained_run(tmp_path, 2)
+    bad = step_dir(tmp_path, 2) / "trainable.safetensors"
+    _flip_byte(bad)
+    with pytest.raises(CheckpointError, match="trainable.safetensors") as err:
+        load_checkpoint(make(), step_dir(tmp_path, 2))
+    assert "\n" not in str(err.value) and "--checkpoint step_N" in str(err.value)
+    choice = choose_checkpoint(tmp_path)
+    assert choice.path == step_dir(tmp_path, 1)
+    assert any("skipping step_000002" in n for n in choice.notes)
+    assert "taking" in choice.notes[-1] and "step_000001" in choice.notes[-1]
+    with pytest.raises(CheckpointError, match="trainable.safetensors"):
+        choose_checkpoint(tmp_path, "step_2")  # asked for explicitly: an error, not a fallback
+
+
+@pytest.mark.parametrize("name", ["trainable.safetensors", "optimizer.pt", "state.json", "config.yaml", "rng.safetensors"])
+def test_a_truncated_file_is_a_one_line_error_naming_it(tmp_path, name):
+    trained_run(tmp_path, 1)
+    file = step_dir(tmp_path, 1) / name
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as err:
+        choose_checkpoint(tmp_path, "step_000001")
+    message = str(err.value)
+    assert str(file) in message and "\n" not in message
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        choose_checkpoint(tmp_path)  # the only checkpoint is damaged: nothing to fall back to
+
+
+def test_an_unknown_checkpoint_name_lists_the_existing_ones(tmp_path):
+    trained_run(tmp_path, 2)
+    with pytest.raises(CheckpointError, match="step_000002, step_000001"):
+        choose_checkpoint(tmp_path, "step_7")
+
+
+@pytest.mark.parametrize("pointer", [None, "step_000009", "\x00garbage", "step_000001"])
+def test_a_missing_dangling_or_stale_latest_falls_back_to_the_newest_intact(tmp_path, pointer):
+    trained_run(tmp_path, 2)
+    latest = tmp_path / "checkpoints" / "latest"
+    assert choose_checkpoint(tmp_path).notes == ()
+    latest.unlink()
+    if pointer is not None:
+        latest.write_text(pointer)
+    choice = choose_checkpoint(tmp_path)
+    assert choice.path == step_dir(tmp_path, 2) and choice.state.iteration == 2
+    assert "latest" in choice.notes[0] and "step_000002" in choice.notes[-1]
+
+
+def test_saving_a_step_twice_keeps_the_first_copy(tmp_path):
+    trainer = trained_run(tmp_path, 1)
+    files = {p.name: p.stat().st_ino for p in step_dir(tmp_path, 1).iterdir()}
+    with torch.no_grad():
+        trainer.params[0].add_(1.0)  # a second save of step 1 would write these weights
+    save_checkpoint(trainer, tmp_path, config_to_yaml(trainer.cfg))
+    assert {p.name: p.stat().st_ino for p in step_dir(tmp_path, 1).iterdir()} == files
+    verify_checkpoint(step_dir(tmp_path, 1))
+
+
+def test_only_the_newest_checkpoints_and_no_leftovers_stay(tmp_path):
+    (tmp_path / "checkpoints" / ".step_000009.tmp").mkdir(parents=True)
+    trained_run(tmp_path, 4, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000003", "step_000004"]
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(monkeypatch, n: int) -> list[int]:
+    """Make the ``n``-th file-system change of checkpoint.py raise (n = 0: none); returns the change counter."""
+    count = [0]
+
+    def hook(real):
+        def wrapped(*args, **kwargs):
+            count[0] += 1
+            if count[0] == n:
+                raise _Crash
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(ck.os, "replace", hook(os.replace))
+    monkeypatch.setattr(ck.shutil, "rmtree", hook(shutil.rmtree))
+    monkeypatch.setattr(ck, "_write", hook(ck._write))
+    monkeypatch.setattr(ck, "atomic_write_text", hook(ck.atomic_write_text))
+    return count
+
+
+@pytest.mark.parametrize("case", ["new step", "same step again", "over a damaged copy"])
+def test_a_crash_at_any_point_of_a_save_leaves_an_intact_checkpoint(tmp_path, monkeypatch, case):
+    base = tmp_path / "base"
+    trainer = trained_run(base, 2, keep=1)  # keep=1: pruning too early would leave nothing
+    if case == "new step":
+        trainer.step()
+    elif case == "over a damaged copy":
+        trainer.step()
+        save_checkpoint(trainer, base, config_to_yaml(trainer.cfg), keep=2)
+        _flip_byte(step_dir(base, 3) / "optimizer.pt")
+    n_changes = None
+    for n in range(0, 40):
+        run = tmp_path / f"crash{n}"
+        shutil.copytree(base, run)
+        with monkeypatch.context() as m:
+            count = _crash_at(m, n)
+            try:
+                save_checkpoint(trainer, run, config_to_yaml(trainer.cfg), keep=1)
+            except _Crash:
+                pass
+            else:
+                n_changes = count[0]
+        choice = choose_checkpoint(run)
+        verify_checkpoint(choice.path)
+        assert choice.state.iteration >= 2, f"crash at change {n}"  # never older than before the save
+        if n_changes is not None and n > n_changes:
+            assert choice.state.iteration == trainer.iteration
+            break
+    assert n_changes, "the save made no file-system changes"
