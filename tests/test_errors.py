@@ -294,3 +294,8 @@ def test_os_errors_name_the_path():
     assert line.startswith("flowgrove: cannot access /runs/x: permission denied") and "--out" in line
     assert cli.error_message(FileExistsError("runs/x already holds a run; continue it")) == (
         "flowgrove: error: runs/x already holds a run; continue it")
+
+
+@pytest.mark.parametrize("args, word", [(["--checkpoint", "step_1"], "--resume"), (["--resume", "x", "--overwrite"], "--overwrite")])
+def test_checkpoint_and_overwrite_flags_need_the_right_mode(args, word, capsys, no_models):
+    one_line_error(capsys, cli.main(["train", *args]), word)

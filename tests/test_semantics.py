@@ -260,3 +260,16 @@ def test_weights_that_sum_to_zero_are_a_valid_set_and_all_zero_is_not():
     assert cfg.rewards == {"digit_classifier": 1.0, "boldness": -1.0}  # replaces the preset's set, kept as given
     with pytest.raises(ConfigError, match="every weight in rewards"):
         load_config(None, ["rewards={digit_classifier: 0, boldness: 0}"])
+
+
+def test_the_skip_streak_survives_a_checkpoint(tmp_path, monkeypatch):
+    from flowgrove.checkpoint import load_checkpoint, save_checkpoint
+
+    t = make("dancegrpo", "train.max_nonfinite_skips=1000", "train.accumulate_size=4")
+    _nan_from_step(monkeypatch, 1)
+    t.step()
+    assert t.nonfinite_streak == 2
+    path = save_checkpoint(t, tmp_path, "method: dancegrpo\n")
+    fresh = make("dancegrpo", "train.max_nonfinite_skips=1000", "train.accumulate_size=4")
+    load_checkpoint(fresh, path)
+    assert fresh.nonfinite_streak == 2 and fresh.iteration == 1

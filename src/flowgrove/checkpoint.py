@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -49,6 +49,7 @@ class CheckpointState:
     world_size: int  # processes of the run that wrote it; the per-rank data split depends on it
     wall_seconds: float  # training wall time of the whole run up to this checkpoint, over all resumes
     files: dict  # file name -> sha256 hex digest of every other file in the folder
+    trainer: dict = field(default_factory=dict)  # GRPOTrainer.extra_state(): counters that last across steps
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def _write_folder(trainer: GRPOTrainer, folder: Path, config_yaml: str, wall_sec
     files["optimizer.pt"] = _write(folder, "optimizer.pt", lambda p: torch.save(trainer.optimizer.state_dict(), p))
     files["config.yaml"] = _write(folder, "config.yaml", lambda p: p.write_text(config_yaml))
     world, _ = distributed.world_size_and_rank()
-    state = CheckpointState(trainer.iteration, world, round(wall_seconds, 3), files)
+    state = CheckpointState(trainer.iteration, world, round(wall_seconds, 3), files, trainer.extra_state())
     (folder / STATE).write_text(json.dumps(asdict(state), indent=1))
 
 
@@ -171,7 +172,7 @@ def read_state(path: Path) -> CheckpointState:
                               f"damaged); {_PICK}, or start a new run")
     try:
         return CheckpointState(int(data["iteration"]), int(data.get("world_size", 1)),
-                               float(data.get("wall_seconds", 0.0)), dict(data["files"]))
+                               float(data.get("wall_seconds", 0.0)), dict(data["files"]), dict(data.get("trainer", {})))
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"checkpoint file {file} has no valid iteration; {_PICK}") from None
 
@@ -296,4 +297,5 @@ def load_checkpoint(trainer: GRPOTrainer, path: Path, state: CheckpointState | N
     trainer.optimizer.load_state_dict(optimizer)
     torch.set_rng_state(_read(path / "rng.safetensors", lambda f: load_file(str(f)))["torch_rng"])
     trainer.iteration = state.iteration
+    trainer.load_extra_state(state.trainer)
     return state

@@ -20,6 +20,10 @@ USAGE_EXIT = 2
 def _train(args: argparse.Namespace) -> int:
     from flowgrove import runner
 
+    if args.checkpoint and not args.resume:
+        raise ConfigError(f"--checkpoint {args.checkpoint} picks the checkpoint of a resume; add --resume RUN_DIR")
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite starts a run afresh and --resume continues one; drop one of the two")
     if args.resume:
         if args.config or args.overrides or args.method:
             raise ConfigError("--resume continues a run with its saved config; drop CONFIG, --method and key=value overrides")

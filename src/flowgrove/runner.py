@@ -173,7 +173,7 @@ def _resume_plan(run_dir: Path, checkpoint: str | None) -> _ResumePlan:
     file = choice.path / "config.yaml"
     saved_yaml = file.read_text()
     try:
-        cfg = config_from_yaml_text(saved_yaml)
+        cfg = config_from_yaml_text(saved_yaml, source=str(file))
     except Exception as err:  # noqa: BLE001  (YAML or schema errors of a config from another version)
         raise CheckpointError(f"checkpoint file {file} is not a valid config ({str(err).splitlines()[0]}); "
                               "pick another checkpoint with `--checkpoint step_N`") from None
@@ -240,7 +240,9 @@ def _train_steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None
     """
     stop = _Stop()
     bar = tqdm(total=cfg.train.steps, initial=trainer.iteration, disable=not (cfg.run.progress and save.main), unit="step")
-    resume_hint = f"resume with `flowgrove train --resume {save.run_dir}`"
+    from flowgrove.cli import program
+
+    resume_hint = f"resume with `{program()} train --resume {save.run_dir}`"
     try:
         try:
             while trainer.iteration < cfg.train.steps and not distributed.any_rank(stop.requested):
@@ -252,6 +254,8 @@ def _train_steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None
                 if trainer.iteration == 1 or trainer.iteration % cfg.run.checkpoint_every == 0:
                     save(trainer)
         except TrainingHalted as err:
+            if logger and err.metrics:  # the step completed (every optimizer step of it skipped): log it
+                logger.log(err.metrics)
             path = save(trainer)
             raise SystemExit(f"flowgrove: {str(err).rstrip('.')}; the last good state is checkpoint {path}; {resume_hint}") from None
         path = save(trainer)

@@ -20,7 +20,7 @@ def load_run(run: str | Path | None) -> GRPOTrainer:
         return build_trainer(load_config())
     ckpt = latest_checkpoint(Path(run))
     if ckpt is None:
-        raise FileNotFoundError(f"{run} has no checkpoint (expected {run}/checkpoints/latest); is it a run directory?")
+        raise FileNotFoundError(f"{run} has no intact checkpoint (expected {run}/checkpoints/step_N); is it a run directory?")
     cfg: Config = config_from_yaml_text((ckpt / "config.yaml").read_text(), source=str(ckpt / "config.yaml"))
     trainer = build_trainer(cfg)
     load_checkpoint(trainer, ckpt)

@@ -280,6 +280,13 @@ class GRPOTrainer:
         (loss * weight).backward()
         return logs
 
+    def extra_state(self) -> dict:
+        """Trainer counters that last across steps (JSON), saved in each checkpoint's ``state.json``."""
+        return {"nonfinite_streak": self.nonfinite_streak}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+
     def optimizer_steps(self) -> int:
         """Optimizer steps taken so far in the run (AdamW's own count, so it survives a resume)."""
         state = self.optimizer.state.get(self.params[0], {})
