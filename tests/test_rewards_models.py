@@ -107,7 +107,7 @@ def open_clip_reference(model, pixels: torch.Tensor, prompts: list[str]) -> torc
 def hps_reference_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
     """HPSv2 ``preprocess_val`` on the PIL images: ``ToTensor``, ``ResizeMaxSize(size)``, ``Normalize``."""
     resize = refs.ResizeMaxSize(size)
-    tensors = [torch.from_numpy(np.asarray(p)).permute(2, 0, 1).float() / 255 for p in pil_images(images)]
+    tensors = [torch.from_numpy(np.array(p)).permute(2, 0, 1).float() / 255 for p in pil_images(images)]
     return torch.stack([normalize_ref(resize(t)) for t in tensors])
 
 
@@ -155,10 +155,9 @@ def test_hpsv2_equals_open_clip(tmp_path, photos, clip_tokenizer_dir):
 def test_clipscore_open_clip_route_equals_open_clip_quick_gelu(tmp_path, photos, clip_tokenizer_dir):
     reference = tiny_open_clip(42, quick_gelu=True)
     torch.save(reference.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
-    reward = build_reward("clipscore", weights=tmp_path / "open_clip_pytorch_model.bin", open_clip=True,
-                          config=tiny_clip_config(42, act="quick_gelu"), processor=clip_tokenizer_dir, device="cpu")
+    reward = build_reward("clipscore", weights=tmp_path / "open_clip_pytorch_model.bin", open_clip=tiny_clip_config(42, act="quick_gelu"), processor=clip_tokenizer_dir, device="cpu")
     # open_clip's squash transform on PIL: Resize((42, 42), BICUBIC), ToTensor, Normalize.
-    pixels = torch.stack([normalize_ref(torch.from_numpy(np.asarray(p.resize((42, 42), Image.BICUBIC)))
+    pixels = torch.stack([normalize_ref(torch.from_numpy(np.array(p.resize((42, 42), Image.BICUBIC)))
                                         .permute(2, 0, 1).float() / 255) for p in pil_images(photos)])
     torch.testing.assert_close(reward(photos, PROMPTS), open_clip_reference(reference, pixels, PROMPTS),
                                rtol=0, atol=1e-5)
@@ -305,7 +304,7 @@ def test_imagereward_equals_the_image_reward_package(tmp_path, photos):
                           vision_config=TINY_VIT, device="cpu", batch_size=1)
     # ImageReward._transform(32) on PIL: Resize(32, BICUBIC) -> 32x47, CenterCrop(32) (offset round(7.5) = 8).
     crops = [p.resize((47, 32), Image.BICUBIC).crop((8, 0, 40, 32)) for p in pil_images(photos)]
-    pixels = torch.stack([normalize_ref(torch.from_numpy(np.asarray(c)).permute(2, 0, 1).float() / 255) for c in crops])
+    pixels = torch.stack([normalize_ref(torch.from_numpy(np.array(c)).permute(2, 0, 1).float() / 255) for c in crops])
     torch.testing.assert_close(preprocess(photos, reward.transform), pixels, rtol=0, atol=1e-6)
     tokens = reward.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     assert tokens["input_ids"][:, 0].tolist() == [reward.tokenizer.cls_token_id] * 2

@@ -81,13 +81,21 @@ def linear_head(state_dict: dict[str, Tensor]) -> nn.Sequential:
     return head.eval().requires_grad_(False)
 
 
+class Run(NamedTuple):
+    """Where and how a reward model runs."""
+
+    device: torch.device
+    batch_size: int  # images per forward pass
+    autocast: bool = False  # fp16 autocast on CUDA
+
+
 class TextImageScorer:
     """``scaled_cosine`` of a ``CLIPModel``'s image and text embeddings, one micro-batch at a time."""
 
     def __init__(self, model: Any, tokenizer: Any, transform: ImageTransform, scale: ScoreScale, *,
-                 clean_text: bool, device: torch.device, batch_size: int, autocast: bool) -> None:
-        self.model, self.tokenizer, self.transform, self.scale = model.to(device), tokenizer, transform, scale
-        self.clean_text, self.device, self.batch_size, self.autocast = clean_text, device, batch_size, autocast
+                 clean_text: bool, run: Run) -> None:
+        self.model, self.tokenizer, self.transform, self.scale = model.to(run.device), tokenizer, transform, scale
+        self.clean_text, self.run, self.device = clean_text, run, run.device
         self.max_length = model.config.text_config.max_position_embeddings
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
@@ -102,8 +110,8 @@ class TextImageScorer:
         return scaled_cosine(image_emb, text_emb, self.model.logit_scale, self.scale)  # [b]
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        return score_in_batches(self.score, images, prompts, batch_size=self.batch_size, device=self.device,
-                                autocast=self.autocast)
+        return score_in_batches(self.score, images, prompts, batch_size=self.run.batch_size, device=self.device,
+                                autocast=self.run.autocast)
 
 
 class AestheticScorer:
@@ -154,7 +162,7 @@ def hpsv2(weights: str | Path | None = None, config: Any = None, tokenizer: str 
     model = load_open_clip_model(weights, vit_h14_config() if config is None else config, HPS_WEIGHTS, "hpsv2")
     transform = ImageTransform("letterbox", model.config.vision_config.image_size, backend)  # type: ignore[arg-type]
     return TextImageScorer(model, _clip_tokenizer(tokenizer, HPS_TOKENIZER, "hpsv2"), transform, COSINE,
-                           clean_text=True, device=reward_device(device), batch_size=batch_size, autocast=autocast)
+                           clean_text=True, run=Run(reward_device(device), batch_size, autocast))
 
 
 @register_reward("pickscore")
@@ -178,12 +186,12 @@ def pickscore(weights: str | Path | None = None, processor: str | Path | None = 
     model = from_pretrained(CLIPModel.from_pretrained, weights, PICKSCORE_MODEL, "pickscore").eval().requires_grad_(False)
     proc = _processor(processor, PICKSCORE_PROCESSOR, "pickscore")
     return TextImageScorer(model, proc.tokenizer, transform_from_processor(proc.image_processor, backend), scale,
-                           clean_text=False, device=reward_device(device), batch_size=batch_size, autocast=autocast)
+                           clean_text=False, run=Run(reward_device(device), batch_size, autocast))
 
 
 @register_reward("clipscore")
 def clipscore(weights: str | Path | None = None, processor: str | Path | None = None, variant: str = "cosine",
-              open_clip: bool = False, config: Any = None, device: str | torch.device | None = None,
+              open_clip: Any = False, device: str | torch.device | None = None,
               batch_size: int = 16, autocast: bool = False, backend: str = "pil") -> TextImageScorer:
     """CLIP score: cosine (MixGRPO) or ``logits_per_image / 100`` (DiffusionNFT) of a CLIP model.
 
@@ -192,8 +200,8 @@ def clipscore(weights: str | Path | None = None, processor: str | Path | None = 
             open_clip checkpoint (None: ``apple/DFN5B-CLIP-ViT-H-14-378``, MixGRPO's model).
         processor: A ``CLIPProcessor`` folder (None: the one beside ``weights``; laion H/14 with ``open_clip``).
         variant: ``cosine`` or ``nft`` (``CLIPSCORE_VARIANTS``).
-        open_clip: Load an open_clip checkpoint: squash resize, open_clip text cleaning, quick_gelu by default.
-        config: ``CLIPConfig`` (or path) of the open_clip checkpoint; None: ViT-H-14-378-quickgelu.
+        open_clip: Load an open_clip checkpoint (squash resize, open_clip text cleaning): True for DFN5B's
+            ViT-H-14-378-quickgelu, or the checkpoint's ``CLIPConfig`` (or a path to one).
         device: Where the model runs (default CUDA when available).
         batch_size: Images per forward pass.
         autocast: fp16 autocast on CUDA.
@@ -201,19 +209,18 @@ def clipscore(weights: str | Path | None = None, processor: str | Path | None = 
     """
     from transformers import CLIPModel
 
-    scale, dev = _variant(CLIPSCORE_VARIANTS, variant, "clipscore"), reward_device(device)
-    if open_clip:
-        model = load_open_clip_model(weights, vit_h14_config("quick_gelu", 378) if config is None else config,
-                                     DFN5B_WEIGHTS, "clipscore")
+    scale, run = _variant(CLIPSCORE_VARIANTS, variant, "clipscore"), Run(reward_device(device), batch_size, autocast)
+    if open_clip is not False:
+        config = vit_h14_config("quick_gelu", 378) if open_clip is True else open_clip
+        model = load_open_clip_model(weights, config, DFN5B_WEIGHTS, "clipscore")
         transform = ImageTransform("squash", model.config.vision_config.image_size, backend)  # type: ignore[arg-type]
         tokenizer = _clip_tokenizer(processor, Published(LAION_H14, None, "processor"), "clipscore")
-        return TextImageScorer(model, tokenizer, transform, scale, clean_text=True, device=dev,
-                               batch_size=batch_size, autocast=autocast)
+        return TextImageScorer(model, tokenizer, transform, scale, clean_text=True, run=run)
     model = from_pretrained(CLIPModel.from_pretrained, weights, OPENAI_CLIP, "clipscore").eval().requires_grad_(False)
     proc = _processor(weights if processor is None else processor, Published(OPENAI_L14, None, "processor"),
                       "clipscore")
     return TextImageScorer(model, proc.tokenizer, transform_from_processor(proc.image_processor, backend), scale,
-                           clean_text=False, device=dev, batch_size=batch_size, autocast=autocast)
+                           clean_text=False, run=run)
 
 
 @register_reward("aesthetic")
