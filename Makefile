@@ -20,6 +20,8 @@ $(BIN)/flowgrove: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[dev]"
+	# Reference code for the reward parity tests; --no-deps: their torchvision/timm pins would break transformers.
+	$(BIN)/pip install -q --no-deps open_clip_torch==3.3.0 image-reward==1.5
 	touch $@
 
 install: $(BIN)/flowgrove

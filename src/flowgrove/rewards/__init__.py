@@ -1,10 +1,13 @@
 """Rewards: ``(images [B, 3, H, W] in [0, 1], prompts) -> [B] float32`` callables built by name.
 
-Built in: ``digit_classifier``, ``boldness``, ``contrast``, ``brightness`` (the digits task). Heavy reward
-models import their packages inside their factories.
+Built in: ``digit_classifier``, ``boldness``, ``contrast``, ``brightness`` (the digits task). Real reward
+models (``hpsv2``, ``pickscore``, ``clipscore``, ``aesthetic``, ``imagereward``; docs/rewards.md) import
+transformers inside their factories.
 """
 
+from flowgrove.rewards import clip_family as _clip_family  # noqa: F401  (registers hpsv2, pickscore, ...)
 from flowgrove.rewards import digits as _digits  # noqa: F401  (registers the digits rewards)
+from flowgrove.rewards import imagereward as _imagereward  # noqa: F401  (registers imagereward)
 from flowgrove.rewards.base import RewardFn, build_reward, register_reward, reward_names
 
 __all__ = ["RewardFn", "build_reward", "register_reward", "reward_names"]

@@ -6,8 +6,10 @@ are registered by name and import heavy packages inside their body, so importing
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from flowgrove.registry import Registry
@@ -46,8 +48,51 @@ def build_reward(name: str, **kwargs: object) -> RewardFn:
 
 
 def check_reward_inputs(images: Tensor, prompts: Sequence[str]) -> None:
-    """Raise ``ValueError`` unless ``images`` is ``[B, 3, H, W]`` floating point with ``B`` prompts."""
+    """Raise ``ValueError`` unless ``images`` is ``[B, 3, H, W]`` floating point in [0, 1] with ``B`` prompts."""
     if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
         raise ValueError(f"rewards take float images [B, 3, H, W] in [0, 1], got {images.dtype} {tuple(images.shape)}.")
     if len(prompts) != images.shape[0]:
         raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts; pass one prompt per image.")
+    if images.numel():
+        low, high = images.min().item(), images.max().item()  # NaN propagates through min/max
+        if not (0.0 <= low and high <= 1.0):
+            raise ValueError(f"rewards take images in [0, 1], got values in [{low:.4g}, {high:.4g}]; "
+                             "map decoder output x in [-1, 1] with (x / 2 + 0.5).clamp(0, 1).")
+
+
+def micro_batches(total: int, batch_size: int) -> list[slice]:
+    """Consecutive slices of at most ``batch_size`` rows covering ``range(total)``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    return [slice(start, min(start + batch_size, total)) for start in range(0, total, batch_size)]
+
+
+def reward_device(device: str | torch.device | None) -> torch.device:
+    """The device a reward model runs on: ``device``, else CUDA when available, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def score_in_batches(score: Callable[[Tensor, list[str]], Tensor], images: Tensor, prompts: Sequence[str], *,
+                     batch_size: int, device: torch.device, autocast: bool = False) -> Tensor:
+    """Check the inputs, then ``score`` micro-batches on ``device`` in inference mode.
+
+    Args:
+        score: ``(images [b, 3, H, W] on device, prompts) -> [b]``.
+        images: ``[B, 3, H, W]`` float in [0, 1], any device.
+        prompts: ``B`` prompts.
+        batch_size: Rows per call of ``score``.
+        device: Where the model is.
+        autocast: fp16 autocast on CUDA, as the references run HPS (ignored on other devices).
+
+    Returns:
+        ``[B]`` float32 on the images' device.
+    """
+    check_reward_inputs(images, prompts)
+    amp = torch.autocast("cuda", dtype=torch.float16) if autocast and device.type == "cuda" else nullcontext()
+    rows = []
+    with torch.inference_mode(), amp:
+        for part in micro_batches(len(prompts), batch_size):
+            rows.append(score(images[part].to(device), list(prompts[part])).float())  # [b]
+    return torch.cat(rows).to(images.device) if rows else images.new_zeros(0, dtype=torch.float32)
