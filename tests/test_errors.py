@@ -299,3 +299,21 @@ def test_os_errors_name_the_path():
 @pytest.mark.parametrize("args, word", [(["--checkpoint", "step_1"], "--resume"), (["--resume", "x", "--overwrite"], "--overwrite")])
 def test_checkpoint_and_overwrite_flags_need_the_right_mode(args, word, capsys, no_models):
     one_line_error(capsys, cli.main(["train", *args]), word)
+
+
+def test_reward_options_reach_the_factory_and_name_their_reward(tmp_path, capsys):
+    from flowgrove.rewards.base import register_reward
+
+    seen = {}
+
+    @register_reward("options_probe")
+    def probe(device=None, scale=1.0):
+        seen["scale"] = scale
+        return lambda images, prompts: images.mean(dim=(1, 2, 3)) * scale
+
+    from flowgrove import runner
+
+    cfg = load_config(None, ["rewards={options_probe: 1.0}", "reward_options.options_probe.scale=3.0"])
+    runner.build_trainer(cfg)
+    assert seen["scale"] == 3.0
+    one_line_error(capsys, train(tmp_path, "reward_options.contrast.x=1"), "reward_options.contrast", "rewards.contrast=WEIGHT")

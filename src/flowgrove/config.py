@@ -168,6 +168,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rewards: dict = _f({"digit_classifier": 0.5, "boldness": 0.5},
                        "Reward name -> weight, used as given (a negative weight penalises that reward); replaces the preset's set.")
+    reward_options: dict = _f({}, "Reward name -> factory options, e.g. {aesthetic: {head: PATH}, pickscore: {variant: flowgrpo, batch_size: 16}}.")
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -202,6 +202,13 @@ def _check_reward_names(cfg: Config) -> None:
         if name not in reward_names():
             raise ConfigError(f"rewards.{name} is not a registered reward{did_you_mean(name, reward_names())}; "
                               f"known rewards: {', '.join(reward_names())}")
+    for name, options in cfg.reward_options.items():
+        if name not in cfg.rewards:
+            raise ConfigError(f"reward_options.{name} sets options of a reward that is not in rewards "
+                              f"({', '.join(cfg.rewards)}); add rewards.{name}=WEIGHT or drop reward_options.{name}")
+        if not isinstance(options, dict):
+            raise ConfigError(f"reward_options.{name}={options!r} must map option names to values, "
+                              f"for example reward_options.{name}.batch_size=16")
 
 
 # List fields: the type of their items and the required length (None: any length).

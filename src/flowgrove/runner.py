@@ -35,7 +35,8 @@ def build_trainer(cfg: Config) -> GRPOTrainer:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.train.seed)
     policy = prepare_policy(cfg, device)
-    rewards = {name: build_reward(name, device=device) for name, w in cfg.rewards.items() if float(w) != 0}
+    rewards = {name: build_reward(name, device=device, **cfg.reward_options.get(name, {}))
+               for name, w in cfg.rewards.items() if float(w) != 0}
     if not rewards:
         raise ValueError("every reward weight is 0; give at least one reward a nonzero weight in `rewards`")
     data = load_prompt_sets(cfg, policy)
