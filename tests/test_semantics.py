@@ -11,7 +11,8 @@ import torch
 from flowgrove import advantages, credit, selection, trainer as trainer_mod
 from flowgrove.config import AdvantageConfig, load_config
 from flowgrove.rollout import Transitions
-from flowgrove.trainer import GRPOTrainer, NonFiniteUpdatesError, ema_decay, kl_std, loss_weight
+from flowgrove.losses import ema_decay, kl_std, loss_weight
+from flowgrove.trainer import GRPOTrainer, NonFiniteUpdatesError
 
 from conftest import TinyPolicy, brightness
 
@@ -173,8 +174,9 @@ def test_kl_scale_reference_is_exact_kl_times_dsigma():
     batch = Transitions(x, x, sigma, sigma_next, g, torch.ones(2), torch.zeros(2), torch.zeros(2, dtype=torch.long),
                         torch.ones(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
     mean, ref = torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)
-    exact = trainer_mod.transition_kl(mean, ref, kl_std("exact", batch))
-    reference = trainer_mod.transition_kl(mean, ref, kl_std("reference", batch))
+    fields = (batch.g, batch.noise_scale, batch.sigma, batch.sigma_next)
+    exact = trainer_mod.transition_kl(mean, ref, kl_std("exact", *fields))
+    reference = trainer_mod.transition_kl(mean, ref, kl_std("reference", *fields))
     assert torch.allclose(reference, exact * (sigma - sigma_next))
     assert torch.allclose(reference, ((mean - ref) ** 2 / (2 * g.view(-1, 1, 1, 1) ** 2)).mean(dim=(1, 2, 3)))
 

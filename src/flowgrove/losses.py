@@ -81,3 +81,32 @@ def transition_kl(mean: Tensor, ref_mean: Tensor, std: Tensor | float, reduce: s
         return kl  # [E]
     dims = tuple(range(1, kl.ndim))
     return kl.mean(dim=dims) if reduce == "mean" else kl.sum(dim=dims)  # [E]
+
+
+def loss_weight(scale: str, rows: int, chunk: int, accumulate_size: int, per_root: int) -> float:
+    """Factor of a micro-batch's mean loss. ``mean``: its share of the accumulation group (the group's loss is the
+    mean over its transitions). ``reference``: BranchGRPO's sum over the group's transitions / (G * N-bar), with
+    G = ``train.accumulate_size`` and N-bar the stored transitions per chain or tree (DanceGRPO's 1/(G*K))."""
+    return rows / chunk if scale == "mean" else rows / (accumulate_size * per_root)
+
+
+def kl_std(scale: str, g: Tensor, noise_scale: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    """Std [E] in the KL term ``||dmu||^2 / 2 std^2``: the transition std ``noise_scale * g * sqrt(dsigma)`` (exact
+    KL), or Flow-GRPO's ``g`` without sqrt(dsigma) (``reference``: the exact KL times dsigma, so its beta transfers)."""
+    if scale == "reference":
+        return g
+    return noise_scale * g * (sigma - sigma_next).sqrt()
+
+
+def ema_decay(schedule: str, decay: float, optimizer_steps: int, per_rollout: bool) -> float | None:
+    """The EMA decay to apply now, or None. ``update``: ``decay`` after every optimizer step. ``dancegrpo``: once
+    per rollout. ``flowgrpo``: min((1 + s) / (10 + s), decay) after optimizer step s when (s + 1) % 8 == 0 (once,
+    not once per batch as the reference's bug F4 does)."""
+    if schedule == "dancegrpo":
+        return decay if per_rollout else None
+    if per_rollout:
+        return None
+    if schedule == "flowgrpo":
+        s = optimizer_steps
+        return min((1 + s) / (10 + s), decay) if (s + 1) % 8 == 0 else None
+    return decay

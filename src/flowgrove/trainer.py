@@ -16,7 +16,7 @@ from torch import Tensor
 from flowgrove import credit, distributed, method, selection, tree
 from flowgrove.config import Config
 from flowgrove.advantages import aggregate_rewards
-from flowgrove.losses import ppo_clip_loss, transition_kl
+from flowgrove.losses import ema_decay, kl_std, loss_weight, ppo_clip_loss, transition_kl
 from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, PromptRows
 from flowgrove.rewards.base import RewardFn
 from flowgrove.rollout import Rollout, Transitions, batched_velocity, decode_batched, rescore, rollout
@@ -274,7 +274,8 @@ class GRPOTrainer:
         loss, logs = out.loss, {"loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
                                 "approx_kl": out.approx_kl.item(), "ratio_dev": (out.ratio - 1).abs().max().item()}
         if ref_mean is not None:
-            kl = transition_kl(mean, ref_mean, kl_std(t.kl_scale, batch)).mean()
+            std = kl_std(t.kl_scale, batch.g, batch.noise_scale, batch.sigma, batch.sigma_next)  # [E]
+            kl = transition_kl(mean, ref_mean, std).mean()
             loss = loss + t.kl_beta * kl
             logs["kl"] = kl.item()
         (loss * weight).backward()
@@ -338,35 +339,6 @@ def rewards_weights(cfg: Config, rewards: Mapping[str, RewardFn]) -> list[float]
 def weighted_total(raw: Tensor, weights: Tensor) -> Tensor:
     """Rewards [K, N] -> the weighted sum over reward models [N], with the weights as configured."""
     return aggregate_rewards(raw, weights)
-
-
-def loss_weight(scale: str, rows: int, chunk: int, accumulate_size: int, per_root: int) -> float:
-    """Factor of a micro-batch's mean loss. ``mean``: its share of the accumulation group (the group's loss is the
-    mean over its transitions). ``reference``: BranchGRPO's sum over the group's transitions / (G * N-bar), with
-    G = ``train.accumulate_size`` and N-bar the stored transitions per chain or tree (DanceGRPO's 1/(G*K))."""
-    return rows / chunk if scale == "mean" else rows / (accumulate_size * per_root)
-
-
-def kl_std(scale: str, batch: Transitions) -> Tensor:
-    """Std [E] in the KL term ``||dmu||^2 / 2 std^2``: the transition std (exact KL), or Flow-GRPO's ``g`` without
-    sqrt(dsigma) (``reference``: the exact KL times dsigma, so the reference's beta transfers)."""
-    if scale == "reference":
-        return batch.g
-    return batch.noise_scale * batch.g * (batch.sigma - batch.sigma_next).sqrt()
-
-
-def ema_decay(schedule: str, decay: float, optimizer_steps: int, per_rollout: bool) -> float | None:
-    """The EMA decay to apply now, or None. ``update``: ``decay`` after every optimizer step. ``dancegrpo``: once
-    per rollout. ``flowgrpo``: min((1 + s) / (10 + s), decay) after optimizer step s when (s + 1) % 8 == 0 (once,
-    not once per batch as the reference's bug F4 does)."""
-    if schedule == "dancegrpo":
-        return decay if per_rollout else None
-    if per_rollout:
-        return None
-    if schedule == "flowgrpo":
-        s = optimizer_steps
-        return min((1 + s) / (10 + s), decay) if (s + 1) % 8 == 0 else None
-    return decay
 
 
 @torch.no_grad()
