@@ -5,6 +5,7 @@ models import their packages inside their factories.
 """
 
 from flowgrove.rewards import digits as _digits  # noqa: F401  (registers the digits rewards)
+from flowgrove.rewards import ocr as _ocr  # noqa: F401  (registers ocr)
 from flowgrove.rewards.base import RewardFn, build_reward, register_reward, reward_names
 
 __all__ = ["RewardFn", "build_reward", "register_reward", "reward_names"]
