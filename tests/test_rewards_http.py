@@ -282,3 +282,23 @@ def test_rewards_command_lists_every_reward_once(capsys):
     assert [line.split()[0] for line in lines] == reward_names()
     assert all(len(line.split()) > 1 for line in lines)  # each has a summary
     assert {"ocr", "vlm_judge", "remote", "video"} <= set(reward_names())
+
+
+def test_a_training_step_scores_two_remote_rewards_at_once():
+    from conftest import TinyPolicy
+
+    from flowgrove.config import load_config
+    from flowgrove.trainer import GRPOTrainer
+
+    def slow_brightness(images, prompts):
+        time.sleep(0.4)
+        return images.float().mean(dim=(1, 2, 3))
+
+    overrides = ["rollout.prompts_per_step=2", "rollout.group_size=4", "train.micro_batch=1000"]
+    cfg = load_config(None, overrides, method="dancegrpo")
+    cfg.rewards = {"a": 1.0, "b": 0.5}
+    with serving(make_server(slow_brightness, "a")) as url_a, serving(make_server(slow_brightness, "b")) as url_b:
+        rewards = {"a": build_reward("remote", url=url_a), "b": build_reward("remote", url=url_b)}
+        metrics = GRPOTrainer(cfg, TinyPolicy(), rewards, ["zero", "one", "two"]).step()
+    assert metrics["reward/a"] == metrics["reward/b"]
+    assert 0.4 <= metrics["seconds_reward"] < 0.75  # in sequence it would be at least 0.8 s

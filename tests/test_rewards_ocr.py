@@ -98,6 +98,17 @@ def test_reads_most_real_digits(ocr):
     assert ocr(images, prompts).mean() >= 0.8  # measured 0.89 on the first 800
 
 
+def test_shipped_recogniser_is_the_tinyocr_file_with_its_licence():
+    import hashlib
+
+    from flowgrove.data import assets_dir
+    from flowgrove.rewards.ocr import RECOGNIZER_FILE, RECOGNIZER_SHA256
+
+    assert hashlib.sha256((assets_dir() / RECOGNIZER_FILE).read_bytes()).hexdigest() == RECOGNIZER_SHA256
+    assert "Apache License" in (assets_dir() / "PP-OCRv6_rec_tiny.LICENSE").read_text()
+    assert "WAS MODIFIED" in (assets_dir() / "PP-OCRv6_rec_tiny.NOTICE").read_text()
+
+
 def test_factory_validates_options():
     with pytest.raises(ValueError, match="ink="):
         build_reward("ocr", ink="white")

@@ -8,6 +8,7 @@ failure ends in one :class:`RewardServerError` line that names the URL, what wen
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import time
@@ -104,6 +105,8 @@ def post(url: str, body: bytes, content_type: str, options: HttpOptions, parse: 
             problem = f"an answer that cannot be scored ({error})"
         except (socket.timeout, TimeoutError):
             problem = f"no answer within timeout={options.timeout} s"
+        except http.client.HTTPException as error:  # a reply cut short (IncompleteRead, BadStatusLine)
+            problem = f"a broken HTTP answer ({type(error).__name__})"
         except OSError as error:  # URLError, ConnectionError; a connect timeout arrives as URLError(timeout)
             reason = getattr(error, "reason", error)
             timed_out = isinstance(reason, TimeoutError)
