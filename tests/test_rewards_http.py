@@ -302,3 +302,14 @@ def test_a_training_step_scores_two_remote_rewards_at_once():
         metrics = GRPOTrainer(cfg, TinyPolicy(), rewards, ["zero", "one", "two"]).step()
     assert metrics["reward/a"] == metrics["reward/b"]
     assert 0.4 <= metrics["seconds_reward"] < 0.75  # in sequence it would be at least 0.8 s
+
+
+def test_serve_reward_start_up_errors_are_one_line():
+    from flowgrove import reward_server
+
+    with serving(make_server(build_reward("brightness"), "brightness")) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}.*pick another --port"):
+            make_server(build_reward("brightness"), "brightness", port=port)
+    with pytest.raises(ValueError, match="serve-reward brightness: .*unexpected keyword argument 'gain'"):
+        reward_server.serve("brightness", {"gain": 2})

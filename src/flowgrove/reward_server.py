@@ -102,7 +102,11 @@ class RewardHandler(BaseHTTPRequestHandler):
 def make_server(reward: RewardFn, name: str, host: str = "127.0.0.1", port: int = 0, device: str | None = None,
                 verbose: bool = False) -> RewardHTTPServer:
     """A bound (not yet serving) server for ``reward``; ``port`` 0 picks a free port (see ``server.url``)."""
-    return RewardHTTPServer((host, port), reward, name, device, verbose)
+    try:
+        return RewardHTTPServer((host, port), reward, name, device, verbose)
+    except OSError as error:
+        raise ValueError(f"serve-reward cannot listen on {host}:{port} ({error.strerror or error}); pick another "
+                         "--port (0 picks a free one) or --host.") from None
 
 
 def serve(name: str, options: Mapping[str, object], host: str = "127.0.0.1", port: int = 0,
@@ -111,7 +115,11 @@ def serve(name: str, options: Mapping[str, object], host: str = "127.0.0.1", por
     kwargs = dict(options)
     if device:
         kwargs.setdefault("device", device)
-    server = make_server(build_reward(name, **kwargs), name, host, port, device, verbose)
+    try:
+        reward = build_reward(name, **kwargs)
+    except TypeError as error:  # an option the factory does not take
+        raise ValueError(f"serve-reward {name}: {error}; `flowgrove rewards` names the rewards, their factories the options.") from None
+    server = make_server(reward, name, host, port, device, verbose)
     print(f"serving reward {name!r} on {server.url} (POST /score, GET /health); Ctrl-C stops", flush=True)
     try:
         server.serve_forever()
