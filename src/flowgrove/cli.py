@@ -1,4 +1,4 @@
-"""Command line: ``flowgrove train | methods | sample | eval | bench | pretrain`` (also ``python -m flowgrove``)."""
+"""Command line: ``flowgrove train | methods | sample | eval | bench | rewards | serve-reward | pretrain`` (also ``python -m flowgrove``)."""
 
 from __future__ import annotations
 
@@ -105,6 +105,34 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _rewards(args: argparse.Namespace) -> int:
+    from flowgrove.rewards.catalog import reward_summaries
+
+    for name, summary in reward_summaries().items():
+        print(f"{name:18s} {summary}")
+    return 0
+
+
+def _option_values(options: list[str]) -> dict[str, object]:
+    """``["key=value", ...]`` -> ``{key: YAML value}`` (``ink=bright``, ``margin=0.2``, ``targets={a: b}``)."""
+    import yaml
+
+    parsed = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"reward option {item!r} is not key=value; e.g. `flowgrove serve-reward ocr ink=bright --port 18085`")
+        parsed[key] = yaml.safe_load(value)
+    return parsed
+
+
+def _serve_reward(args: argparse.Namespace) -> int:
+    from flowgrove import reward_server
+
+    reward_server.serve(args.name, _option_values(args.options), args.host, args.port, args.device, args.verbose)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="flowgrove", description="GRPO alignment of flow-matching generators.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks (for developers)")
@@ -151,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-rows", type=int, default=1024, help="prompts per shard file")
     p.add_argument("overrides", nargs="*", help="policy settings, e.g. policy.path=/models/FLUX.1-dev policy.dtype=bfloat16")
     p.set_defaults(fn=_encode_prompts)
+    p = sub.add_parser("rewards", help="list the registered rewards, one line each")
+    p.set_defaults(fn=_rewards)
+    p = sub.add_parser("serve-reward", help="serve a registered reward over HTTP for the `remote` reward")
+    p.add_argument("name", help="reward name (see `flowgrove rewards`)")
+    p.add_argument("options", nargs="*", help="factory options key=value before the flags, e.g. ink=bright")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 serves other machines)")
+    p.add_argument("--port", type=int, default=0, help="port (0 picks a free one and prints it)")
+    p.add_argument("--device", help="torch device of the reward model and the received images")
+    p.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    p.set_defaults(fn=_serve_reward)
     p = sub.add_parser("pretrain", help="pretrain the built-in task's policy and reward (flowgrove pretrain digits)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_pretrain)

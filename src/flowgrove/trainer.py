@@ -19,6 +19,7 @@ from flowgrove.advantages import aggregate_rewards
 from flowgrove.losses import ema_decay, kl_std, loss_weight, ppo_clip_loss, transition_kl
 from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, PromptRows
 from flowgrove.rewards.base import RewardFn
+from flowgrove.rewards.parallel import score_rewards
 from flowgrove.rollout import Rollout, Transitions, batched_velocity, decode_batched, rescore, rollout
 from flowgrove.samplers.dpm_solver import sample_euler
 from flowgrove.schedules import flux_sigmas
@@ -163,7 +164,7 @@ class GRPOTrainer:
         with torch.no_grad():
             images = decode_batched(self.policy, ro.leaves, self.cfg.rollout.decode_batch)  # [N, 3, H, W] in [0, 1]
             prompts = [cond_prompts[i] for i in ro.leaf_cond_index.tolist()]
-            raw = torch.stack([fn(images, prompts).float().to(self.device) for fn in self.rewards.values()])  # [K, N]
+            raw = torch.stack([r.to(self.device) for r in score_rewards(self.rewards, images, prompts)])  # [K, N]
         bad = ~torch.isfinite(raw)
         if distributed.any_rank(bool(bad.any())):  # every rank raises, so no collective is left waiting
             names = [name for k, name in enumerate(self.rewards) if bad[k].any()]
@@ -366,7 +367,7 @@ def evaluate_policy(policy: FlowPolicy, cond: Conditioning, prompts: Sequence[st
     images = ode_images(policy, cond, rows, e.num_steps, cfg.sampler.shift, e.seed, cfg.sampler.chunk_size,
                         cfg.rollout.decode_batch)
     names = [prompts[i] for i in rows.tolist()]
-    raw = torch.stack([fn(images, names).float().cpu() for fn in rewards.values()])  # [K, N]
+    raw = torch.stack([r.cpu() for r in score_rewards(rewards, images, names)])  # [K, N], rewards in parallel threads
     result = EvalResult({"reward": weighted_total(raw, weights).mean().item()})
     result.update({f"reward/{name}": raw[k].mean().item() for k, name in enumerate(rewards)})
     result.images = images

@@ -1,13 +1,18 @@
 """Rewards: ``(images [B, 3, H, W] in [0, 1], prompts) -> [B] float32`` callables built by name.
 
-Built in: ``digit_classifier``, ``boldness``, ``contrast``, ``brightness`` (the digits task). Real reward
-models (``hpsv2``, ``pickscore``, ``clipscore``, ``aesthetic``, ``imagereward``; docs/rewards.md) import
-transformers inside their factories.
+Built in: ``digit_classifier``, ``boldness``, ``contrast``, ``brightness`` (the digits task), ``ocr``,
+``vlm_judge`` (an OpenAI-compatible judge server), ``remote`` (a ``flowgrove serve-reward`` server) and
+``video`` (any image reward on sampled frames). Real reward models (``hpsv2``, ``pickscore``, ``clipscore``,
+``aesthetic``, ``imagereward``; docs/rewards.md) import transformers inside their factories.
 """
 
 from flowgrove.rewards import clip_family as _clip_family  # noqa: F401  (registers hpsv2, pickscore, ...)
 from flowgrove.rewards import digits as _digits  # noqa: F401  (registers the digits rewards)
 from flowgrove.rewards import imagereward as _imagereward  # noqa: F401  (registers imagereward)
+from flowgrove.rewards import http_judge as _http_judge  # noqa: F401  (registers vlm_judge)
+from flowgrove.rewards import ocr as _ocr  # noqa: F401  (registers ocr)
+from flowgrove.rewards import remote as _remote  # noqa: F401  (registers remote)
+from flowgrove.rewards import video as _video  # noqa: F401  (registers video)
 from flowgrove.rewards.base import RewardFn, build_reward, register_reward, reward_names
 
 __all__ = ["RewardFn", "build_reward", "register_reward", "reward_names"]

@@ -38,6 +38,11 @@ def reward_names() -> list[str]:
     return _REWARDS.names()
 
 
+def reward_factory(name: str) -> RewardFactory:
+    """The factory registered under ``name`` (``ValueError`` for an unknown name, as :func:`build_reward`)."""
+    return _REWARDS.factory(name)
+
+
 def build_reward(name: str, **kwargs: object) -> RewardFn:
     """Build the registered reward ``name`` with the factory's keyword arguments (weights path, device, options).
 
