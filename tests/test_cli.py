@@ -89,3 +89,31 @@ def test_overrides_may_follow_options(tmp_path):
     out = tmp_path / "o"
     assert main(["train", "rollout.group_size=4", "--steps", "1", "--out", str(out), *TINY]) == 0
     assert "group_size: 4" in (out / "config.yaml").read_text()
+
+
+def test_sample_uses_the_runs_ema_weights_unless_told_otherwise(tmp_path, monkeypatch):
+    # EMA decay 0.5 over a few steps: the EMA and the raw weights differ, and sample must take the EMA by default
+    from flowgrove import sample
+
+    run = tmp_path / "run"
+    assert main(["train", "--steps", "3", "--out", str(run), *TINY, "train.ema_decay=0.5", "train.lr=1e-2"]) == 0
+    grids = {}
+
+    def grab(images, path, columns):
+        grids[str(path)] = images.clone()
+
+    monkeypatch.setattr(sample, "save_grid", grab)
+    for flag in ([], ["--ema"], ["--no-ema"]):
+        out = str(tmp_path / f"s{''.join(flag)}.png")
+        assert main(["sample", "--run", str(run), "--n", "2", "--prompt", "a handwritten one", "--out", out, *flag]) == 0
+    default, ema, raw = (grids[str(tmp_path / f"s{f}.png")] for f in ("", "--ema", "--no-ema"))
+    assert (default == ema).all() and not (default == raw).all()
+
+
+def test_sample_ema_on_a_run_without_ema_is_an_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--steps", "1", "--out", str(run), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--run", str(run), "--ema", "--out", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ema" in err[0] and "train.ema_decay=0" in err[0]
