@@ -257,3 +257,12 @@ def test_shipped_weights_draw_the_prompted_digit():
     policy = build_policy("digits")
     judged = judge_policy(policy, load_digit_classifier(), per_digit=10, num_steps=16, shift=3.0, seed=123)
     assert judged.accuracy >= 0.8, judged
+
+
+def test_flux1_and_digits_pass_the_shared_adapter_contract(tmp_path):
+    from adapter_contract import check_policy_contract
+
+    _save_tiny_flux_pipeline(tmp_path)
+    check_policy_contract(build_policy("flux1", path=str(tmp_path), dtype="float32", height=16, width=16,
+                                       max_sequence_length=8), ["a cat", "a dog"])
+    check_policy_contract(build_digits_policy(), ["a handwritten one", "a handwritten two"])

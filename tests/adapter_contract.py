@@ -1,0 +1,55 @@
+"""The shared adapter tests: what every policy family must satisfy (design.md section 2, policies/base.py).
+
+A family's test file builds its policy (a tiny random pipeline saved and loaded through the family's real factory)
+and calls :func:`check_policy_contract`; nothing here knows any family.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from flowgrove.config import load_config
+from flowgrove.policies.base import Conditioning, FlowPolicy
+from flowgrove.trainer import GRPOTrainer
+
+
+def mean_brightness(images: torch.Tensor, prompts) -> torch.Tensor:
+    """A reward for images [B, 3, H, W] or videos [B, F, 3, H, W] in [0, 1]."""
+    return images.float().flatten(1).mean(dim=1)  # [B]
+
+
+def check_policy_contract(policy: FlowPolicy, prompts: Sequence[str], *, steps: int = 3, atol: float = 1e-5) -> None:
+    """Shapes, dtypes, ranges, batch independence, and one GRPO step that moves the trainable weights."""
+    shape = tuple(policy.latent_shape)
+    assert len(shape) >= 3 and all(isinstance(n, int) and n > 0 for n in shape), shape  # (C, H, W) or (C, F, H, W)
+    cond = policy.encode_prompts(list(prompts))
+    assert isinstance(cond, Conditioning) and len(cond) == len(prompts)
+    device = next(policy.module.parameters()).device
+    cond = cond.to(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((len(prompts), *shape), generator=gen).to(device)  # [B, *latent_shape]
+    sigma = torch.linspace(0.9, 0.3, len(prompts), device=device)
+    with torch.no_grad():
+        v = policy.velocity(x, sigma, cond)
+        assert v.shape == x.shape and v.dtype == x.dtype and torch.isfinite(v).all()
+        # each row depends on its own latent, sigma and prompt only (batched rollouts rely on it)
+        single = torch.cat([policy.velocity(x[i:i + 1], sigma[i:i + 1], cond.select(torch.tensor([i]))) for i in range(len(prompts))])
+        torch.testing.assert_close(single, v, atol=atol, rtol=1e-4)
+        images = policy.decode(x.clamp(-1, 1))
+    assert images.shape[0] == len(prompts) and images.shape[-3] == 3 and images.ndim in (4, 5), images.shape
+    assert images.is_floating_point() and float(images.min()) >= 0 and float(images.max()) <= 1
+    trainable = [p for p in policy.module.parameters() if p.requires_grad]
+    assert trainable, "the policy's module has no trainable parameters"
+
+    cfg = load_config(None, ["rollout.prompts_per_step=1", "rollout.group_size=2", f"sampler.num_steps={steps}",
+                             f"eval.num_steps={steps}", "eval.samples_per_prompt=1", "train.micro_batch=1000",
+                             "rewards={brightness: 1.0}", "run.device=cpu" if device.type == "cpu" else "run.device=auto"])
+    trainer = GRPOTrainer(cfg, policy, {"brightness": mean_brightness}, list(prompts))
+    before = [p.detach().clone() for p in trainer.params]
+    metrics = trainer.step()
+    assert metrics["first_ratio_max_dev"] < 1e-3 and metrics["updates"] >= 1
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.params)), "no trainable weight moved"
+    held_out = trainer.evaluate()
+    assert torch.isfinite(torch.tensor(held_out["reward"]))
