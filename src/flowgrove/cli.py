@@ -1,4 +1,4 @@
-"""Command line: ``flowgrove train | methods | sample | eval | bench | pretrain`` (also ``python -m flowgrove``)."""
+"""Command line: ``flowgrove train | methods | sample | eval | bench | bench-model | pretrain`` (also ``python -m flowgrove``)."""
 
 from __future__ import annotations
 
@@ -62,10 +62,22 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_model(args: argparse.Namespace) -> int:
+    from flowgrove import bench_model
+
+    return bench_model.main(args)
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from flowgrove import pretrain
 
     return pretrain.main(args.rest) or 0
+
+
+def _add_bench_model_arguments(p: argparse.ArgumentParser) -> None:
+    from flowgrove.bench_model import add_arguments  # imports torch, as the handlers do
+
+    add_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="dancegrpo", help="method whose time is the ratio's denominator")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every method")
     p.set_defaults(fn=_bench)
+    p = sub.add_parser("bench-model", help="time FLUX-shaped rollout, training and VAE decode with random weights "
+                       "(counted FLOPs, MFU, peak memory); --tiny on a CPU")
+    _add_bench_model_arguments(p)
+    p.set_defaults(fn=_bench_model)
     p = sub.add_parser("pretrain", help="pretrain the built-in task's policy and reward (flowgrove pretrain digits)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_pretrain)
