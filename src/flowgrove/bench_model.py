@@ -44,6 +44,7 @@ from flowgrove.policies.flux import DTYPES, FluxAdapter, vae_decode
 from flowgrove.policies.prepare import apply_lora, enable_gradient_checkpointing, float32_masters
 from flowgrove.rollout import Transitions, rescore
 from flowgrove.samplers.steps import noise_g, sde_step
+from flowgrove.types import StepOutput
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets; the first name contained in
 # torch.cuda.get_device_name() wins, so longer names come before their prefixes (H100 PCIe before H100).
@@ -212,24 +213,27 @@ class BenchPolicy:
 
 
 # ---- the measured calls ----------------------------------------------------------------------------------------------
+def sde_transition(policy: BenchPolicy, x: Tensor, cond: Conditioning, generator: torch.Generator) -> StepOutput:
+    """One denoising step as ``rollout`` takes it: a batched velocity call, then an SDE step with its log-prob."""
+    velocity = policy.velocity(x, x.new_full((x.shape[0],), SIGMA), cond).float()  # [B, C, H, W]
+    g = noise_g("constant", ETA, SIGMA, SIGMA_NEXT)
+    return sde_step(x, velocity, SIGMA, SIGMA_NEXT, g, generator=generator)
+
+
 @torch.no_grad()
 def rollout_step(policy: BenchPolicy, x: Tensor, cond: Conditioning, generator: torch.Generator) -> Tensor:
-    """One denoising step as ``rollout`` takes it: a batched velocity call, then an SDE step with its log-prob."""
-    sigma = x.new_full((x.shape[0],), SIGMA)  # [B]
-    velocity = policy.velocity(x, sigma, cond).float()  # [B, C, H, W]
-    g = noise_g("constant", ETA, SIGMA, SIGMA_NEXT)
-    return sde_step(x, velocity, SIGMA, SIGMA_NEXT, g, generator=generator).x_next  # [B, C, H, W]
+    """The timed rollout call: ``sde_transition`` without grad. Returns ``x_next`` [B, C, H, W]."""
+    return sde_transition(policy, x, cond, generator).x_next
 
 
 @torch.no_grad()
 def stored_transitions(policy: BenchPolicy, x: Tensor, cond: Conditioning, generator: torch.Generator) -> Transitions:
     """Transitions of one SDE step from ``x`` [E, C, H, W], as the rollout stores them (cond rows 0..E-1)."""
     e = x.shape[0]
-    velocity = policy.velocity(x, x.new_full((e,), SIGMA), cond).float()  # [E, C, H, W]
-    g = noise_g("constant", ETA, SIGMA, SIGMA_NEXT)
-    out = sde_step(x, velocity, SIGMA, SIGMA_NEXT, g, generator=generator)
+    out = sde_transition(policy, x, cond, generator)
     full = lambda value: x.new_full((e,), float(value))  # noqa: E731
     index = torch.arange(e, device=x.device)  # [E]
+    g = noise_g("constant", ETA, SIGMA, SIGMA_NEXT)
     return Transitions(x, out.x_next, full(SIGMA), full(SIGMA_NEXT), full(g), full(1.0), out.log_prob, index,
                        torch.ones_like(index), index)
 
@@ -333,7 +337,9 @@ def run_case(row: Row, fn: Callable[[], object], settings: BenchSettings) -> Row
     """``row`` filled in from ``measure(fn)``; an out-of-memory error marks it ``oom`` instead of stopping the run."""
     try:
         m = measure(fn, settings)
-    except torch.cuda.OutOfMemoryError as err:  # torch.OutOfMemoryError (older torch: only this name)
+    except RuntimeError as err:  # torch.cuda.OutOfMemoryError, or cuBLAS / cuDNN failing to allocate a workspace
+        if not is_out_of_memory(err):
+            raise
         message = str(err).splitlines()[0][:160]
         m = None
     if m is None:
@@ -341,6 +347,11 @@ def run_case(row: Row, fn: Callable[[], object], settings: BenchSettings) -> Row
         return dataclasses.replace(row, status="oom", note=f"out of memory: {message}")
     return dataclasses.replace(row, seconds=statistics.median(m.seconds), seconds_all=m.seconds, flops=m.flops,
                                model_flops=m.flops, peak_memory_gib=m.peak_memory_gib)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    text = str(err)
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
 
 
 # ---- throughput ----------------------------------------------------------------------------------------------------
@@ -597,6 +608,8 @@ def build_report(settings: BenchSettings, spec: ModelSpec, rows: list[Row], para
     import diffusers
 
     peak, peak_source = device_peak_tflops(settings.device, settings.peak_tflops)
+    if peak is not None and settings.dtype == torch.float32:
+        peak_source += "; float32 compute cannot reach a bf16 peak"
     rows = with_speedups([with_throughput(r, peak) for r in rows])
     plain = {k: (str(v) if isinstance(v, (torch.device, torch.dtype)) else v)
              for k, v in dataclasses.asdict(settings).items()}
