@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flowgrove import bench_cases as bc
 from flowgrove import bench_model as bm
-from flowgrove import cli
+from flowgrove import bench_models as models
+from flowgrove import cli, perf
 
 
 @pytest.fixture(scope="module")
@@ -66,21 +68,21 @@ def test_counted_flops_scale_and_recompute(tiny_report):
 
 def test_cpu_attention_flops_are_counted():
     q, k, v = (torch.randn(2, 3, n, 8, requires_grad=True) for n in (10, 12, 12))
-    assert bm.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 4 * 2 * 3 * 10 * 12 * 8
-    assert bm.count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward()) > 4 * 2 * 3 * 10 * 12 * 8
+    assert perf.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 4 * 2 * 3 * 10 * 12 * 8
+    assert perf.count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward()) > 4 * 2 * 3 * 10 * 12 * 8
 
 
 def test_peaks_throughput_and_targets():
-    assert bm.peak_for_name("NVIDIA H200")[1] == 989 and bm.peak_for_name("NVIDIA H100 80GB HBM3")[1] == 989
-    assert bm.peak_for_name("NVIDIA H100 PCIe")[1] == 756 and bm.peak_for_name("NVIDIA A100-SXM4-80GB")[1] == 312
-    assert bm.peak_for_name("NVIDIA L4")[1] == 121 and bm.peak_for_name("NVIDIA L40S")[1] == 362
-    assert bm.peak_for_name("NVIDIA GeForce GTX 1080") is None
-    assert bm.device_peak_tflops(torch.device("cpu"), None)[0] is None
-    assert bm.device_peak_tflops(torch.device("cpu"), 2.0) == (2.0, "--peak-tflops")
-    row = bm.Row("train", "full+ckpt", 720, 1, seconds=0.5, flops=4e12, model_flops=3e12)
+    assert perf.peak_for_name("NVIDIA H200")[1] == 989 and perf.peak_for_name("NVIDIA H100 80GB HBM3")[1] == 989
+    assert perf.peak_for_name("NVIDIA H100 PCIe")[1] == 756 and perf.peak_for_name("NVIDIA A100-SXM4-80GB")[1] == 312
+    assert perf.peak_for_name("NVIDIA L4")[1] == 121 and perf.peak_for_name("NVIDIA L40S")[1] == 362
+    assert perf.peak_for_name("NVIDIA GeForce GTX 1080") is None
+    assert perf.device_peak_tflops(torch.device("cpu"), None)[0] is None
+    assert perf.device_peak_tflops(torch.device("cpu"), 2.0) == (2.0, "--peak-tflops")
+    row = bc.Row("train", "full+ckpt", 720, 1, seconds=0.5, flops=4e12, model_flops=3e12)
     row = bm.with_throughput(row, 10.0)
     assert row.tflops == pytest.approx(6.0) and row.mfu == pytest.approx(0.6) and row.hfu == pytest.approx(0.8)
-    rollout = [bm.Row("rollout", "sde-step", 720, b, seconds=s, mfu=m) for b, s, m in ((1, 1.0, 0.1), (16, 2.0, 0.55))]
+    rollout = [bc.Row("rollout", "sde-step", 720, b, seconds=s, mfu=m) for b, s, m in ((1, 1.0, 0.1), (16, 2.0, 0.55))]
     checks = {c.name: c for c in bm.target_checks(bm.with_speedups(rollout + [row]))}
     assert checks["rollout MFU at batch >= 16"].met is True
     assert checks["training step MFU (full+ckpt)"].met is True
@@ -91,21 +93,21 @@ def test_out_of_memory_becomes_a_row():
     def oom():
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    settings = bm.BenchSettings(device=torch.device("cpu"), dtype=torch.float32, resolutions=(32,))
-    row = bm.run_case(bm.Row("train", "full", 1024, 1), oom, settings)
+    settings = bc.BenchSettings(device=torch.device("cpu"), dtype=torch.float32, resolutions=(32,))
+    row = bc.run_case(bc.Row("train", "full", 1024, 1), oom, settings)
     assert row.status == "oom" and "Tried to allocate" in row.note and row.seconds is None
 
 
 def test_shipped_configs_are_flux1_dev_shapes():
-    spec = bm.model_spec(tiny=False)
+    spec = models.model_spec(tiny=False)
     t, v = spec.transformer, spec.vae
     assert (t["num_layers"], t["num_single_layers"], t["num_attention_heads"] * t["attention_head_dim"]) == (19, 38, 3072)
     assert t["guidance_embeds"] and t["axes_dims_rope"] == [16, 56, 56] and spec.text_tokens == 512
     assert v["latent_channels"] == 16 and v["block_out_channels"] == [128, 256, 512, 512]
     assert (v["scaling_factor"], v["shift_factor"], v["use_quant_conv"]) == (0.3611, 0.1159, False)
-    assert bm.model_parameters(spec) == {"transformer": 11_901_408_320, "vae": 83_819_683}  # FLUX.1-dev's counts
-    assert [bm.latent_side(r, v) for r in (720, 1024, 512)] == [90, 128, 64]  # FluxPipeline.prepare_latents
-    tiny = bm.model_spec(tiny=True).transformer
+    assert models.model_parameters(spec) == {"transformer": 11_901_408_320, "vae": 83_819_683}  # FLUX.1-dev's counts
+    assert [models.latent_side(r, v) for r in (720, 1024, 512)] == [90, 128, 64]  # FluxPipeline.prepare_latents
+    tiny = models.model_spec(tiny=True).transformer
     assert {k: tiny[k] for k in ("in_channels", "guidance_embeds", "patch_size")} == \
         {k: t[k] for k in ("in_channels", "guidance_embeds", "patch_size")}
 
@@ -131,11 +133,11 @@ def test_tiny_run_on_cuda(tmp_path):
 
 
 def test_allocation_failures_count_as_out_of_memory():
-    assert bm.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
-    assert not bm.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
-    settings = bm.BenchSettings(device=torch.device("cpu"), dtype=torch.float32, resolutions=(32,))
+    assert perf.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not perf.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    settings = bc.BenchSettings(device=torch.device("cpu"), dtype=torch.float32, resolutions=(32,))
     with pytest.raises(RuntimeError, match="shapes"):
-        bm.run_case(bm.Row("rollout", "sde-step", 32, 1), lambda: bm.count_flops(lambda: torch.ones(2, 3) @ torch.ones(2, 3)),
+        bc.run_case(bc.Row("rollout", "sde-step", 32, 1), lambda: perf.count_flops(lambda: torch.ones(2, 3) @ torch.ones(2, 3)),
                     settings)
 
 
@@ -146,13 +148,13 @@ def test_flux1_dev_forward_flops_counted_on_meta():
 
     from flowgrove.policies.flux import latent_image_ids
 
-    spec = bm.model_spec(tiny=False)
+    spec = models.model_spec(tiny=False)
     with torch.device("meta"):
         model = FluxTransformer2DModel(**spec.transformer)
-    side = bm.latent_side(720, spec.vae)
+    side = models.latent_side(720, spec.vae)
     meta = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
     inputs = dict(hidden_states=meta(1, (side // 2) ** 2, 64), encoder_hidden_states=meta(1, 512, 4096),
                   pooled_projections=meta(1, 768), timestep=meta(1), guidance=meta(1),
                   img_ids=latent_image_ids(side, side, "meta"), txt_ids=meta(512, 3), return_dict=False)
-    flops = bm.count_flops(torch.no_grad()(lambda: model(**inputs)))
+    flops = perf.count_flops(torch.no_grad()(lambda: model(**inputs)))
     assert flops / 1e12 == pytest.approx(37.28, abs=0.01)

@@ -74,10 +74,30 @@ def _pretrain(args: argparse.Namespace) -> int:
     return pretrain.main(args.rest) or 0
 
 
-def _add_bench_model_arguments(p: argparse.ArgumentParser) -> None:
-    from flowgrove.bench_model import add_arguments  # imports torch, as the handlers do
-
-    add_arguments(p)
+def _add_bench_model(sub: argparse._SubParsersAction) -> None:
+    """The ``bench-model`` subparser (``flowgrove.bench_model.settings_from_args`` reads and checks its values)."""
+    p = sub.add_parser("bench-model", help="time FLUX-shaped rollout, training and VAE decode with random weights "
+                       "(counted FLOPs, MFU, peak memory); --tiny on a CPU")
+    p.add_argument("--tiny", action="store_true", help="a tiny model of the same architecture at 32/64 px (a CPU runs it in seconds)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights and autocast compute dtype (auto: bfloat16 on a GPU, float32 on a CPU)")
+    p.add_argument("--resolutions", help="square image sides in pixels (default 720,1024; --tiny: 32,64)")
+    p.add_argument("--rollout-batches", default="1,4,16", help="batch sizes of the rollout step (1 = one sample per call)")
+    p.add_argument("--decode-batches", default="1,4", help="batch sizes of the VAE decode")
+    p.add_argument("--train-batch", type=int, default=1, help="transitions per training step (micro-batch)")
+    p.add_argument("--train-modes", default="lora,full", help="lora, full, or lora,full")
+    p.add_argument("--checkpointing", default="both", choices=("off", "on", "both"), help="gradient checkpointing of the training step")
+    p.add_argument("--sections", default="rollout,decode,train", help="what to measure")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls after the FLOP-counting call")
+    p.add_argument("--iters", type=int, default=3, help="timed calls per row (the median is reported)")
+    p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--full-masters", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="trainable weights and AdamW state of full fine-tuning (auto: float32 if it fits, else bfloat16)")
+    p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: a table of GPUs; none on a CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/bench-model", help="folder for bench_model.json and bench_model.md")
+    p.set_defaults(fn=_bench_model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,10 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="dancegrpo", help="method whose time is the ratio's denominator")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every method")
     p.set_defaults(fn=_bench)
-    p = sub.add_parser("bench-model", help="time FLUX-shaped rollout, training and VAE decode with random weights "
-                       "(counted FLOPs, MFU, peak memory); --tiny on a CPU")
-    _add_bench_model_arguments(p)
-    p.set_defaults(fn=_bench_model)
+    _add_bench_model(sub)
     p = sub.add_parser("pretrain", help="pretrain the built-in task's policy and reward (flowgrove pretrain digits)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_pretrain)
