@@ -1,4 +1,5 @@
-"""Command line: ``flowgrove train | methods | sample | eval | bench | rewards | serve-reward | pretrain`` (also ``python -m flowgrove``)."""
+"""Command line: ``flowgrove train | methods | sample | eval | bench | bench-model | rewards | serve-reward |
+encode-prompts | pretrain`` (also ``python -m flowgrove``)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,12 @@ def _encode_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_model(args: argparse.Namespace) -> int:
+    from flowgrove import bench_model
+
+    return bench_model.main(args)
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from flowgrove import pretrain
 
@@ -133,6 +140,54 @@ def _serve_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_model(sub: argparse._SubParsersAction) -> None:
+    """The ``bench-model`` subparser (``flowgrove.bench_model.settings_from_args`` reads and checks its values)."""
+    p = sub.add_parser("bench-model", help="time FLUX-shaped rollout, training and VAE decode with random weights "
+                       "(counted FLOPs, MFU, peak memory); --tiny on a CPU")
+    p.add_argument("--tiny", action="store_true", help="a tiny model of the same architecture at 32/64 px (a CPU runs it in seconds)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights and autocast compute dtype (auto: bfloat16 on a GPU, float32 on a CPU)")
+    p.add_argument("--resolutions", help="square image sides in pixels (default 720,1024; --tiny: 32,64)")
+    p.add_argument("--rollout-batches", default="1,4,16", help="batch sizes of the rollout step (1 = one sample per call)")
+    p.add_argument("--decode-batches", default="1,4", help="batch sizes of the VAE decode")
+    p.add_argument("--train-batch", type=int, default=1, help="transitions per training step (micro-batch)")
+    p.add_argument("--train-modes", default="lora,full", help="lora, full, or lora,full")
+    p.add_argument("--checkpointing", default="both", choices=("off", "on", "both"), help="gradient checkpointing of the training step")
+    p.add_argument("--sections", default="rollout,decode,train", help="what to measure")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls after the FLOP-counting call")
+    p.add_argument("--iters", type=int, default=3, help="timed calls per row (the median is reported)")
+    p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--full-masters", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="trainable weights and AdamW state of full fine-tuning (auto: float32 if it fits, else bfloat16)")
+    p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: a table of GPUs; none on a CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/bench-model", help="folder for bench_model.json and bench_model.md")
+    p.set_defaults(fn=_bench_model)
+
+
+def _add_reward_and_data_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``encode-prompts``, ``rewards`` and ``serve-reward``."""
+    p = sub.add_parser("encode-prompts", parents=[common], help="encode a prompt file once into a cache that training reads by rows")
+    p.add_argument("prompts", help="prompt file: .txt, .jsonl or .csv")
+    p.add_argument("--policy", default="digits", help="policy whose text encoders to run (policy.name)")
+    p.add_argument("--out", required=True, help="cache folder (sharded safetensors + index.json)")
+    p.add_argument("--batch", type=int, default=16, help="prompts per encoder call")
+    p.add_argument("--shard-rows", type=int, default=1024, help="prompts per shard file")
+    p.add_argument("overrides", nargs="*", help="policy settings, e.g. policy.path=/models/FLUX.1-dev policy.dtype=bfloat16")
+    p.set_defaults(fn=_encode_prompts)
+    p = sub.add_parser("rewards", parents=[common], help="list the registered rewards, one line each")
+    p.set_defaults(fn=_rewards)
+    p = sub.add_parser("serve-reward", parents=[common], help="serve a registered reward over HTTP for the `remote` reward")
+    p.add_argument("name", help="reward name (see `flowgrove rewards`)")
+    p.add_argument("options", nargs="*", help="factory options key=value before the flags, e.g. ink=bright")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 serves other machines)")
+    p.add_argument("--port", type=int, default=0, help="port (0 picks a free one and prints it)")
+    p.add_argument("--device", help="torch device of the reward model and the received images")
+    p.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    p.set_defaults(fn=_serve_reward)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="flowgrove", description="GRPO alignment of flow-matching generators.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks (for developers)")
@@ -171,24 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="dancegrpo", help="method whose time is the ratio's denominator")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every method")
     p.set_defaults(fn=_bench)
-    p = sub.add_parser("encode-prompts", help="encode a prompt file once into a cache that training reads by rows")
-    p.add_argument("prompts", help="prompt file: .txt, .jsonl or .csv")
-    p.add_argument("--policy", default="digits", help="policy whose text encoders to run (policy.name)")
-    p.add_argument("--out", required=True, help="cache folder (sharded safetensors + index.json)")
-    p.add_argument("--batch", type=int, default=16, help="prompts per encoder call")
-    p.add_argument("--shard-rows", type=int, default=1024, help="prompts per shard file")
-    p.add_argument("overrides", nargs="*", help="policy settings, e.g. policy.path=/models/FLUX.1-dev policy.dtype=bfloat16")
-    p.set_defaults(fn=_encode_prompts)
-    p = sub.add_parser("rewards", help="list the registered rewards, one line each")
-    p.set_defaults(fn=_rewards)
-    p = sub.add_parser("serve-reward", help="serve a registered reward over HTTP for the `remote` reward")
-    p.add_argument("name", help="reward name (see `flowgrove rewards`)")
-    p.add_argument("options", nargs="*", help="factory options key=value before the flags, e.g. ink=bright")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 serves other machines)")
-    p.add_argument("--port", type=int, default=0, help="port (0 picks a free one and prints it)")
-    p.add_argument("--device", help="torch device of the reward model and the received images")
-    p.add_argument("--verbose", action="store_true", help="log every request to stderr")
-    p.set_defaults(fn=_serve_reward)
+    _add_reward_and_data_commands(sub, common)
+    _add_bench_model(sub)
     p = sub.add_parser("pretrain", help="pretrain the built-in task's policy and reward (flowgrove pretrain digits)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_pretrain)
