@@ -4,7 +4,6 @@ gradients through both CFG branches, and the flowgrpo-sd3 preset end to end."""
 from __future__ import annotations
 
 import json
-import string
 
 import pytest
 import torch
@@ -21,32 +20,20 @@ SIZE = 16  # pixels = latent side (the tiny VAE does not downsample)
 
 def _save_tiny_sd3_pipeline(path) -> None:
     """offline-recipes.md section 1: diffusers' SD3 test configs, tokenizers built in code, SD3.5's shift 3."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel,
-                              T5Tokenizer)
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from tiny_models import tiny_clip_config, tiny_t5, tiny_tokenizers, tiny_vae
+    from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
                                         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
                                         pooled_projection_dim=64, out_channels=4)
-    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035)
-    clip_cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=1, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                              num_hidden_layers=5, pad_token_id=1, vocab_size=1000, hidden_act="gelu", projection_dim=32)
-    clip_l, clip_g = CLIPTextModelWithProjection(clip_cfg), CLIPTextModelWithProjection(clip_cfg)
-    t5 = T5EncoderModel(T5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4))
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase + string.digits + ".,!?'-":
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    clip_tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    t5_tok = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
-                         + [(c, -5.0) for c in string.ascii_lowercase], extra_ids=0, model_max_length=512)
+    clip_l, clip_g = CLIPTextModelWithProjection(tiny_clip_config()), CLIPTextModelWithProjection(tiny_clip_config())
+    clip_tok, t5_tok = tiny_tokenizers()
     pipe = diffusers.StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(4),
         text_encoder=clip_l, tokenizer=clip_tok, text_encoder_2=clip_g, tokenizer_2=clip_tok,
-        text_encoder_3=t5, tokenizer_3=t5_tok)
+        text_encoder_3=tiny_t5(), tokenizer_3=t5_tok)
     pipe.save_pretrained(str(path))
 
 
@@ -94,6 +81,13 @@ def test_sd3_negative_fields_select_move_and_fall_back(tiny_sd3):
     with torch.no_grad():  # a prompt cache keeps prompt_embeds and pooled only: the policy's own negative prompt
         torch.testing.assert_close(policy.velocity(x, sigma, Conditioning(cond.prompt_embeds, cond.pooled)),
                                    policy.velocity(x, sigma, cond))
+
+
+def test_sd3_missing_folder_says_what_to_download(tiny_sd3, tmp_path):
+    with pytest.raises(FileNotFoundError, match="hf download stabilityai/stable-diffusion-3.5-medium"):
+        build_policy("sd3", path=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="dtype"):
+        build_policy("sd3", path=tiny_sd3, dtype="float8")
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.5])

@@ -17,15 +17,14 @@ detaches the unconditional branch). ``guidance_scale <= 1`` is the no-CFG mode (
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from flowgrove.policies.base import Conditioning, register_policy
-from flowgrove.policies.flux import DTYPES, _per_sample_sigma, vae_decode
+from flowgrove.policies.flux import _per_sample_sigma, vae_decode
+from flowgrove.policies.pipelines import DTYPES, load_local_pipeline
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
@@ -156,14 +155,6 @@ class SD3Policy:
                 encoder.to("cpu")
 
 
-def _sd3_missing(path: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"sd3 needs a local diffusers SD3/SD3.5 folder (with model_index.json), but {path or '<empty path>'!r} is not "
-        "one. Download it first, e.g. `hf download stabilityai/stable-diffusion-3.5-medium --local-dir "
-        "/models/sd3.5-medium` (accept the licence on huggingface.co and log in first), then set policy.path to it."
-    )
-
-
 @register_policy("sd3")
 def build_sd3_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "bfloat16",
                      guidance_scale: float = 4.5, negative_prompt: str = "", detach_uncond: bool = False,
@@ -184,18 +175,13 @@ def build_sd3_policy(path: str = "", *, device: str | torch.device = "cpu", dtyp
     Returns:
         The policy; its text encoders and VAE are frozen.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-    if not path or not (Path(path) / "model_index.json").is_file():
-        raise _sd3_missing(str(path))
     from diffusers import StableDiffusion3Pipeline
 
-    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = StableDiffusion3Pipeline.from_pretrained(str(path), torch_dtype=DTYPES[dtype], local_files_only=True)
-    pipe.to(device)
-    for frozen in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        if frozen is not None:
-            frozen.requires_grad_(False).eval()
+    pipe = load_local_pipeline(
+        StableDiffusion3Pipeline, path, dtype=dtype, device=device, family="sd3", folder="SD3/SD3.5",
+        download="`hf download stabilityai/stable-diffusion-3.5-medium --local-dir /models/sd3.5-medium` (accept the "
+                 "licence on huggingface.co and log in first)",
+        frozen=("vae", "text_encoder", "text_encoder_2", "text_encoder_3"),
+    )
     return SD3Policy(pipe, guidance_scale, height, width, max_sequence_length, negative_prompt, detach_uncond,
                      compute_dtype=DTYPES[dtype])
