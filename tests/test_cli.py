@@ -8,12 +8,13 @@ import pytest
 from safetensors.torch import load_file
 
 from flowgrove.cli import main
-from flowgrove.config import preset_names
+from flowgrove.config import load_config, preset_names
 
 TINY = ["rollout.prompts_per_step=2", "rollout.group_size=4", "eval.samples_per_prompt=1", "run.progress=false"]
 
 
-@pytest.mark.parametrize("method", preset_names())
+# presets of real models (policy.name sd3, ...) need their weights; their own tests train them on tiny pipelines
+@pytest.mark.parametrize("method", [m for m in preset_names() if load_config(method=m).policy.name == "digits"])
 def test_every_preset_trains_two_steps(tmp_path, method, capsys):
     out = tmp_path / method
     extra = ["rollout.prompts_per_step=1"] if method.startswith("branch") else []

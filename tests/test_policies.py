@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import string
-
 import pytest
 import torch
 
@@ -110,24 +108,13 @@ def test_adapter_rejects_mismatched_batch():
 
 def _save_tiny_flux_pipeline(path) -> None:
     """offline-recipes.md section 1: diffusers' test configs and tokenizers built in code."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from tiny_models import tiny_clip_config, tiny_t5, tiny_tokenizers, tiny_vae
+    from transformers import CLIPTextModel
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035)
-    clip = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, hidden_size=32, intermediate_size=37,
-                                        num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=1000,
-                                        hidden_act="gelu", projection_dim=32))
-    t5 = T5EncoderModel(T5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4))
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase + string.digits + ".,!?'-":
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    clip_tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    t5_tok = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
-                         + [(c, -5.0) for c in string.ascii_lowercase], extra_ids=0, model_max_length=512)
+    vae, clip, t5 = tiny_vae(1), CLIPTextModel(tiny_clip_config()), tiny_t5()
+    clip_tok, t5_tok = tiny_tokenizers()
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tok,
                         text_encoder_2=t5, tokenizer_2=t5_tok, transformer=_tiny_flux(False))
     pipe.save_pretrained(str(path))

@@ -18,17 +18,23 @@ from flowgrove.registry import Registry
 
 @dataclass(frozen=True)
 class Conditioning:
-    """Prompt conditioning of a batch, batch first in every field (FLUX: T5 tokens and pooled CLIP)."""
+    """Prompt conditioning of a batch, batch first in every field (FLUX: T5 tokens and pooled CLIP; SD3 adds the
+    negative prompt's fields for classifier-free guidance)."""
 
     prompt_embeds: Tensor  # [B, L, D] token embeddings (FLUX ``encoder_hidden_states``)
     pooled: Tensor | None = None  # [B, P] pooled embedding (FLUX ``pooled_projections``); None if unused
+    negative_prompt_embeds: Tensor | None = None  # [B, L, D] the negative prompt's tokens (CFG); None if unused
+    negative_pooled: Tensor | None = None  # [B, P] the negative prompt's pooled embedding (CFG); None if unused
 
     def __post_init__(self) -> None:
-        if self.pooled is not None and self.pooled.shape[0] != self.prompt_embeds.shape[0]:
-            raise ValueError(
-                f"Conditioning fields disagree on the batch size: prompt_embeds has {self.prompt_embeds.shape[0]} "
-                f"rows, pooled has {self.pooled.shape[0]}; build both from the same prompts."
-            )
+        rows = self.prompt_embeds.shape[0]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None and value.shape[0] != rows:
+                raise ValueError(
+                    f"Conditioning fields disagree on the batch size: prompt_embeds has {rows} rows, {f.name} has "
+                    f"{value.shape[0]}; build every field from the same prompts."
+                )
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]

@@ -8,19 +8,16 @@ feeds the exact float ``sigma`` as ``timestep``: the same value, without the rou
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from flowgrove.policies.base import Conditioning, register_policy
+from flowgrove.policies.pipelines import DTYPES, load_local_pipeline
 
 if TYPE_CHECKING:
     from diffusers import FluxPipeline
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pack_latents(x: Tensor) -> Tensor:
@@ -207,14 +204,6 @@ class Flux1Policy:
             encoder.to("cpu")
 
 
-def _flux1_missing(path: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"flux1 needs a local diffusers FLUX.1 folder (with model_index.json), but {path or '<empty path>'!r} is not "
-        "one. Download it first, e.g. `hf download black-forest-labs/FLUX.1-dev --local-dir /models/FLUX.1-dev` "
-        "(or FLUX.1-schnell; accept the licence on huggingface.co and log in first), then set policy.path to it."
-    )
-
-
 @register_policy("flux1")
 def build_flux1_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "bfloat16",
                        guidance: float | None = 3.5, height: int = 512, width: int = 512,
@@ -234,18 +223,14 @@ def build_flux1_policy(path: str = "", *, device: str | torch.device = "cpu", dt
     Returns:
         The policy; its text encoders and VAE are frozen.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-    if not path or not (Path(path) / "model_index.json").is_file():
-        raise _flux1_missing(str(path))
     from diffusers import FluxPipeline
 
-    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = FluxPipeline.from_pretrained(str(path), torch_dtype=DTYPES[dtype], local_files_only=True)
-    pipe.to(device)
-    for frozen in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        frozen.requires_grad_(False).eval()
+    pipe = load_local_pipeline(
+        FluxPipeline, path, dtype=dtype, device=device, family="flux1", folder="FLUX.1",
+        download="`hf download black-forest-labs/FLUX.1-dev --local-dir /models/FLUX.1-dev` (or FLUX.1-schnell; "
+                 "accept the licence on huggingface.co and log in first)",
+        frozen=("vae", "text_encoder", "text_encoder_2"),
+    )
     if not pipe.transformer.config.guidance_embeds:
         guidance = None
     return Flux1Policy(pipe, guidance, height, width, max_sequence_length, compute_dtype=DTYPES[dtype])
