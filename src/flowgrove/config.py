@@ -33,13 +33,13 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, low: flo
 
 @dataclass
 class PolicyConfig:
-    name: str = _f("digits", "Registered policy adapter: digits (built-in tiny FLUX) or flux1 (a local FLUX.1 folder).")
-    path: str = _f("", "Weights: a safetensors file (digits) or a diffusers folder (flux1); empty = shipped digits weights.")
+    name: str = _f("digits", "Registered policy adapter: digits (built-in tiny FLUX), flux1, sd3, wan, qwen_image (local diffusers folders).")
+    path: str = _f("", "Weights: a safetensors file (digits) or a local diffusers folder (other policies); empty = shipped digits weights.")
     lora_rank: int = _f(0, "LoRA rank through peft; 0 trains the full transformer.", low=0)
     lora_alpha: float = _f(0.0, "LoRA alpha; 0 means 2 * rank (the references' ratio).", low=0)
     lora_targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "Module names that get LoRA adapters.")
     dtype: str = _f("float32", "Compute dtype: float32, or bfloat16/float16 autocast; trainable weights and Adam stay float32, frozen weights may be bf16.", ("float32", "bfloat16", "float16"))
-    options: dict = _f({}, "Adapter settings passed to the policy factory (flux1: height, width, guidance, max_sequence_length).")
+    options: dict = _f({}, "Adapter settings passed to the policy factory (e.g. height, width, guidance / guidance_scale, max_sequence_length).")
     offload_text_encoders: bool = _f(False, "Move the text encoders to the CPU once the prompts are encoded.")
 
 

@@ -12,6 +12,7 @@ prompt set never sits in memory or on the GPU.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 INDEX = "index.json"
 CACHE_FORMAT = "flowgrove-prompt-cache-1"
-FIELDS = ("prompt_embeds", "pooled")  # the Conditioning fields, in order
+FIELDS = tuple(f.name for f in dataclasses.fields(Conditioning))  # every Conditioning field (negatives included)
 
 
 class Prompt(str):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from flowgrove import method
 from flowgrove.checkpoint import latest_checkpoint, load_checkpoint
 from flowgrove.config import Config, config_from_yaml_text, load_config
 from flowgrove.metrics import save_grid
@@ -42,7 +43,7 @@ def sample_to_png(run: str | None, out: str, prompts: list[str] | None, n: int, 
     rows = torch.arange(len(prompts)).repeat_interleave(n)  # [N]
     use_ema = trainer.ema is not None and ema is not False  # the run's EMA weights unless --no-ema, as `eval`
     with trainer.weights_swapped(trainer.ema) if use_ema else nullcontext():
-        images = ode_images(trainer.policy, cond, rows, steps, trainer.cfg.sampler.shift, seed, trainer.cfg.sampler.chunk_size,
+        images = ode_images(trainer.policy, cond, rows, method.base_sigmas(trainer.cfg, steps), seed, trainer.cfg.sampler.chunk_size,
                             trainer.cfg.rollout.decode_batch)
     save_grid(images, Path(out), columns=n)
     return Path(out)

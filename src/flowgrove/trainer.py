@@ -22,7 +22,6 @@ from flowgrove.rewards.base import RewardFn
 from flowgrove.rewards.parallel import score_rewards
 from flowgrove.rollout import Rollout, Transitions, batched_velocity, decode_batched, rescore, rollout
 from flowgrove.samplers.dpm_solver import sample_euler
-from flowgrove.schedules import flux_sigmas
 
 
 class TrainingHalted(RuntimeError):
@@ -343,9 +342,10 @@ def weighted_total(raw: Tensor, weights: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def ode_images(policy: FlowPolicy, cond: Conditioning, rows: Tensor, num_steps: int, shift: float, seed: int,
+def ode_images(policy: FlowPolicy, cond: Conditioning, rows: Tensor, sigmas: Tensor, seed: int,
                chunk_size: int = 0, decode_batch: int = 0) -> Tensor:
-    """Euler ODE samples for conditioning rows [N] from noise seeded by ``seed``. Returns images [N, 3, H, W]."""
+    """Euler ODE samples over ``sigmas`` [S + 1] for conditioning rows [N] from noise seeded by ``seed``.
+    Returns images [N, 3, H, W] (videos [N, F, 3, H, W])."""
     gen = torch.Generator().manual_seed(seed)
     device = next(policy.module.parameters()).device
     x = torch.randn((rows.shape[0], *policy.latent_shape), generator=gen).to(device)  # CPU noise: same on any device
@@ -355,7 +355,7 @@ def ode_images(policy: FlowPolicy, cond: Conditioning, rows: Tensor, num_steps: 
     def velocity(z: Tensor, sigma: Tensor) -> Tensor:
         return batched_velocity(policy, z, z.new_full((z.shape[0],), float(sigma)), cond_rows, chunk_size)
 
-    return decode_batched(policy, sample_euler(velocity, x, flux_sigmas(num_steps, shift)), decode_batch)
+    return decode_batched(policy, sample_euler(velocity, x, sigmas), decode_batch)
 
 
 @torch.no_grad()
@@ -364,7 +364,7 @@ def evaluate_policy(policy: FlowPolicy, cond: Conditioning, prompts: Sequence[st
     """ODE samples for every prompt (``eval.samples_per_prompt`` each, noise from ``eval.seed``) and their rewards."""
     e = cfg.eval
     rows = torch.arange(len(prompts)).repeat_interleave(e.samples_per_prompt)  # [N]
-    images = ode_images(policy, cond, rows, e.num_steps, cfg.sampler.shift, e.seed, cfg.sampler.chunk_size,
+    images = ode_images(policy, cond, rows, method.base_sigmas(cfg, e.num_steps), e.seed, cfg.sampler.chunk_size,
                         cfg.rollout.decode_batch)
     names = [prompts[i] for i in rows.tolist()]
     raw = torch.stack([r.cpu() for r in score_rewards(rewards, images, names)])  # [K, N], rewards in parallel threads
