@@ -7,6 +7,7 @@ FLUX.1 folder). Importing this package is light; diffusers and transformers load
 from flowgrove.policies.base import Conditioning, FlowPolicy, build_policy, policy_names, register_policy
 from flowgrove.policies.digits import build_digits_policy, digit_of_prompt, digit_prompts
 from flowgrove.policies.flux import FluxAdapter, build_flux1_policy, pack_latents, unpack_latents
+from flowgrove.policies.qwen_image import QwenImagePolicy, build_qwen_image_policy
 from flowgrove.policies.wan import WanPolicy, build_wan_policy
 
 __all__ = [
