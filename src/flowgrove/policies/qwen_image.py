@@ -123,7 +123,7 @@ class QwenImagePolicy:
         return unpack_latents(guided, h, w).to(x.dtype)  # [B, C, H', W']
 
     def decode(self, x: Tensor) -> Tensor:
-        """Images ``[B, 3, H, W]`` in [0, 1] (``QwenImagePipeline.__call__`` decode + ``VaeImageProcessor.postprocess``)."""
+        """Images ``[B, 3, H, W]`` in [0, 1] (``QwenImagePipeline.__call__``'s decode and postprocess)."""
         vae = self.pipe.vae
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean, device=x.device, dtype=torch.float32).view(shape)

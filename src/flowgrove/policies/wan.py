@@ -1,7 +1,8 @@
 """Wan adapter: text-to-video through diffusers ``WanPipeline`` components (Wan 2.1, Wan 2.2 T2V / TI2V).
 
-Latents are 5-D ``[B, C, F', H', W']`` with ``F' = 1 + (F - 1) // 4`` latent frames (``vae.config.scale_factor_temporal``)
-and ``H' = H / 8`` (``scale_factor_spatial``); ``decode`` returns videos ``[B, F, 3, H, W]`` in [0, 1].
+Latents are 5-D ``[B, C, F', H', W']`` with ``F' = 1 + (F - 1) // 4`` latent frames
+(``vae.config.scale_factor_temporal``) and ``H' = H / 8`` (``scale_factor_spatial``);
+``decode`` returns videos ``[B, F, 3, H, W]`` in [0, 1].
 Timestep convention: ``WanPipeline.__call__`` passes the scheduler's ``t = sigma * 1000`` unchanged to
 ``WanTransformer3DModel`` (0-1000 scale; per token when ``expand_timesteps``, Wan 2.2 TI2V), so the adapter feeds
 the exact float ``1000 * sigma``. The transformer predicts ``noise - x0`` (the scheduler's Euler step is
@@ -43,7 +44,8 @@ def wan_latent_shape(pipe: WanPipeline, num_frames: int, height: int, width: int
     temporal, spatial = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
     _, patch_h, patch_w = transformer.config.patch_size
     num_frames = max(int(num_frames) // temporal * temporal + 1, 1)
-    height, width = int(height) // (spatial * patch_h) * spatial * patch_h, int(width) // (spatial * patch_w) * spatial * patch_w
+    height = int(height) // (spatial * patch_h) * spatial * patch_h
+    width = int(width) // (spatial * patch_w) * spatial * patch_w
     if height < 1 or width < 1:
         raise ValueError(f"wan needs height and width of at least {spatial * patch_h} pixels.")
     return (transformer.config.in_channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
@@ -130,12 +132,12 @@ class WanPolicy:
         if self.guidance_scale <= 1:
             return self._expert_velocity(x, sigma, cond.prompt_embeds)
         negative = self._negative.to(cond.prompt_embeds).expand(b, -1, -1)  # [B, L, D]
-        both = self._expert_velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond.prompt_embeds, negative]))
-        v, v_neg = both.chunk(2)  # [B, C, F', H', W'] each
+        both = torch.cat([cond.prompt_embeds, negative])  # [2B, L, D]
+        v, v_neg = self._expert_velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
         return v_neg + self.guidance_scale * (v - v_neg)
 
     def decode(self, x: Tensor) -> Tensor:
-        """Videos ``[B, F, 3, H, W]`` in [0, 1] (``WanPipeline.__call__`` decode + ``VideoProcessor.postprocess_video``)."""
+        """Videos ``[B, F, 3, H, W]`` in [0, 1] (``WanPipeline.__call__``'s decode, ``postprocess_video``)."""
         vae = self.pipe.vae
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean, device=x.device, dtype=torch.float32).view(shape)
@@ -186,7 +188,8 @@ def build_wan_policy(path: str = "", *, device: str | torch.device = "cpu", dtyp
 
     with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        vae = AutoencoderKLWan.from_pretrained(str(path), subfolder="vae", torch_dtype=torch.float32, local_files_only=True)
+        vae = AutoencoderKLWan.from_pretrained(str(path), subfolder="vae", torch_dtype=torch.float32,
+                                               local_files_only=True)
         pipe = WanPipeline.from_pretrained(str(path), vae=vae, torch_dtype=DTYPES[dtype], local_files_only=True)
     pipe.to(device)
     policy = WanPolicy(pipe, num_frames, height, width, max_sequence_length, guidance_scale, negative_prompt, expert,
