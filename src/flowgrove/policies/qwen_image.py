@@ -17,8 +17,6 @@ token's prediction to the norm of the conditional one.
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -26,6 +24,7 @@ from torch import Tensor, nn
 
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import DTYPES, _per_sample_sigma, pack_latents, unpack_latents
+from flowgrove.policies.loading import decode_wan_vae, load_local_pipeline
 
 if TYPE_CHECKING:
     from diffusers import QwenImagePipeline
@@ -124,21 +123,15 @@ class QwenImagePolicy:
 
     def decode(self, x: Tensor) -> Tensor:
         """Images ``[B, 3, H, W]`` in [0, 1] (``QwenImagePipeline.__call__``'s decode and postprocess)."""
-        vae = self.pipe.vae
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean, device=x.device, dtype=torch.float32).view(shape)
-        std = torch.tensor(vae.config.latents_std, device=x.device, dtype=torch.float32).view(shape)
-        latents = x.float()[:, :, None] * std + mean  # [B, C, 1, H', W']; the pipeline writes x / (1 / std) + mean
-        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0][:, :, 0]  # [B, 3, H, W] in [-1, 1]
-        return (image / 2 + 0.5).clamp(0, 1).to(x.dtype)
+        return decode_wan_vae(self.pipe.vae, x[:, :, None])[:, :, 0].to(x.dtype)  # [B, 3, H, W]; one VAE frame
 
     def offload_text_encoders(self) -> None:
         """Move Qwen2.5-VL to the CPU once the prompts are encoded (``policy.offload_text_encoders``)."""
         self.pipe.text_encoder.to("cpu")
 
 
-def _qwen_missing(path: str) -> FileNotFoundError:
-    return FileNotFoundError(
+def _qwen_missing(path: str) -> str:
+    return (
         f"qwen_image needs a local diffusers Qwen-Image folder (with model_index.json), but {path or '<empty path>'!r} "
         "is not one. Download it first, e.g. `hf download Qwen/Qwen-Image --local-dir /models/Qwen-Image`, then set "
         "policy.path to it."
@@ -166,18 +159,9 @@ def build_qwen_image_policy(path: str = "", *, device: str | torch.device = "cpu
     Returns:
         The policy; the text encoder and the VAE are frozen.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-    if not path or not (Path(path) / "model_index.json").is_file():
-        raise _qwen_missing(str(path))
     from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
 
-    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        vae = AutoencoderKLQwenImage.from_pretrained(str(path), subfolder="vae", torch_dtype=torch.float32,
-                                                     local_files_only=True)
-        pipe = QwenImagePipeline.from_pretrained(str(path), vae=vae, torch_dtype=DTYPES[dtype], local_files_only=True)
-    pipe.to(device)
+    pipe = load_local_pipeline(QwenImagePipeline, AutoencoderKLQwenImage, path, dtype, device, _qwen_missing(str(path)))
     for frozen in (pipe.vae, pipe.text_encoder):
         frozen.requires_grad_(False).eval()
     return QwenImagePolicy(pipe, height, width, max_sequence_length, guidance_scale, negative_prompt, guidance,

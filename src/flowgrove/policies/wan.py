@@ -14,8 +14,6 @@ and the others to ``transformer_2``, as the pipeline does; ``expert`` picks whic
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -23,6 +21,7 @@ from torch import Tensor, nn
 
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import DTYPES, _per_sample_sigma
+from flowgrove.policies.loading import decode_wan_vae, load_local_pipeline
 
 if TYPE_CHECKING:
     from diffusers import WanPipeline
@@ -138,21 +137,15 @@ class WanPolicy:
 
     def decode(self, x: Tensor) -> Tensor:
         """Videos ``[B, F, 3, H, W]`` in [0, 1] (``WanPipeline.__call__``'s decode, ``postprocess_video``)."""
-        vae = self.pipe.vae
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean, device=x.device, dtype=torch.float32).view(shape)
-        std = torch.tensor(vae.config.latents_std, device=x.device, dtype=torch.float32).view(shape)
-        latents = x.float() * std + mean  # [B, C, F', H', W']; the pipeline writes x / (1 / std) + mean
-        video = vae.decode(latents.to(vae.dtype), return_dict=False)[0]  # [B, 3, F, H, W] in [-1, 1]
-        return (video.transpose(1, 2) / 2 + 0.5).clamp(0, 1).to(x.dtype)  # [B, F, 3, H, W]
+        return decode_wan_vae(self.pipe.vae, x).transpose(1, 2).to(x.dtype)  # [B, F, 3, H, W]
 
     def offload_text_encoders(self) -> None:
         """Move UMT5 to the CPU once the prompts are encoded (``policy.offload_text_encoders``)."""
         self.pipe.text_encoder.to("cpu")
 
 
-def _wan_missing(path: str) -> FileNotFoundError:
-    return FileNotFoundError(
+def _wan_missing(path: str) -> str:
+    return (
         f"wan needs a local diffusers Wan folder (with model_index.json), but {path or '<empty path>'!r} is not one. "
         "Download it first, e.g. `hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir /models/Wan2.1-T2V-1.3B` "
         "(or Wan-AI/Wan2.2-T2V-A14B-Diffusers), then set policy.path to it."
@@ -180,18 +173,9 @@ def build_wan_policy(path: str = "", *, device: str | torch.device = "cpu", dtyp
     Returns:
         The policy; UMT5, the VAE and an untrained second expert are frozen.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-    if not path or not (Path(path) / "model_index.json").is_file():
-        raise _wan_missing(str(path))
     from diffusers import AutoencoderKLWan, WanPipeline
 
-    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        vae = AutoencoderKLWan.from_pretrained(str(path), subfolder="vae", torch_dtype=torch.float32,
-                                               local_files_only=True)
-        pipe = WanPipeline.from_pretrained(str(path), vae=vae, torch_dtype=DTYPES[dtype], local_files_only=True)
-    pipe.to(device)
+    pipe = load_local_pipeline(WanPipeline, AutoencoderKLWan, path, dtype, device, _wan_missing(str(path)))
     policy = WanPolicy(pipe, num_frames, height, width, max_sequence_length, guidance_scale, negative_prompt, expert,
                        compute_dtype=DTYPES[dtype])
     for frozen in (pipe.vae, pipe.text_encoder, *(m for m in policy.experts if m is not policy.module)):
