@@ -1,7 +1,8 @@
 """Policies: flow-matching generators behind one contract (``FlowPolicy``) and a name registry.
 
-Registered: ``digits`` (built-in tiny FLUX on 8x8 digits, shipped weights) and ``flux1`` (a local diffusers
-FLUX.1 folder). Importing this package is light; diffusers and transformers load inside the factories.
+Registered: ``digits`` (built-in tiny FLUX on 8x8 digits, shipped weights), ``flux1`` (a local diffusers
+FLUX.1 folder), ``wan`` (Wan 2.1 / 2.2 text-to-video) and ``qwen_image`` (Qwen-Image).
+Importing this package is light; diffusers and transformers load inside the factories.
 """
 
 from flowgrove.policies.base import Conditioning, FlowPolicy, build_policy, policy_names, register_policy
@@ -14,9 +15,13 @@ __all__ = [
     "Conditioning",
     "FlowPolicy",
     "FluxAdapter",
+    "QwenImagePolicy",
+    "WanPolicy",
     "build_digits_policy",
     "build_flux1_policy",
+    "build_qwen_image_policy",
     "build_policy",
+    "build_wan_policy",
     "digit_of_prompt",
     "digit_prompts",
     "pack_latents",
