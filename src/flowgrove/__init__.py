@@ -11,8 +11,9 @@ Conventions, fixed once for the whole package:
   or ``g = 0`` (ODE).
 - A transition log-probability is a per-sample scalar ``[B]``: the Gaussian log-density averaged over
   every non-batch dimension, always under the std the sample was drawn with.
-- Shapes: ``B`` images in a batch, ``G`` images per prompt, ``T`` denoising steps, latents ``[B, C, H, W]``.
-- Images handed to rewards are float tensors ``[B, 3, H, W]`` in [0, 1].
+- Shapes: ``B`` images in a batch, ``G`` images per prompt, ``T`` denoising steps, latents ``[B, *latent_shape]``
+  (``[B, C, H, W]``; videos ``[B, C, F, H, W]``).
+- Images handed to rewards are float tensors ``[B, 3, H, W]`` (videos ``[B, F, 3, H, W]``) in [0, 1].
 """
 
 __version__ = "0.1.0"

@@ -91,8 +91,8 @@ def grid_layout(n: int, height: int, width: int, columns: int, scale: int = 8, m
     return GridLayout(rows, columns, scale, max(1, round(grid_w * shrink)), max(1, round(grid_h * shrink)))
 
 
-def save_grid(images: Tensor, path: Path, columns: int, scale: int = 8) -> None:
-    """Images [N, 3, H, W] in [0, 1] -> one PNG grid (layout: :func:`grid_layout`)."""
+def _grid_image(images: Tensor, columns: int, scale: int):
+    """Images [N, 3, H, W] in [0, 1] -> one PIL grid image (layout: :func:`grid_layout`)."""
     from PIL import Image
 
     n, _, h, w = images.shape
@@ -106,7 +106,32 @@ def save_grid(images: Tensor, path: Path, columns: int, scale: int = 8) -> None:
     size = (layout.width, layout.height)
     if size != image.size:
         image = image.resize(size, Image.NEAREST if layout.width >= image.width else Image.LANCZOS)
-    image.save(path)
+    return image
+
+
+STRIP_FRAMES = 8  # frames per video in the frame strip PNG (evenly spaced, first and last included)
+
+
+def save_grid(images: Tensor, path: Path, columns: int, scale: int = 8, fps: float = 16.0) -> None:
+    """Images [N, 3, H, W] in [0, 1] -> one PNG grid (layout: :func:`grid_layout`).
+
+    Videos [N, F, 3, H, W] -> a frame strip PNG at ``path`` (one video per row, up to ``STRIP_FRAMES`` evenly
+    spaced frames) and an animated GIF beside it (``path`` with suffix ``.gif``, ``fps`` frames per second, looping),
+    whose frame ``f`` is the grid of every video's frame ``f``.
+    """
+    if images.ndim == 4:
+        _grid_image(images, columns, scale).save(path)
+        return
+    if images.ndim != 5 or images.shape[2] != 3:
+        raise ValueError(f"save_grid takes images [N, 3, H, W] or videos [N, F, 3, H, W], got {tuple(images.shape)}")
+    from flowgrove.rewards.video import frame_indices
+
+    index = frame_indices(images.shape[1], STRIP_FRAMES).to(images.device)
+    strip = images.index_select(1, index)  # [N, n, 3, H, W]
+    _grid_image(strip.flatten(0, 1), strip.shape[1], scale).save(path)
+    frames = [_grid_image(images[:, f], columns, scale) for f in range(images.shape[1])]
+    frames[0].save(Path(path).with_suffix(".gif"), save_all=True, append_images=frames[1:],
+                   duration=round(1000 / fps), loop=0)
 
 
 def plot_reward_curves(curves: dict[str, tuple[list[float], list[float]]], path: Path, xlabel: str, ylabel: str) -> None:

@@ -81,7 +81,8 @@ def batched_velocity(policy: FlowPolicy, x: Tensor, sigma: Tensor, cond: Conditi
 
 
 def decode_batched(policy: FlowPolicy, latents: Tensor, batch: int = 0) -> Tensor:
-    """``policy.decode`` in micro-batches of at most ``batch`` latents (0 = all at once). Returns images [N, 3, H', W']."""
+    """``policy.decode`` in micro-batches of at most ``batch`` latents (0 = all at once). Returns images [N, 3, H', W']
+    or videos [N, F, 3, H', W']."""
     if batch <= 0 or latents.shape[0] <= batch:
         return policy.decode(latents)
     return torch.cat([policy.decode(part) for part in latents.split(batch)])  # [N, 3, H', W']

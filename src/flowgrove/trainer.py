@@ -141,7 +141,7 @@ class GRPOTrainer:
         return metrics
 
     def _roots(self, prompt_ids: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Conditioning rows [N0] and initial noise [N0, C, H, W] of the chains or tree roots."""
+        """Conditioning rows [N0] and initial noise [N0, *latent_shape] of the chains or tree roots."""
         cfg, shape = self.cfg, self.policy.latent_shape
         if cfg.tree.enabled:
             roots = prompt_ids
@@ -327,7 +327,7 @@ class GRPOTrainer:
 
 
 class EvalResult(dict):
-    """``{"reward": weighted mean, "reward/<name>": ...}`` plus ``images`` [N, 3, H, W] (attribute)."""
+    """``{"reward": weighted mean, "reward/<name>": ...}`` plus ``images`` [N, 3, H, W] (videos [N, F, 3, H, W])."""
 
     images: Tensor
 

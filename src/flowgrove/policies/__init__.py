@@ -1,21 +1,29 @@
 """Policies: flow-matching generators behind one contract (``FlowPolicy``) and a name registry.
 
-Registered: ``digits`` (built-in tiny FLUX on 8x8 digits, shipped weights) and ``flux1`` (a local diffusers
-FLUX.1 folder). Importing this package is light; diffusers and transformers load inside the factories.
+Registered: ``digits`` (built-in tiny FLUX on 8x8 digits, shipped weights), ``flux1`` (a local diffusers
+FLUX.1 folder), ``sd3`` (SD3 / SD3.5 with classifier-free guidance), ``wan`` (Wan 2.1 / 2.2 text-to-video) and
+``qwen_image`` (Qwen-Image).
+Importing this package is light; diffusers and transformers load inside the factories.
 """
 
 from flowgrove.policies.base import Conditioning, FlowPolicy, build_policy, policy_names, register_policy
 from flowgrove.policies.digits import build_digits_policy, digit_of_prompt, digit_prompts
 from flowgrove.policies.flux import FluxAdapter, build_flux1_policy, pack_latents, unpack_latents
+from flowgrove.policies.qwen_image import QwenImagePolicy, build_qwen_image_policy
+from flowgrove.policies.wan import WanPolicy, build_wan_policy
 from flowgrove.policies.sd3 import SD3Policy, build_sd3_policy  # noqa: F401 (registers "sd3")
 
 __all__ = [
     "Conditioning",
     "FlowPolicy",
     "FluxAdapter",
+    "QwenImagePolicy",
+    "WanPolicy",
     "build_digits_policy",
     "build_flux1_policy",
+    "build_qwen_image_policy",
     "build_policy",
+    "build_wan_policy",
     "digit_of_prompt",
     "digit_prompts",
     "pack_latents",

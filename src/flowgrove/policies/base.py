@@ -1,7 +1,8 @@
 """The policy contract: a velocity model, its prompt encoder and its decoder (design.md, sections 1 and 5).
 
-A policy works on unpacked latents ``[B, C, H, W]`` and exact sigmas in [0, 1] (1 = noise). Everything
-model-specific (token packing, position ids, the model-facing ``timestep``) stays inside its adapter.
+A policy works on unpacked latents ``[B, *latent_shape]`` of any rank (images ``[B, C, H, W]``, videos
+``[B, C, F, H, W]``) and exact sigmas in [0, 1] (1 = noise). Everything model-specific
+(token packing, position ids, the model-facing ``timestep``) stays inside its adapter.
 """
 
 from __future__ import annotations
@@ -81,11 +82,11 @@ class FlowPolicy(Protocol):
     """A rectified-flow generator as the trainer sees it (velocity ``v = noise - x0``).
 
     Attributes:
-        latent_shape: ``(C, H, W)`` of one unpacked latent.
+        latent_shape: Shape of one unpacked latent, any rank: ``(C, H, W)`` (images) or ``(C, F, H, W)`` (videos).
         module: The trainable transformer (what the optimizer, LoRA and DDP wrap).
     """
 
-    latent_shape: tuple[int, int, int]
+    latent_shape: tuple[int, ...]
     module: torch.nn.Module
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
@@ -93,11 +94,11 @@ class FlowPolicy(Protocol):
         ...
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
-        """Velocity ``[B, C, H, W]`` at latents ``x`` ``[B, C, H, W]`` and noise levels ``sigma`` ``[B]``."""
+        """Velocity ``[B, *latent_shape]`` at latents ``x`` (same shape) and noise levels ``sigma`` ``[B]``."""
         ...
 
     def decode(self, x: Tensor) -> Tensor:
-        """Images ``[B, 3, H', W']`` in [0, 1] from clean latents ``[B, C, H, W]``."""
+        """Images ``[B, 3, H', W']`` or videos ``[B, F, 3, H', W']`` in [0, 1] from latents ``[B, *latent_shape]``."""
         ...
 
 

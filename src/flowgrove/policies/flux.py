@@ -71,7 +71,7 @@ def latent_image_ids(height: int, width: int, device: torch.device | str | None 
     return ids.reshape(-1, 3).to(device)  # [(H/2)*(W/2), 3]
 
 
-def _per_sample_sigma(sigma: Tensor | float, batch: int, device: torch.device) -> Tensor:
+def per_sample_sigma(sigma: Tensor | float, batch: int, device: torch.device) -> Tensor:
     sigma = torch.as_tensor(sigma, device=device)
     if sigma.ndim == 0:
         return sigma.expand(batch)  # [B]
@@ -118,7 +118,7 @@ class FluxAdapter:
         if len(cond) != b:
             raise ValueError(f"cond has {len(cond)} rows but x has {b}; use cond.select(...) to match the batch.")
         dtype = next(self.transformer.parameters()).dtype
-        sigma = _per_sample_sigma(sigma, b, x.device)  # [B]
+        sigma = per_sample_sigma(sigma, b, x.device)  # [B]
         img_ids = self._cached_ids(("img", h, w, x.device), lambda: latent_image_ids(h, w, x.device))
         n_txt = cond.prompt_embeds.shape[1]
         txt_ids = self._cached_ids(("txt", n_txt, x.device), lambda: torch.zeros(n_txt, 3, device=x.device))

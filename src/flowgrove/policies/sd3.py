@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from flowgrove.policies.base import Conditioning, register_policy
-from flowgrove.policies.flux import _per_sample_sigma, vae_decode
+from flowgrove.policies.flux import per_sample_sigma, vae_decode
 from flowgrove.policies.pipelines import DTYPES, load_local_pipeline
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ class SD3Policy:
             raise ValueError(f"cond has {len(cond)} rows but x has {b}; use cond.select(...) to match the batch.")
         if cond.pooled is None:
             raise ValueError("sd3 needs pooled embeddings (CLIP-L|CLIP-G); encode the prompts with this policy.")
-        sigma = _per_sample_sigma(sigma, b, x.device).float()  # [B]
+        sigma = per_sample_sigma(sigma, b, x.device).float()  # [B]
         if not self.cfg:
             return self._forward(x, sigma, cond.prompt_embeds, cond.pooled).to(x.dtype)  # [B, C, H, W]
         neg, neg_pooled = self._negatives(cond, b, x.device)

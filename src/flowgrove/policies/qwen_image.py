@@ -1,0 +1,159 @@
+"""Qwen-Image adapter: text-to-image through diffusers ``QwenImagePipeline`` components (Qwen/Qwen-Image).
+
+The policy works on unpacked latents ``[B, C, H', W']`` (``H' = 2 * (H // (2 * vae_scale_factor))``); the adapter packs
+them 2x2 into tokens as ``QwenImagePipeline._pack_latents`` (the FLUX packing, so ``flux.pack_latents`` is reused)
+and adds the VAE's frame axis only to decode. Timestep convention: ``QwenImagePipeline.__call__`` passes
+``timestep = t / 1000`` with the scheduler's ``t = sigma * 1000``, so the adapter feeds the exact float ``sigma``.
+The transformer predicts ``noise - x0`` (the scheduler's Euler step ``x + (sigma_next - sigma) * v``).
+
+Text conditioning is the last hidden state of the Qwen2.5-VL text encoder over the pipeline's prompt template
+(its first 34 template tokens dropped), through ``QwenImagePipeline.encode_prompt``. Rows are zero-padded to
+``max_sequence_length`` so that every encoding (and the on-disk prompt cache) has one length; the pipeline pads
+with zero rows too, so the attention mask is recovered as the nonzero rows, and ``velocity`` trims the batch to
+its longest prompt and passes no mask when nothing is padded, as the pipeline does. With ``guidance_scale > 1``
+the velocity is the pipeline's true CFG against ``negative_prompt`` (encoded once), including its rescale of each
+token's prediction to the norm of the conditional one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from flowgrove.policies.base import Conditioning, register_policy
+from flowgrove.policies.flux import DTYPES, per_sample_sigma, pack_latents, unpack_latents
+from flowgrove.policies.pipelines import decode_wan_vae, load_local_pipeline
+
+if TYPE_CHECKING:
+    from diffusers import QwenImagePipeline
+
+
+def text_mask(prompt_embeds: Tensor) -> Tensor:
+    """Token mask ``[B, L]`` (bool) of zero-padded text states ``[B, L, D]``: a row is a token unless it is all zero."""
+    return prompt_embeds.ne(0).any(dim=-1)  # [B, L]
+
+
+def _pad(embeds: Tensor, mask: Tensor | None, length: int) -> Tensor:
+    if mask is not None:
+        embeds = embeds * mask[..., None].to(embeds.dtype)  # [B, L, D], padding rows exactly zero
+    embeds = embeds[:, :length]
+    return torch.cat([embeds, embeds.new_zeros(embeds.shape[0], length - embeds.shape[1], embeds.shape[2])], dim=1)
+
+
+class QwenImagePolicy:
+    """A diffusers ``QwenImagePipeline`` as a ``FlowPolicy`` (Qwen-Image, Wu et al. 2025)."""
+
+    def __init__(self, pipe: QwenImagePipeline, height: int, width: int, max_sequence_length: int,
+                 guidance_scale: float = 1.0, negative_prompt: str = " ", guidance: float | None = None,
+                 compute_dtype: torch.dtype = torch.float32) -> None:
+        if bool(pipe.transformer.config.guidance_embeds) != (guidance is not None):
+            raise ValueError("pass guidance (e.g. 1.0) exactly when the transformer embeds guidance "
+                             f"(guidance_embeds={pipe.transformer.config.guidance_embeds}).")
+        self.pipe = pipe
+        self.module = pipe.transformer
+        vsf = pipe.vae_scale_factor
+        self.latent_shape = (pipe.transformer.config.in_channels // 4, 2 * (int(height) // (vsf * 2)),
+                             2 * (int(width) // (vsf * 2)))
+        if min(self.latent_shape[1:]) < 2:
+            raise ValueError(f"qwen_image needs height and width of at least {2 * vsf} pixels.")
+        self.max_sequence_length = max_sequence_length
+        self.guidance_scale = float(guidance_scale)
+        self.negative_prompt = negative_prompt
+        self.guidance = guidance
+        self.compute_dtype = compute_dtype
+        self._negative: Tensor | None = None  # [1, L, D], encoded on first use
+
+    def _encode(self, prompts: Sequence[str]) -> Tensor:
+        with torch.no_grad():
+            embeds, mask = self.pipe.encode_prompt(prompt=list(prompts), device=self.pipe.text_encoder.device,
+                                                   max_sequence_length=self.max_sequence_length)  # [B, L, D], [B, L]
+        return _pad(embeds, mask, self.max_sequence_length)  # [B, max_sequence_length, D]
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Qwen2.5-VL last hidden states through ``QwenImagePipeline.encode_prompt`` (no grad), zero-padded."""
+        if self.guidance_scale > 1 and self._negative is None:
+            self._negative = self._encode([self.negative_prompt])  # [1, L, D]
+        return Conditioning(self._encode(prompts))
+
+    def _forward(self, x: Tensor, sigma: Tensor, embeds: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        mask = text_mask(embeds)  # [B, L]
+        length = max(int(mask.sum(dim=1).max()), 1)
+        embeds, mask = embeds[:, :length], mask[:, :length]  # the pipeline pads to the batch's longest prompt
+        dtype = next(self.module.parameters()).dtype
+        guidance = None if self.guidance is None else torch.full((b,), float(self.guidance), device=x.device)
+        autocast = torch.autocast(x.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+        with autocast:  # bf16/fp16 compute over the (float32 master) weights
+            out = self.module(
+                hidden_states=pack_latents(x).to(dtype),  # [B, HW/4, 4C]
+                encoder_hidden_states=embeds.to(dtype),  # [B, L, D]
+                encoder_hidden_states_mask=None if bool(mask.all()) else mask,  # [B, L]
+                timestep=sigma.to(dtype),  # [B]; the pipeline's t / 1000 (module docstring)
+                img_shapes=[[(1, h // 2, w // 2)]] * b,
+                guidance=guidance,
+                return_dict=False,
+            )[0]  # [B, HW/4, 4C]
+        return out.float()
+
+    def velocity(self, x: Tensor, sigma: Tensor | float, cond: Conditioning) -> Tensor:
+        """Velocity ``v = noise - x0`` of the Qwen-Image transformer, with true CFG when ``guidance_scale > 1``.
+
+        Args:
+            x: Latents ``[B, C, H', W']``.
+            sigma: Noise levels ``[B]`` (or a scalar), 1 = noise; fed exactly as ``timestep``.
+            cond: Conditioning with ``B`` rows (zero-padded ``prompt_embeds [B, L, D]``).
+
+        Returns:
+            Velocity ``[B, C, H', W']`` in ``x.dtype``.
+        """
+        b, _, h, w = x.shape
+        if len(cond) != b:
+            raise ValueError(f"cond has {len(cond)} rows but x has {b}; use cond.select(...) to match the batch.")
+        sigma = per_sample_sigma(sigma, b, x.device)  # [B]
+        if self.guidance_scale <= 1:
+            return unpack_latents(self._forward(x, sigma, cond.prompt_embeds), h, w).to(x.dtype)
+        negative = self._negative.to(cond.prompt_embeds).expand(b, -1, -1)  # [B, L, D]
+        v, v_neg = self._forward(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                                 torch.cat([cond.prompt_embeds, negative])).chunk(2)  # [B, HW/4, 4C] each
+        guided = v_neg + self.guidance_scale * (v - v_neg)
+        guided = guided * (v.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))  # the pipeline's rescale
+        return unpack_latents(guided, h, w).to(x.dtype)  # [B, C, H', W']
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] (``QwenImagePipeline.__call__``'s decode and postprocess)."""
+        return decode_wan_vae(self.pipe.vae, x[:, :, None])[:, :, 0].to(x.dtype)  # [B, 3, H, W]; one VAE frame
+
+    def offload_text_encoders(self) -> None:
+        """Move Qwen2.5-VL to the CPU once the prompts are encoded (``policy.offload_text_encoders``)."""
+        self.pipe.text_encoder.to("cpu")
+
+
+@register_policy("qwen_image")
+def build_qwen_image_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "bfloat16",
+                            height: int = 1024, width: int = 1024, max_sequence_length: int = 512,
+                            guidance_scale: float = 1.0, negative_prompt: str = " ",
+                            guidance: float | None = None) -> QwenImagePolicy:
+    """Load a local diffusers Qwen-Image folder offline (``QwenImagePipeline.from_pretrained(local_files_only=True)``).
+
+    Args:
+        path: The diffusers folder (``model_index.json``, transformer, vae, text_encoder, tokenizer).
+        device: Where every component goes.
+        dtype: ``float32``, ``bfloat16`` or ``float16`` for the transformer and text encoder; the VAE stays float32.
+        height: Image height in pixels (sets ``latent_shape``).
+        width: Image width in pixels.
+        max_sequence_length: Text tokens per prompt after the template (the pipeline's 512).
+        guidance_scale: The pipeline's ``true_cfg_scale`` (its examples use 4.0); 1 or less turns CFG off.
+        negative_prompt: The CFG negative prompt (the pipeline's examples use " ").
+        guidance: Distilled guidance for a transformer with ``guidance_embeds``; None for Qwen-Image.
+
+    Returns:
+        The policy; the text encoder and the VAE are frozen.
+    """
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
+
+    pipe = load_local_pipeline(QwenImagePipeline, path, dtype=dtype, device=device, family="qwen_image", folder="Qwen-Image",
+                               download="`hf download Qwen/Qwen-Image --local-dir /models/Qwen-Image`", frozen=("vae", "text_encoder"), float32_vae=AutoencoderKLQwenImage)
+    return QwenImagePolicy(pipe, height, width, max_sequence_length, guidance_scale, negative_prompt, guidance,
+                           compute_dtype=DTYPES[dtype])
