@@ -1,4 +1,4 @@
-"""Command line: ``flowgrove train | methods | sample | eval | bench | rewards | serve-reward | pretrain`` (also ``python -m flowgrove``)."""
+"""Command line: ``flowgrove train | methods | sample | eval | export | bench | rewards | serve-reward | pretrain`` (also ``python -m flowgrove``)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,16 @@ def _eval(args: argparse.Namespace) -> int:
     from flowgrove import sample
 
     print(json.dumps(sample.evaluate_run(args.run), indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from flowgrove import export
+
+    result = export.export_run(args.run, args.out, args.checkpoint, args.ema, args.overwrite)
+    info = result.info
+    print(f"wrote {result.out} ({info.kind}, {info.checkpoint}, {'EMA' if info.ema else 'raw'} weights); "
+          f"{export.load_hint(result)}")
     return 0
 
 
@@ -164,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", parents=[common], help="held-out reward of a run's latest checkpoint")
     p.add_argument("run")
     p.set_defaults(fn=_eval)
+    p = sub.add_parser("export", parents=[common], help="write a run's checkpoint as files diffusers loads (LoRA or full model)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", required=True, help="folder to write (new or empty)")
+    p.add_argument("--checkpoint", metavar="step_N", help="export this checkpoint instead of the newest intact one")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="export the run's EMA weights (default: EMA when the run has it)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(fn=_export)
     p = sub.add_parser("bench", parents=[common], help="run several presets side by side and compare time and reward")
     p.add_argument("--methods", default="dancegrpo,mixgrpo,mixgrpo-flash,mixgrpo-flash-star")
     p.add_argument("--steps", type=positive_int, default=20)
