@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from flowgrove.checkpoint import load_checkpoint
 from flowgrove.cli import main
@@ -88,8 +89,8 @@ def test_flux_lora_export_loads_with_load_lora_weights(flux_base, flux_lora_run,
     keys, metadata = _keys(out / "pytorch_lora_weights.safetensors")
     assert keys and all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in keys)
     assert not any(".default." in k for k in keys)
-    assert json.loads(metadata["transformer.lora_adapter_metadata"]) if "transformer.lora_adapter_metadata" in metadata \
-        else json.loads(metadata["lora_adapter_metadata"])
+    lora_config = json.loads(metadata["lora_adapter_metadata"])  # FluxPipeline.save_lora_weights: prefixed keys
+    assert lora_config["transformer.r"] == lora_config["transformer.lora_alpha"] == 4  # alpha / r folded into lora_B
     info = json.loads((out / "flowgrove_export.json").read_text())
     assert info["kind"] == "lora" and info["lora_rank"] == 4 and info["lora_alpha"] == 8 and not info["ema"]
 
@@ -100,6 +101,9 @@ def test_flux_lora_export_loads_with_load_lora_weights(flux_base, flux_lora_run,
     trainer = _trained(flux_lora_run)
     ours = trainer.policy.velocity(x, sigma, cond)
     assert (ours - base).abs().max() > 1e-3  # the LoRA moved, so the comparison means something
+    torch.testing.assert_close(_velocity(pipe.transformer, x, sigma, cond), ours, atol=1e-5, rtol=0)
+    pipe.unload_lora_weights()  # a loader that ignores the metadata infers alpha = r: the same output
+    pipe.load_lora_weights(load_file(str(out / "pytorch_lora_weights.safetensors")))
     torch.testing.assert_close(_velocity(pipe.transformer, x, sigma, cond), ours, atol=1e-5, rtol=0)
 
 
@@ -116,7 +120,7 @@ def test_export_takes_the_named_checkpoint(flux_lora_run, tmp_path):
 def test_digits_lora_export_default_is_ema_and_differs_from_raw(digits_lora_ema_run, tmp_path):
     from flowgrove.policies.digits import build_digits_policy
 
-    outs = {flag: tmp_path / (flag or "default") for flag in ("", "--ema", "--no-ema")}
+    outs = {flag: tmp_path / (flag.strip("-") or "default") for flag in ("", "--ema", "--no-ema")}
     for flag, out in outs.items():
         assert main(["export", str(digits_lora_ema_run), "--out", str(out), *([flag] if flag else [])]) == 0
     assert json.loads((outs[""] / "flowgrove_export.json").read_text())["ema"] is True
@@ -128,7 +132,7 @@ def test_digits_lora_export_default_is_ema_and_differs_from_raw(digits_lora_ema_
     assert (expected["--ema"] - expected["--no-ema"]).abs().max() > 1e-4  # the EMA differs from the raw weights
     for flag, out in outs.items():
         transformer = build_digits_policy().module
-        transformer.load_lora_adapter(str(out), prefix="transformer")
+        transformer.load_lora_adapter(str(out), prefix="transformer", weight_name="pytorch_lora_weights.safetensors")
         torch.testing.assert_close(_velocity(transformer, x, sigma, cond), expected[flag], atol=1e-5, rtol=0)
 
 

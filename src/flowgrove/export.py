@@ -170,7 +170,8 @@ def load_hint(result: ExportResult) -> str:
     if info.kind == "lora" and info.base:
         return f"load with pipe = DiffusionPipeline.from_pretrained({info.base!r}); pipe.load_lora_weights({out!r})"
     if info.kind == "lora":
-        return f"load into the base transformer with transformer.load_lora_adapter({out!r}, prefix='transformer')"
+        return (f"load into the base transformer with transformer.load_lora_adapter({out!r}, prefix='transformer', "
+                f"weight_name={LORA_FILE!r})")
     if (result.out / "model_index.json").is_file():
         return f"load with DiffusionPipeline.from_pretrained({out!r})"
     name = json.loads((result.out / "config.json").read_text()).get("_class_name", "the model class")
