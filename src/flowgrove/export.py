@@ -5,8 +5,9 @@ A LoRA run becomes ``pytorch_lora_weights.safetensors`` in diffusers' format for
 adapter scale 1 reproduces training in any loader; the saved ``LoraConfig`` metadata says ``lora_alpha = r``.
 A full fine-tune becomes a folder that ``from_pretrained`` loads. The policy writes its family's format through
 two optional methods, ``export_lora(state, lora_config, out)`` and ``export_full(out)``; this module picks and
-verifies the checkpoint, loads it (EMA weights when the run has them), and writes into a temporary sibling of
-``--out`` that is renamed into place once complete.
+verifies the checkpoint (``choose_checkpoint``), loads its weights into the policy built as the run built it
+(the EMA weights when the run has them, as ``flowgrove sample`` does; no rewards, optimizer or prompts), and
+writes into a temporary sibling of ``--out`` that is renamed into place once complete.
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from flowgrove.checkpoint import choose_checkpoint, load_checkpoint
+from flowgrove.checkpoint import choose_checkpoint
 from flowgrove.config import Config, config_from_yaml_text
-from flowgrove.runner import build_trainer
+from flowgrove.policies.base import FlowPolicy
+from flowgrove.policies.prepare import prepare_policy
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 INFO_FILE = "flowgrove_export.json"
@@ -126,7 +128,23 @@ def _install(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-@torch.no_grad()
+def load_trained_policy(cfg: Config, path: Path, ema: bool) -> FlowPolicy:
+    """The run's policy (built as it trained, on the CPU) holding checkpoint ``path``'s trainable weights, or its
+    EMA weights. Builds no rewards, optimizer or prompt encodings: exporting needs none of them."""
+    policy = prepare_policy(cfg, torch.device("cpu"))
+    file = path / ("ema.safetensors" if ema else "trainable.safetensors")
+    weights = load_file(str(file))  # verified against state.json by choose_checkpoint
+    trainable = [(n, p) for n, p in policy.module.named_parameters() if p.requires_grad]
+    missing = [n for n, _ in trainable if n not in weights]
+    if missing:
+        raise ExportError(f"checkpoint file {file} lacks trainable tensors {missing[:3]}; was it written with another "
+                          "policy or LoRA setting? Export it with the flowgrove version that trained it")
+    with torch.no_grad():
+        for name, param in trainable:
+            param.copy_(weights[name])
+    return policy
+
+
 def export_run(run: str | Path, out: str | Path, checkpoint: str | None = None, ema: bool | None = None,
                overwrite: bool = False) -> ExportResult:
     """Export a run's checkpoint (default: the newest intact one) for diffusers.
@@ -144,23 +162,24 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str | None = None, 
     run, out = Path(run), Path(out)
     prepare_out(out, run, overwrite)
     path, cfg, state = _run_config(run, checkpoint)
-    if ema and cfg.train.ema_decay <= 0:
+    has_ema = "ema.safetensors" in state.files
+    if ema and not has_ema:
         raise ExportError(f"--ema: the run {run} has no EMA weights (it trained with train.ema_decay=0); drop --ema")
-    trainer = build_trainer(cfg)
-    load_checkpoint(trainer, path, state)
-    use_ema = trainer.ema is not None and ema is not False
-    kind = "lora" if cfg.policy.lora_rank > 0 else "full"
-    info = ExportInfo(FORMAT, kind, str(run), path.name, trainer.iteration, use_ema, cfg.policy.name, cfg.policy.path,
-                      cfg.policy.lora_rank, float(cfg.policy.lora_alpha or 2 * cfg.policy.lora_rank) if kind == "lora" else 0.0)
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.absolute().parent / f".{out.name}.export-tmp"
+    use_ema = has_ema and ema is not False
+    policy = load_trained_policy(cfg, path, use_ema)
+    p = cfg.policy
+    kind = "lora" if p.lora_rank > 0 else "full"
+    info = ExportInfo(FORMAT, kind, str(run), path.name, state.iteration, use_ema, p.name, p.path, p.lora_rank,
+                      float(p.lora_alpha or 2 * p.lora_rank) if kind == "lora" else 0.0)
+    target = out.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    with trainer.weights_swapped(trainer.ema) if use_ema else nullcontext():
-        _write(trainer.policy, kind, tmp)
+    _write(policy, kind, tmp)
     (tmp / INFO_FILE).write_text(json.dumps(asdict(info), indent=1))
-    _install(tmp, out)
-    files = tuple(sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()))
+    _install(tmp, target)
+    files = tuple(sorted(str(f.relative_to(target)) for f in target.rglob("*") if f.is_file()))
     return ExportResult(out, info, files)
 
 
