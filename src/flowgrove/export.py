@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from flowgrove.checkpoint import choose_checkpoint
+from flowgrove.checkpoint import CheckpointState, choose_checkpoint
 from flowgrove.config import Config, config_from_yaml_text
 from flowgrove.policies.base import FlowPolicy
 from flowgrove.policies.prepare import prepare_policy
@@ -97,7 +97,7 @@ def prepare_out(out: Path, run: Path, overwrite: bool) -> None:
         raise ExportError(f"--out {out} exists and is not empty; pick a new folder or add --overwrite to replace it")
 
 
-def _run_config(run: Path, checkpoint: str | None) -> tuple[Path, Config, object]:
+def _run_config(run: Path, checkpoint: str | None) -> tuple[Path, Config, CheckpointState]:
     """The chosen intact checkpoint of ``run``, its config and its verified state."""
     choice = choose_checkpoint(run, checkpoint)
     if choice is None:
@@ -107,7 +107,7 @@ def _run_config(run: Path, checkpoint: str | None) -> tuple[Path, Config, object
     return choice.path, config_from_yaml_text(source.read_text(), source=str(source)), choice.state
 
 
-def _write(policy: object, kind: str, tmp: Path) -> None:
+def _write(policy: FlowPolicy, kind: str, tmp: Path) -> None:
     """The policy writes its family's format into ``tmp`` (``export_lora`` or ``export_full``)."""
     method = "export_lora" if kind == "lora" else "export_full"
     writer = getattr(policy, method, None)
@@ -121,11 +121,24 @@ def _write(policy: object, kind: str, tmp: Path) -> None:
         writer(tmp)
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``, replacing an old ``out`` (checked by :func:`prepare_out`)."""
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+def _write_folder(policy: FlowPolicy, info: ExportInfo, out: Path) -> tuple[str, ...]:
+    """Everything into a hidden sibling of ``out``, renamed to ``out`` once complete (an old ``out`` is replaced;
+    :func:`prepare_out` checked it). Returns the files, relative to ``out``."""
+    target = out.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.export-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write(policy, info.kind, tmp)
+        (tmp / INFO_FILE).write_text(json.dumps(asdict(info), indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return tuple(sorted(str(f.relative_to(target)) for f in target.rglob("*") if f.is_file()))
 
 
 def load_trained_policy(cfg: Config, path: Path, ema: bool) -> FlowPolicy:
@@ -171,24 +184,15 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str | None = None, 
     kind = "lora" if p.lora_rank > 0 else "full"
     info = ExportInfo(FORMAT, kind, str(run), path.name, state.iteration, use_ema, p.name, p.path, p.lora_rank,
                       float(p.lora_alpha or 2 * p.lora_rank) if kind == "lora" else 0.0)
-    target = out.resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.export-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _write(policy, kind, tmp)
-    (tmp / INFO_FILE).write_text(json.dumps(asdict(info), indent=1))
-    _install(tmp, target)
-    files = tuple(sorted(str(f.relative_to(target)) for f in target.rglob("*") if f.is_file()))
-    return ExportResult(out, info, files)
+    return ExportResult(out, info, _write_folder(policy, info, out))
 
 
 def load_hint(result: ExportResult) -> str:
     """One line on how diffusers loads the export."""
     out, info = str(result.out), result.info
-    if info.kind == "lora" and info.base:
+    if info.kind == "lora" and info.base and (Path(info.base) / "model_index.json").is_file():
         return f"load with pipe = DiffusionPipeline.from_pretrained({info.base!r}); pipe.load_lora_weights({out!r})"
-    if info.kind == "lora":
+    if info.kind == "lora":  # a base that is no pipeline folder (digits)
         return (f"load into the base transformer with transformer.load_lora_adapter({out!r}, prefix='transformer', "
                 f"weight_name={LORA_FILE!r})")
     if (result.out / "model_index.json").is_file():
