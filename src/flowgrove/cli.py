@@ -1,5 +1,5 @@
-"""Command line: ``flowgrove train | methods | sample | eval | bench | bench-model | rewards | serve-reward |
-encode-prompts | pretrain`` (also ``python -m flowgrove``)."""
+"""Command line: ``flowgrove train | methods | sample | eval | export | bench | bench-model | rewards |
+serve-reward | encode-prompts | pretrain`` (also ``python -m flowgrove``)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,16 @@ def _eval(args: argparse.Namespace) -> int:
     from flowgrove import sample
 
     print(json.dumps(sample.evaluate_run(args.run), indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from flowgrove import export
+
+    result = export.export_run(args.run, args.out, args.checkpoint, args.ema, args.overwrite)
+    info = result.info
+    print(f"wrote {result.out} ({info.kind}, {info.checkpoint}, {'EMA' if info.ema else 'raw'} weights); "
+          f"{export.load_hint(result)}")
     return 0
 
 
@@ -188,6 +198,17 @@ def _add_reward_and_data_commands(sub: argparse._SubParsersAction, common: argpa
     p.set_defaults(fn=_serve_reward)
 
 
+def _add_export_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("export", parents=[common], help="write a run's checkpoint as files diffusers loads (LoRA or full model)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", required=True, help="folder to write (new or empty)")
+    p.add_argument("--checkpoint", metavar="step_N", help="export this checkpoint instead of the newest intact one")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="export the run's EMA weights (default: EMA when the run has it)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(fn=_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="flowgrove", description="GRPO alignment of flow-matching generators.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks (for developers)")
@@ -204,8 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="step_N", help="with --resume: continue from this checkpoint instead of the latest")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that holds a partial run without a checkpoint")
     p.set_defaults(fn=_train)
-    p = sub.add_parser("methods", parents=[common], help="list the method presets")
-    p.set_defaults(fn=_methods)
+    sub.add_parser("methods", parents=[common], help="list the method presets").set_defaults(fn=_methods)
     p = sub.add_parser("sample", parents=[common], help="sample images from a run's latest checkpoint (or the base policy) to a PNG grid")
     p.add_argument("--run", help="run directory (omit for the base policy of the default config)")
     p.add_argument("--out", default="samples.png")
@@ -219,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", parents=[common], help="held-out reward of a run's latest checkpoint")
     p.add_argument("run")
     p.set_defaults(fn=_eval)
+    _add_export_parser(sub, common)
     p = sub.add_parser("bench", parents=[common], help="run several presets side by side and compare time and reward")
     p.add_argument("--methods", default="dancegrpo,mixgrpo,mixgrpo-flash,mixgrpo-flash-star")
     p.add_argument("--steps", type=positive_int, default=20)

@@ -84,6 +84,12 @@ class FlowPolicy(Protocol):
     Attributes:
         latent_shape: Shape of one unpacked latent, any rank: ``(C, H, W)`` (images) or ``(C, F, H, W)`` (videos).
         module: The trainable transformer (what the optimizer, LoRA and DDP wrap).
+
+    Optional methods (``flowgrove export``; a policy without them cannot be exported in that form):
+        ``export_lora(state, lora_config, out)``: write peft's adapter ``state`` of ``module`` (scaling folded
+        into ``lora_B``) and its ``LoraConfig`` kwargs into the folder ``out`` in diffusers' format for the
+        family (the file ``pipe.load_lora_weights(out)`` loads). ``export_full(out)``: write the trained
+        ``module`` (or the whole pipeline with it) into ``out`` so that ``from_pretrained(out)`` loads it.
     """
 
     latent_shape: tuple[int, ...]

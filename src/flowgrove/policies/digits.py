@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from flowgrove.data import DIGIT_WORDS, PRETRAIN_HINT, assets_dir, digit_of_prompt, digit_prompts, load_weights
 from flowgrove.data import save_weights
 from flowgrove.policies.base import Conditioning, register_policy
-from flowgrove.policies.flux import DTYPES, FluxAdapter
+from flowgrove.policies.flux import DTYPES, FluxAdapter, save_flux_lora
 
 __all__ = [
     "DigitsPolicy", "build_digits_policy", "digit_of_prompt", "digit_prompts", "digits_to_images", "encode_text",
@@ -140,6 +140,14 @@ class DigitsPolicy:
     def decode(self, x: Tensor) -> Tensor:
         """Images ``[B, 3, 8, 8]`` in [0, 1], ``digits_to_images``."""
         return digits_to_images(x)  # [B, 3, 8, 8]
+
+    def export_lora(self, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
+        """diffusers' FLUX LoRA file in ``out`` (``save_flux_lora``; ``transformer.load_lora_adapter`` loads it)."""
+        save_flux_lora(state, lora_config, out)
+
+    def export_full(self, out: Path) -> None:
+        """The trained transformer with its ``config.json`` (``FluxTransformer2DModel.from_pretrained(out)``)."""
+        self.module.save_pretrained(str(out))
 
 
 def save_digits_policy(path: str | Path, transformer: nn.Module, text_encoder: nn.Module) -> Path:

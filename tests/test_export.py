@@ -1,0 +1,211 @@
+"""`flowgrove export`: LoRA and full fine-tunes of tiny FLUX runs load back into diffusers and reproduce training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from flowgrove.checkpoint import load_checkpoint
+from flowgrove.cli import main
+from flowgrove.config import config_from_yaml_text
+from flowgrove.policies.base import Conditioning
+from flowgrove.policies.flux import FluxAdapter
+from flowgrove.runner import build_trainer
+from test_policies import _save_tiny_flux_pipeline
+
+TINY = ["rollout.prompts_per_step=1", "rollout.group_size=2", "sampler.num_steps=3", "eval.num_steps=3",
+        "eval.samples_per_prompt=1", "run.progress=false", "train.lr=1e-2", "run.checkpoint_every=1"]
+
+
+@pytest.fixture(scope="module")
+def flux_base(tmp_path_factory):
+    """A saved tiny FluxPipeline folder and a prompt file."""
+    root = tmp_path_factory.mktemp("flux")
+    _save_tiny_flux_pipeline(root / "pipe")
+    (root / "prompts.txt").write_text("a cat\na dog\n")
+    return root
+
+
+def _train_flux(root, name: str, rank: int, extra: tuple[str, ...] = ()):
+    run = root / name
+    args = ["train", "--steps", "2", "--out", str(run), "policy.name=flux1", f"policy.path={root / 'pipe'}",
+            "policy.dtype=float32", "policy.options={height: 16, width: 16, max_sequence_length: 8}",
+            f"policy.lora_rank={rank}", "rewards={brightness: 1.0}", f"data.train={root / 'prompts.txt'}", *TINY, *extra]
+    assert main(args) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def flux_lora_run(flux_base):
+    return _train_flux(flux_base, "lora", 4)
+
+
+@pytest.fixture(scope="module")
+def digits_lora_ema_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("digits") / "lora"
+    assert main(["train", "--steps", "2", "--out", str(run), "policy.lora_rank=4", "train.ema_decay=0.5", *TINY]) == 0
+    return run
+
+
+def _trained(run, checkpoint: str = "step_000002"):
+    """A trainer holding the run's checkpoint (raw weights; EMA in ``trainer.ema``)."""
+    ckpt = run / "checkpoints" / checkpoint
+    trainer = build_trainer(config_from_yaml_text((ckpt / "config.yaml").read_text()))
+    load_checkpoint(trainer, ckpt)
+    return trainer
+
+
+def _inputs(latent_shape, cond_dims, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, *latent_shape, generator=g)
+    tokens, dim = cond_dims
+    cond = Conditioning(torch.randn(2, tokens, dim, generator=g), torch.randn(2, dim, generator=g))
+    return x, torch.tensor([0.9, 0.4]), cond
+
+
+@torch.no_grad()
+def _velocity(transformer, x, sigma, cond):
+    return FluxAdapter(transformer.eval(), None).velocity(x, sigma, cond)
+
+
+def _keys(file):
+    with safe_open(str(file), "pt") as f:
+        return list(f.keys()), f.metadata()
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------------
+
+
+def test_flux_lora_export_loads_with_load_lora_weights(flux_base, flux_lora_run, tmp_path, capsys):
+    from diffusers import FluxPipeline
+
+    out = tmp_path / "lora"
+    assert main(["export", str(flux_lora_run), "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    keys, metadata = _keys(out / "pytorch_lora_weights.safetensors")
+    assert keys and all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in keys)
+    assert not any(".default." in k for k in keys)
+    lora_config = json.loads(metadata["lora_adapter_metadata"])  # FluxPipeline.save_lora_weights: prefixed keys
+    assert lora_config["transformer.r"] == lora_config["transformer.lora_alpha"] == 4  # alpha / r folded into lora_B
+    info = json.loads((out / "flowgrove_export.json").read_text())
+    assert info["kind"] == "lora" and info["lora_rank"] == 4 and info["lora_alpha"] == 8 and not info["ema"]
+
+    pipe = FluxPipeline.from_pretrained(str(flux_base / "pipe"))
+    x, sigma, cond = _inputs((1, 16, 16), (8, 32))
+    base = _velocity(pipe.transformer, x, sigma, cond)
+    pipe.load_lora_weights(str(out))  # the default adapter scale
+    trainer = _trained(flux_lora_run)
+    ours = trainer.policy.velocity(x, sigma, cond)
+    assert (ours - base).abs().max() > 1e-3  # the LoRA moved, so the comparison means something
+    torch.testing.assert_close(_velocity(pipe.transformer, x, sigma, cond), ours, atol=1e-5, rtol=0)
+    pipe.unload_lora_weights()  # a loader that ignores the metadata infers alpha = r: the same output
+    pipe.load_lora_weights(load_file(str(out / "pytorch_lora_weights.safetensors")))
+    torch.testing.assert_close(_velocity(pipe.transformer, x, sigma, cond), ours, atol=1e-5, rtol=0)
+
+
+def test_export_takes_the_named_checkpoint(flux_lora_run, tmp_path):
+    first, last = tmp_path / "s1", tmp_path / "s2"
+    assert main(["export", str(flux_lora_run), "--checkpoint", "step_1", "--out", str(first)]) == 0
+    assert main(["export", str(flux_lora_run), "--out", str(last)]) == 0
+    assert json.loads((first / "flowgrove_export.json").read_text())["checkpoint"] == "step_000001"
+    assert json.loads((last / "flowgrove_export.json").read_text())["iteration"] == 2
+    a, b = ((d / "pytorch_lora_weights.safetensors").read_bytes() for d in (first, last))
+    assert a != b
+
+
+def test_digits_lora_export_default_is_ema_and_differs_from_raw(digits_lora_ema_run, tmp_path):
+    from flowgrove.policies.digits import build_digits_policy
+
+    outs = {flag: tmp_path / (flag.strip("-") or "default") for flag in ("", "--ema", "--no-ema")}
+    for flag, out in outs.items():
+        assert main(["export", str(digits_lora_ema_run), "--out", str(out), *([flag] if flag else [])]) == 0
+    assert json.loads((outs[""] / "flowgrove_export.json").read_text())["ema"] is True
+    trainer = _trained(digits_lora_ema_run)
+    x, sigma, cond = _inputs((1, 8, 8), (5, 32))
+    expected = {"--no-ema": trainer.policy.velocity(x, sigma, cond)}
+    with trainer.weights_swapped(trainer.ema):
+        expected["--ema"] = expected[""] = trainer.policy.velocity(x, sigma, cond)
+    assert (expected["--ema"] - expected["--no-ema"]).abs().max() > 1e-4  # the EMA differs from the raw weights
+    for flag, out in outs.items():
+        transformer = build_digits_policy().module
+        transformer.load_lora_adapter(str(out), prefix="transformer", weight_name="pytorch_lora_weights.safetensors")
+        torch.testing.assert_close(_velocity(transformer, x, sigma, cond), expected[flag], atol=1e-5, rtol=0)
+
+
+# ---- full fine-tunes -----------------------------------------------------------------------------------
+
+
+def _trained_weights(trainer):
+    return {n: p.detach() for n, p in trainer.policy.module.named_parameters()}
+
+
+def test_flux_full_export_is_a_pipeline_folder(flux_base, tmp_path):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    run = _train_flux(flux_base, "full", 0)
+    out = tmp_path / "full"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    trainer = _trained(run)
+    loaded = FluxTransformer2DModel.from_pretrained(str(out), subfolder="transformer")
+    trained = _trained_weights(trainer)
+    state = loaded.state_dict()
+    assert state.keys() == trained.keys() and all(torch.equal(state[n], t) for n, t in trained.items())
+    pipe = FluxPipeline.from_pretrained(str(out))
+    x, sigma, cond = _inputs((1, 16, 16), (8, 32))
+    torch.testing.assert_close(_velocity(pipe.transformer, x, sigma, cond), trainer.policy.velocity(x, sigma, cond),
+                               atol=1e-5, rtol=0)
+
+
+def test_digits_full_export_is_a_transformer_folder(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    run = tmp_path / "run"
+    assert main(["train", "--steps", "2", "--out", str(run), *TINY]) == 0
+    out = tmp_path / "full"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert (out / "config.json").is_file()
+    state = FluxTransformer2DModel.from_pretrained(str(out)).state_dict()
+    trained = _trained_weights(_trained(run))
+    assert state.keys() == trained.keys() and all(torch.equal(state[n], t) for n, t in trained.items())
+
+
+# ---- errors --------------------------------------------------------------------------------------------
+
+
+def _one_line_error(capsys, *words):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for word in words:
+        assert word in err[0], err[0]
+
+
+def test_export_errors_are_one_line(flux_lora_run, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(tmp_path / "empty"), "--out", str(tmp_path / "o1")]) == 2
+    _one_line_error(capsys, "no checkpoint")
+    assert main(["export", str(flux_lora_run), "--ema", "--out", str(tmp_path / "o2")]) == 2
+    _one_line_error(capsys, "--ema", "train.ema_decay=0")
+    assert main(["export", str(flux_lora_run), "--checkpoint", "step_7", "--out", str(tmp_path / "o3")]) == 2
+    _one_line_error(capsys, "step_7", "step_000002")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "x.txt").write_text("keep")
+    assert main(["export", str(flux_lora_run), "--out", str(used)]) == 2
+    _one_line_error(capsys, "not empty", "--overwrite")
+    assert (used / "x.txt").is_file()
+    assert main(["export", str(flux_lora_run), "--out", str(used), "--overwrite"]) == 0
+    assert not (used / "x.txt").exists() and (used / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_damaged_checkpoint_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--steps", "1", "--out", str(run), *TINY]) == 0
+    (run / "checkpoints" / "step_000001" / "trainable.safetensors").write_bytes(b"broken")
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, "no intact checkpoint")
+    assert not (tmp_path / "o").exists()
