@@ -163,9 +163,11 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, m
 
     run = tmp_path / "interrupted"
 
-    def two_interrupts(r):
+    def two_interrupts(r):  # rewards are scored in worker threads: give the main thread time to take each signal
         os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
         return r
 
     _boldness_hook(monkeypatch, 2, two_interrupts)
