@@ -280,7 +280,10 @@ def test_rewards_command_lists_every_reward_once(capsys):
     assert cli.main(["rewards"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == reward_names()
-    assert all(len(line.split()) > 1 for line in lines)  # each has a summary
+    from flowgrove.rewards.base import reward_factory
+
+    shipped = [line for line in lines if reward_factory(line.split()[0]).__module__.startswith("flowgrove.")]
+    assert all(len(line.split()) > 1 for line in shipped)  # each shipped reward has a summary (tests register bare ones)
     assert {"ocr", "vlm_judge", "remote", "video"} <= set(reward_names())
 
 
