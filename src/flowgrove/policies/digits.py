@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from flowgrove.data import DIGIT_WORDS, PRETRAIN_HINT, assets_dir, digit_of_prompt, digit_prompts, load_weights
 from flowgrove.data import save_weights
 from flowgrove.policies.base import Conditioning, register_policy
-from flowgrove.policies.flux import DTYPES, FluxAdapter, save_flux_lora
+from flowgrove.policies.flux import DTYPES, FluxAdapter
+from flowgrove.policies.pipelines import save_pipeline_lora
 
 __all__ = [
     "DigitsPolicy", "build_digits_policy", "digit_of_prompt", "digit_prompts", "digits_to_images", "encode_text",
@@ -142,8 +143,10 @@ class DigitsPolicy:
         return digits_to_images(x)  # [B, 3, 8, 8]
 
     def export_lora(self, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
-        """diffusers' FLUX LoRA file in ``out`` (``save_flux_lora``; ``transformer.load_lora_adapter`` loads it)."""
-        save_flux_lora(state, lora_config, out)
+        """diffusers' FLUX LoRA file in ``out`` (``save_pipeline_lora``; ``transformer.load_lora_adapter`` loads it)."""
+        from diffusers import FluxPipeline
+
+        save_pipeline_lora(FluxPipeline, state, lora_config, out)
 
     def export_full(self, out: Path) -> None:
         """The trained transformer with its ``config.json`` (``FluxTransformer2DModel.from_pretrained(out)``)."""

@@ -8,7 +8,6 @@ feeds the exact float ``sigma`` as ``timestep``: the same value, without the rou
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -16,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from flowgrove.policies.base import Conditioning, register_policy
-from flowgrove.policies.pipelines import DTYPES, load_local_pipeline
+from flowgrove.policies.pipelines import DTYPES, load_local_pipeline, save_pipeline_folder, save_pipeline_lora
 
 if TYPE_CHECKING:
     from diffusers import FluxPipeline
@@ -158,20 +157,6 @@ def vae_decode(vae: nn.Module, x: Tensor) -> Tensor:
     return (image / 2 + 0.5).clamp(0, 1).to(x.dtype)  # [B, 3, H*f, W*f]
 
 
-def save_flux_lora(state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
-    """A FLUX LoRA file that ``FluxPipeline.load_lora_weights`` loads (``FluxPipeline.save_lora_weights``: the
-    ``transformer.`` prefix, ``pytorch_lora_weights.safetensors``, the LoraConfig as metadata).
-
-    Args:
-        state: peft adapter state of the transformer (``get_peft_model_state_dict`` keys), scaling folded in.
-        lora_config: ``LoraConfig`` keyword arguments that match ``state`` (stored in the file's metadata).
-        out: The folder to write.
-    """
-    from diffusers import FluxPipeline
-
-    FluxPipeline.save_lora_weights(str(out), transformer_lora_layers=state, transformer_lora_adapter_metadata=lora_config)
-
-
 class Flux1Policy:
     """A diffusers FLUX.1 pipeline as a ``FlowPolicy`` (black-forest-labs FLUX.1 dev / schnell)."""
 
@@ -220,20 +205,13 @@ class Flux1Policy:
             encoder.to("cpu")
 
     def export_lora(self, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
-        """diffusers' FLUX LoRA file in ``out`` (``save_flux_lora``)."""
-        save_flux_lora(state, lora_config, out)
+        """diffusers' FLUX LoRA file in ``out`` (``FluxPipeline.save_lora_weights``, ``save_pipeline_lora``)."""
+        save_pipeline_lora(type(self.pipe), state, lora_config, out)
 
     def export_full(self, out: Path) -> None:
-        """A pipeline folder in ``out``: the source folder's other components copied, the trained transformer
-        written with ``save_pretrained`` (``FluxPipeline.from_pretrained(out)`` loads it)."""
-        source = Path(self.pipe.name_or_path or "")
-        if not (source / "model_index.json").is_file():
-            raise FileNotFoundError(f"the base FLUX.1 folder {str(source)!r} (policy.path) is gone; export needs it "
-                                    "for the pipeline's other components: restore it or set policy.path")
-        for entry in source.iterdir():
-            if entry.name != "transformer":
-                (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, out / entry.name)
-        self.module.save_pretrained(str(out / "transformer"))
+        """A pipeline folder in ``out`` with the trained transformer (``save_pipeline_folder``;
+        ``FluxPipeline.from_pretrained(out)`` loads it)."""
+        save_pipeline_folder(self.pipe, self.module, out)
 
 
 @register_policy("flux1")

@@ -5,6 +5,7 @@ Light to import: diffusers is imported by the caller, which passes its pipeline 
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -67,3 +68,37 @@ def decode_wan_vae(vae: nn.Module, latents: Tensor) -> Tensor:
     std = torch.tensor(vae.config.latents_std, device=latents.device, dtype=torch.float32).view(shape)
     pixels = vae.decode((latents.float() * std + mean).to(vae.dtype), return_dict=False)[0]  # [B, 3, F, H, W] in [-1, 1]
     return (pixels / 2 + 0.5).clamp(0, 1)
+
+
+def save_pipeline_lora(pipeline_cls: Any, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
+    """A LoRA file that ``pipeline_cls.load_lora_weights`` loads, written by the pipeline's own
+    ``save_lora_weights``: the ``transformer.`` prefix, ``pytorch_lora_weights.safetensors``, the LoraConfig as
+    metadata (FLUX, SD3, Wan and Qwen-Image share this signature).
+
+    Args:
+        pipeline_cls: The family's diffusers pipeline class (``FluxPipeline``, ``StableDiffusion3Pipeline``, ...).
+        state: peft adapter state of the transformer (``get_peft_model_state_dict`` keys), scaling folded in
+            (``flowgrove.export.folded_lora``).
+        lora_config: ``LoraConfig`` keyword arguments that match ``state`` (stored in the file's metadata).
+        out: The folder to write.
+    """
+    pipeline_cls.save_lora_weights(str(out), transformer_lora_layers=state,
+                                   transformer_lora_adapter_metadata=lora_config)
+
+
+def save_pipeline_folder(pipe: Any, module: nn.Module, out: Path, subfolder: str = "transformer") -> None:
+    """A pipeline folder in ``out``: the base folder's other components copied, the trained ``module`` written with
+    ``save_pretrained`` into ``out/subfolder`` (``from_pretrained(out)`` loads the pipeline, the transformer class's
+    ``from_pretrained(out, subfolder=subfolder)`` the transformer).
+
+    Raises:
+        FileNotFoundError: the base folder the pipeline was loaded from (``policy.path``) is gone.
+    """
+    source = Path(pipe.name_or_path or "")
+    if not (source / "model_index.json").is_file():
+        raise FileNotFoundError(f"the base {type(pipe).__name__} folder {str(source)!r} (policy.path) is gone; export "
+                                "needs it for the pipeline's other components: restore it or set policy.path")
+    for entry in source.iterdir():
+        if entry.name != subfolder:
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, out / entry.name)
+    module.save_pretrained(str(out / subfolder))

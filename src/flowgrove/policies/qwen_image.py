@@ -17,6 +17,7 @@ token's prediction to the norm of the conditional one.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import DTYPES, per_sample_sigma, pack_latents, unpack_latents
-from flowgrove.policies.pipelines import decode_wan_vae, load_local_pipeline
+from flowgrove.policies.pipelines import decode_wan_vae, load_local_pipeline, save_pipeline_folder, save_pipeline_lora
 
 if TYPE_CHECKING:
     from diffusers import QwenImagePipeline
@@ -128,6 +129,16 @@ class QwenImagePolicy:
     def offload_text_encoders(self) -> None:
         """Move Qwen2.5-VL to the CPU once the prompts are encoded (``policy.offload_text_encoders``)."""
         self.pipe.text_encoder.to("cpu")
+
+    def export_lora(self, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
+        """diffusers' Qwen-Image LoRA file in ``out`` (``QwenImagePipeline.save_lora_weights``); ``pipe.load_lora_weights(out)``
+        loads it."""
+        save_pipeline_lora(type(self.pipe), state, lora_config, out)
+
+    def export_full(self, out: Path) -> None:
+        """A pipeline folder in ``out`` with the trained transformer in ``transformer/`` (``save_pipeline_folder``):
+        ``QwenImageTransformer2DModel.from_pretrained(out, subfolder="transformer")`` loads it."""
+        save_pipeline_folder(self.pipe, self.module, out)
 
 
 @register_policy("qwen_image")

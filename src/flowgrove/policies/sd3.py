@@ -17,6 +17,7 @@ detaches the unconditional branch). ``guidance_scale <= 1`` is the no-CFG mode (
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import per_sample_sigma, vae_decode
-from flowgrove.policies.pipelines import DTYPES, load_local_pipeline
+from flowgrove.policies.pipelines import DTYPES, load_local_pipeline, save_pipeline_folder, save_pipeline_lora
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
@@ -153,6 +154,16 @@ class SD3Policy:
         for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3):
             if encoder is not None:
                 encoder.to("cpu")
+
+    def export_lora(self, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
+        """diffusers' SD3 LoRA file in ``out`` (``StableDiffusion3Pipeline.save_lora_weights``); ``pipe.load_lora_weights(out)``
+        loads it."""
+        save_pipeline_lora(type(self.pipe), state, lora_config, out)
+
+    def export_full(self, out: Path) -> None:
+        """A pipeline folder in ``out`` with the trained transformer in ``transformer/`` (``save_pipeline_folder``):
+        ``SD3Transformer2DModel.from_pretrained(out, subfolder="transformer")`` loads it."""
+        save_pipeline_folder(self.pipe, self.module, out)
 
 
 @register_policy("sd3")

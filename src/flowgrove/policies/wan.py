@@ -14,6 +14,7 @@ and the others to ``transformer_2``, as the pipeline does; ``expert`` picks whic
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import DTYPES, per_sample_sigma
-from flowgrove.policies.pipelines import decode_wan_vae, load_local_pipeline
+from flowgrove.policies.pipelines import decode_wan_vae, load_local_pipeline, save_pipeline_folder, save_pipeline_lora
 
 if TYPE_CHECKING:
     from diffusers import WanPipeline
@@ -142,6 +143,16 @@ class WanPolicy:
     def offload_text_encoders(self) -> None:
         """Move UMT5 to the CPU once the prompts are encoded (``policy.offload_text_encoders``)."""
         self.pipe.text_encoder.to("cpu")
+
+    def export_lora(self, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
+        """diffusers' Wan LoRA file in ``out`` (``WanPipeline.save_lora_weights``); ``pipe.load_lora_weights(out)``
+        loads it, with ``load_into_transformer_2=True`` for ``expert="low"``."""
+        save_pipeline_lora(type(self.pipe), state, lora_config, out)
+
+    def export_full(self, out: Path) -> None:
+        """A pipeline folder in ``out`` with the trained expert in ``transformer/`` (``transformer_2/`` for
+        ``expert="low"``; ``save_pipeline_folder``): ``WanTransformer3DModel.from_pretrained(out, subfolder=...)``."""
+        save_pipeline_folder(self.pipe, self.module, out, "transformer_2" if self.trained else "transformer")
 
 
 @register_policy("wan")
