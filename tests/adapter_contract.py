@@ -7,6 +7,7 @@ and calls :func:`check_policy_contract`; nothing here knows any family.
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -104,3 +105,62 @@ def check_export_round_trip(policy: FlowPolicy, cond: Conditioning, out: Path, a
             assert (policy.velocity(x, sigma, cond) - trained_v).abs().max() <= atol
     finally:
         policy.module = module
+
+
+# ---- presets through the CLI, and their exports back into the family's diffusers pipeline -------------------------
+
+# Small tree and window settings that pass config validation: 2 leaves per prompt from one split at step 0 of 3;
+# a 1-step SDE window over 4 steps. Either trains 2 steps on 1 prompt x 2 samples.
+TREE = ("--method", "branchgrpo", "tree.split_steps=[0]", "sampler.num_steps=3")
+WINDOW = ("--method", "mixgrpo", "window.size=1", "window.interval=1", "sampler.num_steps=4")
+SMALL = ("--steps", "2", "rollout.prompts_per_step=1", "rollout.group_size=2", "eval.num_steps=3",
+         "eval.samples_per_prompt=1", "train.accumulate_size=2", "run.device=cpu", "run.progress=false",
+         "train.lr=1e-2", "policy.dtype=float32")
+
+
+def train_and_export(root: Path, preset: Sequence[str], policy_args: Sequence[str], reward: str) -> tuple[Path, Path]:
+    """``flowgrove train`` with ``preset`` on a tiny pipeline, then ``flowgrove export``; returns (run, export)."""
+    from flowgrove.cli import main
+
+    (root / "prompts.txt").write_text("a cat\na dog\n")
+    run, out = root / "run", root / "export"
+    assert main(["train", *preset, "--out", str(run), *SMALL, *policy_args, f"rewards={{{reward}: 1.0}}",
+                 f"data.train={root / 'prompts.txt'}"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == preset[1] and summary["steps"] == 2
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    return run, out
+
+
+def run_trainer(run: Path, checkpoint: str = "step_000002") -> GRPOTrainer:
+    """A trainer holding a run's checkpoint (raw weights; EMA in ``trainer.ema``), built from its config."""
+    from flowgrove.checkpoint import load_checkpoint
+    from flowgrove.config import config_from_yaml_text
+    from flowgrove.runner import build_trainer
+
+    ckpt = run / "checkpoints" / checkpoint
+    trainer = build_trainer(config_from_yaml_text((ckpt / "config.yaml").read_text()))
+    load_checkpoint(trainer, ckpt)
+    return trainer
+
+
+def check_pipeline_lora_export(run: Path, out: Path, base: FlowPolicy, prompts: Sequence[str], atol: float) -> None:
+    """``base.pipe.load_lora_weights(out)`` (the untrained policy's own pipeline, default adapter scale) gives the
+    trained run's velocity: the export holds the family's diffusers keys with alpha folded in."""
+    policy = run_trainer(run).policy
+    cond = base.encode_prompts(list(prompts))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn((len(prompts), *base.latent_shape), generator=gen)
+    sigma = torch.linspace(0.9, 0.4, len(prompts))
+    with torch.no_grad():
+        trained, before = policy.velocity(x, sigma, cond), base.velocity(x, sigma, cond)
+        assert (trained - before).abs().max() > 1e-4  # training moved the LoRA, so the comparison means something
+        base.pipe.load_lora_weights(str(out))
+        torch.testing.assert_close(base.velocity(x, sigma, cond), trained, atol=atol, rtol=0)
+
+
+def check_full_export(run: Path, out: Path, transformer_cls: type, subfolder: str = "transformer") -> None:
+    """The exported transformer loads with the family's class ``from_pretrained`` and equals the trained weights."""
+    trained = run_trainer(run).policy.module.state_dict()
+    loaded = transformer_cls.from_pretrained(str(out), subfolder=subfolder).state_dict()
+    assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], v) for k, v in trained.items())

@@ -9,12 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from flowgrove.checkpoint import load_checkpoint
 from flowgrove.cli import main
-from flowgrove.config import config_from_yaml_text
 from flowgrove.policies.base import Conditioning
 from flowgrove.policies.flux import FluxAdapter
-from flowgrove.runner import build_trainer
+from adapter_contract import run_trainer as _trained
 from test_policies import _save_tiny_flux_pipeline
 
 TINY = ["rollout.prompts_per_step=1", "rollout.group_size=2", "sampler.num_steps=3", "eval.num_steps=3",
@@ -49,14 +47,6 @@ def digits_lora_ema_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("digits") / "lora"
     assert main(["train", "--steps", "2", "--out", str(run), "policy.lora_rank=4", "train.ema_decay=0.5", *TINY]) == 0
     return run
-
-
-def _trained(run, checkpoint: str = "step_000002"):
-    """A trainer holding the run's checkpoint (raw weights; EMA in ``trainer.ema``)."""
-    ckpt = run / "checkpoints" / checkpoint
-    trainer = build_trainer(config_from_yaml_text((ckpt / "config.yaml").read_text()))
-    load_checkpoint(trainer, ckpt)
-    return trainer
 
 
 def _inputs(latent_shape, cond_dims, seed: int = 0):

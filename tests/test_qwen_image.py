@@ -122,3 +122,18 @@ def test_qwen_image_train_writes_the_run_folder(qwen_dir, tmp_path):
     assert (run / "samples_before.png").is_file() and (run / "samples_after.png").is_file()
     assert not (run / "samples_after.gif").exists()  # images: a grid only
     assert (run / "summary.json").is_file() and (run / "metrics.jsonl").read_text().count("\n") == 2
+
+
+@pytest.mark.parametrize("kind", ["tree-lora", "window-full"])
+def test_qwen_image_tree_and_window_presets_train_and_export(qwen_dir, tmp_path, kind):
+    from adapter_contract import TREE, WINDOW, check_full_export, check_pipeline_lora_export, train_and_export
+    from diffusers import QwenImageTransformer2DModel
+
+    args = ["policy.name=qwen_image", f"policy.path={qwen_dir}",
+            f"policy.options={{height: {SIDE}, width: {SIDE}, max_sequence_length: 64}}"]
+    if kind == "tree-lora":
+        run, out = train_and_export(tmp_path, TREE, [*args, "policy.lora_rank=4"], "brightness")
+        check_pipeline_lora_export(run, out, _policy(qwen_dir), PROMPTS, atol=1e-6)
+    else:
+        run, out = train_and_export(tmp_path, WINDOW, [*args, "policy.lora_rank=0"], "brightness")
+        check_full_export(run, out, QwenImageTransformer2DModel)

@@ -148,3 +148,17 @@ def test_flowgrpo_sd3_preset_trains_two_steps(tiny_sd3, tmp_path):
     assert summary["method"] == "flowgrpo-sd3" and summary["steps"] == 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["kl"] >= 0 for r in rows)
+
+
+@pytest.mark.parametrize("kind", ["tree-lora", "window-full"])
+def test_sd3_tree_and_window_presets_train_and_export(tiny_sd3, tmp_path, kind):
+    from adapter_contract import TREE, WINDOW, check_full_export, check_pipeline_lora_export, train_and_export
+
+    options = f"policy.options={{guidance_scale: 4.5, height: {SIZE}, width: {SIZE}, max_sequence_length: 8}}"
+    args = ["policy.name=sd3", f"policy.path={tiny_sd3}", options]
+    if kind == "tree-lora":
+        run, out = train_and_export(tmp_path, TREE, [*args, "policy.lora_rank=4"], "brightness")
+        check_pipeline_lora_export(run, out, _policy(tiny_sd3, 4.5), PROMPTS, atol=1e-6)
+    else:
+        run, out = train_and_export(tmp_path, WINDOW, [*args, "policy.lora_rank=0"], "brightness")
+        check_full_export(run, out, diffusers.SD3Transformer2DModel)
