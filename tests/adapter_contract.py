@@ -129,7 +129,17 @@ def train_and_export(root: Path, preset: Sequence[str], policy_args: Sequence[st
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == preset[1] and summary["steps"] == 2
     assert main(["export", str(run), "--out", str(out)]) == 0
+    meta, body = read_card(out)
+    assert meta["library_name"] == "diffusers" and preset[1] in meta["tags"] and "## Held-out results" in body
     return run, out
+
+
+def read_card(out: Path) -> tuple[dict, str]:
+    """The export's model card ``README.md``: its YAML front matter and its body."""
+    import yaml
+
+    _, meta, body = (out / "README.md").read_text().split("---\n", 2)
+    return yaml.safe_load(meta), body
 
 
 def run_trainer(run: Path, checkpoint: str = "step_000002") -> GRPOTrainer:

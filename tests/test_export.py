@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from flowgrove.cli import main
+from flowgrove.config import config_from_yaml_text
 from flowgrove.policies.base import Conditioning
 from flowgrove.policies.flux import FluxAdapter
 from adapter_contract import run_trainer as _trained
@@ -199,3 +200,40 @@ def test_damaged_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["export", str(run), "--out", str(tmp_path / "o")]) == 2
     _one_line_error(capsys, "no intact checkpoint")
     assert not (tmp_path / "o").exists()
+
+
+# ---- the model card ------------------------------------------------------------------------------------
+
+
+def test_lora_export_has_a_hugging_face_model_card(flux_base, flux_lora_run, tmp_path):
+    from adapter_contract import read_card
+
+    from flowgrove import __version__
+
+    out = tmp_path / "card"
+    assert main(["export", str(flux_lora_run), "--out", str(out)]) == 0
+    meta, body = read_card(out)
+    assert meta["base_model"] == str(flux_base / "pipe") and meta["library_name"] == "diffusers"
+    assert meta["pipeline_tag"] == "text-to-image"
+    assert {"flowgrove", "grpo", "lora", "dancegrpo", "flux1"} <= set(meta["tags"])
+    assert "- Method: `dancegrpo` (DanceGRPO" in body and "| `brightness` | 1 |" in body
+    assert "LoRA rank 4, alpha 8" in body and "- Steps: 2 of 2 (checkpoint `step_000002`, raw weights)" in body
+    summary = json.loads((flux_lora_run / "summary.json").read_text())
+    assert f"| reward | {summary['heldout_reward_before']:.4g} | {summary['heldout_reward_after']:.4g} |" in body
+    assert f"flowgrove {__version__}" in body and "pipe.load_lora_weights(" in body
+    config = body.split("```yaml\n", 1)[1].split("```", 1)[0]
+    saved = (flux_lora_run / "checkpoints" / "step_000002" / "config.yaml").read_text()
+    assert config.strip() == saved.strip() and config_from_yaml_text(config).policy.lora_rank == 4
+
+
+def test_model_card_of_an_unfinished_full_run_says_so(tmp_path):
+    from adapter_contract import read_card
+
+    run = tmp_path / "run"
+    assert main(["train", "--steps", "1", "--out", str(run), *TINY]) == 0
+    (run / "summary.json").unlink()  # as a run stopped before its final evaluation
+    assert main(["export", str(run), "--out", str(tmp_path / "full")]) == 0
+    meta, body = read_card(tmp_path / "full")
+    assert "base_model" not in meta and "lora" not in meta["tags"]  # the built-in digits weights: no base folder
+    assert "no held-out results" in body and "full fine-tune" in body
+    assert "FluxTransformer2DModel.from_pretrained(" in body

@@ -153,7 +153,7 @@ def test_wan_train_writes_the_run_folder_with_gif_and_frame_strip(wan_dir, tmp_p
 @pytest.mark.parametrize("kind", ["tree-lora", "window-full"])
 def test_wan_tree_and_window_presets_train_and_export(wan_dir, tmp_path, kind):
     from adapter_contract import (TREE, WINDOW, check_full_export, check_pipeline_lora_export, mean_brightness,
-                                  train_and_export)
+                                  read_card, train_and_export)
     from diffusers import WanTransformer3DModel
 
     from flowgrove.rewards.base import register_reward
@@ -166,6 +166,7 @@ def test_wan_tree_and_window_presets_train_and_export(wan_dir, tmp_path, kind):
             "policy.options={num_frames: 5, height: 16, width: 16, max_sequence_length: 8, guidance_scale: 1.0}"]
     if kind == "tree-lora":
         run, out = train_and_export(tmp_path, TREE, [*args, "policy.lora_rank=4"], "test_video_brightness")
+        assert read_card(out)[0]["pipeline_tag"] == "text-to-video"
         check_pipeline_lora_export(run, out, _policy(wan_dir, num_frames=5), PROMPTS, atol=1e-6)
     else:
         run, out = train_and_export(tmp_path, WINDOW, [*args, "policy.lora_rank=0"], "test_video_brightness")

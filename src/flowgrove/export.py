@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from flowgrove.checkpoint import CheckpointState, choose_checkpoint
 from flowgrove.config import Config, config_from_yaml_text
+from flowgrove.model_card import CARD_FILE, model_card, run_summary
 from flowgrove.policies.base import FlowPolicy
 from flowgrove.policies.prepare import prepare_policy
 
@@ -121,7 +122,7 @@ def _write(policy: FlowPolicy, kind: str, tmp: Path) -> None:
         writer(tmp)
 
 
-def _write_folder(policy: FlowPolicy, info: ExportInfo, out: Path) -> tuple[str, ...]:
+def _write_folder(policy: FlowPolicy, info: ExportInfo, out: Path, card: str) -> tuple[str, ...]:
     """Everything into a hidden sibling of ``out``, renamed to ``out`` once complete (an old ``out`` is replaced;
     :func:`prepare_out` checked it). Returns the files, relative to ``out``."""
     target = out.resolve()
@@ -132,6 +133,7 @@ def _write_folder(policy: FlowPolicy, info: ExportInfo, out: Path) -> tuple[str,
     try:
         _write(policy, info.kind, tmp)
         (tmp / INFO_FILE).write_text(json.dumps(asdict(info), indent=1))
+        (tmp / CARD_FILE).write_text(card)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -184,7 +186,9 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str | None = None, 
     kind = "lora" if p.lora_rank > 0 else "full"
     info = ExportInfo(FORMAT, kind, str(run), path.name, state.iteration, use_ema, p.name, p.path, p.lora_rank,
                       float(p.lora_alpha or 2 * p.lora_rank) if kind == "lora" else 0.0)
-    return ExportResult(out, info, _write_folder(policy, info, out))
+    card = model_card(info, cfg, (path / "config.yaml").read_text(), run_summary(run), out,
+                      video=len(policy.latent_shape) == 4, transformer_class=type(policy.module).__name__)
+    return ExportResult(out, info, _write_folder(policy, info, out, card))
 
 
 def load_hint(result: ExportResult) -> str:
