@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 from torch import Tensor, nn
 
 from flowgrove.policies.base import Conditioning
+
+# A CI runner may start the suite with SIGINT ignored (a background job of a non-interactive shell inherits SIG_IGN,
+# and so would every process a test starts): the Ctrl-C tests need the usual disposition here and in children.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Tiny models run fastest on one thread, and two threads per process slow the suite badly when anything else
 # uses the machine's two cores.
