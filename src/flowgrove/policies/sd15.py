@@ -14,6 +14,8 @@ CFG 5.0): one UNet call on ``[uncond; cond]``, then ``e_u + s * (e_c - e_u)``.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -126,6 +128,25 @@ class SD15Policy:
         vae = self.pipe.vae
         image = vae.decode((x / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]  # [-1, 1]
         return (image / 2 + 0.5).clamp(0, 1).to(x.dtype)
+
+    def export_lora(self, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
+        """diffusers' SD LoRA file in ``out`` (``StableDiffusionPipeline.save_lora_weights``: the ``unet.`` prefix,
+        the LoraConfig as metadata), which ``pipe.load_lora_weights(out)`` loads."""
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=state, unet_lora_adapter_metadata=lora_config)
+
+    def export_full(self, out: Path) -> None:
+        """A pipeline folder in ``out``: the source folder's other components copied, the trained UNet written with
+        ``save_pretrained`` (``StableDiffusionPipeline.from_pretrained(out)`` loads it)."""
+        source = Path(self.pipe.name_or_path or "")
+        if not (source / "model_index.json").is_file():
+            raise FileNotFoundError(f"the base SD folder {str(source)!r} (policy.path) is gone; export needs it for "
+                                    "the pipeline's other components: restore it or set policy.path")
+        for entry in source.iterdir():
+            if entry.name != "unet":
+                (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, out / entry.name)
+        self.module.save_pretrained(str(out / "unet"))
 
     def offload_text_encoders(self) -> None:
         """Move the text encoder to the CPU once the prompts are encoded (``policy.offload_text_encoders``)."""
