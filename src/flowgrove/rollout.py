@@ -16,8 +16,8 @@ from torch import Tensor
 
 from flowgrove.plans import StepPlan
 from flowgrove.policies.base import Conditioning, FlowPolicy
-from flowgrove.samplers.dpm_solver import dpmpp_2m_step
-from flowgrove.samplers.steps import euler_step, noise_g, sde_step, x0_from_velocity
+from flowgrove.samplers.family import StepFamily, step_family
+from flowgrove.samplers.steps import noise_g
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
     Returns:
         A :class:`Rollout`; the transitions hold only steps with ``plan.trained`` (and ``store_mask``).
     """
-    plan = spec.plan
+    plan, family = spec.plan, step_family(policy)  # the policy's steps: rectified flow, or DDIM for diffusion models
     _check_store_mask(store_mask, spec)
     x, rows = x_init.float(), cond_index.to(x_init.device)  # [N, C, H, W], [N] conditioning row per node
     store_mask = None if store_mask is None else store_mask.to(x.device)  # masks index the device's tensors
@@ -132,7 +132,7 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
         velocity = batched_velocity(policy, x, x.new_full((x.shape[0],), sigma), cond.select(rows), spec.chunk_size)
         velocity = velocity.float()  # [N, C, H, W]
         calls += x.shape[0]
-        x0_pred = x0_from_velocity(x, velocity, sigma)  # [N, C, H, W]
+        x0_pred = family.x0(x, velocity, sigma)  # [N, C, H, W]
         kind, k = plan.kinds[step], spec.children(step)
         if fan_out is not None and (kind == "sde" or k > 1 or step == plan.num_steps - 1):
             x, velocity, x0_pred, rows = (t[fan_out] for t in (x, velocity, x0_pred, rows))  # [N0, ...]
@@ -147,15 +147,15 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
             x, velocity, x0_pred, rows, roots = (t.repeat_interleave(k, dim=0) for t in (x, velocity, x0_pred, rows, roots))
             prev_x0 = prev_x0.repeat_interleave(k, dim=0) if prev_x0 is not None else None
         if kind == "sde":
-            out, g, scale = _sde(spec, x, velocity, sigma, sigma_next, k, generator)
+            out, g, scale = _sde(family, spec, x, velocity, sigma, sigma_next, k, generator)
             x_next, log_prob = out.x_next, out.log_prob
             keep = _stored_rows(plan.trained[step], store_mask, roots, step)
             if keep is not None:
                 stored.append(_transitions(x, x_next, log_prob, rows, keep, step, sigma, sigma_next, g, scale))
         elif kind == "dpm":
-            x_next, log_prob = dpmpp_2m_step(x, x0_pred, sigma, sigma_next, prev_x0, prev_sigma), None
+            x_next, log_prob = family.dpm(x, x0_pred, sigma, sigma_next, prev_x0, prev_sigma), None
         else:
-            x_next, log_prob = euler_step(x, velocity, sigma, sigma_next), None
+            x_next, log_prob = family.ode(x, velocity, sigma, sigma_next), None
         n_nodes *= k
         edge_log_probs.append(log_prob if log_prob is not None else x.new_zeros(n_nodes))
         nodes.append(n_nodes)
@@ -184,16 +184,16 @@ def _share_groups(x: Tensor, rows: Tensor, roots: Tensor, groups: Tensor | None)
     return x[member], rows[member], fan_out  # [U, C, H, W], [U], [N0]
 
 
-def _sde(spec: RolloutSpec, x: Tensor, velocity: Tensor, sigma: float, sigma_next: float, k: int,
+def _sde(family: StepFamily, spec: RolloutSpec, x: Tensor, velocity: Tensor, sigma: float, sigma_next: float, k: int,
          generator: torch.Generator):
     """One SDE step of every node; split children (k > 1) are drawn with the scaled std and scored with it, or with
     the unscaled std under ``split_logprob_std="reference"`` (BranchGRPO's convention, bug B1); the returned scale is
     the one training re-scores with."""
     g = noise_g(spec.noise, spec.noise_level, x.new_tensor(sigma), x.new_tensor(sigma_next))
     scale = spec.split_noise_scale if k > 1 else 1.0
-    out = sde_step(x, velocity, sigma, sigma_next, g, noise_scale=scale, generator=generator)
+    out = family.sde(x, velocity, sigma, sigma_next, g, noise_scale=scale, generator=generator)
     if scale != 1.0 and spec.split_logprob_std == "reference":
-        out, scale = sde_step(x, velocity, sigma, sigma_next, g, x_next=out.x_next), 1.0
+        out, scale = family.sde(x, velocity, sigma, sigma_next, g, x_next=out.x_next), 1.0
     return out, float(g), scale
 
 
@@ -218,5 +218,5 @@ def _stored_rows(trained: bool, store_mask: Tensor | None, roots: Tensor, step: 
 def rescore(policy: FlowPolicy, batch: Transitions, cond: Conditioning) -> tuple[Tensor, Tensor]:
     """Re-evaluate stored transitions under the current policy: (log_prob [E], mean [E, C, H, W])."""
     velocity = policy.velocity(batch.x, batch.sigma, cond.select(batch.cond_index)).float()  # [E, C, H, W]
-    out = sde_step(batch.x, velocity, batch.sigma, batch.sigma_next, batch.g, noise_scale=batch.noise_scale, x_next=batch.x_next)
+    out = step_family(policy).sde(batch.x, velocity, batch.sigma, batch.sigma_next, batch.g, noise_scale=batch.noise_scale, x_next=batch.x_next)
     return out.log_prob, out.mean

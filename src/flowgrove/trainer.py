@@ -21,7 +21,7 @@ from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, Pr
 from flowgrove.rewards.base import RewardFn
 from flowgrove.rewards.parallel import score_rewards
 from flowgrove.rollout import Rollout, Transitions, batched_velocity, decode_batched, rescore, rollout
-from flowgrove.samplers.dpm_solver import sample_euler
+from flowgrove.samplers.family import sample_ode, step_family
 
 
 class TrainingHalted(RuntimeError):
@@ -355,7 +355,7 @@ def ode_images(policy: FlowPolicy, cond: Conditioning, rows: Tensor, sigmas: Ten
     def velocity(z: Tensor, sigma: Tensor) -> Tensor:
         return batched_velocity(policy, z, z.new_full((z.shape[0],), float(sigma)), cond_rows, chunk_size)
 
-    return decode_batched(policy, sample_euler(velocity, x, sigmas), decode_batch)
+    return decode_batched(policy, sample_ode(step_family(policy), velocity, x, sigmas), decode_batch)
 
 
 @torch.no_grad()

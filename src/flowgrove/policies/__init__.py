@@ -2,7 +2,7 @@
 
 Registered: ``digits`` (built-in tiny FLUX on 8x8 digits, shipped weights), ``flux1`` (a local diffusers
 FLUX.1 folder), ``sd3`` (SD3 / SD3.5 with classifier-free guidance), ``wan`` (Wan 2.1 / 2.2 text-to-video) and
-``qwen_image`` (Qwen-Image).
+``qwen_image`` (Qwen-Image); ``sd15`` (Stable Diffusion 1.x, a diffusion model on the DDIM step family).
 Importing this package is light; diffusers and transformers load inside the factories.
 """
 
@@ -12,6 +12,7 @@ from flowgrove.policies.flux import FluxAdapter, build_flux1_policy, pack_latent
 from flowgrove.policies.qwen_image import QwenImagePolicy, build_qwen_image_policy
 from flowgrove.policies.wan import WanPolicy, build_wan_policy
 from flowgrove.policies.sd3 import SD3Policy, build_sd3_policy  # noqa: F401 (registers "sd3")
+from flowgrove.policies.sd15 import SD15Policy, build_sd15_policy  # noqa: F401 (registers "sd15")
 
 __all__ = [
     "Conditioning",

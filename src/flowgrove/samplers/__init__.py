@@ -1,6 +1,9 @@
-"""Rectified-flow sampler steps: Gaussian log-density, Euler/SDE steps and DPM-Solver++(2M)."""
+"""Sampler steps: Gaussian log-density; rectified-flow Euler/SDE steps and DPM-Solver++(2M); the diffusion (DDIM with
+eta) family; step families chosen by the policy."""
 
+from flowgrove.samplers.diffusion import ddim_dpm_step, ddim_ode_step, ddim_step, predict_x0_eps
 from flowgrove.samplers.dpm_solver import dpmpp_2m_step, sample_dpmpp_2m, sample_euler
+from flowgrove.samplers.family import FLOW_STEPS, DiffusionSchedule, StepFamily, diffusion_steps, sample_ode, step_family
 from flowgrove.samplers.gaussian import gaussian_log_prob
 from flowgrove.samplers.steps import (
     NOISE_LEVELS,
@@ -13,7 +16,17 @@ from flowgrove.samplers.steps import (
 )
 
 __all__ = [
+    "FLOW_STEPS",
     "NOISE_LEVELS",
+    "DiffusionSchedule",
+    "StepFamily",
+    "ddim_dpm_step",
+    "ddim_ode_step",
+    "ddim_step",
+    "diffusion_steps",
+    "predict_x0_eps",
+    "sample_ode",
+    "step_family",
     "constant_g",
     "dpmpp_2m_step",
     "euler_step",

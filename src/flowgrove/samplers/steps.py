@@ -169,11 +169,32 @@ def sde_step(
     std = _per_sample(noise_scale, x) * _per_sample(g, x) * torch.sqrt(
         _per_sample(sigma, x) - _per_sample(sigma_next, x)
     )  # [B]
-    std_b = std.view(-1, *([1] * (x.ndim - 1)))  # [B, 1, ...]
+    return gaussian_transition(mean, std, x_next=x_next, noise=noise, generator=generator, reduce=reduce)
+
+
+def gaussian_transition(mean: Tensor, std: Tensor, *, x_next: Tensor | None = None, noise: Tensor | None = None,
+                        generator: torch.Generator | None = None, reduce: str = "mean") -> StepOutput:
+    """Draw ``x_next = mean + std * z`` (or take the stored ``x_next``) and score it under ``N(mean, std^2)``.
+
+    Shared by every step family (rectified-flow SDE, DDIM with eta), so sampling and re-scoring agree.
+
+    Args:
+        mean: Transition mean ``[B, ...]`` (float32 or wider).
+        std: Transition std ``[B]`` (0 for deterministic rows).
+        x_next: A stored sample ``[B, ...]`` to re-score instead of sampling.
+        noise: Standard normal noise ``[B, ...]`` to use instead of drawing it.
+        generator: Generator for drawing the noise.
+        reduce: ``"mean"`` or ``"sum"`` over non-batch dims for the log-prob.
+
+    Returns:
+        ``StepOutput(x_next, log_prob [B] or None when std == 0 everywhere, mean, std)``.
+    """
+    dtype = mean.dtype
+    std_b = std.view(-1, *([1] * (mean.ndim - 1)))  # [B, 1, ...]
     if x_next is None:
         if noise is None:  # drawn on the generator's device (the CPU) and moved, as diffusers' randn_tensor,
-            where = generator.device if generator is not None else x.device  # so a seed gives the same samples anywhere
-            noise = torch.randn(x.shape, generator=generator, device=where, dtype=dtype).to(x.device)  # [B, ...]
+            where = generator.device if generator is not None else mean.device  # so a seed gives the same samples anywhere
+            noise = torch.randn(mean.shape, generator=generator, device=where, dtype=dtype).to(mean.device)  # [B, ...]
         x_next = mean + std_b * noise.to(dtype)  # [B, ...]
     else:
         x_next = x_next.to(dtype)
