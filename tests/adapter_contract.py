@@ -62,8 +62,11 @@ def check_policy_contract(policy: FlowPolicy, prompts: Sequence[str], *, steps: 
 
 
 def _trained_module_folder(out: Path) -> Path:
-    """Where ``export_full`` put the module: ``out`` (a transformer folder) or ``out/transformer`` (a pipeline)."""
-    return out if (out / "config.json").is_file() else out / "transformer"
+    """Where ``export_full`` put the module: ``out`` (a transformer folder) or ``out/transformer`` / ``out/unet`` (a
+    pipeline folder)."""
+    if (out / "config.json").is_file():
+        return out
+    return out / "transformer" if (out / "transformer").is_dir() else out / "unet"
 
 
 def check_export_round_trip(policy: FlowPolicy, cond: Conditioning, out: Path, atol: float = 1e-6) -> None:
@@ -101,7 +104,11 @@ def check_export_round_trip(policy: FlowPolicy, cond: Conditioning, out: Path, a
             policy.export_lora(state, lora_config, out / "lora")
             policy.module = base
             assert (policy.velocity(x, sigma, cond) - trained_v).abs().max() > 1e-3  # the LoRA changes the output
-            base.load_lora_adapter(str(out / "lora"), prefix="transformer", weight_name=LORA_FILE)
+            from safetensors import safe_open
+
+            with safe_open(str(out / "lora" / LORA_FILE), framework="pt") as f:
+                prefix = next(iter(f.keys())).split(".")[0]  # the pipeline's component: transformer, unet
+            base.load_lora_adapter(str(out / "lora"), prefix=prefix, weight_name=LORA_FILE)
             assert (policy.velocity(x, sigma, cond) - trained_v).abs().max() <= atol
     finally:
         policy.module = module

@@ -61,16 +61,14 @@ def test_a_training_step_with_a_penalty_weight_lowers_the_penalised_reward_direc
 def _nan_from_step(monkeypatch, first_bad_call: int) -> None:
     """Every training forward from call ``first_bad_call`` on returns a NaN log-prob."""
     calls = {"n": 0}
-    real = trainer_mod.rescore
+    real = trainer_mod.rescore_step
 
-    def rescore(policy, batch, cond):
-        log_prob, mean = real(policy, batch, cond)
+    def rescore_step(policy, batch, cond):
+        out = real(policy, batch, cond)
         calls["n"] += 1
-        if calls["n"] >= first_bad_call:
-            log_prob = log_prob * float("nan")
-        return log_prob, mean
+        return out._replace(log_prob=out.log_prob * float("nan")) if calls["n"] >= first_bad_call else out
 
-    monkeypatch.setattr(trainer_mod, "rescore", rescore)
+    monkeypatch.setattr(trainer_mod, "rescore_step", rescore_step)
 
 
 def test_nonfinite_loss_skips_the_optimizer_step_and_is_counted(monkeypatch):
@@ -100,14 +98,14 @@ def test_consecutive_skips_stop_the_run_with_the_metrics_of_the_step(monkeypatch
 def test_a_good_step_resets_the_skip_streak(monkeypatch):
     t = make("dancegrpo", "train.max_nonfinite_skips=5", "train.accumulate_size=4")
     calls = {"n": 0}
-    real = trainer_mod.rescore
+    real = trainer_mod.rescore_step
 
-    def rescore(policy, batch, cond):  # the first optimizer step of each rollout is NaN, the second is fine
-        log_prob, mean = real(policy, batch, cond)
+    def rescore_step(policy, batch, cond):  # the first optimizer step of each rollout is NaN, the second is fine
+        out = real(policy, batch, cond)
         calls["n"] += 1
-        return (log_prob * float("nan") if calls["n"] % 2 == 1 else log_prob), mean
+        return out._replace(log_prob=out.log_prob * float("nan")) if calls["n"] % 2 == 1 else out
 
-    monkeypatch.setattr(trainer_mod, "rescore", rescore)
+    monkeypatch.setattr(trainer_mod, "rescore_step", rescore_step)
     for _ in range(3):
         metrics = t.step()
         assert metrics["skipped_steps"] == 1 and metrics["updates"] == 1
@@ -174,9 +172,9 @@ def test_kl_scale_reference_is_exact_kl_times_dsigma():
     batch = Transitions(x, x, sigma, sigma_next, g, torch.ones(2), torch.zeros(2), torch.zeros(2, dtype=torch.long),
                         torch.ones(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
     mean, ref = torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)
-    fields = (batch.g, batch.noise_scale, batch.sigma, batch.sigma_next)
-    exact = trainer_mod.transition_kl(mean, ref, kl_std("exact", *fields))
-    reference = trainer_mod.transition_kl(mean, ref, kl_std("reference", *fields))
+    transition_std = batch.noise_scale * batch.g * (batch.sigma - batch.sigma_next).sqrt()
+    exact = trainer_mod.transition_kl(mean, ref, kl_std("exact", transition_std, batch.g))
+    reference = trainer_mod.transition_kl(mean, ref, kl_std("reference", transition_std, batch.g))
     assert torch.allclose(reference, exact * (sigma - sigma_next))
     assert torch.allclose(reference, ((mean - ref) ** 2 / (2 * g.view(-1, 1, 1, 1) ** 2)).mean(dim=(1, 2, 3)))
 
@@ -275,3 +273,34 @@ def test_the_skip_streak_survives_a_checkpoint(tmp_path, monkeypatch):
     fresh = make("dancegrpo", "train.max_nonfinite_skips=1000", "train.accumulate_size=4")
     load_checkpoint(fresh, path)
     assert fresh.nonfinite_streak == 2 and fresh.iteration == 1
+
+
+
+def test_the_kl_term_uses_the_transition_std_of_each_stored_step(monkeypatch):
+    # kl_beta > 0 on a tree (split edges drawn with 4x the std): the KL the trainer adds must be
+    # ||mu - mu_ref||^2 / (2 std^2) with each transition's own std (split scale included), not a flow formula
+    t = make("branchgrpo", "rollout.prompts_per_step=1", "train.kl_beta=0.1")
+    seen = {}
+    real = trainer_mod.transition_kl
+
+    def recording(mean, ref_mean, std, **kwargs):
+        seen["std"] = std.detach().clone()
+        return real(mean, ref_mean, std, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "transition_kl", recording)
+    stored = {}
+    real_update = t.update
+
+    def update(tr, adv, n, gen, **kwargs):
+        stored["tr"] = tr
+        return real_update(tr, adv, n, gen, **kwargs)
+
+    t.update = update
+    t.cfg.train.micro_batch = 100_000
+    t.cfg.train.accumulate = "transitions"
+    t.cfg.train.accumulate_size = 100_000
+    t.step()
+    tr = stored["tr"]
+    want = tr.noise_scale * tr.g * (tr.sigma - tr.sigma_next).sqrt()  # [E] in the update's shuffled order
+    assert seen["std"].shape == want.shape and (tr.noise_scale > 1).any()
+    assert torch.allclose(torch.sort(seen["std"]).values, torch.sort(want).values)

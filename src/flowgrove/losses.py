@@ -90,12 +90,11 @@ def loss_weight(scale: str, rows: int, chunk: int, accumulate_size: int, per_roo
     return rows / chunk if scale == "mean" else rows / (accumulate_size * per_root)
 
 
-def kl_std(scale: str, g: Tensor, noise_scale: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
-    """Std [E] in the KL term ``||dmu||^2 / 2 std^2``: the transition std ``noise_scale * g * sqrt(dsigma)`` (exact
-    KL), or Flow-GRPO's ``g`` without sqrt(dsigma) (``reference``: the exact KL times dsigma, so its beta transfers)."""
-    if scale == "reference":
-        return g
-    return noise_scale * g * (sigma - sigma_next).sqrt()
+def kl_std(scale: str, transition_std: Tensor, g: Tensor) -> Tensor:
+    """Std [E] in the KL term ``||dmu||^2 / 2 std^2``: the transition std the samples were drawn with (exact KL;
+    ``noise_scale * g * sqrt(dsigma)`` for flows, DDIM's sigma_t for diffusion models), or Flow-GRPO's ``g`` without
+    sqrt(dsigma) (``reference``: the exact KL times dsigma, so the reference's beta transfers; flow policies)."""
+    return g if scale == "reference" else transition_std
 
 
 def ema_decay(schedule: str, decay: float, optimizer_steps: int, per_rollout: bool) -> float | None:

@@ -215,8 +215,15 @@ def _stored_rows(trained: bool, store_mask: Tensor | None, roots: Tensor, step: 
     return keep if keep.numel() else None
 
 
+def rescore_step(policy: FlowPolicy, batch: Transitions, cond: Conditioning):
+    """Re-evaluate stored transitions under the current policy with the policy's step family: the StepOutput
+    (log_prob [E], mean [E, ...], std [E]: the transition std the samples were drawn with)."""
+    velocity = policy.velocity(batch.x, batch.sigma, cond.select(batch.cond_index)).float()  # [E, ...]
+    return step_family(policy).sde(batch.x, velocity, batch.sigma, batch.sigma_next, batch.g,
+                                   noise_scale=batch.noise_scale, x_next=batch.x_next)
+
+
 def rescore(policy: FlowPolicy, batch: Transitions, cond: Conditioning) -> tuple[Tensor, Tensor]:
-    """Re-evaluate stored transitions under the current policy: (log_prob [E], mean [E, C, H, W])."""
-    velocity = policy.velocity(batch.x, batch.sigma, cond.select(batch.cond_index)).float()  # [E, C, H, W]
-    out = step_family(policy).sde(batch.x, velocity, batch.sigma, batch.sigma_next, batch.g, noise_scale=batch.noise_scale, x_next=batch.x_next)
+    """Re-evaluate stored transitions under the current policy: (log_prob [E], mean [E, ...])."""
+    out = rescore_step(policy, batch, cond)
     return out.log_prob, out.mean

@@ -20,7 +20,7 @@ from flowgrove.losses import ema_decay, kl_std, loss_weight, ppo_clip_loss, tran
 from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, PromptRows
 from flowgrove.rewards.base import RewardFn
 from flowgrove.rewards.parallel import score_rewards
-from flowgrove.rollout import Rollout, Transitions, batched_velocity, decode_batched, rescore, rollout
+from flowgrove.rollout import Rollout, Transitions, batched_velocity, decode_batched, rescore, rescore_step, rollout
 from flowgrove.samplers.family import sample_ode, step_family
 
 
@@ -269,12 +269,13 @@ class GRPOTrainer:
         if self.reference is not None:  # before the policy forward: swapping weights in place after it would
             with torch.no_grad(), self.weights_swapped(self.reference):  # corrupt the tensors autograd saved
                 _, ref_mean = rescore(self.policy, batch, cond)
-        log_prob, mean = rescore(self.policy, batch, cond)
+        step = rescore_step(self.policy, batch, cond)
+        log_prob, mean = step.log_prob, step.mean
         out = ppo_clip_loss(log_prob, batch.old_log_prob, adv, t.clip_range, self.cfg.advantage.clip)
         loss, logs = out.loss, {"loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
                                 "approx_kl": out.approx_kl.item(), "ratio_dev": (out.ratio - 1).abs().max().item()}
         if ref_mean is not None:
-            std = kl_std(t.kl_scale, batch.g, batch.noise_scale, batch.sigma, batch.sigma_next)  # [E]
+            std = kl_std(t.kl_scale, step.std, batch.g)  # [E]: the step family's own transition std
             kl = transition_kl(mean, ref_mean, std).mean()
             loss = loss + t.kl_beta * kl
             logs["kl"] = kl.item()

@@ -14,7 +14,6 @@ CFG 5.0): one UNet call on ``[uncond; cond]``, then ``e_u + s * (e_c - e_u)``.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import per_sample_sigma
-from flowgrove.policies.pipelines import DTYPES, load_local_pipeline
+from flowgrove.policies.pipelines import DTYPES, load_local_pipeline, save_pipeline_folder
 from flowgrove.samplers.family import DiffusionSchedule, diffusion_steps
 
 if TYPE_CHECKING:
@@ -139,14 +138,7 @@ class SD15Policy:
     def export_full(self, out: Path) -> None:
         """A pipeline folder in ``out``: the source folder's other components copied, the trained UNet written with
         ``save_pretrained`` (``StableDiffusionPipeline.from_pretrained(out)`` loads it)."""
-        source = Path(self.pipe.name_or_path or "")
-        if not (source / "model_index.json").is_file():
-            raise FileNotFoundError(f"the base SD folder {str(source)!r} (policy.path) is gone; export needs it for "
-                                    "the pipeline's other components: restore it or set policy.path")
-        for entry in source.iterdir():
-            if entry.name != "unet":
-                (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, out / entry.name)
-        self.module.save_pretrained(str(out / "unet"))
+        save_pipeline_folder(self.pipe, self.module, out, subfolder="unet")
 
     def offload_text_encoders(self) -> None:
         """Move the text encoder to the CPU once the prompts are encoded (``policy.offload_text_encoders``)."""
