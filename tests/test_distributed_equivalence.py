@@ -1,0 +1,156 @@
+"""Two gloo ranks against one process: the same transitions get the same advantages and the same update.
+
+Each rank rolls out its own prompts and noise. One process given both ranks' rewards and transitions must
+compute the same advantages (group statistics over all ranks, each rank keeping its own rows) and, with one
+optimizer step per rollout, land on the same weights with the same gradient norm.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from flowgrove import method, tree
+from flowgrove.config import load_config
+from flowgrove.rollout import Transitions
+
+# One AdamW step per rollout on one micro-batch. A large Adam eps and no clipping make the step size depend on the
+# gradient's scale, so summed instead of averaged gradients change the weights (Adam alone is scale-invariant).
+COMMON = ["rewards={brightness: 1.0}", "train.micro_batch=100000", "train.accumulate=transitions",
+          "train.accumulate_size=100000", "train.adam_eps=1.0e-4", "train.max_grad_norm=0", "train.lr=1.0e-3"]
+CASES = {
+    "chains": ("dancegrpo", ["rollout.prompts_per_step=2", "rollout.group_size=4", "advantage.ddof=1"]),
+    "global_std": ("flowgrpo", ["rollout.prompts_per_step=2", "rollout.group_size=4", "advantage.kind=group_global_std",
+                                "advantage.ddof=0", "advantage.eps=0"]),
+    "trees": ("branchgrpo", ["rollout.prompts_per_step=1", "tree.fusion=path", "tree.temperature=0.5"]),
+}
+PROMPTS = ["zero", "one", "two", "three", "four"]
+
+
+def _config(case: str):
+    name, extra = CASES[case]
+    cfg = load_config(None, COMMON + extra, method=name)
+    cfg.rewards = {"brightness": 1.0}
+    return cfg
+
+
+def _trainer(case: str):
+    from conftest import TinyPolicy, brightness
+
+    from flowgrove.trainer import GRPOTrainer
+
+    return GRPOTrainer(_config(case), TinyPolicy(), {"brightness": brightness}, PROMPTS)
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {}
+    for case in CASES:
+        trainer = _trainer(case)
+        seen: dict = {}
+        score, update = trainer.score, trainer.update
+
+        def spy_score(ro, score=score, seen=seen):
+            raw = score(ro)
+            seen.update(raw=raw.clone(), edge_log_probs=[lp.clone() for lp in ro.edge_log_probs])
+            return raw
+
+        def spy_update(tr, adv, n_samples, generator, update=update, seen=seen):
+            seen.update(transitions=[t.clone() for t in tr], adv=adv.clone(), n_samples=n_samples)
+            return update(tr, adv, n_samples, generator)
+
+        trainer.score, trainer.update = spy_score, spy_update
+        seen["metrics"] = trainer.step()
+        seen["params"] = [p.detach().clone() for p in trainer.params]
+        results[case] = seen
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def _zscore(values: torch.Tensor, groups: int, ddof: int, global_std: bool = False) -> torch.Tensor:
+    """(r - group mean) / std, std of the group or (global_std) of all values; groups are contiguous blocks."""
+    per_group = values.view(groups, -1)
+    std = values.std(correction=ddof) if global_std else per_group.std(1, correction=ddof, keepdim=True)
+    return ((per_group - per_group.mean(1, keepdim=True)) / std).flatten()
+
+
+def _check_update(case: str, ranks: list[dict]) -> None:
+    """One process trained on both ranks' transitions and advantages reaches the ranks' weights."""
+    r0, r1 = ranks
+    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
+    assert r0["n_samples"] == r1["n_samples"] and r0["adv"].shape == r1["adv"].shape
+    trainer = _trainer(case)
+    union = Transitions(*(torch.cat([a, b]) for a, b in zip(r0["transitions"], r1["transitions"])))
+    adv = torch.cat([r0["adv"], r1["adv"]])
+    stats = trainer.update(union, adv, 2 * r0["n_samples"], torch.Generator().manual_seed(0))
+    assert stats.updates == 1 == r0["metrics"]["updates"]
+    assert stats.grad_norm == pytest.approx(r0["metrics"]["grad_norm"], rel=1e-4)
+    assert stats.grad_norm == pytest.approx(r1["metrics"]["grad_norm"], rel=1e-4)
+    for p, q in zip(trainer.params, r0["params"]):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-7)
+
+
+def _check_chains(case: str, ranks: list[dict], global_std: bool) -> None:
+    cfg = _config(case)
+    raw = torch.cat([r["raw"][0] for r in ranks])  # [N_total], rank 0's leaves first
+    assert not torch.equal(ranks[0]["raw"], ranks[1]["raw"])  # each rank sampled its own noise
+    n_local = ranks[0]["raw"].shape[1]
+    sample_adv = _zscore(raw, raw.numel() // cfg.rollout.group_size, cfg.advantage.ddof, global_std)
+    for rank, r in enumerate(ranks):
+        node = r["transitions"][Transitions._fields.index("node")]
+        torch.testing.assert_close(r["adv"], sample_adv[rank * n_local + node], rtol=1e-4, atol=1e-5)
+    _check_update(case, ranks)
+
+
+def test_two_ranks_match_one_process_for_chains(ranks):
+    _check_chains("chains", [r["chains"] for r in ranks], global_std=False)
+
+
+def test_two_ranks_match_one_process_for_global_std_chains(ranks):
+    # The std is over the leaves of BOTH ranks: a per-rank std would give different advantages.
+    per_rank = [r["global_std"] for r in ranks]
+    local = [_zscore(r["raw"][0], 2, 0, global_std=True) for r in per_rank]
+    _check_chains("global_std", per_rank, global_std=True)
+    node = per_rank[0]["transitions"][Transitions._fields.index("node")]
+    assert not torch.allclose(per_rank[0]["adv"], local[0][node], rtol=1e-3)
+
+
+def test_two_ranks_match_one_process_for_trees(ranks):
+    per_rank = [r["trees"] for r in ranks]
+    cfg = _config("trees")
+    forest = method.forest(cfg, 2)  # one tree per rank; depth d holds rank 0's nodes, then rank 1's
+    local = method.forest(cfg, 1).nodes_per_depth
+    leaves = torch.cat([r["raw"][0] for r in per_rank])
+    log_probs = tuple(torch.cat(parts) for parts in zip(*(r["edge_log_probs"] for r in per_rank)))
+    fused = tree.fuse_rewards(leaves, forest, "path", log_probs, temperature=0.5)
+    want = [torch.zeros_like(v) if v.numel() == 2 else _zscore(v, 2, 1) for v in fused]
+    fields = Transitions._fields
+    for rank, r in enumerate(per_rank):
+        depth, node = r["transitions"][fields.index("depth")], r["transitions"][fields.index("node")]
+        expected = torch.stack([want[d][rank * local[d] + n] for d, n in zip(depth.tolist(), node.tolist())])
+        torch.testing.assert_close(r["adv"], expected, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(per_rank[0]["raw"], per_rank[1]["raw"])
+    _check_update("trees", per_rank)
