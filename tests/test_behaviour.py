@@ -22,11 +22,48 @@ from conftest import TinyPolicy, brightness
 ONE_STEP = ["train.micro_batch=100000", "train.accumulate=transitions", "train.accumulate_size=100000"]
 
 
-def make(method_name: str, *extra: str) -> GRPOTrainer:
+def contrast(images, prompts):
+    return images.float().std(dim=(1, 2, 3))  # [B]
+
+
+def make(method_name: str, *extra: str, rewards: dict | None = None) -> GRPOTrainer:
+    rewards = rewards or {"brightness": 1.0}
     cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.group_size=4", "rewards={brightness: 1.0}", *extra],
                       method=method_name)
-    cfg.rewards = {"brightness": 1.0}
-    return GRPOTrainer(cfg, TinyPolicy(), {"brightness": brightness}, ["zero", "one", "two"])
+    cfg.rewards = dict(rewards)
+    fns = {"brightness": brightness, "contrast": contrast}
+    return GRPOTrainer(cfg, TinyPolicy(), {name: fns[name] for name in rewards}, ["zero", "one", "two"])
+
+
+def zscore(values: torch.Tensor, groups: int, ddof: int, eps: float, global_std: bool = False) -> torch.Tensor:
+    """(r - mean) / (std + eps) within contiguous blocks; the std of the block or (global_std) of everything."""
+    per_group = values.view(groups, -1)
+    std = values.std(correction=ddof) if global_std else per_group.std(1, correction=ddof, keepdim=True)
+    return ((per_group - per_group.mean(1, keepdim=True)) / (std + eps)).flatten()
+
+
+def depthwise(fused, n_trees: int, ddof: int, eps: float) -> torch.Tensor:
+    """Per tree and depth z-scores of node rewards, zero where a tree has one node at that depth; concatenated."""
+    out = []
+    for values in fused:
+        per_tree = values.view(n_trees, -1)
+        if per_tree.shape[1] <= max(1, ddof):
+            out.append(torch.zeros_like(values))
+            continue
+        out.append(zscore(values, n_trees, ddof, eps))
+    return torch.cat(out)
+
+
+def mean_fusion(leaf_rewards: torch.Tensor, nodes_per_depth) -> list[torch.Tensor]:
+    # Siblings are adjacent and trees tree-major, so the leaves below a node at depth d form a contiguous block
+    # of N_L / N_d leaves: the node's reward is that block's mean.
+    return [leaf_rewards.view(n, -1).mean(1) for n in nodes_per_depth]
+
+
+def child_values(per_node: torch.Tensor, nodes_per_depth, tr) -> torch.Tensor:
+    """Each stored edge's value of its child node (depth, node) from values concatenated over depths. [E]"""
+    offsets = torch.tensor([0, *nodes_per_depth]).cumsum(0)
+    return per_node[offsets[tr.depth] + tr.node]
 
 
 def observe(trainer: GRPOTrainer, advantages=None) -> dict:
@@ -66,54 +103,96 @@ def test_one_update_moves_log_probs_with_the_sign_of_the_advantage(name):
     assert ((delta * adv) > 0).float().mean() > 0.55
 
 
-@pytest.mark.parametrize("kind", ["group", "group_global_std"])
-def test_chain_advantages_are_normalised_within_each_group_of_leaves(kind):
+@pytest.mark.parametrize(("kind", "ddof"), [("group", 0), ("group_global_std", 1)])
+def test_chain_advantages_are_normalised_within_each_group_of_leaves(kind, ddof):
     # The rollout lays the chains out prompt-major: leaves g * G ... g * G + G - 1 are the G images of one prompt.
     # Each chain's stored transitions get the normalised reward of its own leaf, computed within its group.
+    # ddof and eps differ from the normalisers' own defaults, so the configured values must reach them.
     g_size = 4
     trainer = make("dancegrpo", "rollout.prompts_per_step=3", f"rollout.group_size={g_size}", f"advantage.kind={kind}",
-                   "advantage.ddof=1")
+                   f"advantage.ddof={ddof}", "advantage.eps=0.01")
     seen = observe(trainer)
     trainer.step()
     ro, tr, adv = seen["rollout"], seen["transitions"], seen["adv"]
     reward = seen["raw"][0]  # [N]
     blocks = ro.leaf_cond_index.view(-1, g_size)
     assert (blocks == blocks[:, :1]).all()  # one prompt per block
-    leaf_adv = torch.full_like(reward, float("nan")).index_put_((tr.node,), adv)  # [N] every chain has a stored edge
-    assert torch.equal(leaf_adv[tr.node], adv)  # all edges of a chain carry the same advantage
-    per_group = reward.view(-1, g_size)  # [P, G]
-    centred = per_group - per_group.mean(1, keepdim=True)
-    std = per_group.std(1, keepdim=True) if kind == "group" else reward.std()  # ddof 1 over the group / all leaves
-    torch.testing.assert_close(leaf_adv.view(-1, g_size), centred / std, rtol=1e-4, atol=1e-5)
+    assert torch.equal(tr.node.unique(), torch.arange(reward.numel()))  # every chain has stored edges
+    want = zscore(reward, 3, ddof, 0.01, global_std=kind == "group_global_std")  # [N]
+    torch.testing.assert_close(adv, want[tr.node], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("fusion", ["mean", "path", "local"])
-def test_tree_advantages_use_the_configured_fusion(fusion):
-    trainer = make("branchgrpo", "rollout.prompts_per_step=2", f"tree.fusion={fusion}", "tree.temperature=0.5")
+@pytest.mark.parametrize("aggregate", ["reward", "advantage"])
+@pytest.mark.parametrize("chains", [True, False], ids=["chains", "trees"])
+def test_several_rewards_are_aggregated_as_configured(aggregate, chains):
+    # Weights summing to 1: "reward" normalises the weighted reward, "advantage" weights the normalised rewards.
+    weights = {"brightness": 0.25, "contrast": 0.75}
+    name, extra = ("dancegrpo", []) if chains else ("branchgrpo", ["rollout.prompts_per_step=1"])
+    trainer = make(name, *extra, f"advantage.aggregate={aggregate}", "advantage.eps=0", rewards=weights)
+    seen = observe(trainer)
+    trainer.step()
+    raw, tr, adv = seen["raw"], seen["transitions"], seen["adv"]  # raw [2, N]
+    w = torch.tensor(list(weights.values()))
+
+    def normalise(r):
+        if chains:
+            return zscore(r, 2, 1, 0.0)[tr.node]
+        nodes = method.forest(trainer.cfg, 1).nodes_per_depth
+        return child_values(depthwise(mean_fusion(r, nodes), 1, 1, 0.0), nodes, tr)
+
+    if aggregate == "reward":
+        want = normalise((w[:, None] * raw).sum(0))
+    else:
+        want = w[0] * normalise(raw[0]) + w[1] * normalise(raw[1])
+    torch.testing.assert_close(adv, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "fusion"), [("branchgrpo", "mean"), ("branchgrpo", "path"), ("branchgrpo", "local"),
+                                            ("flowgrove", "mean")])
+def test_tree_advantages_use_the_configured_fusion(name, fusion):
+    # branchgrpo: the reward image is the final sample, so the edges into the leaves are trained too. flowgrove: the
+    # DPM tail shortens the trees to the plan's 13 steps. ddof 0 and eps 0.05 differ from the depthwise defaults.
+    trainer = make(name, "rollout.prompts_per_step=2", f"tree.fusion={fusion}", "tree.temperature=0.5",
+                   "sampler.reward_image=final", "advantage.ddof=0", "advantage.eps=0.05")
     seen = observe(trainer)
     trainer.step()
     ro, tr, adv, reward = seen["rollout"], seen["transitions"], seen["adv"], seen["raw"][0]
-    forest = method.forest(trainer.cfg, 2)
+    num_steps = method.step_plan(trainer.cfg, 0).num_steps
+    forest = method.forest(trainer.cfg, 2, num_steps)
     nodes = forest.nodes_per_depth
-    if fusion == "mean":
-        # Siblings are adjacent and trees tree-major, so the leaves below a node at depth d form a contiguous block
-        # of N_L / N_d leaves: the node's reward is that block's mean. Z-score per tree and depth with ddof 1.
-        fused = [reward.view(n, -1).mean(1) for n in nodes]
-    else:
-        fused = tree.fuse_rewards(reward, forest, fusion, ro.edge_log_probs, temperature=0.5)
-        mean_fused = [reward.view(n, -1).mean(1) for n in nodes]
-        assert not torch.allclose(fused[1], mean_fused[1])  # the edge log-probs matter
-    expected = []
-    for values in fused:
-        per_tree = values.view(2, -1)
-        if per_tree.shape[1] < 2:
-            expected.append(torch.zeros_like(values))
-            continue
-        z = (per_tree - per_tree.mean(1, keepdim=True)) / per_tree.std(1, keepdim=True)
-        expected.append(z.flatten())
-    offsets = torch.tensor([0, *nodes]).cumsum(0)
-    want = torch.cat(expected)[offsets[tr.depth] + tr.node]  # [E] the child node's advantage
+    assert num_steps == (20 if name == "branchgrpo" else 13)
+    assert tr.depth.max() == (num_steps if name == "branchgrpo" else 10)
+    fused = mean_fusion(reward, nodes)
+    if fusion != "mean":
+        fused_mean, fused = fused, tree.fuse_rewards(reward, forest, fusion, ro.edge_log_probs, temperature=0.5)
+        assert not torch.allclose(fused[1], fused_mean[1], rtol=1e-3)  # the edge log-probs matter
+        assert not torch.allclose(fused[1], tree.fuse_rewards(reward, forest, fusion, ro.edge_log_probs)[1], rtol=1e-3)
+    want = child_values(depthwise(fused, 2, 0, 0.05), nodes, tr)  # [E] the child node's advantage
     torch.testing.assert_close(adv, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("stop", "band"), [(14, range(14, 19)), (-1, range(13, 18))])
+def test_depth_pruning_slides_towards_the_root_until_its_stop(stop, band):
+    # Child depths 15..19 are pruned at iteration 0 and the band moves one depth per iteration, at iteration 2 by
+    # min(2, 15 - stop): to 14..18 with stop 14, to 13..17 with the default stop (the last split step, 9).
+    trainer = make("branchgrpo-deppru", "rollout.prompts_per_step=1", "tree.depth_slide_interval=1",
+                   f"tree.depth_stop={stop}", "train.steps=10")
+    depths = []
+    for _ in range(3):
+        seen = observe(trainer)
+        trainer.step()
+        depths.append(set(seen["transitions"].depth.tolist()))
+    trained = set(range(1, 20))  # the x0_pred reward image: the last step (child depth 20) is never trained
+    assert depths[0] == trained - set(range(15, 20))
+    assert depths[1] == trained - set(range(14, 19))
+    assert depths[2] == trained - set(band)
+
+
+def test_pruning_stops_after_its_fraction_of_training():
+    # pruning_fraction 0.4 of 2 steps: active while iteration <= int(0.8) = 0, so the second step trains every edge.
+    trainer = make("branchgrpo-deppru", "rollout.prompts_per_step=1", "tree.pruning_fraction=0.4", "train.steps=2")
+    assert trainer.step()["transitions"] == 202 - 5 * 16
+    assert trainer.step()["transitions"] == 202
 
 
 @pytest.mark.parametrize("name", ["flowgrpo", "branchgrpo"])
@@ -138,6 +217,84 @@ def test_kl_penalty_uses_the_transition_std(name):
     kl = ((mean - ref_mean) ** 2 / (2 * std[:, None, None, None] ** 2)).mean(dim=(1, 2, 3))  # [E]
     assert kl.mean() > 1e-3
     assert metrics["kl"] == pytest.approx(kl.mean().item(), rel=1e-4)
+
+
+def _fixed_advantages(tr):
+    return torch.linspace(-1.0, 2.0, len(tr))  # mean 0.5: the loss -mean(A * ratio) is far from 0
+
+
+def _record_steps(trainer: GRPOTrainer) -> list[float]:
+    """Gradient norm seen by each optimizer step (after clipping)."""
+    norms: list[float] = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads = [p.grad.flatten() for p in trainer.params if p.grad is not None]
+        norms.append(torch.cat(grads).norm().item())
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    return norms
+
+
+def test_micro_batches_accumulate_to_the_full_batch_update():
+    # One optimizer step over all transitions, once in one micro-batch and once in micro-batches of 7: the same
+    # gradient (each micro-batch's loss weighted by its share), so the same weights, gradient norm and loss.
+    # A large Adam eps makes the step depend on the gradient's scale.
+    extra = (*ONE_STEP, "train.adam_eps=1.0e-4", "train.max_grad_norm=0")
+    whole = make("flowgrpo", *extra)
+    seen = observe(whole, advantages=_fixed_advantages)
+    metrics = whole.step()
+    parts = make("flowgrpo", *extra, "train.micro_batch=7")
+    stats = parts.update(seen["transitions"], seen["adv"], seen["n_samples"], torch.Generator().manual_seed(1))
+    assert stats.updates == 1 and stats.transitions == metrics["transitions"] == 72
+    assert metrics["loss"] == pytest.approx(-0.5, abs=1e-3)
+    for key in ("loss", "clip_fraction", "approx_kl", "grad_norm"):
+        assert getattr(stats, key) == pytest.approx(metrics[key], rel=1e-4, abs=1e-9), key
+    for p, q in zip(parts.params, whole.params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_an_optimizer_step_per_accumulation_group_with_clipped_gradients():
+    # accumulate=samples: 8 samples in groups of 3 -> ceil(8 / 3) = 3 optimizer steps per rollout.
+    trainer = make("dancegrpo", "train.accumulate_size=3", "train.max_grad_norm=1.0e-3")
+    norms = _record_steps(trainer)
+    metrics = trainer.step()
+    assert metrics["updates"] == len(norms) == 3
+    assert metrics["grad_norm"] > 2e-3  # the reported norm is before clipping
+    assert max(norms) == pytest.approx(1e-3, rel=1e-3)
+    # max_grad_norm = 0 switches clipping off; grad_norm is the mean over the optimizer steps
+    trainer = make("dancegrpo", "train.accumulate_size=3", "train.max_grad_norm=0")
+    norms = _record_steps(trainer)
+    metrics = trainer.step()
+    assert len(norms) == 3 and min(norms) > 2e-3
+    assert metrics["grad_norm"] == pytest.approx(sum(norms) / 3, rel=1e-5)
+    assert metrics["kl"] == 0.0  # no KL term configured
+
+
+def test_first_ratio_deviation_is_measured_before_the_update():
+    # A second update on the same transitions starts from moved weights: its first micro-batch (all of them here)
+    # sees ratios exp(log_prob - old_log_prob) away from 1, and reports the largest deviation.
+    trainer = make("dancegrpo", *ONE_STEP)
+    seen = observe(trainer, advantages=_fixed_advantages)
+    assert trainer.step()["first_ratio_max_dev"] < 1e-5
+    tr = seen["transitions"]
+    with torch.no_grad():
+        want = (torch.exp(rescore(trainer.policy, tr, trainer.cond)[0] - tr.old_log_prob) - 1).abs().max().item()
+    stats = trainer.update(tr, seen["adv"], seen["n_samples"], torch.Generator().manual_seed(0))
+    assert want > 1e-4
+    assert stats.first_ratio_max_dev == pytest.approx(want, rel=1e-3)
+
+
+def test_an_update_without_transitions_changes_nothing():
+    trainer = make("dancegrpo")
+    seen = observe(trainer)
+    trainer.step()
+    before = [p.detach().clone() for p in trainer.params]
+    none = torch.zeros(0, dtype=torch.long)
+    stats = trainer.update(seen["transitions"].select(none), seen["adv"][none], 0, torch.Generator().manual_seed(0))
+    assert (stats.updates, stats.transitions, stats.loss) == (0, 0, 0.0)
+    assert all(torch.equal(b, p) for b, p in zip(before, trainer.params))
 
 
 def test_ema_moves_towards_the_weights_by_one_minus_decay():
