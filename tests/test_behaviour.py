@@ -11,6 +11,7 @@ import torch
 
 from flowgrove import credit, method, tree
 from flowgrove.config import load_config
+from flowgrove.losses import ppo_clip_loss
 from flowgrove.rollout import rescore
 from flowgrove.samplers.dpm_solver import dpmpp_2m_step
 from flowgrove.samplers.steps import x0_from_velocity
@@ -204,19 +205,34 @@ def test_kl_penalty_uses_the_transition_std(name):
     with torch.no_grad():  # move the policy away from the reference
         for p in trainer.params:
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    seen = observe(trainer)
+    seen = observe(trainer, advantages=lambda tr: torch.zeros(len(tr)))  # only the KL term drives this update
     metrics = trainer.step()
     tr = seen["transitions"]
     assert tr.noise_scale.unique().numel() == (2 if name == "branchgrpo" else 1)
     assert tr.g.unique().numel() > 1 or name == "branchgrpo"
-    with torch.no_grad(), trainer.weights_swapped(seen["params_before"]):
-        mean = rescore(trainer.policy, tr, trainer.cond)[1]
-        with trainer.weights_swapped(trainer.reference):
-            ref_mean = rescore(trainer.policy, tr, trainer.cond)[1]
     std = tr.noise_scale * tr.g * (tr.sigma - tr.sigma_next).sqrt()  # [E]
-    kl = ((mean - ref_mean) ** 2 / (2 * std[:, None, None, None] ** 2)).mean(dim=(1, 2, 3))  # [E]
-    assert kl.mean() > 1e-3
-    assert metrics["kl"] == pytest.approx(kl.mean().item(), rel=1e-4)
+
+    def kl(weights):
+        with torch.no_grad(), trainer.weights_swapped(weights):
+            mean = rescore(trainer.policy, tr, trainer.cond)[1]
+            with trainer.weights_swapped(trainer.reference):
+                ref_mean = rescore(trainer.policy, tr, trainer.cond)[1]
+        return ((mean - ref_mean) ** 2 / (2 * std[:, None, None, None] ** 2)).mean().item()  # mean over E and dims
+
+    before = kl(seen["params_before"])
+    assert before > 1e-3
+    assert metrics["kl"] == pytest.approx(before, rel=1e-4)
+    assert kl([p.detach() for p in trainer.params]) < before  # the penalty pulls the policy towards the reference
+
+
+def test_advantages_are_clipped_in_the_loss():
+    # At the first micro-batch every ratio is 1, so the loss is -mean(clamp(A, -0.5, 0.5)) exactly.
+    trainer = make("dancegrpo", *ONE_STEP, "advantage.clip=0.5")
+    seen = observe(trainer, advantages=_fixed_advantages)
+    metrics = trainer.step()
+    assert metrics["loss"] == pytest.approx(-seen["adv"].clamp(-0.5, 0.5).mean().item(), rel=1e-4)
+    with pytest.raises(ValueError, match="adv_clip_max"):
+        ppo_clip_loss(torch.zeros(2), torch.zeros(2), torch.ones(2), clip_range=1e-3, adv_clip_max=0)
 
 
 def _fixed_advantages(tr):

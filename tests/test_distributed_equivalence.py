@@ -73,8 +73,30 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         seen["metrics"] = trainer.step()
         seen["params"] = [p.detach().clone() for p in trainer.params]
         results[case] = seen
+    results["nan"] = _nan_on_rank_one(rank)
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _nan_on_rank_one(rank: int) -> dict:
+    """A reward that is NaN on rank 1 only: both ranks must stop the step (no rank left waiting in a collective)."""
+    from conftest import TinyPolicy, brightness
+
+    from flowgrove.trainer import GRPOTrainer, NonFiniteRewardError
+
+    def reward(images, prompts):
+        return brightness(images, prompts) * (float("nan") if rank == 1 else 1.0)
+
+    trainer = GRPOTrainer(_config("chains"), TinyPolicy(), {"brightness": reward}, PROMPTS)
+    before = [p.detach().clone() for p in trainer.params]
+    try:
+        trainer.step()
+    except NonFiniteRewardError as err:
+        message = str(err)
+    else:
+        message = ""
+    unchanged = all(torch.equal(b, p) for b, p in zip(before, trainer.params))
+    return {"message": message, "unchanged": unchanged, "iteration": trainer.iteration}
 
 
 def _free_port() -> int:
@@ -154,3 +176,9 @@ def test_two_ranks_match_one_process_for_trees(ranks):
         torch.testing.assert_close(r["adv"], expected, rtol=1e-4, atol=1e-5)
     assert not torch.equal(per_rank[0]["raw"], per_rank[1]["raw"])
     _check_update("trees", per_rank)
+
+
+def test_a_nan_reward_on_one_rank_stops_every_rank(ranks):
+    r0, r1 = ranks[0]["nan"], ranks[1]["nan"]
+    assert "on another rank" in r0["message"] and "for prompt" in r1["message"]
+    assert r0["unchanged"] and r1["unchanged"] and r0["iteration"] == r1["iteration"] == 0
