@@ -313,6 +313,69 @@ def test_an_update_without_transitions_changes_nothing():
     assert all(torch.equal(b, p) for b, p in zip(before, trainer.params))
 
 
+def test_the_optimizer_is_adamw_with_the_configured_hyperparameters():
+    # Replay the gradients of every optimizer step into a fresh torch AdamW built from the config values (none of
+    # them torch's defaults): the weights must match.
+    trainer = make("dancegrpo", "train.lr=3.0e-4", "train.betas=[0.8,0.99]", "train.adam_eps=1.0e-5",
+                   "train.weight_decay=0.1", "train.accumulate_size=3", "train.max_grad_norm=0")
+    grads: list[list[torch.Tensor]] = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads.append([p.grad.detach().clone() for p in trainer.params])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    replay = [p.detach().clone().requires_grad_(True) for p in trainer.params]
+    for _ in range(2):
+        trainer.step()
+    assert len(grads) == 6 and trainer.iteration == 2
+    reference = torch.optim.AdamW(replay, lr=3e-4, betas=(0.8, 0.99), eps=1e-5, weight_decay=0.1)
+    for g in grads:
+        for p, gp in zip(replay, g):
+            p.grad = gp
+        reference.step()
+    for p, q in zip(trainer.params, replay):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-8)
+
+
+def test_noise_follows_the_seed_the_iteration_and_the_group():
+    # One prompt, so only the noise differs: a group of chains starts from one shared initial noise, groups and
+    # iterations draw new noise, and another train.seed gives other noise. Flow-GRPO trains step 0, whose stored
+    # input x is the initial noise.
+    def initial_noise(seed: int, steps: int = 2) -> list[torch.Tensor]:
+        cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.group_size=3", f"train.seed={seed}",
+                                 "rollout.same_noise_in_group=true"], method="flowgrpo")
+        cfg.rewards = {"brightness": 1.0}
+        trainer = GRPOTrainer(cfg, TinyPolicy(), {"brightness": brightness}, ["zero"])
+        out = []
+        for _ in range(steps):
+            seen = observe(trainer)
+            trainer.step()
+            tr = seen["transitions"]
+            rows = (tr.depth == 1).nonzero().flatten()
+            out.append(tr.x[rows[tr.node[rows].argsort()]])  # [6, 1, 4, 4] chain order
+        return out
+
+    first, second = initial_noise(0)
+    assert first.shape[0] == 6
+    groups = first.view(2, 3, -1)
+    assert torch.equal(groups[:, 0], groups[:, 1]) and torch.equal(groups[:, 0], groups[:, 2])
+    assert not torch.allclose(groups[0, 0], groups[1, 0])
+    assert not torch.allclose(first, second)
+    assert not torch.allclose(first, initial_noise(1, steps=1)[0])
+
+
+def test_the_trainer_rejects_empty_prompts_and_frozen_policies():
+    cfg = load_config(None, ["rewards={brightness: 1.0}"])
+    with pytest.raises(ValueError, match="prompt list is empty"):
+        GRPOTrainer(cfg, TinyPolicy(), {"brightness": brightness}, [])
+    frozen = TinyPolicy()
+    frozen.module.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        GRPOTrainer(cfg, frozen, {"brightness": brightness}, ["zero"])
+
+
 def test_ema_moves_towards_the_weights_by_one_minus_decay():
     # Default schedule: after every optimizer step, ema <- ema + (1 - decay) * (weights - ema).
     decay = 0.75

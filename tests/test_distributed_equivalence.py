@@ -46,7 +46,9 @@ def _trainer(case: str):
 
     from flowgrove.trainer import GRPOTrainer
 
-    return GRPOTrainer(_config(case), TinyPolicy(), {"brightness": brightness}, PROMPTS)
+    # global_std: one prompt, so the ranks' rewards differ only through their noise
+    prompts = PROMPTS[:1] if case == "global_std" else PROMPTS
+    return GRPOTrainer(_config(case), TinyPolicy(), {"brightness": brightness}, prompts)
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
