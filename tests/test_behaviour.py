@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowgrove import credit, method, tree
+from flowgrove import method, tree
 from flowgrove.config import load_config
 from flowgrove.losses import ppo_clip_loss
 from flowgrove.rollout import rescore

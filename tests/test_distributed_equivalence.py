@@ -17,9 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from flowgrove import method, tree
+from flowgrove import distributed, method, tree
 from flowgrove.config import load_config
 from flowgrove.rollout import Transitions
+
+from test_behaviour import depthwise, zscore
 
 # One AdamW step per rollout on one micro-batch. A large Adam eps and no clipping make the step size depend on the
 # gradient's scale, so summed instead of averaged gradients change the weights (Adam alone is scale-invariant).
@@ -54,9 +56,9 @@ def _trainer(case: str):
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    results = {}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    results = {"joined": distributed.init_from_env(), "main": distributed.is_main()}  # the torchrun environment
+    results["joined_again"] = distributed.init_from_env()  # a second call keeps the group
     for case in CASES:
         trainer = _trainer(case)
         seen: dict = {}
@@ -111,14 +113,11 @@ def _free_port() -> int:
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
-
-
-def _zscore(values: torch.Tensor, groups: int, ddof: int, global_std: bool = False) -> torch.Tensor:
-    """(r - group mean) / std, std of the group or (global_std) of all values; groups are contiguous blocks."""
-    per_group = values.view(groups, -1)
-    std = values.std(correction=ddof) if global_std else per_group.std(1, correction=ddof, keepdim=True)
-    return ((per_group - per_group.mean(1, keepdim=True)) / std).flatten()
+    results = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    for per_rank in results:
+        for case in CASES:  # saved as a list of tensors: torch.load only restores plain containers
+            per_rank[case]["transitions"] = Transitions(*per_rank[case]["transitions"])
+    return results
 
 
 def _check_update(case: str, ranks: list[dict]) -> None:
@@ -127,7 +126,7 @@ def _check_update(case: str, ranks: list[dict]) -> None:
     assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
     assert r0["n_samples"] == r1["n_samples"] and r0["adv"].shape == r1["adv"].shape
     trainer = _trainer(case)
-    union = Transitions(*(torch.cat([a, b]) for a, b in zip(r0["transitions"], r1["transitions"])))
+    union = Transitions(*(torch.cat(pair) for pair in zip(r0["transitions"], r1["transitions"])))
     adv = torch.cat([r0["adv"], r1["adv"]])
     stats = trainer.update(union, adv, 2 * r0["n_samples"], torch.Generator().manual_seed(0))
     assert stats.updates == 1 == r0["metrics"]["updates"]
@@ -142,11 +141,17 @@ def _check_chains(case: str, ranks: list[dict], global_std: bool) -> None:
     raw = torch.cat([r["raw"][0] for r in ranks])  # [N_total], rank 0's leaves first
     assert not torch.equal(ranks[0]["raw"], ranks[1]["raw"])  # each rank sampled its own noise
     n_local = ranks[0]["raw"].shape[1]
-    sample_adv = _zscore(raw, raw.numel() // cfg.rollout.group_size, cfg.advantage.ddof, global_std)
-    for rank, r in enumerate(ranks):
-        node = r["transitions"][Transitions._fields.index("node")]
-        torch.testing.assert_close(r["adv"], sample_adv[rank * n_local + node], rtol=1e-4, atol=1e-5)
+    a = cfg.advantage
+    sample_adv = zscore(raw, raw.numel() // cfg.rollout.group_size, a.ddof, a.eps, global_std)  # [N_total]
+    for rank, r in enumerate(ranks):  # each rank trains its own rows of the global advantages
+        torch.testing.assert_close(r["adv"], sample_adv[rank * n_local + r["transitions"].node], rtol=1e-4, atol=1e-5)
     _check_update(case, ranks)
+
+
+def test_ranks_join_the_group_torchrun_describes(ranks):
+    assert [r["joined"] for r in ranks] == [r["joined_again"] for r in ranks] == [(2, 0), (2, 1)]
+    assert [r["main"] for r in ranks] == [True, False]
+    assert distributed.init_from_env() == (1, 0) and distributed.is_main()  # no RANK here: no group
 
 
 def test_two_ranks_match_one_process_for_chains(ranks):
@@ -156,10 +161,9 @@ def test_two_ranks_match_one_process_for_chains(ranks):
 def test_two_ranks_match_one_process_for_global_std_chains(ranks):
     # The std is over the leaves of BOTH ranks: a per-rank std would give different advantages.
     per_rank = [r["global_std"] for r in ranks]
-    local = [_zscore(r["raw"][0], 2, 0, global_std=True) for r in per_rank]
     _check_chains("global_std", per_rank, global_std=True)
-    node = per_rank[0]["transitions"][Transitions._fields.index("node")]
-    assert not torch.allclose(per_rank[0]["adv"], local[0][node], rtol=1e-3)
+    local = zscore(per_rank[0]["raw"][0], 2, 0, 0.0, global_std=True)
+    assert not torch.allclose(per_rank[0]["adv"], local[per_rank[0]["transitions"].node], rtol=1e-3)
 
 
 def test_two_ranks_match_one_process_for_trees(ranks):
@@ -170,11 +174,11 @@ def test_two_ranks_match_one_process_for_trees(ranks):
     leaves = torch.cat([r["raw"][0] for r in per_rank])
     log_probs = tuple(torch.cat(parts) for parts in zip(*(r["edge_log_probs"] for r in per_rank)))
     fused = tree.fuse_rewards(leaves, forest, "path", log_probs, temperature=0.5)
-    want = [torch.zeros_like(v) if v.numel() == 2 else _zscore(v, 2, 1) for v in fused]
-    fields = Transitions._fields
-    for rank, r in enumerate(per_rank):
-        depth, node = r["transitions"][fields.index("depth")], r["transitions"][fields.index("node")]
-        expected = torch.stack([want[d][rank * local[d] + n] for d, n in zip(depth.tolist(), node.tolist())])
+    want = depthwise(fused, 2, cfg.advantage.ddof, cfg.advantage.eps)  # [all nodes], depth-major
+    offsets = torch.tensor([0, *forest.nodes_per_depth]).cumsum(0)
+    for rank, r in enumerate(per_rank):  # rank r's node n at depth d is node r * N_d(one tree) + n of depth d
+        tr = r["transitions"]
+        expected = want[offsets[tr.depth] + rank * torch.tensor(local)[tr.depth] + tr.node]
         torch.testing.assert_close(r["adv"], expected, rtol=1e-4, atol=1e-5)
     assert not torch.equal(per_rank[0]["raw"], per_rank[1]["raw"])
     _check_update("trees", per_rank)
