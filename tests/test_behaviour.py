@@ -15,7 +15,7 @@ from flowgrove.losses import ppo_clip_loss
 from flowgrove.rollout import rescore
 from flowgrove.samplers.dpm_solver import dpmpp_2m_step
 from flowgrove.samplers.steps import x0_from_velocity
-from flowgrove.trainer import GRPOTrainer, evaluate_policy
+from flowgrove.trainer import GRPOTrainer, NonFiniteRewardError, evaluate_policy
 
 from conftest import TinyPolicy, brightness
 
@@ -339,13 +339,16 @@ def test_the_optimizer_is_adamw_with_the_configured_hyperparameters():
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-8)
 
 
-def test_noise_follows_the_seed_the_iteration_and_the_group():
-    # One prompt, so only the noise differs: a group of chains starts from one shared initial noise, groups and
-    # iterations draw new noise, and another train.seed gives other noise. Flow-GRPO trains step 0, whose stored
-    # input x is the initial noise.
+@pytest.mark.parametrize(("name", "option", "blocks"), [
+    ("flowgrpo", "rollout.same_noise_in_group=true", 2), ("flowgrpo", "rollout.same_noise_in_group=false", 6),
+    ("branchgrpo", "tree.same_noise=true", 1), ("branchgrpo", "tree.same_noise=false", 2)])
+def test_initial_noise_follows_the_seed_the_iteration_and_the_sharing(name, option, blocks):
+    # One prompt, so only the noise differs. Chains: 2 groups of 3, sharing one noise per group or not. Trees: 2
+    # trees of 2 depth-1 nodes, all from one noise (same_noise) or one per tree. Both methods train step 0, whose
+    # stored input x is the initial noise. New iterations and another train.seed draw new noise.
     def initial_noise(seed: int, steps: int = 2) -> list[torch.Tensor]:
-        cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.group_size=3", f"train.seed={seed}",
-                                 "rollout.same_noise_in_group=true"], method="flowgrpo")
+        cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.group_size=3", f"train.seed={seed}", option],
+                          method=name)
         cfg.rewards = {"brightness": 1.0}
         trainer = GRPOTrainer(cfg, TinyPolicy(), {"brightness": brightness}, ["zero"])
         out = []
@@ -354,16 +357,58 @@ def test_noise_follows_the_seed_the_iteration_and_the_group():
             trainer.step()
             tr = seen["transitions"]
             rows = (tr.depth == 1).nonzero().flatten()
-            out.append(tr.x[rows[tr.node[rows].argsort()]])  # [6, 1, 4, 4] chain order
+            out.append(tr.x[rows[tr.node[rows].argsort()]].flatten(1))  # [nodes at depth 1, 16] in node order
         return out
 
     first, second = initial_noise(0)
-    assert first.shape[0] == 6
-    groups = first.view(2, 3, -1)
-    assert torch.equal(groups[:, 0], groups[:, 1]) and torch.equal(groups[:, 0], groups[:, 2])
-    assert not torch.allclose(groups[0, 0], groups[1, 0])
+    per_block = first.view(blocks, -1, first.shape[1])  # [blocks, members, 16]
+    assert first.shape[0] == (6 if name == "flowgrpo" else 4)
+    assert torch.equal(per_block, per_block[:, :1].expand_as(per_block))  # members of a block share the noise
+    distinct = per_block[:, 0]
+    assert torch.cdist(distinct, distinct).add(torch.eye(blocks)).min() > 0.1  # blocks do not
     assert not torch.allclose(first, second)
     assert not torch.allclose(first, initial_noise(1, steps=1)[0])
+
+
+def test_metrics_report_the_step():
+    # mixgrpo with window.start=5: the window covers steps 5..8 at iteration 0
+    trainer = make("mixgrpo", "window.start=5", "window.interval=1000")
+    seen = observe(trainer)
+    metrics = [trainer.step() for _ in range(2)][-1]
+    total = seen["raw"][0]
+    assert metrics["step"] == trainer.iteration == 2
+    assert metrics["reward_mean"] == pytest.approx(total.mean().item())
+    assert metrics["reward_std"] == pytest.approx(total.std().item())
+    assert metrics["reward/brightness"] == pytest.approx(total.mean().item())
+    assert metrics["window_start"] == 5.0
+    parts = [metrics[f"seconds_{k}"] for k in ("rollout", "reward", "update")]
+    assert min(parts) >= 0 and metrics["seconds_step"] == pytest.approx(sum(parts), rel=1e-6, abs=1e-9)
+
+
+def test_rewards_see_the_prompt_of_each_image():
+    prompts = ["a", "bbbb", "cc"]
+
+    def prompt_length(images, names):
+        return torch.tensor([float(len(n)) for n in names])
+
+    cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.group_size=4"], method="dancegrpo")
+    cfg.rewards = {"length": 1.0}
+    trainer = GRPOTrainer(cfg, TinyPolicy(), {"length": prompt_length}, prompts)
+    seen = observe(trainer)
+    trainer.step()
+    want = torch.tensor([float(len(prompts[i])) for i in seen["rollout"].leaf_cond_index.tolist()])
+    assert torch.equal(seen["raw"][0], want)
+
+
+def test_a_nan_reward_names_the_prompt():
+    def broken(images, prompts):
+        return torch.full((images.shape[0],), float("nan"))
+
+    cfg = load_config(None, ["rollout.prompts_per_step=1", "rollout.group_size=2"], method="dancegrpo")
+    cfg.rewards = {"broken": 1.0}
+    trainer = GRPOTrainer(cfg, TinyPolicy(), {"broken": broken}, ["seven"])
+    with pytest.raises(NonFiniteRewardError, match=r"\['broken'\] returned NaN/inf at step 1 \(e.g. for prompt 'seven'\)"):
+        trainer.step()
 
 
 def test_the_trainer_rejects_empty_prompts_and_frozen_policies():
