@@ -149,7 +149,7 @@ def test_several_rewards_are_aggregated_as_configured(aggregate, chains):
 
 
 @pytest.mark.parametrize(("name", "fusion"), [("branchgrpo", "mean"), ("branchgrpo", "path"), ("branchgrpo", "local"),
-                                            ("flowgrove", "mean")])
+                                            ("flowgrove", "mean"), ("flowgrove", "path")])
 def test_tree_advantages_use_the_configured_fusion(name, fusion):
     # branchgrpo: the reward image is the final sample, so the edges into the leaves are trained too. flowgrove: the
     # DPM tail shortens the trees to the plan's 13 steps. ddof 0 and eps 0.05 differ from the depthwise defaults.
