@@ -72,16 +72,16 @@ def observe(trainer: GRPOTrainer, advantages=None) -> dict:
     seen: dict = {}
     score, update = trainer.score, trainer.update
 
-    def spy_score(ro):
-        raw = score(ro)
+    def spy_score(ro, *args):
+        raw = score(ro, *args)
         seen.update(rollout=ro, raw=raw.clone())
         return raw
 
-    def spy_update(tr, adv, n_samples, generator):
+    def spy_update(tr, adv, n_samples, generator, **kwargs):
         adv = advantages(tr) if advantages is not None else adv
         seen.update(transitions=tr, adv=adv.clone(), n_samples=n_samples,
                     params_before=[p.detach().clone() for p in trainer.params])
-        return update(tr, adv, n_samples, generator)
+        return update(tr, adv, n_samples, generator, **kwargs)
 
     trainer.score, trainer.update = spy_score, spy_update
     return seen
@@ -99,7 +99,7 @@ def test_one_update_moves_log_probs_with_the_sign_of_the_advantage(name):
     assert metrics["updates"] == 1
     tr, adv = seen["transitions"], seen["adv"]
     with torch.no_grad():
-        delta = rescore(trainer.policy, tr, trainer.cond)[0] - tr.old_log_prob  # [E]
+        delta = rescore(trainer.policy, tr, trainer.step_cond)[0] - tr.old_log_prob  # [E]
     assert delta[adv > 0].mean() > 0 > delta[adv < 0].mean()
     assert ((delta * adv) > 0).float().mean() > 0.55
 
@@ -211,9 +211,9 @@ def test_kl_penalty_uses_the_transition_std(name):
 
     def kl(weights):
         with torch.no_grad(), trainer.weights_swapped(weights):
-            mean = rescore(trainer.policy, tr, trainer.cond)[1]
+            mean = rescore(trainer.policy, tr, trainer.step_cond)[1]
             with trainer.weights_swapped(trainer.reference):
-                ref_mean = rescore(trainer.policy, tr, trainer.cond)[1]
+                ref_mean = rescore(trainer.policy, tr, trainer.step_cond)[1]
         return ((mean - ref_mean) ** 2 / (2 * std[:, None, None, None] ** 2)).mean().item()  # mean over E and dims
 
     before = kl(seen["params_before"])
@@ -259,7 +259,8 @@ def test_micro_batches_accumulate_to_the_full_batch_update():
     seen = observe(whole, advantages=_fixed_advantages)
     metrics = whole.step()
     parts = make("flowgrpo", *extra, "train.micro_batch=7")
-    stats = parts.update(seen["transitions"], seen["adv"], seen["n_samples"], torch.Generator().manual_seed(1))
+    stats = parts.update(seen["transitions"], seen["adv"], seen["n_samples"], torch.Generator().manual_seed(1),
+                         cond=whole.step_cond)
     assert stats.updates == 1 and stats.transitions == metrics["transitions"] == 72
     assert metrics["loss"] == pytest.approx(-0.5, abs=1e-3)
     for key in ("loss", "clip_fraction", "approx_kl", "grad_norm"):
@@ -293,7 +294,7 @@ def test_first_ratio_deviation_is_measured_before_the_update():
     assert trainer.step()["first_ratio_max_dev"] < 1e-5
     tr = seen["transitions"]
     with torch.no_grad():
-        want = (torch.exp(rescore(trainer.policy, tr, trainer.cond)[0] - tr.old_log_prob) - 1).abs().max().item()
+        want = (torch.exp(rescore(trainer.policy, tr, trainer.step_cond)[0] - tr.old_log_prob) - 1).abs().max().item()
     stats = trainer.update(tr, seen["adv"], seen["n_samples"], torch.Generator().manual_seed(0))
     assert want > 1e-4
     assert stats.first_ratio_max_dev == pytest.approx(want, rel=1e-3)
@@ -393,7 +394,8 @@ def test_rewards_see_the_prompt_of_each_image():
     trainer = GRPOTrainer(cfg, TinyPolicy(), {"length": prompt_length}, prompts)
     seen = observe(trainer)
     trainer.step()
-    want = torch.tensor([float(len(prompts[i])) for i in seen["rollout"].leaf_cond_index.tolist()])
+    step_prompts = trainer.step_prompt_ids  # the leaves' cond_index points into the step's rows
+    want = torch.tensor([float(len(prompts[step_prompts[i]])) for i in seen["rollout"].leaf_cond_index.tolist()])
     assert torch.equal(seen["raw"][0], want)
 
 
@@ -465,7 +467,7 @@ def test_dpm_tail_continues_from_the_window_x0_history():
     rows = (tr.depth == last + 1).nonzero().flatten()
     rows = rows[tr.node[rows].argsort()]  # chain order, like the leaves
     assert rows.numel() == leaves.shape[0]
-    cond = trainer.cond.select(tr.cond_index[rows])
+    cond = trainer.step_cond.select(tr.cond_index[rows])
 
     def x0(x, sigma):
         return x0_from_velocity(x, trainer.policy.velocity(x, x.new_full((x.shape[0],), sigma), cond), sigma)

@@ -64,17 +64,18 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         seen: dict = {}
         score, update = trainer.score, trainer.update
 
-        def spy_score(ro, score=score, seen=seen):
-            raw = score(ro)
+        def spy_score(ro, *args, score=score, seen=seen):
+            raw = score(ro, *args)
             seen.update(raw=raw.clone(), edge_log_probs=[lp.clone() for lp in ro.edge_log_probs])
             return raw
 
-        def spy_update(tr, adv, n_samples, generator, update=update, seen=seen):
+        def spy_update(tr, adv, n_samples, generator, update=update, seen=seen, **kwargs):
             seen.update(transitions=[t.clone() for t in tr], adv=adv.clone(), n_samples=n_samples)
-            return update(tr, adv, n_samples, generator)
+            return update(tr, adv, n_samples, generator, **kwargs)
 
         trainer.score, trainer.update = spy_score, spy_update
         seen["metrics"] = trainer.step()
+        seen["prompt_ids"] = trainer.step_prompt_ids.clone()  # the step's rows: cond_index is local to them
         seen["params"] = [p.detach().clone() for p in trainer.params]
         results[case] = seen
     results["nan"] = _nan_on_rank_one(rank)
@@ -127,8 +128,10 @@ def _check_update(case: str, ranks: list[dict]) -> None:
     assert r0["n_samples"] == r1["n_samples"] and r0["adv"].shape == r1["adv"].shape
     trainer = _trainer(case)
     union = Transitions(*(torch.cat(pair) for pair in zip(r0["transitions"], r1["transitions"])))
+    prompt = torch.cat([r["prompt_ids"][r["transitions"].cond_index] for r in ranks])  # each row's prompt
     adv = torch.cat([r0["adv"], r1["adv"]])
-    stats = trainer.update(union, adv, 2 * r0["n_samples"], torch.Generator().manual_seed(0))
+    union = Transitions(*(prompt if name == "cond_index" else field for name, field in zip(Transitions._fields, union)))
+    stats = trainer.update(union, adv, 2 * r0["n_samples"], torch.Generator().manual_seed(0), cond=trainer.cond)
     assert stats.updates == 1 == r0["metrics"]["updates"]
     assert stats.grad_norm == pytest.approx(r0["metrics"]["grad_norm"], rel=1e-4)
     assert stats.grad_norm == pytest.approx(r1["metrics"]["grad_norm"], rel=1e-4)

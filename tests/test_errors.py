@@ -81,6 +81,7 @@ CASES = {
     "non-finite value": (["train.lr=inf"], ["train.lr", "finite"]),
     "a value set to a mapping": (["train.lr={a: 1}"], ["train.lr", "one value"]),
     "unknown device": (["run.device=gpu0"], ["run.device='gpu0'"]),
+    "std ddof as large as the groups": (["rollout.group_size=2", "advantage.ddof=2"], ["advantage.ddof=2", "rollout.group_size"]),
 }
 
 

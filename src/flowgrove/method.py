@@ -135,6 +135,10 @@ def _check_mode(cfg: Config) -> None:
         raise ConfigError("advantage.kind=depthwise needs tree.enabled=true; use group or group_global_std for chains")
     if not cfg.tree.enabled and cfg.rollout.group_size < 2:
         raise ConfigError("rollout.group_size must be >= 2: GRPO normalises rewards within the images of one prompt")
+    smallest, key = (cfg.tree.branching, "tree.branching") if cfg.tree.enabled else (cfg.rollout.group_size, "rollout.group_size")
+    if cfg.advantage.ddof >= smallest:
+        raise ConfigError(f"advantage.ddof={cfg.advantage.ddof} leaves no degrees of freedom in groups of {smallest} "
+                          f"({key}); use advantage.ddof=0 or 1, or larger groups")
 
 
 def _check_steps(cfg: Config) -> None:

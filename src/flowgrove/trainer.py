@@ -86,6 +86,8 @@ class GRPOTrainer:
             same = self.test_prompts is self.prompts and self.cond is not None
             self.test_cond = self.cond if same else policy.encode_prompts(self.test_prompts).to(self.device)
         self.rows: PromptRows = rows if rows is not None else EncodedPrompts(self.cond)
+        self.step_cond: Conditioning | None = None  # the last step's rows (its transitions index them)
+        self.step_prompt_ids: Tensor | None = None  # [P] the prompt of each of those rows
         self.iteration = 0
         self.nonfinite_streak = 0  # consecutive optimizer steps skipped for NaN/inf
 
@@ -102,6 +104,7 @@ class GRPOTrainer:
         drawn = selection.epoch_draws(len(self.prompts), it, world * n, cfg.train.seed)  # [world * n]
         prompt_ids = drawn[rank * n:(rank + 1) * n]  # [P] into the prompt set
         cond = self.rows.rows(prompt_ids).to(self.device)  # [P, ...]: only this step's rows reach the device
+        self.step_cond, self.step_prompt_ids = cond, prompt_ids  # what this step's transitions' cond_index points into
         prompts = [self.prompts[i] for i in prompt_ids.tolist()]
         plan = method.step_plan(cfg, it)
         spec = method.rollout_spec(cfg, plan)
@@ -217,9 +220,9 @@ class GRPOTrainer:
         A group whose loss or gradient norm is NaN/inf on any rank is skipped on every rank (no weight, optimizer
         or EMA change); ``train.max_nonfinite_skips`` consecutive skips raise :class:`NonFiniteUpdatesError`
         at the end of the step. ``n_roots`` (chains or trees on this rank) sets ``train.loss_scale=reference``;
-        ``cond`` is the conditioning the transitions' ``cond_index`` points into (default: every training prompt).
+        ``cond`` is the conditioning the transitions' ``cond_index`` points into (default: the last step's rows).
         """
-        cond = self.cond if cond is None else cond
+        cond = cond if cond is not None else self.step_cond if self.step_cond is not None else self.cond
         t, stats = self.cfg.train, UpdateStats(transitions=len(tr))
         if len(tr) == 0:
             return stats
