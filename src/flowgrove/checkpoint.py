@@ -138,6 +138,20 @@ def save_checkpoint(trainer: GRPOTrainer, run_dir: Path, config_yaml: str, keep:
     return final
 
 
+def save_named_checkpoint(trainer: GRPOTrainer, run_dir: Path, name: str, config_yaml: str,
+                          wall_seconds: float = 0.0) -> Path:
+    """Write (or replace) the checkpoint ``checkpoints/<name>`` (e.g. ``best``), atomically as :func:`save_checkpoint`
+    does; never pruned or resumed from by default, and ``--checkpoint <name>`` takes it."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _write_folder(trainer, tmp, config_yaml, wall_seconds)
+    _install(tmp, root / name)
+    return root / name
+
+
 def _prune(root: Path, keep: int, current: Path) -> None:
     """Remove leftovers of interrupted writes and all but the newest ``keep`` checkpoints (never ``current``)."""
     for leftover in root.glob(".step_*"):
