@@ -73,7 +73,8 @@ class Monitor:
         record = evaluate_step(trainer, self.setup)
         self.history.append(record.metrics)
         g = self.cfg.guard
-        alarms = guard.check_guard(self.history, g.window, g.judge_drop, g.diversity_fraction) if g.enabled else []
+        on = g.enabled and trainer.iteration > 0  # the base model's own evaluation raises nothing
+        alarms = guard.check_guard(self.history, g.window, g.judge_drop, g.diversity_fraction) if on else []
         record.metrics["guard/alarms"] = float(len(alarms))
         for alarm in alarms:
             print(f"flowgrove: guard: {alarm.message}", file=sys.stderr)
