@@ -67,3 +67,52 @@ def test_a_judge_that_is_trained_on_is_an_error(tmp_path, capsys):
     args = ["train", "--steps", "1", "--out", str(tmp_path / "r"), *TINY, "eval.judges=[boldness]"]
     assert main(args) == 2
     assert "eval.judges lists 'boldness', which is trained on" in capsys.readouterr().err
+
+
+def test_report_renders_its_images_in_headless_chromium(run, tmp_path):
+    import shutil
+    import subprocess
+
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no headless Chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)")
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          "--dump-dom", (run / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    import re
+
+    shown = re.search(r'data-images="(\d+)/(\d+)"', dom)
+    assert shown and int(shown.group(1)) >= 5 and shown.group(1) == shown.group(2), dom[:300]
+
+
+@pytest.mark.slow
+def test_guard_fires_on_a_reward_hacking_run_and_not_on_a_healthy_one(tmp_path):
+    """Boldness alone at lr 1e-3 hacks the digits (the classifier judge collapses); the default run does not."""
+    common = ["--steps", "10", "eval.every=5", "eval.samples_per_prompt=4", "run.progress=false"]
+    hack, healthy = tmp_path / "hack", tmp_path / "healthy"
+    assert main(["train", "--out", str(hack), *common, "rewards={boldness: 1.0}", "train.lr=1e-3",
+                 "eval.judges=[digit_classifier]"]) == 0
+    assert main(["train", "--out", str(healthy), *common]) == 0
+    hacked, fine = read_metrics(hack / "eval.jsonl"), read_metrics(healthy / "eval.jsonl")
+    assert hacked[-1]["eval/reward"] > hacked[0]["eval/reward"] + 0.1  # the trained reward climbs...
+    assert hacked[-1]["eval/judge/digit_classifier"] < hacked[0]["eval/judge/digit_classifier"] - 0.2  # ...the judge falls
+    assert sum(e["guard/alarms"] for e in hacked) >= 1 and any("judge digit_classifier fell" in m for e in hacked for m in e["alarms"])
+    assert sum(e["guard/alarms"] for e in fine) == 0 and fine[-1]["eval/diversity_ratio"] > 0.5
+
+
+def test_hybrid_inference_switches_from_the_trained_to_the_base_model(run):
+    import torch
+
+    from flowgrove import method
+    from flowgrove.evaluation import hybrid_images
+    from flowgrove.sample import load_run_and_base
+    from flowgrove.trainer import ode_images
+
+    trainer, base = load_run_and_base(run)
+    rows, sigmas = torch.arange(2), method.base_sigmas(trainer.cfg, 4)
+    trained = ode_images(trainer.policy, trainer.test_cond, rows, sigmas, 7)
+    with trainer.weights_swapped(base):
+        untrained = ode_images(trainer.policy, trainer.test_cond, rows, sigmas, 7)
+    assert torch.allclose(hybrid_images(trainer, base, trainer.test_cond, rows, sigmas, 7, 4), trained, atol=1e-6)
+    assert torch.allclose(hybrid_images(trainer, base, trainer.test_cond, rows, sigmas, 7, 0), untrained, atol=1e-6)
+    mixed = hybrid_images(trainer, base, trainer.test_cond, rows, sigmas, 7, 2)
+    assert not torch.allclose(mixed, trained) and not torch.allclose(mixed, untrained)

@@ -55,7 +55,8 @@ def _methods(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from flowgrove import sample
 
-    path = sample.sample_to_png(args.run, args.out, args.prompt, args.n, args.steps, args.seed, ema=args.ema)
+    path = sample.sample_to_png(args.run, args.out, args.prompt, args.n, args.steps, args.seed, ema=args.ema,
+                                hybrid_steps=args.hybrid_steps)
     print(f"wrote {path}")
     return 0
 
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="sample with the run's EMA weights (default: EMA when the run has it)")
+    p.add_argument("--hybrid-steps", type=int, default=0, metavar="K",
+                   help="MixGRPO hybrid inference: the run's weights for the first K steps, the base model's after")
     p.set_defaults(fn=_sample)
     p = sub.add_parser("eval", parents=[common], help="held-out reward of a run's latest checkpoint")
     p.add_argument("run")

@@ -24,6 +24,7 @@ from flowgrove.rewards import build_reward
 from flowgrove.rewards.base import RewardFn
 from flowgrove.rewards.parallel import score_rewards
 from flowgrove.rollout import batched_velocity, decode_batched
+from flowgrove.samplers.dpm_solver import sample_euler
 from flowgrove.samplers.steps import euler_step, noise_g, sde_step
 from flowgrove.trainer import GRPOTrainer, weighted_total
 
@@ -172,3 +173,25 @@ def evaluate_step(trainer: GRPOTrainer, setup: EvalSetup) -> EvalRecord:
         metrics["eval/mmd2"] = mmd2_unbiased(feats, setup.base_features).item()
         metrics["eval/kl"] = kl
     return EvalRecord(metrics, traj.images)
+
+
+@torch.no_grad()
+def hybrid_images(trainer: GRPOTrainer, base: list[Tensor], cond, rows: Tensor, sigmas: Tensor, seed: int,
+                  trained_steps: int) -> Tensor:
+    """MixGRPO's hybrid inference: Euler ODE with the trainer's current weights for the first ``trained_steps`` of
+    the grid ``sigmas`` [S + 1], then with the ``base`` weights; noise from ``seed`` as :func:`ode_images`.
+    Returns images [N, 3, H, W] (videos [N, F, 3, H, W])."""
+    policy, s = trainer.policy, trainer.cfg.sampler
+    gen = torch.Generator().manual_seed(seed)
+    device = next(policy.module.parameters()).device
+    x = torch.randn((rows.shape[0], *policy.latent_shape), generator=gen).to(device)  # [N, *latent]
+    cond_rows = cond.to(device).select(rows.to(device))
+
+    def velocity(z: Tensor, sigma: Tensor) -> Tensor:
+        return batched_velocity(policy, z, z.new_full((z.shape[0],), float(sigma)), cond_rows, s.chunk_size)
+
+    k = max(0, min(trained_steps, sigmas.shape[0] - 1))
+    x = sample_euler(velocity, x, sigmas[:k + 1])
+    with trainer.weights_swapped(base):
+        x = sample_euler(velocity, x, sigmas[k:])
+    return decode_batched(policy, x, trainer.cfg.rollout.decode_batch)

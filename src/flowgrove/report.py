@@ -22,6 +22,11 @@ _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#2
           "figure{display:inline-block;margin:4px}pre{background:#f4f4f4;padding:8px;overflow:auto}")
 
 
+# marks the body with how many images decoded (read by the headless-browser test; harmless to a reader)
+_LOADED = ("<script>addEventListener('load',()=>{const i=[...document.images];"
+           "document.body.dataset.images=i.length+'/'+i.filter(x=>x.naturalWidth>0).length})</script>")
+
+
 def _png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
@@ -113,7 +118,7 @@ def render_report(run_dir: Path) -> str:
         "<h2>Config</h2>", f"<pre>{html.escape(config)}</pre>",
     ]
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>flowgrove {html.escape(run_dir.name)}</title>"
-            f"<style>{_STYLE}</style></head><body>{''.join(sections)}</body></html>")
+            f"<style>{_STYLE}</style></head><body>{''.join(sections)}{_LOADED}</body></html>")
 
 
 def write_report(run_dir: Path) -> Path:
