@@ -19,7 +19,9 @@ def test_judge_drop_fires_when_reward_rises_and_judge_falls_over_the_window():
     alarms = judge_alarms(history, window=3, drop=0.05)  # 0.98 -> 0.90 = 0.08 > 0.05 while 0.75 -> 0.95
     assert [a.kind for a in alarms] == ["judge_drop"] and alarms[0].step == 30
     assert "digit_classifier fell 0.980 -> 0.900" in alarms[0].message and "\n" not in alarms[0].message
-    assert judge_alarms(history, window=1, drop=0.05) == []  # 0.95 -> 0.90 is not more than 0.05
+    short = judge_alarms(history, window=1, drop=0.05)  # 0.95 -> 0.90 is not more than 0.05, but 0.98 -> 0.90 is
+    assert len(short) == 1 and "steps 0-30" in short[0].message
+    assert judge_alarms(history, window=1, drop=0.1) == []
 
 
 def test_judge_drop_needs_the_trained_reward_to_rise():
@@ -56,3 +58,11 @@ def test_best_score_criteria_and_selection():
             best = (score, h["step"])
     assert best == (0.99, 10)  # ties keep the earlier checkpoint; the hacked step 30 never wins
     assert not is_new_best(math.nan, None)
+
+
+def test_a_settled_hack_keeps_alarming_against_the_base_evaluation():
+    history = [_ev(0, 0.75, 0.98), _ev(10, 0.95, 0.30), _ev(20, 1.0, 0.0), _ev(30, 1.0, 0.0), _ev(40, 1.0, 0.0),
+               _ev(50, 1.0, 0.0)]
+    alarms = judge_alarms(history, window=3, drop=0.05)  # flat over the window, far below the base
+    assert len(alarms) == 1 and alarms[0].judge == "digit_classifier" and "steps 0-50" in alarms[0].message
+    assert len(judge_alarms(history[:3], window=1, drop=0.05)) == 1  # one alarm per judge, the window's first

@@ -123,9 +123,10 @@ def kl_to_base(trainer: GRPOTrainer, traj: Trajectory, base: list[Tensor]) -> fl
     return total.mean().item()
 
 
-def features(images: Tensor, judges: Mapping[str, RewardFn]) -> Tensor:
-    """Diversity features [N, D]: the first judge's image embedding (a judge with ``embed(images)``), else pixels."""
-    for judge in judges.values():
+def features(images: Tensor, *rewards: Mapping[str, RewardFn]) -> Tensor:
+    """Diversity features [N, D]: the image embedding of the first reward with ``embed(images)`` (judges are passed
+    first), else the pixels."""
+    for judge in (fn for group in rewards for fn in group.values()):
         embed = getattr(judge, "embed", None)
         if callable(embed):
             return embed(images).float().flatten(1).cpu()
@@ -143,7 +144,7 @@ def build_setup(trainer: GRPOTrainer, base: list[Tensor] | None) -> EvalSetup:
     if base is not None:
         with trainer.weights_swapped(base):
             images = ode_trajectory(trainer).images
-        setup.base_features = features(images, setup.judges)
+        setup.base_features = features(images, setup.judges, trainer.rewards)
         setup.base_diversity = _diversity(setup.base_features, trainer.cfg.eval.samples_per_prompt)
     return setup
 
@@ -166,7 +167,7 @@ def evaluate_step(trainer: GRPOTrainer, setup: EvalSetup) -> EvalRecord:
         traj = ode_trajectory(trainer)
         kl = kl_to_base(trainer, traj, setup.base) if setup.base is not None else math.nan
     metrics = {"step": trainer.iteration, **_scores(trainer, setup, traj.images)}
-    feats = features(traj.images, setup.judges)
+    feats = features(traj.images, setup.judges, trainer.rewards)
     metrics["eval/diversity"] = _diversity(feats, trainer.cfg.eval.samples_per_prompt)
     if setup.base_features is not None:
         metrics["eval/diversity_ratio"] = metrics["eval/diversity"] / setup.base_diversity

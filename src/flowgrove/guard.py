@@ -3,8 +3,9 @@
 
 Alarms (``guard.*``):
 
-- ``judge_drop``: over the last ``window`` evaluations the trained reward ``eval/reward`` rose while a judge
-  ``eval/judge/<name>`` fell by more than ``judge_drop`` (absolute, in the judge's units).
+- ``judge_drop``: over the last ``window`` evaluations (or since the first, the base model's) the trained reward
+  ``eval/reward`` rose while a judge ``eval/judge/<name>`` fell by more than ``judge_drop`` (absolute, in the
+  judge's units).
 - ``diversity``: each of the last ``window`` evaluations has ``eval/diversity_ratio`` (diversity over the base
   model's) below ``diversity_fraction``.
 """
@@ -23,6 +24,7 @@ class Alarm:
     step: int
     kind: str  # judge_drop | diversity
     message: str  # one line
+    judge: str = ""  # the judge of a judge_drop alarm
 
 
 def judges_of(metrics: Mapping[str, float]) -> list[str]:
@@ -35,10 +37,16 @@ def _finite(*values: object) -> bool:
 
 
 def judge_alarms(history: Sequence[Mapping[str, float]], window: int, drop: float) -> list[Alarm]:
-    """``judge_drop`` alarms of the newest evaluation against the one ``window`` evaluations earlier (or the first)."""
+    """``judge_drop`` alarms of the newest evaluation against the one ``window`` evaluations earlier, else against
+    the first (the base model: a hack that has settled keeps alarming). One alarm per judge at most."""
     if len(history) < 2:
         return []
-    new, old = history[-1], history[max(0, len(history) - 1 - window)]
+    recent = _judge_alarms(history[-1], history[max(0, len(history) - 1 - window)], drop)
+    named = {a.judge for a in recent}
+    return recent + [a for a in _judge_alarms(history[-1], history[0], drop) if a.judge not in named]
+
+
+def _judge_alarms(new: Mapping[str, float], old: Mapping[str, float], drop: float) -> list[Alarm]:
     r_new, r_old = new.get("eval/reward"), old.get("eval/reward")
     if not _finite(r_new, r_old) or r_new <= r_old:
         return []
@@ -48,7 +56,7 @@ def judge_alarms(history: Sequence[Mapping[str, float]], window: int, drop: floa
         if _finite(j_new, j_old) and j_old - j_new > drop:
             alarms.append(Alarm(int(new["step"]), "judge_drop",
                                 f"trained reward rose {r_old:.3f} -> {r_new:.3f} while judge {name} fell {j_old:.3f} -> "
-                                f"{j_new:.3f} (steps {int(old['step'])}-{int(new['step'])}, guard.judge_drop={drop})"))
+                                f"{j_new:.3f} (steps {int(old['step'])}-{int(new['step'])}, guard.judge_drop={drop})", name))
     return alarms
 
 
