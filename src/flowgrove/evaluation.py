@@ -171,7 +171,7 @@ def evaluate_step(trainer: GRPOTrainer, setup: EvalSetup) -> EvalRecord:
     metrics["eval/diversity"] = _diversity(feats, trainer.cfg.eval.samples_per_prompt)
     if setup.base_features is not None:
         metrics["eval/diversity_ratio"] = metrics["eval/diversity"] / setup.base_diversity
-        metrics["eval/mmd2"] = mmd2_unbiased(feats, setup.base_features).item()
+        metrics["eval/mmd2"] = mmd2_unbiased(feats, setup.base_features).item() if feats.shape[0] >= 2 else math.nan
         metrics["eval/kl"] = kl
     return EvalRecord(metrics, traj.images)
 

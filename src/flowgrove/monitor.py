@@ -17,7 +17,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from flowgrove import guard
+from flowgrove import distributed, guard
 from flowgrove.checkpoint import checkpoint_name, save_named_checkpoint
 from flowgrove.config import Config
 from flowgrove.evaluation import EvalRecord, build_setup, evaluate_step
@@ -81,9 +81,10 @@ class Monitor:
         self._keep_best(trainer, record)
         if self.main:
             self._write(record, alarms)
-        if alarms and g.action == "stop":
+        if g.action == "stop" and distributed.any_rank(bool(alarms)):  # every rank stops, none waits in a collective
             merged = {**(step_metrics or {}), **record.metrics}
-            raise GuardStop(f"guard.action=stop after step {trainer.iteration}: {alarms[0].message}; "
+            first = alarms[0].message if alarms else "another rank's evaluation raised an alarm"
+            raise GuardStop(f"guard.action=stop after step {trainer.iteration}: {first}; "
                             f"{self._best_note()}", merged if step_metrics else None)
         return record.metrics
 
