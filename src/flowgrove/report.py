@@ -63,8 +63,8 @@ def _plot(curves: dict[str, tuple[list[float], list[float]]], title: str) -> str
 def _reward_curves(train: list[dict], evals: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
     curves = {"train reward (SDE rollouts)": _series(train, "reward_mean")}
     keys = sorted({k for r in evals for k in r if k.startswith(("eval/reward", "eval/judge/"))})
-    curves.update({("held-out " if k.startswith("eval/reward") else "judge ") + k.split("/", 1)[1]: _series(evals, k)
-                   for k in keys})
+    label = lambda k: "held-out " + k[len("eval/"):] if k.startswith("eval/reward") else "judge " + k.split("/")[-1]  # noqa: E731
+    curves.update({label(k): _series(evals, k) for k in keys})
     return curves
 
 
