@@ -20,6 +20,7 @@ from flowgrove import method
 from flowgrove.config import Config
 from flowgrove.diversity import group_diversity, mmd2_unbiased
 from flowgrove.losses import transition_kl
+from flowgrove.policies.base import Conditioning
 from flowgrove.rewards import build_reward
 from flowgrove.rewards.base import RewardFn
 from flowgrove.rewards.parallel import score_rewards
@@ -177,7 +178,7 @@ def evaluate_step(trainer: GRPOTrainer, setup: EvalSetup) -> EvalRecord:
 
 
 @torch.no_grad()
-def hybrid_images(trainer: GRPOTrainer, base: list[Tensor], cond, rows: Tensor, sigmas: Tensor, seed: int,
+def hybrid_images(trainer: GRPOTrainer, base: list[Tensor], cond: Conditioning, rows: Tensor, sigmas: Tensor, seed: int,
                   trained_steps: int) -> Tensor:
     """MixGRPO's hybrid inference: Euler ODE with the trainer's current weights for the first ``trained_steps`` of
     the grid ``sigmas`` [S + 1], then with the ``base`` weights; noise from ``seed`` as :func:`ode_images`.

@@ -18,20 +18,21 @@ from flowgrove.trainer import GRPOTrainer, ode_images
 
 def load_run(run: str | Path | None) -> GRPOTrainer:
     """A trainer holding a run's latest weights (EMA swapped in by ``evaluate``), or the base policy."""
-    return load_run_and_base(run)[0]
+    return load_run_and_base(run, keep_base=False)[0]
 
 
-def load_run_and_base(run: str | Path | None) -> tuple[GRPOTrainer, list[torch.Tensor]]:
-    """:func:`load_run` and the base model's trainable weights (CPU), taken before the checkpoint is loaded."""
+def load_run_and_base(run: str | Path | None, keep_base: bool = True) -> tuple[GRPOTrainer, list[torch.Tensor] | None]:
+    """:func:`load_run` and the base model's trainable weights (CPU, taken before the checkpoint is loaded; None
+    without ``keep_base``)."""
     if run is None:
         trainer = build_trainer(load_config())
-        return trainer, snapshot(trainer)
+        return trainer, snapshot(trainer) if keep_base else None
     ckpt = latest_checkpoint(Path(run))
     if ckpt is None:
         raise FileNotFoundError(f"{run} has no intact checkpoint (expected {run}/checkpoints/step_N); is it a run directory?")
     cfg: Config = config_from_yaml_text((ckpt / "config.yaml").read_text(), source=str(ckpt / "config.yaml"))
     trainer = build_trainer(cfg)
-    base = snapshot(trainer)
+    base = snapshot(trainer) if keep_base else None
     load_checkpoint(trainer, ckpt)
     return trainer, base
 
@@ -46,7 +47,7 @@ def sample_to_png(run: str | None, out: str, prompts: list[str] | None, n: int, 
         raise ValueError(f"--n {n}: give at least one image per prompt (--n 8)")
     if not 0 <= hybrid_steps <= steps:
         raise ValueError(f"--hybrid-steps {hybrid_steps} must be between 0 and --steps {steps}; e.g. --hybrid-steps {steps // 2}")
-    trainer, base = load_run_and_base(run)
+    trainer, base = load_run_and_base(run, keep_base=hybrid_steps > 0)
     if ema and trainer.ema is None:
         raise ValueError(f"--ema: the run {run} has no EMA weights (it trained with train.ema_decay=0); drop --ema")
     prompts = prompts or trainer.prompts
