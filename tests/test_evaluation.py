@@ -116,3 +116,14 @@ def test_hybrid_inference_switches_from_the_trained_to_the_base_model(run):
     assert torch.allclose(hybrid_images(trainer, base, trainer.test_cond, rows, sigmas, 7, 0), untrained, atol=1e-6)
     mixed = hybrid_images(trainer, base, trainer.test_cond, rows, sigmas, 7, 2)
     assert not torch.allclose(mixed, trained) and not torch.allclose(mixed, untrained)
+
+
+def test_resume_from_the_best_checkpoint_drops_later_evaluations(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    best = json.loads((copy / "best.json").read_text())["step"]
+    assert main(["train", "--resume", str(copy), "--checkpoint", "best", "--steps", "5"]) == 0
+    steps = [e["step"] for e in read_metrics(copy / "eval.jsonl")]
+    assert steps == [s for s in (0, 2, 4) if s <= best] + [s for s in (2, 4, 5) if s > best]

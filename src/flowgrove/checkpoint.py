@@ -266,7 +266,8 @@ def choose_checkpoint(run_dir: Path, name: str | None = None) -> Choice | None:
 def discard_after(run_dir: Path, chosen: Path) -> list[Path]:
     """Remove the checkpoints newer than ``chosen`` (damaged, or of a future the run is going back from) and
     point ``latest`` at ``chosen``. Returns what was removed."""
-    newer = [p for p in checkpoint_folders(run_dir) if _step(p) > _step(chosen)]
+    limit = _step(chosen) if _NAME.fullmatch(chosen.name) else read_state(chosen).iteration  # e.g. ``best``
+    newer = [p for p in checkpoint_folders(run_dir) if _step(p) > limit]
     atomic_write_text(Path(run_dir) / "checkpoints" / LATEST, chosen.name)
     for path in newer:
         shutil.rmtree(path, ignore_errors=True)
