@@ -6,7 +6,8 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "flowgrove"
-MATH = ["types.py", "schedules.py", "samplers", "plans.py", "tree.py", "advantages.py", "losses.py", "selection.py"]
+MATH = ["types.py", "schedules.py", "samplers", "plans.py", "tree.py", "advantages.py", "losses.py", "selection.py",
+        "diversity.py"]
 MATH_MAY_IMPORT = {"torch", "math", "__future__", "dataclasses", "typing", "collections", "difflib", "functools"}
 
 

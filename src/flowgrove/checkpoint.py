@@ -138,6 +138,20 @@ def save_checkpoint(trainer: GRPOTrainer, run_dir: Path, config_yaml: str, keep:
     return final
 
 
+def save_named_checkpoint(trainer: GRPOTrainer, run_dir: Path, name: str, config_yaml: str,
+                          wall_seconds: float = 0.0) -> Path:
+    """Write (or replace) the checkpoint ``checkpoints/<name>`` (e.g. ``best``), atomically as :func:`save_checkpoint`
+    does; never pruned or resumed from by default, and ``--checkpoint <name>`` takes it."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _write_folder(trainer, tmp, config_yaml, wall_seconds)
+    _install(tmp, root / name)
+    return root / name
+
+
 def _prune(root: Path, keep: int, current: Path) -> None:
     """Remove leftovers of interrupted writes and all but the newest ``keep`` checkpoints (never ``current``)."""
     for leftover in root.glob(".step_*"):
@@ -252,7 +266,8 @@ def choose_checkpoint(run_dir: Path, name: str | None = None) -> Choice | None:
 def discard_after(run_dir: Path, chosen: Path) -> list[Path]:
     """Remove the checkpoints newer than ``chosen`` (damaged, or of a future the run is going back from) and
     point ``latest`` at ``chosen``. Returns what was removed."""
-    newer = [p for p in checkpoint_folders(run_dir) if _step(p) > _step(chosen)]
+    limit = _step(chosen) if _NAME.fullmatch(chosen.name) else read_state(chosen).iteration  # e.g. ``best``
+    newer = [p for p in checkpoint_folders(run_dir) if _step(p) > limit]
     atomic_write_text(Path(run_dir) / "checkpoints" / LATEST, chosen.name)
     for path in newer:
         shutil.rmtree(path, ignore_errors=True)

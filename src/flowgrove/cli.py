@@ -1,4 +1,4 @@
-"""Command line: ``flowgrove train | methods | sample | eval | export | bench | bench-model | rewards |
+"""Command line: ``flowgrove train | methods | sample | eval | export | report | bench | bench-model | rewards |
 serve-reward | encode-prompts | pretrain`` (also ``python -m flowgrove``)."""
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def _methods(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from flowgrove import sample
 
-    path = sample.sample_to_png(args.run, args.out, args.prompt, args.n, args.steps, args.seed, ema=args.ema)
+    path = sample.sample_to_png(args.run, args.out, args.prompt, args.n, args.steps, args.seed, ema=args.ema,
+                                hybrid_steps=args.hybrid_steps)
     print(f"wrote {path}")
     return 0
 
@@ -64,6 +65,15 @@ def _eval(args: argparse.Namespace) -> int:
     from flowgrove import sample
 
     print(json.dumps(sample.evaluate_run(args.run), indent=2))
+    return 0
+
+
+def _report_cmd(args: argparse.Namespace) -> int:
+    from flowgrove.report import write_report
+
+    if not (Path(args.run) / "config.yaml").is_file():
+        raise FileNotFoundError(f"{args.run} is not a run directory (no config.yaml); pass the folder of a `flowgrove train`")
+    print(f"wrote {write_report(Path(args.run))}")
     return 0
 
 
@@ -235,11 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="sample with the run's EMA weights (default: EMA when the run has it)")
+    p.add_argument("--hybrid-steps", type=int, default=0, metavar="K",
+                   help="MixGRPO hybrid inference: the run's weights for the first K steps, the base model's after")
     p.set_defaults(fn=_sample)
     p = sub.add_parser("eval", parents=[common], help="held-out reward of a run's latest checkpoint")
     p.add_argument("run")
     p.set_defaults(fn=_eval)
     _add_export_parser(sub, common)
+    p = sub.add_parser("report", parents=[common], help="rebuild a run's report.html (curves, grids, alarms, summary)")
+    p.add_argument("run")
+    p.set_defaults(fn=_report_cmd)
     p = sub.add_parser("bench", parents=[common], help="run several presets side by side and compare time and reward")
     p.add_argument("--methods", default="dancegrpo,mixgrpo,mixgrpo-flash,mixgrpo-flash-star")
     p.add_argument("--steps", type=positive_int, default=20)

@@ -144,7 +144,18 @@ class EvalConfig:
     samples_per_prompt: int = _f(8, "Held-out images per prompt (fixed seeds, ODE sampling).", low=1)
     num_steps: int = _f(16, "Euler ODE steps of the held-out evaluation.", low=1)
     seed: int = _f(1234, "Seed of the held-out initial noise.")
-    every: int = _f(0, "Also evaluate every N steps (0 = only before and after).", low=0)
+    every: int = _f(0, "Also evaluate every N steps (0 = only before and after): rewards, judges, diversity, MMD^2 and KL to the base (docs/evaluation.md).", low=0)
+    judges: list = _f([], "Rewards scored at every evaluation but not trained on (e.g. [digit_classifier] when training boldness); options from reward_options.")
+    best: str = _f("judges", "Criterion of checkpoints/best: judges (mean judge, else the trained reward), reward (trained, weighted), combined (their mean) or off.", ("judges", "reward", "combined", "off"))
+
+
+@dataclass
+class GuardConfig:
+    enabled: bool = _f(True, "Reward-hacking guard over the periodic evaluations (needs eval.every > 0).")
+    window: int = _f(3, "Evaluations the guard looks back over.", low=1)
+    judge_drop: float = _f(0.05, "Alarm when the trained reward rises while a judge falls by more than this over the window.", low=0)
+    diversity_fraction: float = _f(0.5, "Alarm when diversity stays below this fraction of the base model's for the whole window.", low=0)
+    action: str = _f("warn", "On an alarm: warn (log and print) or stop (checkpoint and exit).", ("warn", "stop"))
 
 
 @dataclass
@@ -172,6 +183,7 @@ class Config:
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -204,7 +216,7 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-_SECTIONS = {c.__name__: c for c in (PolicyConfig, SamplerConfig, WindowConfig, TreeConfig, RolloutConfig, DataConfig, AdvantageConfig, TrainConfig, EvalConfig, RunConfig)}
+_SECTIONS = {c.__name__: c for c in (PolicyConfig, SamplerConfig, WindowConfig, TreeConfig, RolloutConfig, DataConfig, AdvantageConfig, TrainConfig, EvalConfig, GuardConfig, RunConfig)}
 
 def _section_of(f: dataclasses.Field) -> type | None:
     return _SECTIONS.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))

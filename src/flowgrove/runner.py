@@ -18,7 +18,9 @@ from flowgrove import distributed, rundir
 from flowgrove.checkpoint import (CheckpointError, Choice, checkpoint_folders, choose_checkpoint, discard_after,
                                   load_checkpoint, save_checkpoint)
 from flowgrove.config import Config, config_from_yaml_text, config_to_yaml
+from flowgrove.evaluation import snapshot
 from flowgrove.metrics import MetricsLogger, plot_reward_curves, read_metrics, save_grid
+from flowgrove.monitor import Monitor
 from flowgrove.policies.prepare import offload_text_encoders, prepare_policy
 from flowgrove.prompts import load_prompt_sets
 from flowgrove.rewards import build_reward
@@ -154,7 +156,8 @@ def train(cfg: Config, run_dir: Path | None = None, overwrite: bool = False) -> 
     claim = _agreed(lambda: _claim_fresh(cfg, target, overwrite))
     try:
         folder = claim.run_dir if claim else (Path(target) if target else None)
-        return _run(cfg, folder, build_trainer(cfg), resumed=None)
+        trainer = build_trainer(cfg)
+        return _run(cfg, folder, trainer, resumed=None, base=_base_weights(trainer))
     finally:
         if claim:
             claim.lock.release()
@@ -201,10 +204,11 @@ def resume(run_dir: Path, steps: int | None = None, checkpoint: str | None = Non
         if steps is not None:
             plan.cfg.train.steps = steps
         trainer = build_trainer(plan.cfg)
+        base = _base_weights(trainer)  # before the checkpoint's weights replace the base model's
         load_checkpoint(trainer, plan.choice.path, plan.choice.state)
         if distributed.is_main():
             _settle_run_dir(run_dir, plan)
-        return _run(plan.cfg, run_dir, trainer, resumed=plan.choice)
+        return _run(plan.cfg, run_dir, trainer, resumed=plan.choice, base=base)
     finally:
         if lock:
             lock.release()
@@ -219,21 +223,31 @@ def _settle_run_dir(run_dir: Path, plan: _ResumePlan) -> None:
         _note(note)
 
 
-def _run(cfg: Config, run_dir: Path | None, trainer: GRPOTrainer, resumed: Choice | None) -> RunResult:
+def _base_weights(trainer: GRPOTrainer) -> list[torch.Tensor] | None:
+    """The base model's trainable weights (CPU) for the periodic evaluation's baselines; None without it."""
+    return snapshot(trainer) if trainer.cfg.eval.every > 0 else None
+
+
+def _run(cfg: Config, run_dir: Path | None, trainer: GRPOTrainer, resumed: Choice | None,
+         base: list[torch.Tensor] | None = None) -> RunResult:
     main = distributed.is_main()
     save = _Saver(cfg, run_dir, resumed)
     logger = MetricsLogger(run_dir, resume_step=trainer.iteration if resumed else None) if main else None
     try:
         before = _eval_before(trainer, run_dir, main)
-        _train_steps(cfg, trainer, logger, save)
-        summary = _finish(cfg, run_dir, trainer, before, save.wall_seconds()) if main else {}
+        monitor = Monitor(cfg, trainer, run_dir, main, base, trainer.iteration if resumed else None,
+                          logger.writer.add_scalar if logger else None, save.yaml, save.wall_seconds)
+        monitor.start(trainer)
+        _train_steps(cfg, trainer, logger, save, monitor)
+        summary = _finish(cfg, run_dir, trainer, before, save.wall_seconds(), monitor) if main else {}
     finally:
         if logger:
             logger.close()
     return RunResult(run_dir, summary)
 
 
-def _train_steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None, save: _Saver) -> Path | None:
+def _train_steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None, save: _Saver,
+                 monitor: Monitor | None = None) -> Path | None:
     """Train to ``train.steps``, checkpointing after step 1, every ``run.checkpoint_every`` steps and at the end.
 
     Returns the final checkpoint. A signal, or a :class:`TrainingHalted` from the trainer (raised before any
@@ -248,6 +262,8 @@ def _train_steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None
         try:
             while trainer.iteration < cfg.train.steps and not distributed.any_rank(stop.requested):
                 metrics = trainer.step()
+                if monitor:  # periodic evaluation and guard: eval/* join this step's row; GuardStop halts
+                    monitor.after_step(trainer, metrics)
                 if logger:
                     logger.log(metrics)
                 bar.update(1)
@@ -280,7 +296,8 @@ def _eval_before(trainer: GRPOTrainer, run_dir: Path | None, main: bool) -> dict
     return dict(result)
 
 
-def _finish(cfg: Config, run_dir: Path, trainer: GRPOTrainer, before: dict, wall: float) -> dict:
+def _finish(cfg: Config, run_dir: Path, trainer: GRPOTrainer, before: dict, wall: float,
+            monitor: Monitor | None = None) -> dict:
     after = trainer.evaluate()
     save_grid(after.images, run_dir / "samples_after.png", columns=cfg.eval.samples_per_prompt)
     rows = read_metrics(run_dir / "metrics.jsonl")
@@ -295,5 +312,8 @@ def _finish(cfg: Config, run_dir: Path, trainer: GRPOTrainer, before: dict, wall
         "nfe_old": mean("nfe_old"), "nfe_new": mean("nfe_new"),
         "seconds_per_step": mean("seconds_step"),
     }
+    summary.update(monitor.summary() if monitor else {})
     rundir.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    if monitor:
+        monitor.report()
     return summary

@@ -103,6 +103,11 @@ class DigitClassifierReward:
         probs = logits.float().softmax(dim=-1)  # [B, 11]
         return probs.gather(1, digits[:, None]).squeeze(1)  # [B]
 
+    def embed(self, images: Tensor) -> Tensor:
+        """Image embedding ``[B, hidden]``: the classifier's hidden layer (the feature space of diversity metrics)."""
+        param = next(self.classifier.parameters())
+        return self.classifier.net[:3](classifier_pixels(images.to(param.device)).to(param.dtype))  # [B, hidden]
+
 
 def ink_mass(images: Tensor, low: float = 0.25, high: float = 0.75) -> Tensor:
     """Soft fraction of strongly inked pixels: mean of ``clamp((g - low) / (high - low), 0, 1)`` over pixels.

@@ -1,0 +1,128 @@
+"""``report.html``: one self-contained page per run (images inline as base64, curves drawn with matplotlib):
+reward curves (training and held-out, per reward and judge), diversity, MMD^2 and KL curves, the evaluation grids
+over time, the guard's alarms, the best checkpoint, the summary and the config. Rebuilt at every evaluation and at
+the end of a run; ``write_report(run_dir)`` rebuilds it from the files alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from flowgrove.metrics import read_metrics
+from flowgrove.rundir import atomic_write_text
+
+REPORT = "report.html"
+_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+          "img{image-rendering:pixelated;max-width:100%}table{border-collapse:collapse}"
+          "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}.alarm{color:#b00}"
+          "figure{display:inline-block;margin:4px}pre{background:#f4f4f4;padding:8px;overflow:auto}")
+
+
+# marks the body with how many images decoded (read by the headless-browser test; harmless to a reader)
+_LOADED = ("<script>addEventListener('load',()=>{const i=[...document.images];"
+           "document.body.dataset.images=i.length+'/'+i.filter(x=>x.naturalWidth>0).length})</script>")
+
+
+def _png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    pairs = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _plot(curves: dict[str, tuple[list[float], list[float]]], title: str) -> str:
+    """Curves {label: (steps, values)} -> an <img> tag with the PNG inline; empty when there is nothing to draw."""
+    curves = {k: v for k, v in curves.items() if v[0]}
+    if not curves:
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return f'<img alt="{html.escape(title)}" src="{_png_uri(buf.getvalue())}">'
+
+
+def _reward_curves(train: list[dict], evals: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
+    curves = {"train reward (SDE rollouts)": _series(train, "reward_mean")}
+    keys = sorted({k for r in evals for k in r if k.startswith(("eval/reward", "eval/judge/"))})
+    label = lambda k: "held-out " + k[len("eval/"):] if k.startswith("eval/reward") else "judge " + k.split("/")[-1]  # noqa: E731
+    curves.update({label(k): _series(evals, k) for k in keys})
+    return curves
+
+
+def _grids(run_dir: Path) -> str:
+    files = sorted((run_dir / "eval_grids").glob("step_*.png")) if (run_dir / "eval_grids").is_dir() else []
+    figures = [f'<figure><img alt="{p.stem}" src="{_png_uri(p.read_bytes())}"><figcaption>{p.stem}</figcaption></figure>'
+               for p in files]
+    return "".join(figures) or "<p>No evaluation grids (set eval.every &gt; 0).</p>"
+
+
+def _table(data: dict) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in data.items())
+    return f"<table>{rows}</table>"
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return _table(value)
+    return html.escape(str(value))
+
+
+def _alarms(evals: list[dict]) -> str:
+    items = [f'<li class="alarm">step {r["step"]}: {html.escape(m)}</li>' for r in evals for m in r.get("alarms", [])]
+    return f"<ul>{''.join(items)}</ul>" if items else "<p>No alarms.</p>"
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def render_report(run_dir: Path) -> str:
+    """The HTML text of the report of ``run_dir``."""
+    run_dir = Path(run_dir)
+    train, evals = read_metrics(run_dir / "metrics.jsonl"), read_metrics(run_dir / "eval.jsonl")
+    best = _read_json(run_dir / "best.json")
+    config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    best_line = (f"<p>checkpoints/best: step {best['step']} ({best['criterion']} score {best['score']:.4f})</p>"
+                 if best else "<p>No best checkpoint yet.</p>")
+    sections = [
+        f"<h1>flowgrove run {html.escape(run_dir.name)}</h1>",
+        "<h2>Summary</h2>", _table(_read_json(run_dir / "summary.json")) or "<p>Running.</p>", best_line,
+        "<h2>Guard alarms</h2>", _alarms(evals),
+        "<h2>Rewards</h2>", _plot(_reward_curves(train, evals), "reward (train and held-out) and judges"),
+        "<h2>Diversity and drift</h2>",
+        _plot({"diversity / base": _series(evals, "eval/diversity_ratio")}, "within-prompt diversity over the base's"),
+        _plot({"MMD^2 to base": _series(evals, "eval/mmd2")}, "MMD^2 (unbiased, RBF, median bandwidth)"),
+        _plot({"KL to base": _series(evals, "eval/kl")}, "KL of the transitions to the base model"),
+        "<h2>Evaluation grids (same prompts and seeds; one row per prompt)</h2>", _grids(run_dir),
+        "<h2>Config</h2>", f"<pre>{html.escape(config)}</pre>",
+    ]
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>flowgrove {html.escape(run_dir.name)}</title>"
+            f"<style>{_STYLE}</style></head><body>{''.join(sections)}{_LOADED}</body></html>")
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``run_dir/report.html`` atomically and return its path."""
+    path = Path(run_dir) / REPORT
+    atomic_write_text(path, render_report(Path(run_dir)))
+    return path

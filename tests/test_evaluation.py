@@ -1,0 +1,129 @@
+"""Periodic evaluation in a real (tiny) digits run: metrics rows, grids, eval.jsonl, best checkpoint, report, guard."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flowgrove.cli import main
+from flowgrove.metrics import read_metrics
+
+TINY = ["rollout.prompts_per_step=1", "rollout.group_size=2", "sampler.num_steps=3", "eval.num_steps=3",
+        "eval.samples_per_prompt=2", "run.progress=false", "run.checkpoint_every=1", "rewards={boldness: 1.0}",
+        "eval.judges=[digit_classifier]", "eval.every=2"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "run"
+    assert main(["train", "--steps", "4", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_evaluations_reach_metrics_eval_jsonl_grids_and_summary(run):
+    evals = read_metrics(run / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    for key in ("eval/reward", "eval/reward/boldness", "eval/judge/digit_classifier", "eval/diversity",
+                "eval/diversity_ratio", "eval/mmd2", "eval/kl", "guard/alarms"):
+        assert key in evals[-1], key
+    assert evals[0]["eval/kl"] == 0.0 and evals[0]["eval/diversity_ratio"] == 1.0 and evals[-1]["eval/kl"] > 0
+    rows = {r["step"]: r for r in read_metrics(run / "metrics.jsonl")}
+    assert rows[2]["eval/judge/digit_classifier"] == evals[1]["eval/judge/digit_classifier"] and "eval/reward" not in rows[1]
+    assert sorted(p.name for p in (run / "eval_grids").iterdir()) == [f"step_00000{i}.png" for i in (0, 2, 4)]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval_end"]["step"] == 4 and summary["eval_end"]["reward"] == pytest.approx(summary["heldout_reward_after"])
+    assert summary["eval_start"]["judge/digit_classifier"] > 0.5
+
+
+def test_best_checkpoint_is_the_criterions_pick_and_export_takes_it(run, tmp_path):
+    evals = read_metrics(run / "eval.jsonl")
+    best = json.loads((run / "best.json").read_text())
+    top = max(evals, key=lambda e: (e["eval/judge/digit_classifier"], -e["step"]))
+    assert best["step"] == top["step"] and best["criterion"] == "judges"
+    assert json.loads((run / "checkpoints" / "best" / "state.json").read_text())["iteration"] == best["step"]
+    assert main(["export", str(run), "--out", str(tmp_path / "best"), "--checkpoint", "best"]) == 0
+    assert (tmp_path / "best" / "config.json").is_file()
+
+
+def test_report_is_self_contained(run):
+    text = (run / "report.html").read_text()
+    assert text.count("data:image/png;base64,") >= 5 and "src=\"http" not in text and "Guard alarms" in text
+
+
+def test_guard_stop_checkpoints_and_exits_with_one_line(tmp_path, capsys):
+    out = tmp_path / "stop"
+    args = ["train", "--steps", "4", "--out", str(out), *TINY, "eval.every=1", "guard.window=1",
+            "guard.diversity_fraction=2", "guard.action=stop"]  # diversity is always below twice the base's
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    message = str(err.value)
+    assert "\n" not in message and "guard.action=stop after step 1" in message and "best checkpoint" in message
+    assert (out / "checkpoints" / "step_000001").is_dir() and not (out / "checkpoints" / "step_000002").exists()
+    assert read_metrics(out / "eval.jsonl")[-1]["guard/alarms"] == 1.0
+
+
+def test_a_judge_that_is_trained_on_is_an_error(tmp_path, capsys):
+    args = ["train", "--steps", "1", "--out", str(tmp_path / "r"), *TINY, "eval.judges=[boldness]"]
+    assert main(args) == 2
+    assert "eval.judges lists 'boldness', which is trained on" in capsys.readouterr().err
+
+
+def test_report_renders_its_images_in_headless_chromium(run, tmp_path):
+    import shutil
+    import subprocess
+
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no headless Chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)")
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          "--dump-dom", (run / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    import re
+
+    shown = re.search(r'data-images="(\d+)/(\d+)"', dom)
+    assert shown and int(shown.group(1)) >= 5 and shown.group(1) == shown.group(2), dom[:300]
+
+
+@pytest.mark.slow
+def test_guard_fires_on_a_reward_hacking_run_and_not_on_a_healthy_one(tmp_path):
+    """Boldness alone at lr 1e-3 hacks the digits (the classifier judge collapses); the default run does not."""
+    common = ["--steps", "10", "eval.every=5", "eval.samples_per_prompt=4", "run.progress=false"]
+    hack, healthy = tmp_path / "hack", tmp_path / "healthy"
+    assert main(["train", "--out", str(hack), *common, "rewards={boldness: 1.0}", "train.lr=1e-3",
+                 "eval.judges=[digit_classifier]"]) == 0
+    assert main(["train", "--out", str(healthy), *common]) == 0
+    hacked, fine = read_metrics(hack / "eval.jsonl"), read_metrics(healthy / "eval.jsonl")
+    assert hacked[-1]["eval/reward"] > hacked[0]["eval/reward"] + 0.1  # the trained reward climbs...
+    assert hacked[-1]["eval/judge/digit_classifier"] < hacked[0]["eval/judge/digit_classifier"] - 0.2  # ...the judge falls
+    assert sum(e["guard/alarms"] for e in hacked) >= 1 and any("judge digit_classifier fell" in m for e in hacked for m in e["alarms"])
+    assert sum(e["guard/alarms"] for e in fine) == 0 and fine[-1]["eval/diversity_ratio"] > 0.5
+
+
+def test_hybrid_inference_switches_from_the_trained_to_the_base_model(run):
+    import torch
+
+    from flowgrove import method
+    from flowgrove.evaluation import hybrid_images
+    from flowgrove.sample import load_run_and_base
+    from flowgrove.trainer import ode_images
+
+    trainer, base = load_run_and_base(run)
+    rows, sigmas = torch.arange(2), method.base_sigmas(trainer.cfg, 4)
+    trained = ode_images(trainer.policy, trainer.test_cond, rows, sigmas, 7)
+    with trainer.weights_swapped(base):
+        untrained = ode_images(trainer.policy, trainer.test_cond, rows, sigmas, 7)
+    assert torch.allclose(hybrid_images(trainer, base, trainer.test_cond, rows, sigmas, 7, 4), trained, atol=1e-6)
+    assert torch.allclose(hybrid_images(trainer, base, trainer.test_cond, rows, sigmas, 7, 0), untrained, atol=1e-6)
+    mixed = hybrid_images(trainer, base, trainer.test_cond, rows, sigmas, 7, 2)
+    assert not torch.allclose(mixed, trained) and not torch.allclose(mixed, untrained)
+
+
+def test_resume_from_the_best_checkpoint_drops_later_evaluations(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    best = json.loads((copy / "best.json").read_text())["step"]
+    assert main(["train", "--resume", str(copy), "--checkpoint", "best", "--steps", "5"]) == 0
+    steps = [e["step"] for e in read_metrics(copy / "eval.jsonl")]
+    assert steps == [s for s in (0, 2, 4) if s <= best] + [s for s in (2, 4, 5) if s > best]
