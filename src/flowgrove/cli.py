@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from flowgrove.config import ConfigError, load_config, one_line, preset_names, preset_summary
+from flowgrove.config import ConfigError, load_config, preset_names, preset_summary
+from flowgrove.messages import one_line
 
 # Exit code of every error the user can fix (argparse uses it for usage errors too).
 USAGE_EXIT = 2

@@ -8,7 +8,6 @@ allowed values and the closest match.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass, field
 from importlib import resources
@@ -18,6 +17,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from flowgrove.messages import did_you_mean, one_line
 
 
 class ConfigError(ValueError):
@@ -204,16 +205,6 @@ def preset_summary(name: str) -> str:
     """The first comment line of a preset file."""
     first = preset_text(name).splitlines()[0]
     return first.lstrip("# ").strip()
-
-
-def did_you_mean(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def one_line(text: object) -> str:
-    """``text`` with every run of whitespace (newlines included) collapsed to one space."""
-    return " ".join(str(text).split())
 
 
 _SECTIONS = {c.__name__: c for c in (PolicyConfig, SamplerConfig, WindowConfig, TreeConfig, RolloutConfig, DataConfig, AdvantageConfig, TrainConfig, EvalConfig, GuardConfig, RunConfig)}

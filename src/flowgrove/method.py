@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from flowgrove import plans, schedules, selection, tree
-from flowgrove.config import Config, ConfigError, did_you_mean, one_line
+from flowgrove.config import Config, ConfigError
+from flowgrove.messages import did_you_mean, one_line
 from flowgrove.rollout import RolloutSpec
 
 

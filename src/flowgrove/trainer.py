@@ -116,16 +116,16 @@ class GRPOTrainer:
         ro = rollout(self.policy, cond, roots, x_init, spec, noise, store_mask=mask, groups=groups)
         t1 = time.perf_counter()
         raw = self.score(ro, prompts)  # [K, N_L]
+        total = weighted_total(raw.cpu(), self.weights)  # [N_L]
         t2 = time.perf_counter()
         forest = method.forest(cfg, prompt_ids.shape[0], plan.num_steps) if cfg.tree.enabled else None
         adv = self.edge_advantages(raw, ro, forest)  # [E]
-        keep = self.pruning_keep(ro, raw, forest)
+        keep = self.pruning_keep(ro, total, forest)
         transitions, adv = ro.transitions.select(keep), adv[keep]
         n_leaves = ro.leaves.shape[0]
         stats = self.update(transitions, adv, n_leaves, shared, n_roots=roots.shape[0], cond=cond)
         t3 = time.perf_counter()
         self.iteration += 1
-        total = weighted_total(raw.cpu(), self.weights)  # [N_L]
         metrics = {
             "step": self.iteration, "reward_mean": total.mean().item(), "reward_std": total.std().item(),
             **{f"reward/{name}": raw[k].mean().item() for k, name in enumerate(self.rewards)},
@@ -193,8 +193,9 @@ class GRPOTrainer:
         sample_adv = distributed.shard_rows(credit.chain_advantages(gathered, self.weights, group, cfg.advantage))
         return credit.chain_edge_advantages(sample_adv.to(tr.x.device), ro)
 
-    def pruning_keep(self, ro: Rollout, raw: Tensor, forest: tree.Forest | None) -> Tensor:
-        """Indices of the stored transitions that enter the backward pass (BranchGRPO pruning)."""
+    def pruning_keep(self, ro: Rollout, total: Tensor, forest: tree.Forest | None) -> Tensor:
+        """Indices of the stored transitions that enter the backward pass (BranchGRPO pruning); ``total`` [N_L] is
+        the weighted reward of each leaf (width pruning keeps the best and worst)."""
         tr = ro.transitions
         all_rows = torch.arange(len(tr), device=tr.depth.device)
         t = self.cfg.tree
@@ -206,7 +207,7 @@ class GRPOTrainer:
             depths = tree.depth_pruned_depths(set(t.depth_pruning), self.iteration, t.depth_slide_interval or None, stop)
             masks.append(tree.depth_prune_mask(forest, depths))
         if t.width_keep:
-            masks.append(tree.width_prune_mask(forest, weighted_total(raw.cpu(), self.weights), t.width_keep))
+            masks.append(tree.width_prune_mask(forest, total, t.width_keep))
         if not masks:
             return all_rows
         keep_edges = credit.edge_values(tuple(m.float() for m in tree.combine_masks(*masks)), tr.depth.cpu() - 1, tr.node.cpu())
