@@ -14,3 +14,7 @@ def did_you_mean(word: str, options: list[str]) -> str:
 def one_line(text: object) -> str:
     """``text`` with every run of whitespace (newlines included) collapsed to one space."""
     return " ".join(str(text).split())
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message says which and how to fix it."""
