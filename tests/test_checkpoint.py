@@ -44,8 +44,9 @@ def test_state_json_holds_the_sha256_of_every_file_and_loads_back(tmp_path):
     trainer = trained_run(tmp_path, 2)
     folder = step_dir(tmp_path, 2)
     state = json.loads((folder / "state.json").read_text())
-    on_disk = {p.name for p in folder.iterdir()} - {"state.json"}
-    assert set(state["files"]) == on_disk >= {"trainable.safetensors", "ema.safetensors", "optimizer.pt", "config.yaml"}
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"state.json"}
+    assert set(state["files"]) == on_disk == {"dcp/.metadata", "dcp/__0_0.distcp", "rng.safetensors", "config.yaml"}
+    assert ck.sharded.stored_parts(folder / "dcp") == {"model", "optim", "ema"}
     for name, digest in state["files"].items():
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
     assert state["iteration"] == 2 and state["world_size"] == 1
@@ -66,20 +67,20 @@ def _flip_byte(path, offset_from_end: int = 5) -> None:
 
 def test_a_flipped_byte_in_a_tensor_file_is_detected_and_skipped(tmp_path):
     trained_run(tmp_path, 2)
-    bad = step_dir(tmp_path, 2) / "trainable.safetensors"
+    bad = step_dir(tmp_path, 2) / "dcp" / "__0_0.distcp"
     _flip_byte(bad)
-    with pytest.raises(CheckpointError, match="trainable.safetensors") as err:
+    with pytest.raises(CheckpointError, match="__0_0.distcp") as err:
         load_checkpoint(make(), step_dir(tmp_path, 2))
     assert "\n" not in str(err.value) and "--checkpoint step_N" in str(err.value)
     choice = choose_checkpoint(tmp_path)
     assert choice.path == step_dir(tmp_path, 1)
     assert any("skipping step_000002" in n for n in choice.notes)
     assert "taking" in choice.notes[-1] and "step_000001" in choice.notes[-1]
-    with pytest.raises(CheckpointError, match="trainable.safetensors"):
+    with pytest.raises(CheckpointError, match="__0_0.distcp"):
         choose_checkpoint(tmp_path, "step_2")  # asked for explicitly: an error, not a fallback
 
 
-@pytest.mark.parametrize("name", ["trainable.safetensors", "optimizer.pt", "state.json", "config.yaml", "rng.safetensors"])
+@pytest.mark.parametrize("name", ["dcp/__0_0.distcp", "dcp/.metadata", "state.json", "config.yaml", "rng.safetensors"])
 def test_a_truncated_file_is_a_one_line_error_naming_it(tmp_path, name):
     trained_run(tmp_path, 1)
     file = step_dir(tmp_path, 1) / name
@@ -113,11 +114,11 @@ def test_a_missing_dangling_or_stale_latest_falls_back_to_the_newest_intact(tmp_
 
 def test_saving_a_step_twice_keeps_the_first_copy(tmp_path):
     trainer = trained_run(tmp_path, 1)
-    files = {p.name: p.stat().st_ino for p in step_dir(tmp_path, 1).iterdir()}
+    files = {p: p.stat().st_ino for p in step_dir(tmp_path, 1).rglob("*")}
     with torch.no_grad():
         trainer.params[0].add_(1.0)  # a second save of step 1 would write these weights
     save_checkpoint(trainer, tmp_path, config_to_yaml(trainer.cfg))
-    assert {p.name: p.stat().st_ino for p in step_dir(tmp_path, 1).iterdir()} == files
+    assert {p: p.stat().st_ino for p in step_dir(tmp_path, 1).rglob("*")} == files
     verify_checkpoint(step_dir(tmp_path, 1))
 
 
@@ -159,7 +160,7 @@ def test_a_crash_at_any_point_of_a_save_leaves_an_intact_checkpoint(tmp_path, mo
     elif case == "over a damaged copy":
         trainer.step()
         save_checkpoint(trainer, base, config_to_yaml(trainer.cfg), keep=2)
-        _flip_byte(step_dir(base, 3) / "optimizer.pt")
+        _flip_byte(step_dir(base, 3) / "dcp" / "__0_0.distcp")
     n_changes = None
     for n in range(0, 40):
         run = tmp_path / f"crash{n}"

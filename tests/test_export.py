@@ -195,7 +195,7 @@ def test_export_errors_are_one_line(flux_lora_run, tmp_path, capsys):
 def test_damaged_checkpoint_is_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--steps", "1", "--out", str(run), *TINY]) == 0
-    (run / "checkpoints" / "step_000001" / "trainable.safetensors").write_bytes(b"broken")
+    (run / "checkpoints" / "step_000001" / "dcp" / "__0_0.distcp").write_bytes(b"broken")
     capsys.readouterr()
     assert main(["export", str(run), "--out", str(tmp_path / "o")]) == 2
     _one_line_error(capsys, "no intact checkpoint")

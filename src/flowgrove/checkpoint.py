@@ -1,14 +1,21 @@
-"""Checkpoints: trainable weights and EMA (safetensors), optimizer state (tensors only, loaded with
-``weights_only=True``), the global RNG, the iteration and the resolved config.
+"""Checkpoints: the trainable weights, AdamW state, EMA and KL reference as one sharded
+``torch.distributed.checkpoint`` folder (``dcp/``, see :mod:`flowgrove.sharded`), the global RNG
+(safetensors), the iteration and the resolved config.
 
-A checkpoint is the folder ``checkpoints/step_NNNNNN``. It is written under a temporary name and renamed into
-place, and its ``state.json`` (written last) holds the sha256 of every other file, so a folder is complete
-exactly when it has that name and its checksums verify. ``checkpoints/latest`` is only a hint: resume takes
-the newest intact checkpoint and says so when that is not the one ``latest`` names. A step already on disk is
-never written again, and a folder is only removed once a newer intact one is in place.
+A checkpoint is the folder ``checkpoints/step_NNNNNN``. Every rank writes its shard of ``dcp/`` into a
+temporary folder (rank 0 the DCP ``.metadata`` once all shards are written); then rank 0 writes the RNG and the
+config, and last ``state.json`` with the sha256 of every other file (every shard and the metadata included), and
+renames the folder into place. So a checkpoint is complete exactly when it has that name, its checksums verify
+and every file the DCP metadata names is among them. ``checkpoints/latest`` is only a hint: resume takes the
+newest intact checkpoint and says so when that is not the one ``latest`` names. A step already on disk is never
+written again, and a folder is only removed once a newer intact one is in place. The saving functions are
+collective under torchrun: every rank calls them (rank 0's run folder is used; other ranks may pass None).
+
+DCP reshards on load: a checkpoint written by N ranks resumes on M ranks, and ``flowgrove export`` and
+``flowgrove sample --run`` read it in one process without a process group.
 
 Every sampling generator is derived from (seed, iteration, stream, rank) (``trainer.step_generator``), so the
-iteration number restores them exactly; the global torch RNG is saved as well for anything else.
+iteration number restores them exactly; the global torch RNG (rank 0's) is saved as well for anything else.
 """
 
 from __future__ import annotations
@@ -21,18 +28,20 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from flowgrove import distributed
+from flowgrove import distributed, sharded
 from flowgrove.rundir import atomic_write_text
 from flowgrove.trainer import GRPOTrainer
 
+T = TypeVar("T")
 LATEST = "latest"
 STATE = "state.json"
-REQUIRED = ("trainable.safetensors", "optimizer.pt", "rng.safetensors", "config.yaml")
+SHARDS = "dcp"  # the DCP folder of a checkpoint
+REQUIRED = (f"{SHARDS}/{sharded.METADATA}", "rng.safetensors", "config.yaml")
 _NAME = re.compile(r"step_(\d+)")
 _PICK = "pick another with `--checkpoint step_N` or resume without it to take the newest intact one"
 
@@ -46,7 +55,7 @@ class CheckpointState:
     """What ``state.json`` records besides the weights."""
 
     iteration: int
-    world_size: int  # processes of the run that wrote it; the per-rank data split depends on it
+    world_size: int  # processes of the run that wrote it (DCP reshards for another number on load)
     wall_seconds: float  # training wall time of the whole run up to this checkpoint, over all resumes
     files: dict  # file name -> sha256 hex digest of every other file in the folder
     trainer: dict = field(default_factory=dict)  # GRPOTrainer.extra_state(): counters that last across steps
@@ -73,36 +82,57 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write(folder: Path, name: str, writer: Callable[[Path], None]) -> str:
-    """Write one checkpoint file with ``writer`` and return its sha256."""
+def _write(folder: Path, name: str, writer: Callable[[Path], None]) -> None:
+    """Write one file (or the DCP folder) of a checkpoint with ``writer``."""
     writer(folder / name)
-    return _sha256(folder / name)
 
 
-def _trainable_names(trainer: GRPOTrainer) -> list[str]:
-    return [n for n, p in trainer.policy.module.named_parameters() if p.requires_grad]
+def _digests(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file below ``folder``."""
+    return {f.relative_to(folder).as_posix(): _sha256(f) for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
-def _tensor_files(trainer: GRPOTrainer) -> dict[str, dict[str, torch.Tensor]]:
-    """File name -> tensors of every safetensors file of a checkpoint."""
-    names = _trainable_names(trainer)
-    files = {"trainable.safetensors": {n: p.detach().contiguous().cpu() for n, p in zip(names, trainer.params)}}
-    for attr, file in (("ema", "ema.safetensors"), ("reference", "reference.safetensors")):
-        if getattr(trainer, attr) is not None:
-            files[file] = {n: t.contiguous().cpu() for n, t in zip(names, getattr(trainer, attr))}
-    files["rng.safetensors"] = {"torch_rng": torch.get_rng_state()}
-    return files
+def _on_main(action: Callable[[], T]) -> T | None:
+    """``action()`` on rank 0; when it fails, every rank raises (none is left waiting in the next collective)."""
+    result, error = None, None
+    if distributed.is_main():
+        try:
+            result = action()
+        except Exception as err:  # noqa: BLE001  (re-raised below, once every rank knows)
+            error = err
+    if distributed.any_rank(error is not None):
+        raise error or CheckpointError("rank 0 could not write the checkpoint (see its message)")
+    return result
 
 
-def _write_folder(trainer: GRPOTrainer, folder: Path, config_yaml: str, wall_seconds: float) -> None:
-    """Every file of a checkpoint into ``folder``; ``state.json`` with the checksums comes last."""
-    files = {name: _write(folder, name, lambda p, t=tensors: save_file(t, str(p)))
-             for name, tensors in _tensor_files(trainer).items()}
-    files["optimizer.pt"] = _write(folder, "optimizer.pt", lambda p: torch.save(trainer.optimizer.state_dict(), p))
-    files["config.yaml"] = _write(folder, "config.yaml", lambda p: p.write_text(config_yaml))
+def _fresh_folder(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+
+def _finish_folder(trainer: GRPOTrainer, folder: Path, config_yaml: str, wall_seconds: float) -> None:
+    """Rank 0's files of a checkpoint whose shards are in place; ``state.json`` with the checksums comes last."""
+    _write(folder, "rng.safetensors", lambda p: save_file({"torch_rng": torch.get_rng_state()}, str(p)))
+    _write(folder, "config.yaml", lambda p: p.write_text(config_yaml))
     world, _ = distributed.world_size_and_rank()
-    state = CheckpointState(trainer.iteration, world, round(wall_seconds, 3), files, trainer.extra_state())
+    state = CheckpointState(trainer.iteration, world, round(wall_seconds, 3), _digests(folder), trainer.extra_state())
     (folder / STATE).write_text(json.dumps(asdict(state), indent=1))
+
+
+def _write_checkpoint(trainer: GRPOTrainer, final: Path, config_yaml: str, wall_seconds: float) -> None:
+    """Every rank's shard, then rank 0's files, into a temporary folder renamed to ``final`` once complete."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    _on_main(lambda: _fresh_folder(tmp))
+    _write(tmp, SHARDS, lambda p: sharded.save(trainer, p))  # collective: returns once the metadata is written
+    _on_main(lambda: (_finish_folder(trainer, tmp, config_yaml, wall_seconds), _install(tmp, final)))
+
+
+def _shared_root(run_dir: Path | None) -> Path:
+    """Rank 0's ``run_dir/checkpoints`` on every rank."""
+    root = Path(distributed.from_main(str(run_dir))) / "checkpoints"
+    if distributed.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 def _install(tmp: Path, final: Path) -> None:
@@ -117,39 +147,28 @@ def _install(tmp: Path, final: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def save_checkpoint(trainer: GRPOTrainer, run_dir: Path, config_yaml: str, keep: int = 2,
+def save_checkpoint(trainer: GRPOTrainer, run_dir: Path | None, config_yaml: str, keep: int = 2,
                     wall_seconds: float = 0.0) -> Path:
-    """Write ``run_dir/checkpoints/step_NNNNNN`` and point ``checkpoints/latest`` at it.
+    """Write ``run_dir/checkpoints/step_NNNNNN`` and point ``checkpoints/latest`` at it (every rank calls it).
 
     An intact checkpoint of the same step is kept as it is (a step is never saved twice). Of the other
     complete checkpoints the newest ``keep`` stay.
     """
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
+    root = _shared_root(run_dir)
     final = root / checkpoint_name(trainer.iteration)
-    if not (final.is_dir() and _intact(final)):
-        tmp = root / f".{final.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        _write_folder(trainer, tmp, config_yaml, wall_seconds)
-        _install(tmp, final)
-    atomic_write_text(root / LATEST, final.name)
-    _prune(root, keep, final)
+    if distributed.any_rank(distributed.is_main() and not (final.is_dir() and _intact(final))):
+        _write_checkpoint(trainer, final, config_yaml, wall_seconds)
+    _on_main(lambda: (atomic_write_text(root / LATEST, final.name), _prune(root, keep, final)))
     return final
 
 
-def save_named_checkpoint(trainer: GRPOTrainer, run_dir: Path, name: str, config_yaml: str,
+def save_named_checkpoint(trainer: GRPOTrainer, run_dir: Path | None, name: str, config_yaml: str,
                           wall_seconds: float = 0.0) -> Path:
     """Write (or replace) the checkpoint ``checkpoints/<name>`` (e.g. ``best``), atomically as :func:`save_checkpoint`
-    does; never pruned or resumed from by default, and ``--checkpoint <name>`` takes it."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _write_folder(trainer, tmp, config_yaml, wall_seconds)
-    _install(tmp, root / name)
-    return root / name
+    does and on every rank as it; never pruned or resumed from by default, and ``--checkpoint <name>`` takes it."""
+    final = _shared_root(run_dir) / name
+    _write_checkpoint(trainer, final, config_yaml, wall_seconds)
+    return final
 
 
 def _prune(root: Path, keep: int, current: Path) -> None:
@@ -196,6 +215,9 @@ def verify_checkpoint(path: Path) -> CheckpointState:
     path = Path(path)
     state = read_state(path)
     missing = sorted(set(REQUIRED) - set(state.files))
+    if missing and "trainable.safetensors" in state.files:
+        raise CheckpointError(f"checkpoint {path} is in the single-file format of an older flowgrove (no {SHARDS}/); "
+                              f"{_PICK}, or resume it with the flowgrove version that wrote it")
     if missing:
         raise CheckpointError(f"checkpoint {path} has no {missing[0]} in {STATE}; the checkpoint is incomplete: {_PICK}")
     for name, digest in sorted(state.files.items()):
@@ -204,7 +226,18 @@ def verify_checkpoint(path: Path) -> CheckpointState:
             raise CheckpointError(f"checkpoint file {file} is missing; {_PICK}")
         if _sha256(file) != digest:
             raise CheckpointError(f"checkpoint file {file} is truncated or corrupt (its sha256 differs from {STATE}); {_PICK}")
+    _check_shards(path, state)
     return state
+
+
+def _check_shards(path: Path, state: CheckpointState) -> None:
+    """Every file the DCP metadata names is listed (so verified) in ``state.json``."""
+    folder = path / SHARDS
+    names = _read(folder / sharded.METADATA, lambda f: sharded.shard_files(folder))
+    absent = sorted(n for n in names if f"{SHARDS}/{n}" not in state.files)
+    if absent:
+        raise CheckpointError(f"checkpoint file {folder / absent[0]} is missing (its DCP metadata names it); "
+                              f"the checkpoint is incomplete: {_PICK}")
 
 
 def _intact(path: Path) -> bool:
@@ -292,24 +325,15 @@ def _read(file: Path, loader: Callable[[Path], object]) -> object:
 
 
 def load_checkpoint(trainer: GRPOTrainer, path: Path, state: CheckpointState | None = None) -> CheckpointState:
-    """Restore a checkpoint written by :func:`save_checkpoint` into a freshly built trainer (verified first)."""
+    """Restore a checkpoint written by :func:`save_checkpoint` into a freshly built trainer (verified first; under
+    torchrun every rank calls it, on any number of ranks)."""
     path = Path(path)
     state = state or verify_checkpoint(path)
-    names = _trainable_names(trainer)
-    weights = _read(path / "trainable.safetensors", lambda f: load_file(str(f)))
-    missing = sorted(set(names) - set(weights))
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks trainable tensors {missing[:3]}...; was it written with another policy or LoRA setting?")
-    with torch.no_grad():
-        for n, p in zip(names, trainer.params):
-            p.copy_(weights[n])
-        for attr, file in (("ema", "ema.safetensors"), ("reference", "reference.safetensors")):
-            if getattr(trainer, attr) is not None:
-                saved = _read(path / file, lambda f: load_file(str(f)))
-                for buf, n in zip(getattr(trainer, attr), names):
-                    buf.copy_(saved[n])
-    optimizer = _read(path / "optimizer.pt", lambda f: torch.load(f, weights_only=True))
-    trainer.optimizer.load_state_dict(optimizer)
+    try:
+        sharded.load(trainer, path / SHARDS)
+    except sharded.ShardedError as err:
+        raise CheckpointError(f"checkpoint {path} does not fit this trainer ({err}); was it written with another "
+                              f"policy or LoRA setting? {_PICK}") from None
     torch.set_rng_state(_read(path / "rng.safetensors", lambda f: load_file(str(f)))["torch_rng"])
     trainer.iteration = state.iteration
     trainer.load_extra_state(state.trainer)

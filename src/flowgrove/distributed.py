@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+T = TypeVar("T")
 
 
 def world_size_and_rank() -> tuple[int, int]:
@@ -85,3 +88,13 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
 
 def is_main() -> bool:
     return world_size_and_rank()[1] == 0
+
+
+def from_main(value: T) -> T:
+    """Rank 0's ``value`` (any picklable object) on every rank; the identity on one process."""
+    world, _ = world_size_and_rank()
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

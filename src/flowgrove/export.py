@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from flowgrove.checkpoint import CheckpointState, choose_checkpoint
+from flowgrove import sharded
+from flowgrove.checkpoint import SHARDS, CheckpointState, choose_checkpoint
 from flowgrove.config import Config, config_from_yaml_text
 from flowgrove.model_card import CARD_FILE, model_card, run_summary
 from flowgrove.policies.base import FlowPolicy
@@ -145,18 +145,15 @@ def _write_folder(policy: FlowPolicy, info: ExportInfo, out: Path, card: str) ->
 
 def load_trained_policy(cfg: Config, path: Path, ema: bool) -> FlowPolicy:
     """The run's policy (built as it trained, on the CPU) holding checkpoint ``path``'s trainable weights, or its
-    EMA weights. Builds no rewards, optimizer or prompt encodings: exporting needs none of them."""
+    EMA weights, read in this one process from the DCP folder whatever number of ranks wrote it. Builds no
+    rewards, optimizer or prompt encodings: exporting needs none of them."""
     policy = prepare_policy(cfg, torch.device("cpu"))
-    file = path / ("ema.safetensors" if ema else "trainable.safetensors")
-    weights = load_file(str(file))  # verified against state.json by choose_checkpoint
-    trainable = [(n, p) for n, p in policy.module.named_parameters() if p.requires_grad]
-    missing = [n for n, _ in trainable if n not in weights]
-    if missing:
-        raise ExportError(f"checkpoint file {file} lacks trainable tensors {missing[:3]}; was it written with another "
-                          "policy or LoRA setting? Export it with the flowgrove version that trained it")
-    with torch.no_grad():
-        for name, param in trainable:
-            param.copy_(weights[name])
+    folder = path / SHARDS  # verified against state.json by choose_checkpoint
+    try:
+        sharded.load_full(policy.module, folder, "ema" if ema else "model")
+    except sharded.ShardedError as err:
+        raise ExportError(f"checkpoint {folder} does not fit the run's policy ({err}); was it written with another "
+                          "policy or LoRA setting? Export it with the flowgrove version that trained it") from None
     return policy
 
 
@@ -177,7 +174,7 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str | None = None, 
     run, out = Path(run), Path(out)
     prepare_out(out, run, overwrite)
     path, cfg, state = _run_config(run, checkpoint)
-    has_ema = "ema.safetensors" in state.files
+    has_ema = "ema" in sharded.stored_parts(path / SHARDS)
     if ema and not has_ema:
         raise ExportError(f"--ema: the run {run} has no EMA weights (it trained with train.ema_decay=0); drop --ema")
     use_ema = has_ema and ema is not False

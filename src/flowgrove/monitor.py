@@ -94,8 +94,9 @@ class Monitor:
         if not guard.is_new_best(score, self.best[0] if self.best else None):
             return
         self.best = (score, trainer.iteration)
-        if self.main:
+        if distributed.any_rank(self.main):  # rank 0 has the run folder; every rank writes its shard
             save_named_checkpoint(trainer, self.run_dir, BEST, self.config_yaml, self.wall())
+        if self.main:
             atomic_write_text(self.run_dir / "best.json", json.dumps(
                 {"step": trainer.iteration, "criterion": self.cfg.eval.best, "score": score, **record.metrics}, indent=1))
 

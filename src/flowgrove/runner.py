@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -94,7 +94,8 @@ class _Stop:
 
 
 class _Saver:
-    """Checkpoints of this process: rank 0 only, each step at most once, wall time counted over all resumes."""
+    """Checkpoints of the run: every rank writes its shard (rank 0's run folder), each step at most once, wall
+    time counted over all resumes."""
 
     def __init__(self, cfg: Config, run_dir: Path | None, resumed: Choice | None) -> None:
         self.run_dir, self.yaml, self.keep = run_dir, config_to_yaml(cfg), cfg.run.keep_checkpoints
@@ -108,7 +109,7 @@ class _Saver:
         return self.seconds_before + time.perf_counter() - self.start
 
     def __call__(self, trainer: GRPOTrainer) -> Path | None:
-        if self.main and self.saved_iteration != trainer.iteration:
+        if self.saved_iteration != trainer.iteration:  # the same on every rank: each calls this after each step
             self.saved_path = save_checkpoint(trainer, self.run_dir, self.yaml, self.keep, self.wall_seconds())
             self.saved_iteration = trainer.iteration
         return self.saved_path
@@ -164,16 +165,16 @@ def train(cfg: Config, run_dir: Path | None = None, overwrite: bool = False) -> 
 
 
 def _resume_plan(run_dir: Path, checkpoint: str | None) -> _ResumePlan:
-    """The checkpoint to resume and its config; refuses another world size."""
+    """The checkpoint to resume and its config; a note when it was written on another number of ranks."""
     choice = choose_checkpoint(run_dir, checkpoint)
     if choice is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint to resume (expected {run_dir}/checkpoints/step_N); "
                                 f"start afresh with `flowgrove train --out {run_dir} --overwrite`")
     world, _ = distributed.world_size_and_rank()
     if choice.state.world_size != world:
-        raise ValueError(f"checkpoint {choice.path} was written by a run on {choice.state.world_size} process(es), "
-                         f"this resume has {world}; relaunch with {choice.state.world_size} (the per-rank data "
-                         "split depends on it)")
+        choice = replace(choice, notes=(*choice.notes, (
+            f"{choice.path.name} was written on {choice.state.world_size} process(es), this resume has {world}: "
+            "its sharded weights and optimizer state are resharded on load")))
     file = choice.path / "config.yaml"
     saved_yaml = file.read_text()
     try:
