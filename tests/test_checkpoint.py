@@ -180,3 +180,43 @@ def test_a_crash_at_any_point_of_a_save_leaves_an_intact_checkpoint(tmp_path, mo
             assert choice.state.iteration == trainer.iteration
             break
     assert n_changes, "the save made no file-system changes"
+
+
+def test_a_shard_the_metadata_names_must_be_listed_in_state_json(tmp_path):
+    trained_run(tmp_path, 2)
+    folder = step_dir(tmp_path, 2)
+    state = json.loads((folder / "state.json").read_text())
+    del state["files"]["dcp/__0_0.distcp"]  # as if rank 0 had listed the folder before a shard was complete
+    (folder / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="__0_0.distcp is missing .its DCP metadata names it"):
+        verify_checkpoint(folder)
+    assert choose_checkpoint(tmp_path).path == step_dir(tmp_path, 1)
+
+
+def test_a_folder_without_state_json_is_skipped(tmp_path):
+    trained_run(tmp_path, 2)
+    (step_dir(tmp_path, 2) / "state.json").unlink()  # killed before rank 0 wrote it (cannot happen after the rename)
+    choice = choose_checkpoint(tmp_path)
+    assert choice.path == step_dir(tmp_path, 1) and "skipping step_000002" in choice.notes[0]
+
+
+def test_the_metadata_unpickler_admits_dcp_records_only(tmp_path):
+    import pickle
+
+    trained_run(tmp_path, 1)
+    metadata = step_dir(tmp_path, 1) / "dcp" / ".metadata"
+    assert ck.sharded.read_metadata(metadata.parent).state_dict_metadata
+    metadata.write_bytes(pickle.dumps(os.system))  # a checkpoint crafted to run code when loaded
+    with pytest.raises(pickle.UnpicklingError, match="system is not part of DCP metadata"):
+        ck.sharded.read_metadata(metadata.parent)
+
+
+def test_a_checkpoint_of_the_old_single_file_format_is_a_one_line_error(tmp_path):
+    trained_run(tmp_path, 1)
+    folder = step_dir(tmp_path, 1)
+    state = json.loads((folder / "state.json").read_text())
+    state["files"] = {"trainable.safetensors": "0" * 64, "optimizer.pt": "0" * 64}
+    (folder / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="single-file format of an older flowgrove") as err:
+        verify_checkpoint(folder)
+    assert "\n" not in str(err.value)

@@ -237,3 +237,46 @@ def test_model_card_of_an_unfinished_full_run_says_so(tmp_path):
     assert "base_model" not in meta and "lora" not in meta["tags"]  # the built-in digits weights: no base folder
     assert "no held-out results" in body and "full fine-tune" in body
     assert "FluxTransformer2DModel.from_pretrained(" in body
+
+
+def test_export_of_a_sharded_checkpoint_writes_what_the_trainer_state_gives(tmp_path, monkeypatch):
+    # The files equal those written from the live trainer's tensors copied into the policy by name (what the
+    # single-file checkpoints exported), for the EMA and the raw weights.
+    from flowgrove import export
+    from flowgrove.checkpoint import save_checkpoint
+    from flowgrove.config import config_to_yaml, load_config
+    from flowgrove.policies.prepare import prepare_policy
+    from flowgrove.runner import build_trainer
+
+    cfg = load_config(None, [*TINY, "policy.lora_rank=4", "train.ema_decay=0.5", "train.steps=1"])
+    trainer = build_trainer(cfg)
+    trainer.step()
+    save_checkpoint(trainer, tmp_path / "run", config_to_yaml(cfg))
+    names = [n for n, p in trainer.policy.module.named_parameters() if p.requires_grad]
+
+    def direct(cfg, path, ema):
+        policy = prepare_policy(cfg, torch.device("cpu"))
+        params = dict(policy.module.named_parameters())
+        with torch.no_grad():
+            for name, value in zip(names, trainer.ema if ema else trainer.params):
+                params[name].copy_(value)
+        return policy
+
+    for ema in (True, False):
+        out, files = tmp_path / "out", []  # one path for both: the model card names it
+        for load in (export.load_trained_policy, direct):
+            with monkeypatch.context() as m:
+                m.setattr(export, "load_trained_policy", load)
+                export.export_run(tmp_path / "run", out, ema=ema, overwrite=True)
+            files.append({f.relative_to(out): _content(f) for f in out.rglob("*") if f.is_file()})
+        assert files[0].keys() == files[1].keys()
+        for name, content in files[0].items():
+            assert content == files[1][name], name
+
+
+def _content(file) -> object:
+    """A file's bytes; for safetensors its tensors' bytes and its metadata (whose order in the header varies)."""
+    if file.suffix != ".safetensors":
+        return file.read_bytes()
+    with safe_open(str(file), "pt") as f:
+        return f.metadata(), {k: (f.get_tensor(k).dtype, f.get_tensor(k).numpy().tobytes()) for k in f.keys()}
