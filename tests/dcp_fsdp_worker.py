@@ -1,5 +1,6 @@
 """A torchrun worker for test_sharded_checkpoint: FSDP2-shard a small model, train it, save it with DCP, and load
-it back into freshly built FSDP2 modules. ``python dcp_fsdp_worker.py OUT`` under torchrun."""
+it back into freshly built FSDP2 modules, or load what another number of ranks saved.
+``python dcp_fsdp_worker.py OUT save|load`` under torchrun."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
@@ -65,24 +66,32 @@ def train(trainer: SimpleNamespace, rank: int, steps: int = 2) -> None:
                 r.add_(1.0)
 
 
-def main(out: Path) -> None:
+def _same(expected: dict[str, Tensor], loaded: dict[str, Tensor]) -> bool:
+    return expected.keys() == loaded.keys() and all(torch.equal(expected[k], loaded[k]) for k in expected)
+
+
+def main(out: Path, mode: str) -> None:
+    """``save``: train, save, load back on the same ranks; ``load``: load what another number of ranks saved."""
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    trainer = build(shard=True, seed=0)
-    train(trainer, rank)
-    sharded.save(trainer, out / "dcp")
-    expected = snapshot(trainer)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if mode == "save":
+        trainer = build(shard=True, seed=0)
+        train(trainer, rank)
+        sharded.save(trainer, out / "dcp")
+        expected = snapshot(trainer)
+        if rank == 0:
+            save_file(expected, str(out / "expected.safetensors"))
+    dist.barrier()
+    expected = load_file(str(out / "expected.safetensors"))
     fresh = build(shard=True, seed=1)  # other weights, no optimizer state yet
     sharded.load(fresh, out / "dcp")
-    loaded = snapshot(fresh)
-    same = all(torch.equal(expected[k], loaded[k]) for k in expected) and expected.keys() == loaded.keys()
-    local = isinstance(trainer.params[0], DTensor) and trainer.params[0].to_local().numel() < expected[
-        f"param/{sharded.trainable_names(trainer.policy.module)[0]}"].numel()
+    first = fresh.params[0]
+    local = isinstance(first, DTensor) and first.to_local().numel() < first.numel()
+    same = _same(expected, snapshot(fresh))
     if rank == 0:
-        save_file(expected, str(out / "expected.safetensors"))
-        (out / "two_ranks.txt").write_text(f"same={same} sharded={local}")
+        (out / f"{mode}_{world}.txt").write_text(f"same={same} sharded={local}")
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

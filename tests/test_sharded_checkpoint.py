@@ -65,23 +65,38 @@ def _close(a: list[dict], b: list[dict]) -> float:
     return worst
 
 
-def test_fsdp2_shards_load_back_on_two_ranks_and_in_one_process(tmp_path):
+def _load_in_one_process(out: Path) -> None:
+    """What a 1-rank resume and `flowgrove export` do with a sharded folder, without a process group."""
     from dcp_fsdp_worker import build, snapshot
 
-    _run(_torchrun(2, str(HERE / "dcp_fsdp_worker.py"), str(tmp_path)))
-    assert (tmp_path / "two_ranks.txt").read_text() == "same=True sharded=True"
-    assert sharded.shard_files(tmp_path / "dcp") == {"__0_0.distcp", "__1_0.distcp"}
-    assert sharded.stored_parts(tmp_path / "dcp") == {"model", "optim", "ema", "reference"}
-    expected = load_file(str(tmp_path / "expected.safetensors"))
-    one = build(shard=False, seed=1)  # a plain module in this process, no process group
-    sharded.load(one, tmp_path / "dcp")
+    expected = load_file(str(out / "expected.safetensors"))
+    one = build(shard=False, seed=1)  # a plain module, other weights, no optimizer state yet
+    sharded.load(one, out / "dcp")
     loaded = snapshot(one)
     assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
     export = build(shard=False, seed=2).policy.module  # what `flowgrove export` reads: the EMA weights
-    sharded.load_full(export, tmp_path / "dcp", "ema")
+    sharded.load_full(export, out / "dcp", "ema")
     assert all(torch.equal(p, expected[f"ema/{n}"]) for n, p in export.named_parameters() if p.requires_grad)
-    assert "model.0.bias" not in sharded.read_metadata(tmp_path / "dcp").state_dict_metadata  # frozen: not saved
+    assert "model.0.bias" not in sharded.read_metadata(out / "dcp").state_dict_metadata  # frozen: not saved
     assert torch.equal(one.policy.module[0].bias, build(shard=False, seed=1).policy.module[0].bias)
+
+
+def test_fsdp2_shards_load_back_on_two_ranks_and_in_one_process(tmp_path):
+    _run(_torchrun(2, str(HERE / "dcp_fsdp_worker.py"), str(tmp_path), "save"))
+    assert (tmp_path / "save_2.txt").read_text() == "same=True sharded=True"
+    assert sharded.shard_files(tmp_path / "dcp") == {"__0_0.distcp", "__1_0.distcp"}
+    assert sharded.stored_parts(tmp_path / "dcp") == {"model", "optim", "ema", "reference"}
+    _load_in_one_process(tmp_path)
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_of_four_ranks_load_on_two_and_on_one(tmp_path):
+    _run(_torchrun(4, str(HERE / "dcp_fsdp_worker.py"), str(tmp_path), "save"))  # Linear(8, 5): uneven shards
+    assert (tmp_path / "save_4.txt").read_text() == "same=True sharded=True"
+    assert len(sharded.shard_files(tmp_path / "dcp")) == 4
+    _run(_torchrun(2, str(HERE / "dcp_fsdp_worker.py"), str(tmp_path), "load"))
+    assert (tmp_path / "load_2.txt").read_text() == "same=True sharded=True"
+    _load_in_one_process(tmp_path)
 
 
 def _start_and_kill_all(run: Path, after_rows: int) -> int:
