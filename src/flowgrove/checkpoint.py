@@ -129,7 +129,7 @@ def _write_checkpoint(trainer: GRPOTrainer, final: Path, config_yaml: str, wall_
 
 def _shared_root(run_dir: Path | None) -> Path:
     """Rank 0's ``run_dir/checkpoints`` on every rank."""
-    root = Path(distributed.from_main(str(run_dir))) / "checkpoints"
+    root = Path(distributed.from_main(run_dir)) / "checkpoints"
     if distributed.is_main():
         root.mkdir(parents=True, exist_ok=True)
     return root
