@@ -220,3 +220,16 @@ def test_a_checkpoint_of_the_old_single_file_format_is_a_one_line_error(tmp_path
     with pytest.raises(CheckpointError, match="single-file format of an older flowgrove") as err:
         verify_checkpoint(folder)
     assert "\n" not in str(err.value)
+
+
+def test_a_checkpoint_before_any_optimizer_step_keeps_adam_unstarted(tmp_path):
+    # get_state_dict would initialise AdamW's state with a zero step (step count 1), changing the bias
+    # correction of the first real step after a resume; such a checkpoint holds no optimizer part instead.
+    trainer = make()
+    trainer.iteration = 1  # as after a step whose every optimizer step was skipped
+    save_checkpoint(trainer, tmp_path, config_to_yaml(trainer.cfg))
+    assert trainer.optimizer.state == {}
+    assert ck.sharded.stored_parts(step_dir(tmp_path, 1) / "dcp") == {"model", "ema"}
+    fresh = make()
+    load_checkpoint(fresh, step_dir(tmp_path, 1))
+    assert fresh.optimizer.state == {} and fresh.iteration == 1
