@@ -86,7 +86,7 @@ def test_hunyuan_video_presets_train_and_export(hv_dir, tmp_path, kind):
     args = ["policy.name=hunyuan_video", f"policy.path={hv_dir}", f"policy.options={OPTIONS}",
             "reward_options.video.reward=brightness"]
     if kind == "chain-full":
-        chain = ("--method", "dancegrpo-hunyuan-video", "sampler.num_steps=3")  # its checkpointing and offload kept
+        chain = ("--method", "dancegrpo-hunyuan", "sampler.num_steps=3")  # its checkpointing and offload kept
         run, out = train_and_export(tmp_path, chain, [*args, "policy.lora_rank=0"], "video")
         assert read_card(out)[0]["pipeline_tag"] == "text-to-video"
         check_full_export(run, out, HunyuanVideoTransformer3DModel)
