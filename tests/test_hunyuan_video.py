@@ -15,7 +15,8 @@ from flowgrove.samplers import sample_euler  # noqa: E402
 PROMPTS = ["a cat", "a dog"]
 FRAMES, SIDE = 9, 16  # latents (4, 1 + 8 // 4, 2, 2): the tiny VAE compresses 8x in space and 4x in time
 TEMPLATE = {"template": "v {}", "crop_start": 1}  # one template token ("v") cropped, as the real template's 95
-OPTIONS = "{num_frames: 5, height: 16, width: 16, max_sequence_length: 8, prompt_template: {template: 'v {}', crop_start: 1}}"
+OPTIONS = ("{num_frames: 5, height: 16, width: 16, max_sequence_length: 8, "
+           "prompt_template: {template: 'v {}', crop_start: 1}}")
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,8 @@ def test_sdxl_policy_reproduces_the_pipelines_ddim_sampling(tmp_path, prediction
     _save(tmp_path, prediction_type)
     policy = _policy(str(tmp_path), guidance_scale, **micro)
     assert policy.latent_shape == (4, SIZE, SIZE) and policy.schedule.prediction_type == prediction_type
-    policy.pipe.scheduler = diffusers.DDIMScheduler.from_config(policy.pipe.scheduler.config, timestep_spacing="trailing")
+    ddim = diffusers.DDIMScheduler.from_config(policy.pipe.scheduler.config, timestep_spacing="trailing")
+    policy.pipe.scheduler = ddim  # the policy's grid linspace(1, 0, N + 1) is the trailing DDIM grid
     x1 = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
     pipe_micro = {k: tuple(v) for k, v in micro.items()}
     with torch.no_grad():

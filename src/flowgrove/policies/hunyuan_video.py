@@ -135,7 +135,7 @@ def build_hunyuan_video_policy(path: str = "", *, device: str | torch.device = "
                                num_frames: int = 53, height: int = 480, width: int = 480,
                                max_sequence_length: int = 256, guidance: float | None = 6.0,
                                prompt_template: dict | None = None, vae_tiling: bool = True) -> HunyuanVideoPolicy:
-    """Load a local diffusers HunyuanVideo folder offline (``HunyuanVideoPipeline.from_pretrained(local_files_only=True)``).
+    """Load a local diffusers HunyuanVideo folder offline (``HunyuanVideoPipeline.from_pretrained``, local files only).
 
     Args:
         path: The diffusers folder (``model_index.json``, transformer, vae, text_encoder(_2), tokenizer(_2)).

@@ -118,7 +118,8 @@ class SDXLPolicy:
         """
         b = x.shape[0]
         if len(cond) != b or cond.pooled is None:
-            raise ValueError(f"cond must have {b} rows with pooled embeddings (SDXLPolicy.encode_prompts), got {len(cond)}.")
+            raise ValueError(f"cond must have {b} rows with pooled embeddings (SDXLPolicy.encode_prompts), "
+                             f"got {len(cond)}.")
         timestep = self.schedule.timestep(per_sample_sigma(sigma, b, x.device)).float()  # [B]
         if not self.cfg:
             return self._forward(x, timestep, cond.prompt_embeds, cond.pooled).to(x.dtype)  # [B, C, H, W]
