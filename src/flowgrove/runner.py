@@ -174,7 +174,8 @@ def _resume_plan(run_dir: Path, checkpoint: str | None) -> _ResumePlan:
     if choice.state.world_size != world:
         choice = replace(choice, notes=(*choice.notes, (
             f"{choice.path.name} was written on {choice.state.world_size} process(es), this resume has {world}: "
-            "its sharded weights and optimizer state are resharded on load")))
+            "its sharded weights and optimizer state are resharded on load, and rollout.prompts_per_step is the "
+            "global batch, so the run continues with the same one")))
     file = choice.path / "config.yaml"
     saved_yaml = file.read_text()
     try:
