@@ -37,6 +37,9 @@ CASES = {
                                            "train.micro_batch=100000"], "fsdp"),
     "ddp_lora_chains": ("flowgrpo", "digits", ["rollout.prompts_per_step=2", "rollout.group_size=4", "policy.lora_rank=4",
                                                "advantage.kind=group_global_std", "advantage.ddof=0", "train.first_k=0", *DIGITS], "ddp"),
+    # EMA and the KL reference are copies of FSDP2's shards; the KL forward swaps them into the sharded weights
+    "fsdp_ema_kl": ("dancegrpo", "tiny", ["rollout.prompts_per_step=2", "rollout.group_size=4", "train.ema_decay=0.5",
+                                          "train.kl_beta=0.5", "train.micro_batch=5"], "fsdp"),
     # one prompt's group of 6 is split 3 + 3 over the two ranks: its statistics still cover all six
     "group_spans_ranks": ("dancegrpo", "tiny", ["rollout.prompts_per_step=1", "rollout.group_size=6",
                                                 "train.micro_batch=100000"], "fsdp"),
@@ -65,7 +68,9 @@ def _run(case: str) -> dict:
     trainer = _trainer(case)
     metrics = [trainer.step() for _ in range(STEPS)]
     params = [parallel.full_value(p.detach()).clone() for p in trainer.params]
-    return {"metrics": metrics, "params": params, "engine": trainer.engine.kind,
+    params += [parallel.full_value(e).clone() for e in trainer.ema or []]  # the EMA must match as well
+    return {"metrics": metrics, "params": params, "engine": trainer.engine.kind, "n_trainable": len(trainer.params),
+            "copies_sharded": [type(e).__name__ for e in (trainer.ema or []) + (trainer.reference or [])],
             "sharded": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in trainer.params)}
 
 
@@ -76,9 +81,27 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     results = {"joined": distributed.init_from_env(), "main": distributed.is_main()}  # the torchrun environment
     results["joined_again"] = distributed.init_from_env()  # a second call keeps the group
     results.update({case: _run(case) for case in CASES})
+    results["reductions"] = [_ddp_reductions(micro_batch) for micro_batch in (100000, 3)]
     results["nan"] = _nan_on_rank_one(rank)
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _ddp_reductions(micro_batch: int) -> tuple[int, int]:
+    """(DDP bucket reductions, optimizer steps) of one step of the DDP case with ``micro_batch``."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    trainer = _trainer("ddp_lora_chains")
+    trainer.cfg.train.micro_batch = micro_batch
+    calls = []
+
+    def counting(state, bucket):
+        calls.append(bucket.index())
+        return allreduce_hook(None, bucket)
+
+    trainer.engine.ddp.register_comm_hook(None, counting)
+    trainer.step()
+    return len(calls), trainer.optimizer_steps()
 
 
 def _nan_on_rank_one(rank: int) -> dict:
@@ -142,9 +165,20 @@ def _initial(case: str) -> list[torch.Tensor]:
     return [p.detach().clone() for p in _trainer(case).params]
 
 
+def test_ddp_reduces_once_per_accumulation_group_not_per_micro_batch(ranks):
+    (one_micro, steps_a), (many_micro, steps_b) = ranks[0]["reductions"]
+    assert steps_a == steps_b == 1 and one_micro >= 1
+    assert many_micro == one_micro  # 6 micro-batches of 3 rows, yet only the last one's backward reduced
+
+
+def test_fsdp2_ema_and_kl_reference_are_sharded_like_the_weights(ranks):
+    kinds = ranks[0]["fsdp_ema_kl"]["copies_sharded"]
+    assert kinds and set(kinds) == {"DTensor"}
+
+
 def test_fsdp2_shards_the_weights_and_ddp_replicates_them(ranks):
     for case, (_, _, _, engine) in CASES.items():
-        full = sum(p.numel() for p in ranks[0][case]["params"])
+        full = sum(p.numel() for p in ranks[0][case]["params"][:ranks[0][case]["n_trainable"]])
         local = [r[case]["sharded"] for r in ranks]
         if engine == "fsdp":  # each rank holds about half (shards are padded to equal sizes)
             assert all(n < 0.75 * full for n in local) and sum(local) >= full, (case, local, full)

@@ -77,6 +77,14 @@ class Engine:
     module: nn.Module  # the policy's module (sharded in place under fsdp)
     ddp: nn.Module | None = None  # the DDP wrapper of a _Closure around ``module``
 
+    def reshard(self) -> None:
+        """Drop FSDP2's unsharded copies of the weights (the root keeps its own after a forward), so the next forward
+        all-gathers what the shards hold now: needed whenever weights are written outside the optimizer."""
+        if self.kind == "fsdp":
+            for m in self.module.modules():
+                if hasattr(m, "reshard") and hasattr(m, "set_requires_gradient_sync"):
+                    m.reshard()
+
     def forward(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` (a closure over the policy) as a training forward."""
         return self.ddp(fn) if self.ddp is not None else fn()

@@ -326,12 +326,14 @@ class GRPOTrainer:
     def weights_swapped(self, values: list[Tensor]) -> Iterator[None]:
         """Temporarily load ``values`` into the trainable parameters (reference policy, EMA evaluation)."""
         saved = [p.detach().clone() for p in self.params]
+        self.engine.reshard()  # FSDP2: no stale unsharded copy may outlive the swap
         with torch.no_grad():
             for p, v in zip(self.params, values):
                 p.copy_(v)
         try:
             yield
         finally:
+            self.engine.reshard()
             with torch.no_grad():
                 for p, v in zip(self.params, saved):
                     p.copy_(v)
