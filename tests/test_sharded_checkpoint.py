@@ -20,12 +20,15 @@ from safetensors.torch import load_file
 from flowgrove import sharded
 
 HERE = Path(__file__).parent
+# run.parallel=ddp: the final held-out evaluation runs on rank 0 alone (runner._finish), which FSDP2 cannot do (every
+# rank must take part in each all-gather); the FSDP2 shards are tested with the worker above.
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "eval.samples_per_prompt=1", "run.progress=false",
-         "train.accumulate=transitions", "train.accumulate_size=100000", "train.micro_batch=100000"]
+         "train.accumulate=transitions", "train.accumulate_size=100000", "train.micro_batch=100000", "run.parallel=ddp"]
 STEPS = 5
-# 2 ranks -> 1: the same global batch, summed in another order (all-reduce of two halves vs one sum), drifts
-# by float32 rounding through AdamW's steps.
-REL, ABS = 1e-4, 1e-6
+# 2 ranks -> 1: the same global batch, summed in another order (two ranks' gradients reduced vs one sum), differs
+# by float32 rounding: measured 1.8e-7 relative on the rewards, 2.8e-7 on grad_norm; the loss (a mean of zero-mean
+# advantages, about 1e-6) and approx_kl (1e-14) by 7e-7 absolute.
+REL, ABS = 1e-5, 2e-6
 
 
 def _env() -> dict:
@@ -51,18 +54,20 @@ def _rows(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]
 
 
-def _close(a: list[dict], b: list[dict]) -> float:
-    """Largest relative difference of two metric tables with the same steps and keys (asserted within REL/ABS)."""
+def _close(a: list[dict], b: list[dict]) -> tuple[float, float]:
+    """Two metric tables with the same steps and keys, equal within REL/ABS; returns the largest relative
+    difference of values above 1e-2 and the largest absolute difference."""
     assert [r["step"] for r in a] == [r["step"] for r in b] and all(x.keys() == y.keys() for x, y in zip(a, b))
-    worst = 0.0
+    rel = absolute = 0.0
     for x, y in zip(a, b):
         for key, value in x.items():
-            if isinstance(value, float) and math.isfinite(value):
-                assert math.isclose(value, y[key], rel_tol=REL, abs_tol=ABS), (x["step"], key, value, y[key])
-                worst = max(worst, abs(value - y[key]) / max(abs(value), ABS))
-            else:
+            if not (isinstance(value, float) and math.isfinite(value)):
                 assert value == y[key], (x["step"], key)
-    return worst
+                continue
+            assert math.isclose(value, y[key], rel_tol=REL, abs_tol=ABS), (x["step"], key, value, y[key])
+            absolute = max(absolute, abs(value - y[key]))
+            rel = max(rel, abs(value - y[key]) / abs(value)) if abs(value) > 1e-2 else rel
+    return rel, absolute
 
 
 def _load_in_one_process(out: Path) -> None:
@@ -135,5 +140,5 @@ def test_kill9_of_every_rank_resumes_on_two_ranks_and_on_one(tmp_path, capfd):
     err = capfd.readouterr().err
     assert f"skipping {newest.name}" in err and "__1_0.distcp is missing" in err and "taking" in err
     assert "written on 2 process(es), this resume has 1" in err
-    worst = _close(_rows(one), _rows(full))
-    print(f"2 -> 1 ranks: largest relative metric difference {worst:.2e}")
+    rel, absolute = _close(_rows(one), _rows(full))
+    print(f"2 -> 1 ranks: metrics differ by at most {rel:.1e} relative (values above 1e-2), {absolute:.1e} absolute")
