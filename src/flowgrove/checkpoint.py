@@ -87,9 +87,17 @@ def _write(folder: Path, name: str, writer: Callable[[Path], None]) -> None:
     writer(folder / name)
 
 
-def _digests(folder: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file below ``folder``."""
-    return {f.relative_to(folder).as_posix(): _sha256(f) for f in sorted(folder.rglob("*")) if f.is_file()}
+def _digests(folder: Path, known: dict[str, str]) -> dict[str, str]:
+    """Relative path -> sha256 of every file below ``folder`` (those in ``known`` already hashed)."""
+    names = [f.relative_to(folder).as_posix() for f in sorted(folder.rglob("*")) if f.is_file()]
+    return {name: known.get(name) or _sha256(folder / name) for name in names}
+
+
+def _shard_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every shard, each rank hashing those it wrote (``__RANK_*.distcp``) at the same time."""
+    _, rank = distributed.world_size_and_rank()
+    own = {f"{SHARDS}/{f.name}": _sha256(f) for f in sorted((folder / SHARDS).glob(f"__{rank}_*.distcp"))}
+    return {name: digest for part in distributed.all_gather_objects(own) for name, digest in part.items()}
 
 
 def _on_main(action: Callable[[], T]) -> T | None:
@@ -110,12 +118,15 @@ def _fresh_folder(tmp: Path) -> None:
     tmp.mkdir(parents=True)
 
 
-def _finish_folder(trainer: GRPOTrainer, folder: Path, config_yaml: str, wall_seconds: float) -> None:
-    """Rank 0's files of a checkpoint whose shards are in place; ``state.json`` with the checksums comes last."""
+def _finish_folder(trainer: GRPOTrainer, folder: Path, config_yaml: str, wall_seconds: float,
+                   shards: dict[str, str]) -> None:
+    """Rank 0's files of a checkpoint whose shards (hashed: ``shards``) are in place; ``state.json`` with the
+    checksums of every file comes last."""
     _write(folder, "rng.safetensors", lambda p: save_file({"torch_rng": torch.get_rng_state()}, str(p)))
     _write(folder, "config.yaml", lambda p: p.write_text(config_yaml))
     world, _ = distributed.world_size_and_rank()
-    state = CheckpointState(trainer.iteration, world, round(wall_seconds, 3), _digests(folder), trainer.extra_state())
+    state = CheckpointState(trainer.iteration, world, round(wall_seconds, 3), _digests(folder, shards),
+                            trainer.extra_state())
     (folder / STATE).write_text(json.dumps(asdict(state), indent=1))
 
 
@@ -124,7 +135,8 @@ def _write_checkpoint(trainer: GRPOTrainer, final: Path, config_yaml: str, wall_
     tmp = final.with_name(f".{final.name}.tmp")
     _on_main(lambda: _fresh_folder(tmp))
     _write(tmp, SHARDS, lambda p: sharded.save(trainer, p))  # collective: returns once the metadata is written
-    _on_main(lambda: (_finish_folder(trainer, tmp, config_yaml, wall_seconds), _install(tmp, final)))
+    shards = _shard_digests(tmp)
+    _on_main(lambda: (_finish_folder(trainer, tmp, config_yaml, wall_seconds, shards), _install(tmp, final)))
 
 
 def _shared_root(run_dir: Path | None) -> Path:

@@ -115,3 +115,13 @@ def from_main(value: T) -> T:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_objects(value: T) -> list[T]:
+    """Every rank's ``value`` (any picklable object) in rank order, on every rank; ``[value]`` on one process."""
+    world, _ = world_size_and_rank()
+    if world == 1:
+        return [value]
+    out: list = [None] * world
+    dist.all_gather_object(out, value)
+    return out

@@ -199,7 +199,8 @@ def resume(run_dir: Path, steps: int | None = None, checkpoint: str | None = Non
     distributed.init_from_env()
     lock = _agreed(lambda: _lock_run(run_dir))
     try:
-        plan = _agreed(lambda: _resume_plan(run_dir, checkpoint), everywhere=True)
+        # rank 0 verifies every checksum (each shard once, not once per rank) and hands the plan to the others
+        plan = distributed.from_main(_agreed(lambda: _resume_plan(run_dir, checkpoint)))
         if distributed.is_main():
             for note in plan.choice.notes:
                 _note(note)
