@@ -79,9 +79,10 @@ def _load_in_one_process(out: Path) -> None:
     sharded.load(one, out / "dcp")
     loaded = snapshot(one)
     assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
-    export = build(shard=False, seed=2).policy.module  # what `flowgrove export` reads: the EMA weights
-    sharded.load_full(export, out / "dcp", "ema")
-    assert all(torch.equal(p, expected[f"ema/{n}"]) for n, p in export.named_parameters() if p.requires_grad)
+    for part, key in (("ema", "ema"), ("model", "param")):  # what `flowgrove export` reads
+        export = build(shard=False, seed=2).policy.module
+        sharded.load_full(export, out / "dcp", part)
+        assert all(torch.equal(p, expected[f"{key}/{n}"]) for n, p in export.named_parameters() if p.requires_grad)
     assert "model.0.bias" not in sharded.read_metadata(out / "dcp").state_dict_metadata  # frozen: not saved
     assert torch.equal(one.policy.module[0].bias, build(shard=False, seed=1).policy.module[0].bias)
 
