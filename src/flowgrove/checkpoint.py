@@ -3,13 +3,14 @@
 (safetensors), the iteration and the resolved config.
 
 A checkpoint is the folder ``checkpoints/step_NNNNNN``. Every rank writes its shard of ``dcp/`` into a
-temporary folder (rank 0 the DCP ``.metadata`` once all shards are written) and hashes the shards it wrote; then
-rank 0 writes the RNG and the config, and last ``state.json`` with the sha256 of every other file (every shard and
-the metadata included), and renames the folder into place. So a checkpoint is complete exactly when it has that name, its checksums verify
-and every file the DCP metadata names is among them. ``checkpoints/latest`` is only a hint: resume takes the
-newest intact checkpoint and says so when that is not the one ``latest`` names. A step already on disk is never
-written again, and a folder is only removed once a newer intact one is in place. The saving functions are
-collective under torchrun: every rank calls them (rank 0's run folder is used; other ranks may pass None).
+temporary folder (rank 0 the DCP ``.metadata`` once all shards are written) and hashes the shards it wrote;
+then rank 0 writes the RNG and the config, and last ``state.json`` with the sha256 of every other file (every
+shard and the metadata included), and renames the folder into place. So a checkpoint is complete exactly when
+it has that name, its checksums verify and every file the DCP metadata names is among them.
+``checkpoints/latest`` is only a hint: resume takes the newest intact checkpoint and says so when that is not
+the one ``latest`` names. A step already on disk is never written again, and a folder is only removed once a
+newer intact one is in place. The saving functions are collective under torchrun: every rank calls them (rank
+0's run folder is used; other ranks may pass None).
 
 DCP reshards on load: a checkpoint written by N ranks resumes on M ranks, and ``flowgrove export`` and
 ``flowgrove sample --run`` read it in one process without a process group.
