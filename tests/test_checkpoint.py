@@ -233,3 +233,26 @@ def test_a_checkpoint_before_any_optimizer_step_keeps_adam_unstarted(tmp_path):
     fresh = make()
     load_checkpoint(fresh, step_dir(tmp_path, 1))
     assert fresh.optimizer.state == {} and fresh.iteration == 1
+
+
+def test_parameters_without_adam_state_stay_without_after_a_load(tmp_path):
+    # A parameter that has had no gradient yet (outside the trained window) has no AdamW state; the saved state of
+    # the others loads, and the fresh optimizer does not invent one for it.
+    from types import SimpleNamespace
+
+    def build():
+        torch.manual_seed(0)
+        module = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 3), "b": torch.nn.Linear(3, 3)})
+        params = list(module.parameters())
+        return SimpleNamespace(policy=SimpleNamespace(module=module), optimizer=torch.optim.AdamW(params, lr=0.1),
+                               params=params, ema=None, reference=None)
+
+    saved = build()
+    saved.policy.module["a"](torch.randn(2, 3)).sum().backward()
+    saved.optimizer.step()
+    ck.sharded.save(saved, tmp_path / "dcp")
+    fresh = build()
+    ck.sharded.load(fresh, tmp_path / "dcp")
+    assert set(fresh.optimizer.state) == set(fresh.policy.module["a"].parameters())
+    for p, q in zip(fresh.policy.module["a"].parameters(), saved.policy.module["a"].parameters()):
+        assert torch.equal(fresh.optimizer.state[p]["exp_avg"], saved.optimizer.state[q]["exp_avg"])

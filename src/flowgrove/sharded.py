@@ -142,12 +142,26 @@ def load(trainer: GRPOTrainer, folder: Path) -> None:
         raise ShardedError(f"it holds no {sorted(expected - parts)[0]} tensors (written with another train.ema_decay "
                            "or train.kl_beta?)")
     state = training_state(trainer, with_optimizer="optim" in parts)
-    _load(state, folder)
     if "optim" in parts:
-        set_state_dict(trainer.policy.module, trainer.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"], options=_SET)
-    else:
+        state["optim"] = _saved_only(state["optim"], set(read_metadata(folder).state_dict_metadata))
+    _load(state, folder)
+    if "optim" not in parts:
         set_model_state_dict(trainer.policy.module, state["model"], options=_SET)
+        return
+    set_state_dict(trainer.policy.module, trainer.optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"], options=_SET)
+    saved = set(state["optim"]["state"])
+    for name, param in zip(trainable_names(trainer.policy.module), trainer.params):
+        if name not in saved:  # as in the saved run: AdamW starts a parameter's state at its first gradient
+            trainer.optimizer.state.pop(param, None)
+
+
+def _saved_only(optim: dict, keys: set[str]) -> dict:
+    """The optimizer state of the parameters that had one when the checkpoint was written (a parameter that has
+    had no gradient yet, e.g. outside the trained window, has none)."""
+    kept = {fqn: values for fqn, values in optim["state"].items()
+            if all(f"optim.state.{fqn}.{k}" in keys for k in values)}
+    return {**optim, "state": kept}
 
 
 def load_full(module: nn.Module, folder: Path, part: str = "model") -> None:
