@@ -163,6 +163,7 @@ class RunConfig:
     progress: bool = _f(True, "Show a progress bar.")
     device: str = _f("auto", "auto (CUDA when present), cpu, cuda or cuda:N; under torchrun each rank uses cuda:LOCAL_RANK.")
     threads: int = _f(1, "torch CPU threads per process (0 = torch's default).", low=0)
+    collective_timeout: float = _f(600.0, "Seconds any collective may wait for the other ranks before the run stops naming the silent rank(s) (docs/scale-out.md).", low=1)
 
 
 @dataclass
