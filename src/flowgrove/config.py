@@ -89,7 +89,7 @@ class TreeConfig:
 
 @dataclass
 class RolloutConfig:
-    prompts_per_step: int = _f(4, "Prompts per training step (per rank).", low=1)
+    prompts_per_step: int = _f(4, "Prompts per training step, over all ranks (a group may span ranks; a tree may not).", low=1)
     group_size: int = _f(8, "Images per prompt (chains); trees use their leaves.", low=1)
     same_noise_in_group: bool = _f(True, "A group starts from one shared initial noise (DanceGRPO, MixGRPO).")
     decode_batch: int = _f(0, "Largest batch of one decoder (VAE) call; 0 = no limit.", low=0)
@@ -163,6 +163,7 @@ class RunConfig:
     progress: bool = _f(True, "Show a progress bar.")
     device: str = _f("auto", "auto (CUDA when present), cpu, cuda or cuda:N; under torchrun each rank uses cuda:LOCAL_RANK.")
     threads: int = _f(1, "torch CPU threads per process (0 = torch's default).", low=0)
+    parallel: str = _f("auto", "Data parallelism under torchrun: ddp, fsdp (FSDP2, fully_shard per block), none, or auto (ddp for LoRA, fsdp for full fine-tunes).", ("auto", "none", "ddp", "fsdp"))
     collective_timeout: float = _f(600.0, "Seconds any collective may wait for the other ranks before the run stops naming the silent rank(s) (docs/scale-out.md).", low=1)
 
 
