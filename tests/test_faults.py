@@ -16,7 +16,7 @@ from flowgrove import faults
 from flowgrove.checkpoint import checkpoint_folders, choose_checkpoint
 
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "eval.samples_per_prompt=1", "run.progress=false",
-         "run.checkpoint_every=100"]
+         "run.checkpoint_every=100", "run.parallel=ddp"]  # ddp: the FSDP2 checkpoint is the sharded-checkpoint work
 TIMEOUT = 8  # run.collective_timeout of the hang test: above the ranks' start-up skew on a loaded machine
 
 
@@ -151,3 +151,36 @@ def test_a_ctrl_c_forwarded_by_torchrun_counts_once_a_later_one_stops_at_once(mo
             time.sleep(0.1)
     finally:
         stop.restore()
+
+
+def test_the_collective_timeout_replaces_the_timeout_of_an_existing_group(tmp_path):
+    import torch
+    import torch.distributed as dist
+
+    from flowgrove import distributed
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.FileStore(str(tmp_path / "store"), 1))
+    try:
+        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+        distributed.init_from_env(timeout=7)  # what build_trainer does on resume, once the saved config is read
+        assert backend.options._timeout.total_seconds() == 7
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_whose_heartbeat_stands_still_is_named_and_a_live_one_is_not():
+    import threading
+
+    import torch.distributed as dist
+
+    store, done = dist.HashStore(), threading.Event()
+    beats = [threading.Thread(target=faults._beat, args=(store, f"flowgrove/heartbeat/{r}", done, 0.05), daemon=True)
+             for r in (0, 2)]  # rank 1 wrote nothing (died before its first beat); rank 3 stops after one beat
+    store.set("flowgrove/heartbeat/3", "1")
+    for t in beats:
+        t.start()
+    try:
+        beat = faults.Heartbeat(store, 0, 4, done, beats[0])
+        assert faults.silent_ranks(beat, window=0.3) == [1, 3]
+    finally:
+        done.set()
