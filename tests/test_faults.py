@@ -127,9 +127,9 @@ def test_failure_messages_name_the_silent_ranks_or_say_why_none_is_named():
 
 
 def test_fault_helpers_without_a_process_group():
-    assert faults.start_heartbeat() is None
     faults.barrier()
-    with pytest.raises(RuntimeError, match="own bug"), faults.peers_checked(None, lambda: None, ""):
+    assert faults.start_heartbeat(faults.Context(lambda: None, ""), 60) is None
+    with pytest.raises(RuntimeError, match="own bug"), faults.peers_checked(None):
         raise RuntimeError("own bug")  # one process: nothing to blame on a peer
     assert faults.looks_like_collective_error(RuntimeError("[gloo/pair.cc:553] Connection closed by peer"))
     assert not faults.looks_like_collective_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
@@ -168,7 +168,7 @@ def test_the_collective_timeout_replaces_the_timeout_of_an_existing_group(tmp_pa
         dist.destroy_process_group()
 
 
-def test_a_rank_whose_heartbeat_stands_still_is_named_and_a_live_one_is_not():
+def test_a_rank_whose_heartbeat_stands_still_is_named_and_a_live_or_finished_one_is_not():
     import threading
 
     import torch.distributed as dist
@@ -177,10 +177,20 @@ def test_a_rank_whose_heartbeat_stands_still_is_named_and_a_live_one_is_not():
     beats = [threading.Thread(target=faults._beat, args=(store, f"flowgrove/heartbeat/{r}", done, 0.05), daemon=True)
              for r in (0, 2)]  # rank 1 wrote nothing (died before its first beat); rank 3 stops after one beat
     store.set("flowgrove/heartbeat/3", "1")
+    store.set("flowgrove/heartbeat/4", faults.DONE)  # rank 4 left the loop on its own
     for t in beats:
         t.start()
     try:
-        beat = faults.Heartbeat(store, 0, 4, done, beats[0])
+        beat = faults.Heartbeat(store, 0, 5, done, beats[0], faults.Context(lambda: None, ""))
         assert faults.silent_ranks(beat, window=0.3) == [1, 3]
     finally:
         done.set()
+
+
+def test_the_watchdog_names_a_rank_only_after_its_counter_stood_still_long_enough():
+    watch = faults.Watch(rank=0, world=4, silent_after=10.0, context=faults.Context(lambda: None, ""))
+    assert watch.silent(["5", "7", None, "3"], now=100.0) == []  # first sight: nothing is old yet
+    assert watch.silent(["6", "7", None, "4"], now=105.0) == []
+    assert watch.silent(["7", "7", None, "5"], now=110.5) == [1]  # rank 2 never beat: not named by the watchdog
+    assert watch.silent(["8", faults.DONE, None, "6"], now=120.0) == []  # rank 1 finished after all
+    assert faults.silent_after(600) == 60 and faults.silent_after(8) == 4

@@ -265,11 +265,13 @@ def _train_steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None
     """
     from flowgrove.cli import program
 
-    stop, beat = _Stop(), faults.start_heartbeat()
-    bar = tqdm(total=cfg.train.steps, initial=trainer.iteration, disable=not (cfg.run.progress and save.main), unit="step")
     resume_hint = f"resume with `{program()} train --resume {save.run_dir}`"
+    stop = _Stop()
+    beat = faults.start_heartbeat(faults.Context(lambda: save.saved_path, resume_hint), cfg.run.collective_timeout)
+    bar = tqdm(total=cfg.train.steps, initial=trainer.iteration, disable=not (cfg.run.progress and save.main), unit="step")
+    finished = False
     try:
-        with faults.peers_checked(beat, lambda: save.saved_path, resume_hint):
+        with faults.peers_checked(beat):
             try:
                 _steps(cfg, trainer, logger, save, monitor, stop, bar)
             except TrainingHalted as err:
@@ -279,14 +281,15 @@ def _train_steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None
                 raise SystemExit(f"flowgrove: {str(err).rstrip('.')}; the last good state is checkpoint "
                                  f"{_where(path)}; {resume_hint}") from None
             path = _save_everywhere(save, trainer)
+        finished = True
         if trainer.iteration < cfg.train.steps:
             raise SystemExit(f"flowgrove: stopped by signal after step {trainer.iteration}; checkpoint {_where(path)}; "
                              f"{resume_hint}")
     finally:
         bar.close()
         stop.restore()
-        if beat:
-            beat.stop()
+        if beat:  # a rank that fails on its own stays silent, so the others name it
+            beat.stop(finished=finished or sys.exc_info()[0] is SystemExit)
     return path
 
 
