@@ -76,9 +76,10 @@ def _start(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, Path, Path, d
     return proc, run, log, _worker_pids(proc.pid)
 
 
-def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_with_one_checkpoint(tmp_path):
+@pytest.mark.parametrize("target", ["rank 1", pytest.param("agent", marks=pytest.mark.slow)])
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_with_one_checkpoint(tmp_path, target):
     proc, run, log, ranks = _start(tmp_path)
-    os.kill(ranks[1], signal.SIGTERM)
+    os.kill(ranks[1] if target == "rank 1" else proc.pid, signal.SIGTERM)  # the agent forwards it to every rank
     assert proc.wait(timeout=120) != 0
     out = log.read_text()
     stopped = [line for line in out.splitlines() if "stopped by signal after step" in line]
