@@ -132,7 +132,8 @@ def measure(tokens: list[int], verify: int | None, dtype: torch.dtype) -> dict[s
         print(f"  {kind}: bytes = {f.a:.0f} + {f.b:.1f} * N + {f.c:.3g} * N^2 "
               f"(= {f.b / 3072:.2f} x 3072 per token)")
         if verify:
-            print(f"  {kind}: fit at {verify} tokens {f(verify) / 2**20:.1f} MiB, measured {points[verify] / 2**20:.1f} MiB")
+            print(f"  {kind}: fit at {verify} tokens {f(verify) / 2**20:.1f} MiB, "
+                  f"measured {points[verify] / 2**20:.1f} MiB")
         del block
     return fits
 
@@ -174,7 +175,8 @@ def _table(counts: Counts, fits: dict[str, Fit], gpus: int) -> None:
                        ("total, per-block checkpointing", "activations, per-block checkpointing")):
         print(f"| **{label}** | " + " | ".join(f"**{sum(r[k] for k in fixed) + r[act]:.1f}**" for r in rows) + " |")
     ema = 4 * counts.total / gpus / GIB
-    print(f"\nOptional: an EMA copy (fp32 shard) adds {ema:.1f} GiB, a KL reference (bf16 shard) {ema / 2:.1f} GiB per GPU.")
+    print(f"\nOptional: an EMA copy (fp32 shard) adds {ema:.1f} GiB, a KL reference (bf16 shard) {ema / 2:.1f} GiB "
+          "per GPU.")
 
 
 def main() -> None:

@@ -119,7 +119,8 @@ def test_a_dead_or_hung_rank_ends_the_others_with_a_message_naming_it(tmp_path, 
 
 def test_failure_messages_name_the_silent_ranks_or_say_why_none_is_named():
     hint = "resume with `flowgrove train --resume runs/x`"
-    msg = faults.failure_message(faults.PeerFailure(0, [1, 3], "Connection closed by peer\nmore"), Path("c/step_2"), hint)
+    failure = faults.PeerFailure(0, [1, 3], "Connection closed by peer\nmore")
+    msg = faults.failure_message(failure, Path("c/step_2"), hint)
     assert msg == ("flowgrove: rank 0: ranks 1, 3 stopped responding (Connection closed by peer); "
                    "the last checkpoint is c/step_2; resume with `flowgrove train --resume runs/x`")
     assert "store is unreachable" in faults.failure_message(faults.PeerFailure(2, None, "x"), None, hint)
