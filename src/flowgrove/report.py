@@ -1,7 +1,8 @@
 """``report.html``: one self-contained page per run (images inline as base64, curves drawn with matplotlib):
-reward curves (training and held-out, per reward and judge), diversity, MMD^2 and KL curves, the evaluation grids
-over time, the guard's alarms, the best checkpoint, the summary and the config. Rebuilt at every evaluation and at
-the end of a run; ``write_report(run_dir)`` rebuilds it from the files alone.
+reward curves (training and held-out, per reward and judge; hybrid inference's beside them when evaluated),
+diversity, MMD^2 and KL curves, the evaluation grids over time (with the hybrid-inference grids), the guard's
+alarms, the best checkpoint, the summary and the config. Rebuilt at every evaluation and at the end of a run;
+``write_report(run_dir)`` rebuilds it from the files alone.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from flowgrove.metrics import read_metrics
 from flowgrove.rundir import atomic_write_text
 
 REPORT = "report.html"
+HYBRID = "eval/hybrid/"  # as flowgrove.evaluation.HYBRID (not imported: the report needs no torch)
 _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
           "img{image-rendering:pixelated;max-width:100%}table{border-collapse:collapse}"
           "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}.alarm{color:#b00}"
@@ -60,19 +62,40 @@ def _plot(curves: dict[str, tuple[list[float], list[float]]], title: str) -> str
     return f'<img alt="{html.escape(title)}" src="{_png_uri(buf.getvalue())}">'
 
 
+def _label(key: str) -> str:
+    """``eval/reward/x`` -> ``held-out reward/x``, ``eval/judge/x`` -> ``judge x``; ``eval/hybrid/...`` gets "hybrid"."""
+    hybrid, key = key.startswith(HYBRID), "eval/" + key[len(HYBRID):] if key.startswith(HYBRID) else key
+    text = "held-out " + key[len("eval/"):] if key.startswith("eval/reward") else "judge " + key.split("/")[-1]
+    return f"hybrid {text}" if hybrid else text
+
+
 def _reward_curves(train: list[dict], evals: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
     curves = {"train reward (SDE rollouts)": _series(train, "reward_mean")}
-    keys = sorted({k for r in evals for k in r if k.startswith(("eval/reward", "eval/judge/"))})
-    label = lambda k: "held-out " + k[len("eval/"):] if k.startswith("eval/reward") else "judge " + k.split("/")[-1]  # noqa: E731
-    curves.update({label(k): _series(evals, k) for k in keys})
+    starts = ("eval/reward", "eval/judge/", HYBRID + "reward", HYBRID + "judge/")
+    keys = sorted({k for r in evals for k in r if k.startswith(starts)})
+    curves.update({_label(k): _series(evals, k) for k in keys})
     return curves
 
 
+def _drift_curves(evals: list[dict], name: str, label: str) -> dict[str, tuple[list[float], list[float]]]:
+    """The policy's ``eval/<name>`` and, when evaluated, hybrid inference's ``eval/hybrid/<name>``."""
+    return {label: _series(evals, "eval/" + name), f"hybrid: {label}": _series(evals, HYBRID + name)}
+
+
+def _figure(path: Path, caption: str) -> str:
+    return f'<figure><img alt="{caption}" src="{_png_uri(path.read_bytes())}"><figcaption>{caption}</figcaption></figure>'
+
+
 def _grids(run_dir: Path) -> str:
-    files = sorted((run_dir / "eval_grids").glob("step_*.png")) if (run_dir / "eval_grids").is_dir() else []
-    figures = [f'<figure><img alt="{p.stem}" src="{_png_uri(p.read_bytes())}"><figcaption>{p.stem}</figcaption></figure>'
-               for p in files]
-    return "".join(figures) or "<p>No evaluation grids (set eval.every &gt; 0).</p>"
+    """Each evaluation's grid, with the hybrid-inference grid of the same step beside it when there is one."""
+    grids = run_dir / "eval_grids"
+    files = sorted(grids.glob("step_*.png")) if grids.is_dir() else []
+    rows = []
+    for p in files:
+        hybrid = grids / "hybrid" / p.name
+        pair = _figure(p, p.stem) + (_figure(hybrid, f"{p.stem} hybrid") if hybrid.is_file() else "")
+        rows.append(f"<div>{pair}</div>")
+    return "".join(rows) or "<p>No evaluation grids (set eval.every &gt; 0).</p>"
 
 
 def _table(data: dict) -> str:
@@ -111,10 +134,11 @@ def render_report(run_dir: Path) -> str:
         "<h2>Guard alarms</h2>", _alarms(evals),
         "<h2>Rewards</h2>", _plot(_reward_curves(train, evals), "reward (train and held-out) and judges"),
         "<h2>Diversity and drift</h2>",
-        _plot({"diversity / base": _series(evals, "eval/diversity_ratio")}, "within-prompt diversity over the base's"),
-        _plot({"MMD^2 to base": _series(evals, "eval/mmd2")}, "MMD^2 (unbiased, RBF, median bandwidth)"),
+        _plot(_drift_curves(evals, "diversity_ratio", "diversity / base"), "within-prompt diversity over the base's"),
+        _plot(_drift_curves(evals, "mmd2", "MMD^2 to base"), "MMD^2 (unbiased, RBF, median bandwidth)"),
         _plot({"KL to base": _series(evals, "eval/kl")}, "KL of the transitions to the base model"),
-        "<h2>Evaluation grids (same prompts and seeds; one row per prompt)</h2>", _grids(run_dir),
+        "<h2>Evaluation grids (same prompts and seeds; one row per prompt; hybrid inference beside)</h2>",
+        _grids(run_dir),
         "<h2>Config</h2>", f"<pre>{html.escape(config)}</pre>",
     ]
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>flowgrove {html.escape(run_dir.name)}</title>"
