@@ -21,7 +21,7 @@ HYBRID = "eval/hybrid/"  # as flowgrove.evaluation.HYBRID (not imported: the rep
 _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
           "img{image-rendering:pixelated;max-width:100%}table{border-collapse:collapse}"
           "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}.alarm{color:#b00}"
-          "figure{display:inline-block;margin:4px}pre{background:#f4f4f4;padding:8px;overflow:auto}")
+          "figure{display:inline-block;margin:4px;max-width:48%;vertical-align:top}pre{background:#f4f4f4;padding:8px;overflow:auto}")
 
 
 # marks the body with how many images decoded (read by the headless-browser test; harmless to a reader)
