@@ -102,3 +102,26 @@ def test_two_ranks_evaluate_like_one_process(ranks):
 def test_every_rank_calls_the_model_equally_often_with_the_same_shapes(ranks):
     r0, r1 = (r["calls"] for r in ranks)
     assert r0 == r1 and set(r0) == {2, 1}  # 5 rows per rank (one of rank 1's is padding) in chunks of 2, 2, 1
+
+
+def test_the_held_out_result_is_kept_until_the_weights_change():
+    """Rank 0's end-of-run summary calls ``evaluate`` alone after every rank did: it must not sample (or gather) again."""
+    from conftest import TinyPolicy
+
+    from flowgrove.trainer import GRPOTrainer
+
+    cfg = load_config(None, [*OVERRIDES, "train.ema_decay=0.5"], method="dancegrpo")
+    trainer = GRPOTrainer(cfg, TinyPolicy(), {"brightness": EmbeddedBrightness()}, PROMPTS)
+    first = trainer.evaluate()
+    assert trainer.evaluate() is first  # the EMA swap inside evaluate does not count as a change
+    with torch.no_grad():
+        trainer.params[0].add_(1.0)
+    again = trainer.evaluate()  # any written weight evaluates again (here to the same numbers: the EMA is unchanged)
+    assert again is not first and again["reward"] == first["reward"]
+    with torch.no_grad():
+        trainer.ema[0].add_(1.0)
+    changed = trainer.evaluate()
+    assert changed is not again and changed["reward"] != first["reward"]
+    assert trainer.evaluate() is changed
+    trainer.step()
+    assert trainer.evaluate() is not changed

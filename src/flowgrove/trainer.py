@@ -326,9 +326,21 @@ class GRPOTrainer:
     # ---- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> EvalResult:
-        """Held-out reward: every prompt, fixed seeds, Euler ODE sampling (EMA weights when enabled)."""
+        """Held-out reward: every prompt, fixed seeds, Euler ODE sampling (EMA weights when enabled), split across
+        ranks, so every rank calls it. The result is kept until the weights change: a second call at the same
+        weights (rank 0's summary after :class:`flowgrove.monitor.Monitor` evaluated on every rank) samples nothing
+        and enters no collective."""
+        kept = getattr(self, "_held_out", None)
+        if kept is not None and kept[0] == self._weights_key():
+            return kept[1]
         with self.weights_swapped(self.ema) if self.ema is not None else nullcontext():
-            return evaluate_policy(self.policy, self.test_cond, self.test_prompts, self.rewards, self.weights, self.cfg)
+            result = evaluate_policy(self.policy, self.test_cond, self.test_prompts, self.rewards, self.weights, self.cfg)
+        self._held_out = (self._weights_key(), result)
+        return result
+
+    def _weights_key(self) -> tuple:
+        """Changes whenever a trainable or EMA weight is written in place (tensor version counters) or a step ends."""
+        return self.iteration, tuple(p._version for p in self.params), tuple(e._version for e in self.ema or ())
 
 
 def rewards_weights(cfg: Config, rewards: Mapping[str, RewardFn]) -> list[float]:
