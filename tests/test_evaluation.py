@@ -76,6 +76,7 @@ def test_best_checkpoint_is_the_criterions_pick_and_export_takes_it(run, tmp_pat
 def test_report_is_self_contained(run):
     text = (run / "report.html").read_text()
     assert text.count("data:image/png;base64,") >= 5 and "src=\"http" not in text and "Guard alarms" in text
+    assert "<th>start</th><th>best</th><th>end</th>" in text  # summary.json's three evaluations side by side
 
 
 def test_guard_stop_checkpoints_and_exits_with_one_line(tmp_path, capsys):

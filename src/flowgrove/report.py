@@ -17,10 +17,12 @@ from flowgrove.metrics import read_metrics
 from flowgrove.rundir import atomic_write_text
 
 REPORT = "report.html"
+_PHASES = ("eval_start", "eval_best", "eval_end")  # summary.json's evaluations, shown side by side
 HYBRID = "eval/hybrid/"  # as flowgrove.evaluation.HYBRID (not imported: the report needs no torch)
 _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
           "img{image-rendering:pixelated;max-width:100%}table{border-collapse:collapse}"
           "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}.alarm{color:#b00}"
+          ".row{display:flex;gap:24px;align-items:flex-start}img.half{width:49%}"
           "figure{display:inline-block;margin:4px;max-width:48%;vertical-align:top}pre{background:#f4f4f4;padding:8px;overflow:auto}")
 
 
@@ -38,8 +40,9 @@ def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def _plot(curves: dict[str, tuple[list[float], list[float]]], title: str) -> str:
-    """Curves {label: (steps, values)} -> an <img> tag with the PNG inline; empty when there is nothing to draw."""
+def _plot(curves: dict[str, tuple[list[float], list[float]]], title: str, css: str = "") -> str:
+    """Curves {label: (steps, values)} -> an <img> tag (class ``css``) with the PNG inline; empty when there is
+    nothing to draw."""
     curves = {k: v for k, v in curves.items() if v[0]}
     if not curves:
         return ""
@@ -59,7 +62,7 @@ def _plot(curves: dict[str, tuple[list[float], list[float]]], title: str) -> str
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    return f'<img alt="{html.escape(title)}" src="{_png_uri(buf.getvalue())}">'
+    return f'<img class="{css}" alt="{html.escape(title)}" src="{_png_uri(buf.getvalue())}">'
 
 
 def _label(key: str) -> str:
@@ -98,6 +101,22 @@ def _grids(run_dir: Path) -> str:
     return "".join(rows) or "<p>No evaluation grids (set eval.every &gt; 0).</p>"
 
 
+def _summary(summary: dict) -> str:
+    """The run's figures beside its evaluations at the start, at the best checkpoint and at the end (one column
+    each)."""
+    if not summary:
+        return "<p>Running.</p>"
+    plain = {k: v for k, v in summary.items() if k not in _PHASES}
+    phases = [(k[len("eval_"):], summary[k]) for k in _PHASES if isinstance(summary.get(k), dict)]
+    if not phases:
+        return _table(plain)
+    keys = list(dict.fromkeys(key for _, phase in phases for key in phase))
+    head = "<tr><th></th>" + "".join(f"<th>{name}</th>" for name, _ in phases) + "</tr>"
+    rows = "".join(f"<tr><th>{html.escape(k)}</th>" + "".join(f"<td>{_fmt(p.get(k, ''))}</td>" for _, p in phases)
+                   + "</tr>" for k in keys)
+    return f'<div class="row">{_table(plain)}<table>{head}{rows}</table></div>'
+
+
 def _table(data: dict) -> str:
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in data.items())
     return f"<table>{rows}</table>"
@@ -130,13 +149,14 @@ def render_report(run_dir: Path) -> str:
                  if best else "<p>No best checkpoint yet.</p>")
     sections = [
         f"<h1>flowgrove run {html.escape(run_dir.name)}</h1>",
-        "<h2>Summary</h2>", _table(_read_json(run_dir / "summary.json")) or "<p>Running.</p>", best_line,
+        "<h2>Summary</h2>", _summary(_read_json(run_dir / "summary.json")), best_line,
         "<h2>Guard alarms</h2>", _alarms(evals),
         "<h2>Rewards</h2>", _plot(_reward_curves(train, evals), "reward (train and held-out) and judges"),
         "<h2>Diversity and drift</h2>",
-        _plot(_drift_curves(evals, "diversity_ratio", "diversity / base"), "within-prompt diversity over the base's"),
-        _plot(_drift_curves(evals, "mmd2", "MMD^2 to base"), "MMD^2 (unbiased, RBF, median bandwidth)"),
-        _plot({"KL to base": _series(evals, "eval/kl")}, "KL of the transitions to the base model"),
+        _plot(_drift_curves(evals, "diversity_ratio", "diversity / base"), "within-prompt diversity over the base's",
+              "half"),
+        _plot(_drift_curves(evals, "mmd2", "MMD^2 to base"), "MMD^2 (unbiased, RBF, median bandwidth)", "half"),
+        _plot({"KL to base": _series(evals, "eval/kl")}, "KL of the transitions to the base model", "half"),
         "<h2>Evaluation grids (same prompts and seeds; one row per prompt; hybrid inference beside)</h2>",
         _grids(run_dir),
         "<h2>Config</h2>", f"<pre>{html.escape(config)}</pre>",
