@@ -182,10 +182,10 @@ def evaluate_step(trainer: GRPOTrainer, setup: EvalSetup) -> EvalRecord:
     metrics = {"step": trainer.iteration, **_measure(trainer, setup, share, "eval/")}
     if setup.base_features is not None:
         metrics["eval/kl"] = kl
-    record = EvalRecord(metrics, gather_rows(share.images, n))
+    record = EvalRecord(metrics, gather_rows(share.images, n).cpu())
     if hybrid is not None:
         metrics.update(_measure(trainer, setup, hybrid, HYBRID))
-        record.hybrid_images = gather_rows(hybrid.images, n)
+        record.hybrid_images = gather_rows(hybrid.images, n).cpu()
     return record
 
 

@@ -103,7 +103,8 @@ def ode_images(policy: FlowPolicy, cond: Conditioning, rows: Tensor, sigmas: Ten
 
 
 class EvalResult(dict):
-    """``{"reward": weighted mean, "reward/<name>": ...}`` plus ``images`` [N, 3, H, W] (videos [N, F, 3, H, W])."""
+    """``{"reward": weighted mean, "reward/<name>": ...}`` plus ``images`` [N, 3, H, W] (videos [N, F, 3, H, W],
+    CPU)."""
 
     images: Tensor
 
@@ -126,5 +127,5 @@ def evaluate_policy(policy: FlowPolicy, cond: Conditioning, prompts: Sequence[st
     raw = score_share(rewards, share.images, local_prompts, rows.shape[0])  # [K, N]
     result = EvalResult({"reward": aggregate_rewards(raw, weights).mean().item()})
     result.update({f"reward/{name}": raw[k].mean().item() for k, name in enumerate(rewards)})
-    result.images = gather_rows(share.images, rows.shape[0])
+    result.images = gather_rows(share.images, rows.shape[0]).cpu()  # CPU: the trainer keeps its last result
     return result
