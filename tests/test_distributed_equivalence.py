@@ -1,8 +1,12 @@
-"""Two gloo ranks against one process: the same transitions get the same advantages and the same update.
+"""Two gloo ranks against one process of the same global batch, through torch's engines (real processes).
 
-Each rank rolls out its own prompts and noise. One process given both ranks' rewards and transitions must
-compute the same advantages (group statistics over all ranks, each rank keeping its own rows) and, with one
-optimizer step per rollout, land on the same weights with the same gradient norm.
+``rollout.prompts_per_step`` is the global batch: each rank rolls out its contiguous share with its rows of the
+global noise, rewards are gathered, advantages computed once, and DDP / FSDP2 average the gradients. So a 2-rank
+run must equal a single-process run of the same config step for step: the metrics, and the full weights.
+
+Tolerance: the ranks reduce gradients in a different order than one process sums them (float32), and Adam
+divides by sqrt(v); over 3 steps at lr 1e-3 the weights agree to rtol 1e-4 / atol 1e-6 and the metrics to rtol
+1e-4 / atol 1e-5 (the PPO loss of the first micro-batch is a mean of advantages that cancel to about 1e-6).
 """
 
 from __future__ import annotations
@@ -17,40 +21,57 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from flowgrove import distributed, method, tree
+from flowgrove import distributed, parallel
 from flowgrove.config import load_config
-from flowgrove.rollout import Transitions
 
-from test_behaviour import depthwise, zscore
-
-# One AdamW step per rollout on one micro-batch. A large Adam eps and no clipping make the step size depend on the
-# gradient's scale, so summed instead of averaged gradients change the weights (Adam alone is scale-invariant).
-COMMON = ["rewards={brightness: 1.0}", "train.micro_batch=100000", "train.accumulate=transitions",
-          "train.accumulate_size=100000", "train.adam_eps=1.0e-4", "train.max_grad_norm=0", "train.lr=1.0e-3"]
+# One AdamW step per rollout. A large Adam eps and no clipping make the step size depend on the gradient's scale,
+# so summed instead of averaged gradients change the weights (Adam alone is scale-invariant).
+COMMON = ["rewards={brightness: 1.0}", "train.accumulate=transitions", "train.accumulate_size=100000",
+          "train.adam_eps=1.0e-4", "train.max_grad_norm=0", "train.lr=1.0e-3", "run.progress=false"]
+DIGITS = ["sampler.num_steps=4", "eval.num_steps=2", "train.micro_batch=3"]  # several micro-batches per update
+STEPS = 3
+# case -> (method, policy, overrides, the engine a 2-rank run picks)
 CASES = {
-    "chains": ("dancegrpo", ["rollout.prompts_per_step=2", "rollout.group_size=4", "advantage.ddof=1"]),
-    "global_std": ("flowgrpo", ["rollout.prompts_per_step=2", "rollout.group_size=4", "advantage.kind=group_global_std",
-                                "advantage.ddof=0", "advantage.eps=0"]),
-    "trees": ("branchgrpo", ["rollout.prompts_per_step=1", "tree.fusion=path", "tree.temperature=0.5"]),
+    "fsdp_chains": ("dancegrpo", "digits", ["rollout.prompts_per_step=2", "rollout.group_size=4", *DIGITS], "fsdp"),
+    "fsdp_trees": ("branchgrpo", "tiny", ["rollout.prompts_per_step=2", "tree.fusion=path", "tree.temperature=0.5",
+                                           "train.micro_batch=100000"], "fsdp"),
+    "ddp_lora_chains": ("flowgrpo", "digits", ["rollout.prompts_per_step=2", "rollout.group_size=4", "policy.lora_rank=4",
+                                               "advantage.kind=group_global_std", "advantage.ddof=0", "train.first_k=0", *DIGITS], "ddp"),
+    # EMA and the KL reference are copies of FSDP2's shards; the KL forward swaps them into the sharded weights
+    "fsdp_ema_kl": ("dancegrpo", "tiny", ["rollout.prompts_per_step=2", "rollout.group_size=4", "train.ema_decay=0.5",
+                                          "train.kl_beta=0.5", "train.micro_batch=5"], "fsdp"),
+    # one prompt's group of 6 is split 3 + 3 over the two ranks: its statistics still cover all six
+    "group_spans_ranks": ("dancegrpo", "tiny", ["rollout.prompts_per_step=1", "rollout.group_size=6",
+                                                "train.micro_batch=100000"], "fsdp"),
 }
 PROMPTS = ["zero", "one", "two", "three", "four"]
-
-
-def _config(case: str):
-    name, extra = CASES[case]
-    cfg = load_config(None, COMMON + extra, method=name)
-    cfg.rewards = {"brightness": 1.0}
-    return cfg
+METRICS = ("reward_mean", "reward_std", "loss", "clip_fraction", "approx_kl", "grad_norm", "updates", "transitions")
 
 
 def _trainer(case: str):
     from conftest import TinyPolicy, brightness
 
+    from flowgrove.runner import build_trainer
     from flowgrove.trainer import GRPOTrainer
 
-    # global_std: one prompt, so the ranks' rewards differ only through their noise
-    prompts = PROMPTS[:1] if case == "global_std" else PROMPTS
-    return GRPOTrainer(_config(case), TinyPolicy(), {"brightness": brightness}, prompts)
+    name, policy, extra, _ = CASES[case]
+    cfg = load_config(None, COMMON + extra, method=name)
+    cfg.rewards = {"brightness": 1.0}
+    if policy == "digits":
+        return build_trainer(cfg)
+    return GRPOTrainer(cfg, TinyPolicy(), {"brightness": brightness}, PROMPTS)
+
+
+def _run(case: str) -> dict:
+    """``STEPS`` steps: the metrics of each and the full weights after them (gathered from FSDP2's shards)."""
+    torch.manual_seed(0)
+    trainer = _trainer(case)
+    metrics = [trainer.step() for _ in range(STEPS)]
+    params = [parallel.full_value(p.detach()).clone() for p in trainer.params]
+    params += [parallel.full_value(e).clone() for e in trainer.ema or []]  # the EMA must match as well
+    return {"metrics": metrics, "params": params, "engine": trainer.engine.kind, "n_trainable": len(trainer.params),
+            "copies_sharded": [type(e).__name__ for e in (trainer.ema or []) + (trainer.reference or [])],
+            "sharded": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in trainer.params)}
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -59,28 +80,28 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     results = {"joined": distributed.init_from_env(), "main": distributed.is_main()}  # the torchrun environment
     results["joined_again"] = distributed.init_from_env()  # a second call keeps the group
-    for case in CASES:
-        trainer = _trainer(case)
-        seen: dict = {}
-        score, update = trainer.score, trainer.update
-
-        def spy_score(ro, *args, score=score, seen=seen):
-            raw = score(ro, *args)
-            seen.update(raw=raw.clone(), edge_log_probs=[lp.clone() for lp in ro.edge_log_probs])
-            return raw
-
-        def spy_update(tr, adv, n_samples, generator, update=update, seen=seen, **kwargs):
-            seen.update(transitions=[t.clone() for t in tr], adv=adv.clone(), n_samples=n_samples)
-            return update(tr, adv, n_samples, generator, **kwargs)
-
-        trainer.score, trainer.update = spy_score, spy_update
-        seen["metrics"] = trainer.step()
-        seen["prompt_ids"] = trainer.step_prompt_ids.clone()  # the step's rows: cond_index is local to them
-        seen["params"] = [p.detach().clone() for p in trainer.params]
-        results[case] = seen
+    results.update({case: _run(case) for case in CASES})
+    results["reductions"] = [_ddp_reductions(micro_batch) for micro_batch in (100000, 3)]
     results["nan"] = _nan_on_rank_one(rank)
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _ddp_reductions(micro_batch: int) -> tuple[int, int]:
+    """(DDP bucket reductions, optimizer steps) of one step of the DDP case with ``micro_batch``."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    trainer = _trainer("ddp_lora_chains")
+    trainer.cfg.train.micro_batch = micro_batch
+    calls = []
+
+    def counting(state, bucket):
+        calls.append(bucket.index())
+        return allreduce_hook(None, bucket)
+
+    trainer.engine.ddp.register_comm_hook(None, counting)
+    trainer.step()
+    return len(calls), trainer.optimizer_steps()
 
 
 def _nan_on_rank_one(rank: int) -> dict:
@@ -92,15 +113,17 @@ def _nan_on_rank_one(rank: int) -> dict:
     def reward(images, prompts):
         return brightness(images, prompts) * (float("nan") if rank == 1 else 1.0)
 
-    trainer = GRPOTrainer(_config("chains"), TinyPolicy(), {"brightness": reward}, PROMPTS)
-    before = [p.detach().clone() for p in trainer.params]
+    cfg = load_config(None, COMMON + ["rollout.prompts_per_step=2", "rollout.group_size=4"], method="dancegrpo")
+    cfg.rewards = {"brightness": 1.0}
+    trainer = GRPOTrainer(cfg, TinyPolicy(), {"brightness": reward}, PROMPTS)
+    before = [parallel.full_value(p.detach()).clone() for p in trainer.params]
     try:
         trainer.step()
     except NonFiniteRewardError as err:
         message = str(err)
     else:
         message = ""
-    unchanged = all(torch.equal(b, p) for b, p in zip(before, trainer.params))
+    unchanged = all(torch.equal(b, parallel.full_value(p.detach())) for b, p in zip(before, trainer.params))
     return {"message": message, "unchanged": unchanged, "iteration": trainer.iteration}
 
 
@@ -114,41 +137,7 @@ def _free_port() -> int:
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    results = [torch.load(out / f"rank{r}.pt") for r in range(2)]
-    for per_rank in results:
-        for case in CASES:  # saved as a list of tensors: torch.load only restores plain containers
-            per_rank[case]["transitions"] = Transitions(*per_rank[case]["transitions"])
-    return results
-
-
-def _check_update(case: str, ranks: list[dict]) -> None:
-    """One process trained on both ranks' transitions and advantages reaches the ranks' weights."""
-    r0, r1 = ranks
-    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
-    assert r0["n_samples"] == r1["n_samples"] and r0["adv"].shape == r1["adv"].shape
-    trainer = _trainer(case)
-    union = Transitions(*(torch.cat(pair) for pair in zip(r0["transitions"], r1["transitions"])))
-    prompt = torch.cat([r["prompt_ids"][r["transitions"].cond_index] for r in ranks])  # each row's prompt
-    adv = torch.cat([r0["adv"], r1["adv"]])
-    union = Transitions(*(prompt if name == "cond_index" else field for name, field in zip(Transitions._fields, union)))
-    stats = trainer.update(union, adv, 2 * r0["n_samples"], torch.Generator().manual_seed(0), cond=trainer.cond)
-    assert stats.updates == 1 == r0["metrics"]["updates"]
-    assert stats.grad_norm == pytest.approx(r0["metrics"]["grad_norm"], rel=1e-4)
-    assert stats.grad_norm == pytest.approx(r1["metrics"]["grad_norm"], rel=1e-4)
-    for p, q in zip(trainer.params, r0["params"]):
-        torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-7)
-
-
-def _check_chains(case: str, ranks: list[dict], global_std: bool) -> None:
-    cfg = _config(case)
-    raw = torch.cat([r["raw"][0] for r in ranks])  # [N_total], rank 0's leaves first
-    assert not torch.equal(ranks[0]["raw"], ranks[1]["raw"])  # each rank sampled its own noise
-    n_local = ranks[0]["raw"].shape[1]
-    a = cfg.advantage
-    sample_adv = zscore(raw, raw.numel() // cfg.rollout.group_size, a.ddof, a.eps, global_std)  # [N_total]
-    for rank, r in enumerate(ranks):  # each rank trains its own rows of the global advantages
-        torch.testing.assert_close(r["adv"], sample_adv[rank * n_local + r["transitions"].node], rtol=1e-4, atol=1e-5)
-    _check_update(case, ranks)
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
 def test_ranks_join_the_group_torchrun_describes(ranks):
@@ -157,34 +146,44 @@ def test_ranks_join_the_group_torchrun_describes(ranks):
     assert distributed.init_from_env() == (1, 0) and distributed.is_main()  # no RANK here: no group
 
 
-def test_two_ranks_match_one_process_for_chains(ranks):
-    _check_chains("chains", [r["chains"] for r in ranks], global_std=False)
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_equal_one_process_of_the_same_global_batch(ranks, case):
+    one = _run(case)
+    assert one["engine"] == "none" and [r[case]["engine"] for r in ranks] == [CASES[case][3]] * 2
+    for r in ranks:
+        for step, (got, want) in enumerate(zip(r[case]["metrics"], one["metrics"])):
+            bad = {key: (got[key], want[key]) for key in METRICS if got[key] != pytest.approx(want[key], rel=1e-4, abs=1e-5)}
+            assert not bad, (case, step, bad)
+        for p, q in zip(r[case]["params"], one["params"]):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    moved = [(p - q).abs().max().item() for p, q in zip(one["params"], _initial(case))]
+    assert max(moved) > 1e-4  # the weights did change: the equality is not that of two untouched models
 
 
-def test_two_ranks_match_one_process_for_global_std_chains(ranks):
-    # The std is over the leaves of BOTH ranks: a per-rank std would give different advantages.
-    per_rank = [r["global_std"] for r in ranks]
-    _check_chains("global_std", per_rank, global_std=True)
-    local = zscore(per_rank[0]["raw"][0], 2, 0, 0.0, global_std=True)
-    assert not torch.allclose(per_rank[0]["adv"], local[per_rank[0]["transitions"].node], rtol=1e-3)
+def _initial(case: str) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    return [p.detach().clone() for p in _trainer(case).params]
 
 
-def test_two_ranks_match_one_process_for_trees(ranks):
-    per_rank = [r["trees"] for r in ranks]
-    cfg = _config("trees")
-    forest = method.forest(cfg, 2)  # one tree per rank; depth d holds rank 0's nodes, then rank 1's
-    local = method.forest(cfg, 1).nodes_per_depth
-    leaves = torch.cat([r["raw"][0] for r in per_rank])
-    log_probs = tuple(torch.cat(parts) for parts in zip(*(r["edge_log_probs"] for r in per_rank)))
-    fused = tree.fuse_rewards(leaves, forest, "path", log_probs, temperature=0.5)
-    want = depthwise(fused, 2, cfg.advantage.ddof, cfg.advantage.eps)  # [all nodes], depth-major
-    offsets = torch.tensor([0, *forest.nodes_per_depth]).cumsum(0)
-    for rank, r in enumerate(per_rank):  # rank r's node n at depth d is node r * N_d(one tree) + n of depth d
-        tr = r["transitions"]
-        expected = want[offsets[tr.depth] + rank * torch.tensor(local)[tr.depth] + tr.node]
-        torch.testing.assert_close(r["adv"], expected, rtol=1e-4, atol=1e-5)
-    assert not torch.equal(per_rank[0]["raw"], per_rank[1]["raw"])
-    _check_update("trees", per_rank)
+def test_ddp_reduces_once_per_accumulation_group_not_per_micro_batch(ranks):
+    (one_micro, steps_a), (many_micro, steps_b) = ranks[0]["reductions"]
+    assert steps_a == steps_b == 1 and one_micro >= 1
+    assert many_micro == one_micro  # 6 micro-batches of 3 rows, yet only the last one's backward reduced
+
+
+def test_fsdp2_ema_and_kl_reference_are_sharded_like_the_weights(ranks):
+    kinds = ranks[0]["fsdp_ema_kl"]["copies_sharded"]
+    assert kinds and set(kinds) == {"DTensor"}
+
+
+def test_fsdp2_shards_the_weights_and_ddp_replicates_them(ranks):
+    for case, (_, _, _, engine) in CASES.items():
+        full = sum(p.numel() for p in ranks[0][case]["params"][:ranks[0][case]["n_trainable"]])
+        local = [r[case]["sharded"] for r in ranks]
+        if engine == "fsdp":  # each rank holds about half (shards are padded to equal sizes)
+            assert all(n < 0.75 * full for n in local) and sum(local) >= full, (case, local, full)
+        else:
+            assert local == [full, full], (case, local, full)
 
 
 def test_a_nan_reward_on_one_rank_stops_every_rank(ranks):

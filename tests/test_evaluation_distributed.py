@@ -1,4 +1,4 @@
-"""The periodic evaluation split across two gloo ranks equals the one-process evaluation.
+"""The periodic evaluation split across two gloo ranks (under FSDP2 and under DDP) equals the one-process evaluation.
 
 9 evaluation rows (3 prompts x 3 seeds) are padded to 10, so rank 1 samples a copy of the last row that the gather
 drops; ``sampler.chunk_size=2`` chunks each rank's 5 rows into model calls of 2, 2 and 1 rows on both ranks (under
@@ -37,20 +37,26 @@ class EmbeddedBrightness:
         return images[:, 0].flatten(1) * 2  # [B, 16]
 
 
-def _evaluate() -> dict:
-    """A trainer whose weights moved away from the base, evaluated once; every forward call's batch size logged."""
+def _evaluate(engine: str = "auto") -> dict:
+    """A trainer whose weights moved away from the base, evaluated once; every forward call's batch size logged.
+    ``engine`` is ``run.parallel`` (one process has none)."""
     from conftest import TinyPolicy
 
     from flowgrove.evaluation import build_setup, evaluate_step, snapshot
     from flowgrove.trainer import GRPOTrainer
 
-    cfg = load_config(None, OVERRIDES, method="dancegrpo")
+    cfg = load_config(None, [*OVERRIDES, f"run.parallel={engine}"], method="dancegrpo")
     trainer = GRPOTrainer(cfg, TinyPolicy(), {"brightness": EmbeddedBrightness()}, PROMPTS)
     base = snapshot(trainer)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in trainer.params:
-            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+            delta = 0.3 * torch.randn(p.shape, generator=gen)  # p.shape is the full shape, also of an FSDP2 shard
+            if hasattr(p, "device_mesh"):  # two ranks shard the weights (run.parallel=auto: FSDP2 for a full fine-tune)
+                from torch.distributed.tensor import distribute_tensor
+
+                delta = distribute_tensor(delta, p.device_mesh, p.placements)
+            p.add_(delta)
     calls: list[int] = []
     velocity = trainer.policy.velocity
 
@@ -62,23 +68,26 @@ def _evaluate() -> dict:
     record = evaluate_step(trainer, build_setup(trainer, base))
     held_out = trainer.evaluate()
     return {"metrics": record.metrics, "images": record.images, "hybrid": record.hybrid_images,
-            "held_out": dict(held_out), "held_out_images": held_out.images, "calls": calls}
+            "held_out": dict(held_out), "held_out_images": held_out.images, "calls": calls, "engine": trainer.engine.kind}
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, engine: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     distributed.init_from_env()
-    torch.save(_evaluate(), f"{out}/rank{rank}.pt")
+    torch.save(_evaluate(engine), f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+@pytest.fixture(scope="module", params=["fsdp", "ddp"])
+def ranks(request, tmp_path_factory):
+    """Both ranks' evaluations under FSDP2 (sharded weights, collectives inside the forward) and under DDP."""
     out = tmp_path_factory.mktemp("eval_ranks")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    mp.spawn(_worker, args=(2, _free_port(), str(out), request.param), nprocs=2, join=True)
+    results = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    assert [r["engine"] for r in results] == [request.param] * 2
+    return results
 
 
 def _same_numbers(a: dict, b: dict) -> None:

@@ -231,7 +231,7 @@ def _nan_on_one_rank_worker(rank: int, world: int, port: int, out: str) -> None:
         return out._replace(loss=out.loss + float("inf")) if rank == 1 and calls["n"] == 1 else out
 
     tmod.ppo_clip_loss = loss_inf_on_rank1_first_call
-    t = make("dancegrpo", "train.accumulate_size=4", prompts=["zero", "one", "two", "three"])
+    t = make("dancegrpo", "train.accumulate_size=4", "run.parallel=ddp", prompts=["zero", "one", "two", "three"])
     metrics = t.step()
     flat = torch.cat([p.detach().flatten() for p in t.params])[None]
     gathered = distributed.all_gather_cat(flat)

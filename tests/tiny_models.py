@@ -42,3 +42,56 @@ def tiny_tokenizers():
     t5_tok = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
                          + [(c, -5.0) for c in string.ascii_lowercase], extra_ids=0, model_max_length=512)
     return clip_tok, t5_tok
+
+
+def tiny_sdxl_pipeline(prediction_type: str = "epsilon", size: int = 16):
+    """``StableDiffusionXLPipeline`` of diffusers' SDXL pipeline tests (UNet with ``text_time`` added conditioning,
+    two width-32 CLIP encoders, the second with a projection), the one-block VAE and SDXL's DDIM schedule."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=size, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64,
+                                norm_num_groups=2)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    tokenizer = tiny_tokenizers()[0]
+    return StableDiffusionXLPipeline(vae=tiny_vae(4), text_encoder=CLIPTextModel(tiny_clip_config()),
+                                     text_encoder_2=CLIPTextModelWithProjection(tiny_clip_config()),
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
+def tiny_hunyuan_video_pipeline():
+    """``HunyuanVideoPipeline`` of diffusers' HunyuanVideo pipeline tests: a 1+1-block transformer with the guidance
+    embedding, the 4-block video VAE (8x spatial, 4x temporal), a 2-layer Llama with a character tokenizer (right
+    padding, as HunyuanVideo's) and the width-32 CLIP; the flow scheduler with DanceGRPO's shift 5."""
+    import torch
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                           HunyuanVideoTransformer3DModel)
+    from transformers import CLIPTextModel, LlamaConfig, LlamaModel, LlamaTokenizer
+
+    torch.manual_seed(0)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+        pooled_projection_dim=32, rope_axes_dim=(2, 4, 4))
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        act_fn="silu", norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
+        temporal_compression_ratio=4, mid_block_add_attention=True)
+    llama = LlamaModel(LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2, hidden_size=16, intermediate_size=37,
+                                   num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2, vocab_size=64))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in string.ascii_lowercase + string.digits + ".,!?'- {}":
+        vocab.setdefault(c, len(vocab))
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=[], pad_token="</s>", padding_side="right")
+    return HunyuanVideoPipeline(text_encoder=llama, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+                                text_encoder_2=CLIPTextModel(tiny_clip_config()), tokenizer_2=tiny_tokenizers()[0])

@@ -30,7 +30,7 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, low: flo
 
 @dataclass
 class PolicyConfig:
-    name: str = _f("digits", "Registered policy adapter: digits (built-in tiny FLUX), flux1, sd3, wan, qwen_image (local diffusers folders).")
+    name: str = _f("digits", "Registered policy adapter: digits (built-in tiny FLUX), flux1, sd3, wan, qwen_image, sd15, sdxl, hunyuan_video (local diffusers folders).")
     path: str = _f("", "Weights: a safetensors file (digits) or a local diffusers folder (other policies); empty = shipped digits weights.")
     lora_rank: int = _f(0, "LoRA rank through peft; 0 trains the full transformer.", low=0)
     lora_alpha: float = _f(0.0, "LoRA alpha; 0 means 2 * rank (the references' ratio).", low=0)
@@ -89,7 +89,7 @@ class TreeConfig:
 
 @dataclass
 class RolloutConfig:
-    prompts_per_step: int = _f(4, "Prompts per training step (per rank).", low=1)
+    prompts_per_step: int = _f(4, "Prompts per training step, over all ranks (a group may span ranks; a tree may not).", low=1)
     group_size: int = _f(8, "Images per prompt (chains); trees use their leaves.", low=1)
     same_noise_in_group: bool = _f(True, "A group starts from one shared initial noise (DanceGRPO, MixGRPO).")
     decode_batch: int = _f(0, "Largest batch of one decoder (VAE) call; 0 = no limit.", low=0)
@@ -164,6 +164,7 @@ class RunConfig:
     progress: bool = _f(True, "Show a progress bar.")
     device: str = _f("auto", "auto (CUDA when present), cpu, cuda or cuda:N; under torchrun each rank uses cuda:LOCAL_RANK.")
     threads: int = _f(1, "torch CPU threads per process (0 = torch's default).", low=0)
+    parallel: str = _f("auto", "Data parallelism under torchrun: ddp, fsdp (FSDP2, fully_shard per block), none, or auto (ddp for LoRA, fsdp for full fine-tunes).", ("auto", "none", "ddp", "fsdp"))
 
 
 @dataclass

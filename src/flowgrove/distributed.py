@@ -72,15 +72,32 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item() > 0)
 
 
-def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """All-reduce the gradients of ``params`` to their mean (plain data parallelism without a DDP wrapper)."""
+def all_equal(value: int) -> bool:
+    """True on every rank when ``value`` is the same on all ranks."""
     world, _ = world_size_and_rank()
     if world == 1:
-        return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(world)
+        return True
+    values = all_gather_cat(torch.tensor([value], device=_collective_device(), dtype=torch.long))
+    return bool((values == values[0]).all())
+
+
+def mean_over_ranks(values: list[float]) -> list[float]:
+    """The mean over ranks of each number (metrics of equally sized per-rank batches); unchanged on one process."""
+    world, _ = world_size_and_rank()
+    if world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return (t / world).tolist()
+
+
+def max_over_ranks(value: float) -> float:
+    world, _ = world_size_and_rank()
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def is_main() -> bool:

@@ -102,6 +102,46 @@ def store_mask(cfg: Config, plan: plans.StepPlan, num_chains: int, generator: to
     return selection.random_fraction_mask(num_chains, plan.num_steps, cfg.train.timestep_fraction, exclude_last, generator)
 
 
+@dataclasses.dataclass(frozen=True)
+class RankShare:
+    """One rank's contiguous part of a step's global batch of roots (chains, or tree roots): rank r holds roots
+    ``[start, start + size)`` of ``total``, so every rank's batch has the same shapes and the single-process batch is
+    the ranks' batches one after another."""
+
+    positions: Tensor  # [P_r] positions, in the step's drawn prompt list, of the prompts this rank samples
+    roots: Tensor  # [N0_r] each local root's row in ``positions``
+    start: int  # this rank's first global root
+    size: int  # roots on this rank (N0_r)
+    total: int  # roots of the global batch (N0)
+
+
+def roots_per_prompt(cfg: Config) -> int:
+    return 1 if cfg.tree.enabled else cfg.rollout.group_size
+
+
+def check_global_batch(cfg: Config, world: int) -> None:
+    """The step's global batch must split into equal parts over the ranks (equal shapes: no rank waits)."""
+    p, per = cfg.rollout.prompts_per_step, roots_per_prompt(cfg)
+    if (p * per) % world == 0:
+        return
+    if cfg.tree.enabled:
+        raise ConfigError(f"rollout.prompts_per_step={p} trees per step do not split evenly over {world} ranks "
+                          f"(a tree is rolled out on one rank); make it a multiple of {world}")
+    raise ConfigError(f"rollout.prompts_per_step={p} x rollout.group_size={per} = {p * per} samples per step do not "
+                      f"split evenly over {world} ranks; make the product a multiple of {world}")
+
+
+def rank_share(cfg: Config, world: int, rank: int) -> RankShare:
+    """This rank's roots of the global batch (``rollout.prompts_per_step`` prompts x ``roots_per_prompt``);
+    a group may span ranks, a tree may not (see :func:`check_global_batch`)."""
+    per = roots_per_prompt(cfg)
+    total = cfg.rollout.prompts_per_step * per
+    size = total // world
+    prompt_of_root = torch.arange(rank * size, (rank + 1) * size) // per  # [N0_r] into the drawn prompts
+    positions, roots = torch.unique_consecutive(prompt_of_root, return_inverse=True)
+    return RankShare(positions, roots, rank * size, size, total)
+
+
 def forest(cfg: Config, n_trees: int, num_steps: int | None = None) -> tree.Forest:
     """The trees of one step; ``num_steps`` is the plan's (a compressed tail shortens the trees)."""
     return tree.build_forest(num_steps or cfg.sampler.num_steps, split_steps(cfg), cfg.tree.branching, n_trees)

@@ -37,6 +37,25 @@ class RolloutSpec:
         return self.branching[step] if self.branching else 1
 
 
+@dataclass(frozen=True)
+class NoiseSource:
+    """The SDE noise of one rank's rows of a global batch. Every rank draws the whole batch's noise from the same
+    seeded generator and keeps its rows ``[rank * B, (rank + 1) * B)``, so a sample's noise does not depend on the
+    number of ranks (one process draws exactly the same numbers). One rank draws as a plain generator would."""
+
+    generator: torch.Generator
+    world: int = 1
+    rank: int = 0
+
+    def randn(self, shape: torch.Size) -> Tensor | None:
+        """Standard normal noise [B, ...] for this rank's B rows (float32, on the generator's device); None on one
+        rank (the step draws it from the generator itself)."""
+        if self.world == 1:
+            return None
+        full = torch.randn((shape[0] * self.world, *shape[1:]), generator=self.generator, device=self.generator.device)
+        return full[self.rank * shape[0]:(self.rank + 1) * shape[0]]
+
+
 class Transitions(NamedTuple):
     """Stored SDE transitions (edges), E of them; everything training needs to re-score them."""
 
@@ -102,7 +121,7 @@ def _cat_transitions(parts: list[Transitions], like: Tensor) -> Transitions:
 
 @torch.no_grad()
 def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: Tensor, spec: RolloutSpec,
-            generator: torch.Generator, store_mask: Tensor | None = None, groups: Tensor | None = None) -> Rollout:
+            generator: torch.Generator | NoiseSource, store_mask: Tensor | None = None, groups: Tensor | None = None) -> Rollout:
     """Sample chains or trees from ``x_init`` [N0, C, H, W] and store the trained SDE transitions.
 
     Args:
@@ -110,7 +129,7 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
         cond: conditioning batch; ``cond_index`` [N0] picks each root's row.
         x_init: initial noise at sigma_0.
         spec: plan, noise family, branching.
-        generator: source of every SDE noise draw (seeded by the caller).
+        generator: source of every SDE noise draw (seeded by the caller; a :class:`NoiseSource` for one rank).
         store_mask: optional [N0, S] bool, per-root trained steps (chains only: DanceGRPO's random subset).
         groups: optional [N0] ids of identical roots (same noise and prompt): their ODE prefix and first model
             call are computed once per group.
@@ -185,13 +204,16 @@ def _share_groups(x: Tensor, rows: Tensor, roots: Tensor, groups: Tensor | None)
 
 
 def _sde(family: StepFamily, spec: RolloutSpec, x: Tensor, velocity: Tensor, sigma: float, sigma_next: float, k: int,
-         generator: torch.Generator):
+         generator: torch.Generator | NoiseSource):
     """One SDE step of every node; split children (k > 1) are drawn with the scaled std and scored with it, or with
     the unscaled std under ``split_logprob_std="reference"`` (BranchGRPO's convention, bug B1); the returned scale is
     the one training re-scores with."""
     g = noise_g(spec.noise, spec.noise_level, x.new_tensor(sigma), x.new_tensor(sigma_next))
     scale = spec.split_noise_scale if k > 1 else 1.0
-    out = family.sde(x, velocity, sigma, sigma_next, g, noise_scale=scale, generator=generator)
+    source = generator if isinstance(generator, NoiseSource) else NoiseSource(generator)
+    noise = source.randn(x.shape)  # [N, ...] this rank's rows of the global draw (None: one rank)
+    noise = noise.to(x.device) if noise is not None else None
+    out = family.sde(x, velocity, sigma, sigma_next, g, noise_scale=scale, noise=noise, generator=source.generator)
     if scale != 1.0 and spec.split_logprob_std == "reference":
         out, scale = family.sde(x, velocity, sigma, sigma_next, g, x_next=out.x_next), 1.0
     return out, float(g), scale

@@ -13,7 +13,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from flowgrove import credit, distributed, method, selection, tree
+from flowgrove import credit, distributed, method, parallel, selection, tree
 from flowgrove.config import Config
 from flowgrove.heldout import EvalResult, evaluate_policy, ode_images  # noqa: F401 (ode_images: re-exported)
 from flowgrove.advantages import aggregate_rewards
@@ -21,7 +21,7 @@ from flowgrove.losses import ema_decay, kl_std, loss_weight, ppo_clip_loss, tran
 from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, PromptRows
 from flowgrove.rewards.base import RewardFn
 from flowgrove.rewards.parallel import score_rewards
-from flowgrove.rollout import Rollout, Transitions, decode_batched, rescore, rescore_step, rollout
+from flowgrove.rollout import NoiseSource, Rollout, Transitions, decode_batched, rescore, rescore_step, rollout
 
 
 class TrainingHalted(RuntimeError):
@@ -51,12 +51,13 @@ class UpdateStats:
     first_ratio_max_dev: float = 0.0  # max |ratio - 1| in the first micro-batch, before any weight change
     updates: int = 0
     skipped_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient norm
-    transitions: int = 0
+    transitions: int = 0  # stored transitions trained, over all ranks
 
 
 def step_generator(seed: int, iteration: int, stream: int, rank: int = 0) -> torch.Generator:
     """Generators derived from (seed, iteration, stream, rank): resuming at an iteration restores them exactly.
-    Stream 0 (prompts, trained steps, shuffling) is identical on every rank; stream 1 (noise) differs per rank."""
+    Stream 0 (prompts, trained steps, shuffling) and stream 1 (the noise of the global batch, which each rank
+    slices, see :class:`NoiseSource`) are identical on every rank, so no draw depends on the number of ranks."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + iteration) * 7 + stream) * 65_537 + rank)
 
 
@@ -74,12 +75,16 @@ class GRPOTrainer:
         self.test_prompts = list(test_prompts) if test_prompts else self.prompts
         self.weights = torch.tensor([float(w) for w in rewards_weights(cfg, self.rewards)])
         self.device = distributed.resolve_device(cfg.run.device)
-        self.params = [p for p in policy.module.parameters() if p.requires_grad]
+        world, _ = distributed.world_size_and_rank()
+        method.check_global_batch(cfg, world)
+        kind = parallel.choose_kind(cfg.run.parallel, world, cfg.policy.lora_rank)
+        self.engine = parallel.build_engine(kind, policy.module, self.device, cfg.policy.dtype)  # FSDP2 shards in place
+        self.params = [p for p in policy.module.parameters() if p.requires_grad]  # DTensor shards under FSDP2
         if not self.params:
             raise ValueError("the policy has no trainable parameters")
         t = cfg.train
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
-        self.ema = [p.detach().clone() for p in self.params] if t.ema_decay > 0 else None
+        self.ema = [p.detach().clone() for p in self.params] if t.ema_decay > 0 else None  # sharded as the weights
         self.reference = [p.detach().clone() for p in self.params] if t.kl_beta > 0 else None
         with torch.no_grad():  # text encoders run once per prompt
             self.cond = None if rows is not None else policy.encode_prompts(self.prompts).to(self.device)  # [P_all, ...]
@@ -96,41 +101,43 @@ class GRPOTrainer:
         """One GRPO iteration. Returns its metrics; raises NonFiniteRewardError before touching the weights."""
         cfg, it = self.cfg, self.iteration
         world, rank = distributed.world_size_and_rank()
-        shared = step_generator(cfg.train.seed, it, 0)
-        noise = step_generator(cfg.train.seed, it, 1, rank)
+        shared, noise = step_generator(cfg.train.seed, it, 0), step_generator(cfg.train.seed, it, 1)
         t0 = time.perf_counter()
-        n = cfg.rollout.prompts_per_step  # per rank; all ranks draw the same global list and take their slice
-        # without replacement within an epoch of the prompt set, reshuffled per epoch from the run's seed
-        drawn = selection.epoch_draws(len(self.prompts), it, world * n, cfg.train.seed)  # [world * n]
-        prompt_ids = drawn[rank * n:(rank + 1) * n]  # [P] into the prompt set
+        # the step's global prompts, without replacement within an epoch, reshuffled per epoch from the run's seed
+        drawn = selection.epoch_draws(len(self.prompts), it, cfg.rollout.prompts_per_step, cfg.train.seed)  # [P_all]
+        share = method.rank_share(cfg, world, rank)  # this rank's contiguous part of the global batch
+        prompt_ids = drawn[share.positions]  # [P] into the prompt set
         cond = self.rows.rows(prompt_ids).to(self.device)  # [P, ...]: only this step's rows reach the device
         self.step_cond, self.step_prompt_ids = cond, prompt_ids  # what this step's transitions' cond_index points into
         prompts = [self.prompts[i] for i in prompt_ids.tolist()]
         plan = method.step_plan(cfg, it)
         spec = method.rollout_spec(cfg, plan)
-        roots, x_init = self._roots(torch.arange(prompt_ids.shape[0]), noise)  # roots index the step's rows
-        mask = method.store_mask(cfg, plan, roots.shape[0], shared)
+        roots, x_init = self._roots(share, noise)  # roots index the step's rows
+        mask = method.store_mask(cfg, plan, share.total, shared)
+        mask = mask[share.start:share.start + share.size] if mask is not None else None  # [N0_r, S] of the global mask
         groups = None
         if not cfg.tree.enabled and cfg.rollout.same_noise_in_group:  # a group's ODE prefix is computed once
-            groups = torch.arange(prompt_ids.shape[0], device=roots.device).repeat_interleave(cfg.rollout.group_size)
-        ro = rollout(self.policy, cond, roots, x_init, spec, noise, store_mask=mask, groups=groups)
+            groups = share.roots.to(roots.device)
+        ro = rollout(self.policy, cond, roots, x_init, spec, NoiseSource(noise, world, rank), store_mask=mask, groups=groups)
         t1 = time.perf_counter()
         raw = self.score(ro, prompts)  # [K, N_L]
-        total = weighted_total(raw.cpu(), self.weights)  # [N_L]
+        gathered = distributed.all_gather_cat(raw.T.contiguous()).T.cpu()  # [K, N_all]: every rank's leaves in order
         t2 = time.perf_counter()
-        forest = method.forest(cfg, prompt_ids.shape[0], plan.num_steps) if cfg.tree.enabled else None
-        adv = self.edge_advantages(raw, ro, forest)  # [E]
+        forest = method.forest(cfg, share.size, plan.num_steps) if cfg.tree.enabled else None
+        adv = self.edge_advantages(gathered, ro, forest)  # [E]
+        total = weighted_total(raw.cpu(), self.weights)  # [N_L] this rank's leaves
         keep = self.pruning_keep(ro, total, forest)
         transitions, adv = ro.transitions.select(keep), adv[keep]
         n_leaves = ro.leaves.shape[0]
         stats = self.update(transitions, adv, n_leaves, shared, n_roots=roots.shape[0], cond=cond)
         t3 = time.perf_counter()
         self.iteration += 1
+        total_all = weighted_total(gathered, self.weights)  # [N_all]: the metrics do not depend on the world size
         metrics = {
-            "step": self.iteration, "reward_mean": total.mean().item(), "reward_std": total.std().item(),
-            **{f"reward/{name}": raw[k].mean().item() for k, name in enumerate(self.rewards)},
+            "step": self.iteration, "reward_mean": total_all.mean().item(), "reward_std": total_all.std().item(),
+            **{f"reward/{name}": gathered[k].mean().item() for k, name in enumerate(self.rewards)},
             **{k: v for k, v in vars(stats).items()},
-            "nfe_old": forest.nfe_per_leaf if forest else float(plan.nfe_old), "nfe_new": stats.transitions / n_leaves,
+            "nfe_old": forest.nfe_per_leaf if forest else float(plan.nfe_old), "nfe_new": stats.transitions / (n_leaves * world),
             "model_calls_per_sample": ro.model_calls / n_leaves,  # below nfe_old where groups share a prefix
             "seconds_rollout": t1 - t0, "seconds_reward": t2 - t1, "seconds_update": t3 - t2, "seconds_step": t3 - t0,
         }
@@ -143,21 +150,19 @@ class GRPOTrainer:
                 "lower train.lr, set train.max_grad_norm, or check the rewards and the policy's dtype", metrics)
         return metrics
 
-    def _roots(self, prompt_ids: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Conditioning rows [N0] and initial noise [N0, *latent_shape] of the chains or tree roots."""
-        cfg, shape = self.cfg, self.policy.latent_shape
+    def _roots(self, share: method.RankShare, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Conditioning rows [N0_r] and initial noise [N0_r, *latent_shape] of this rank's chains or tree roots:
+        the noise of the whole global batch is drawn (so it does not depend on the world size) and sliced."""
+        cfg, shape, total = self.cfg, self.policy.latent_shape, share.total
         if cfg.tree.enabled:
-            roots = prompt_ids
-            n_noise = 1 if cfg.tree.same_noise else roots.shape[0]
-            x = torch.randn((n_noise, *shape), generator=generator).expand(roots.shape[0], *shape)
+            x = torch.randn((1 if cfg.tree.same_noise else total, *shape), generator=generator).expand(total, *shape)
+        elif cfg.rollout.same_noise_in_group:
+            x = torch.randn((cfg.rollout.prompts_per_step, *shape), generator=generator)
+            x = x.repeat_interleave(cfg.rollout.group_size, dim=0)  # [N0, ...]
         else:
-            g = cfg.rollout.group_size
-            roots = prompt_ids.repeat_interleave(g)
-            if cfg.rollout.same_noise_in_group:
-                x = torch.randn((prompt_ids.shape[0], *shape), generator=generator).repeat_interleave(g, dim=0)
-            else:
-                x = torch.randn((roots.shape[0], *shape), generator=generator)
-        return roots.to(self.device), x.contiguous().to(self.device)
+            x = torch.randn((total, *shape), generator=generator)
+        x = x[share.start:share.start + share.size]  # [N0_r, ...]
+        return share.roots.to(self.device), x.contiguous().to(self.device)
 
     def score(self, ro: Rollout, cond_prompts: Sequence[str] | None = None) -> Tensor:
         """Rewards [K, N_leaves] of the decoded leaves, whose ``leaf_cond_index`` indexes ``cond_prompts`` (default:
@@ -177,11 +182,11 @@ class GRPOTrainer:
             )
         return raw
 
-    def edge_advantages(self, raw: Tensor, ro: Rollout, forest: tree.Forest | None) -> Tensor:
-        """Advantages [E] (on the policy's device) of the stored transitions, from rewards gathered over all ranks.
-        The collectives run on the device; the credit math on these few numbers runs on the CPU, where the forest is."""
+    def edge_advantages(self, gathered: Tensor, ro: Rollout, forest: tree.Forest | None) -> Tensor:
+        """Advantages [E] (on the policy's device) of the stored transitions, from the rewards [K, N_total] of every
+        rank's leaves (rank 0's first). The collectives run on the device; the credit math on these few numbers
+        runs on the CPU, where the forest is: advantages are computed once, each rank keeps its own rows."""
         cfg, tr = self.cfg, ro.transitions
-        gathered = distributed.all_gather_cat(raw.T.contiguous()).T.cpu()  # [K, N_total]
         if forest is not None:
             world, _ = distributed.world_size_and_rank()
             forest = method.forest(cfg, forest.n_trees * world, forest.num_steps)  # every rank's trees
@@ -224,31 +229,37 @@ class GRPOTrainer:
         ``cond`` is the conditioning the transitions' ``cond_index`` points into (default: the last step's rows).
         """
         cond = cond if cond is not None else self.step_cond if self.step_cond is not None else self.cond
-        t, stats = self.cfg.train, UpdateStats(transitions=len(tr))
+        world, _ = distributed.world_size_and_rank()
+        t, stats = self.cfg.train, UpdateStats(transitions=len(tr) * world)  # over all ranks (equal shares)
+        if not distributed.all_equal(len(tr)):  # equal micro-batches: a rank with fewer would leave others waiting
+            raise RuntimeError(f"the ranks stored different numbers of transitions at step {self.iteration + 1} "
+                               "(they must match for data-parallel updates); this is a bug, please report it")
         if len(tr) == 0:
             return stats
         order = torch.randperm(len(tr), generator=generator)  # [E]
-        if t.accumulate == "samples":
-            chunks = order.tensor_split(max(1, min(len(tr), -(-n_samples // t.accumulate_size))))
+        if t.accumulate == "samples":  # train.accumulate_size counts the global batch: the same steps on any world size
+            chunks = order.tensor_split(max(1, min(len(tr), -(-n_samples * world // t.accumulate_size))))
         else:
-            chunks = order.split(t.accumulate_size)
+            chunks = order.split(max(1, t.accumulate_size // world))
         per_root = max(1, len(tr) // (n_roots or n_samples))  # N-bar: stored transitions per chain or tree
         totals: dict[str, float] = {}
         norms: list[float] = []
         for chunk in chunks:
             self.optimizer.zero_grad(set_to_none=True)
             chunk_loss = 0.0
-            for rows in chunk.split(t.micro_batch):
-                weight = loss_weight(t.loss_scale, rows.numel(), chunk.numel(), t.accumulate_size, per_root)
-                part = self._micro_step(tr.select(rows), adv[rows], weight, cond)
+            micro = chunk.split(t.micro_batch)
+            for i, rows in enumerate(micro):
+                weight = loss_weight(t.loss_scale, rows.numel(), chunk.numel(), t.accumulate_size / world, per_root)
+                with self.engine.gradient_sync(i == len(micro) - 1):  # one reduction per accumulation group
+                    part = self._micro_step(tr.select(rows), adv[rows], weight, cond)
                 if stats.updates == 0 and stats.skipped_steps == 0 and not totals:
                     stats.first_ratio_max_dev = part.pop("ratio_dev")
                 part.pop("ratio_dev", None)
                 chunk_loss += part["loss"]
                 for k, v in part.items():
                     totals[k] = totals.get(k, 0.0) + v * rows.numel() / len(tr)
-            distributed.average_gradients(self.params)
-            norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")).item()
+            max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+            norm = parallel.full_value(torch.nn.utils.clip_grad_norm_(self.params, max_norm)).item()
             if distributed.any_rank(not (math.isfinite(chunk_loss) and math.isfinite(norm))):
                 self.optimizer.zero_grad(set_to_none=True)  # skipped on every rank: weights, Adam and EMA untouched
                 stats.skipped_steps += 1
@@ -262,8 +273,9 @@ class GRPOTrainer:
         if stats.updates:
             self._ema_update(per_rollout=True)
         stats.grad_norm = sum(norms) / len(norms) if norms else float("nan")
-        stats.loss, stats.clip_fraction = totals["loss"], totals["clip_fraction"]
-        stats.approx_kl, stats.kl = totals["approx_kl"], totals.get("kl", 0.0)
+        means = distributed.mean_over_ranks([totals["loss"], totals["clip_fraction"], totals["approx_kl"], totals.get("kl", 0.0)])
+        stats.loss, stats.clip_fraction, stats.approx_kl, stats.kl = means  # over every rank's transitions
+        stats.first_ratio_max_dev = distributed.max_over_ranks(stats.first_ratio_max_dev)
         return stats
 
     def _micro_step(self, batch: Transitions, adv: Tensor, weight: float, cond: Conditioning) -> dict[str, float]:
@@ -273,7 +285,7 @@ class GRPOTrainer:
         if self.reference is not None:  # before the policy forward: swapping weights in place after it would
             with torch.no_grad(), self.weights_swapped(self.reference):  # corrupt the tensors autograd saved
                 _, ref_mean = rescore(self.policy, batch, cond)
-        step = rescore_step(self.policy, batch, cond)
+        step = self.engine.forward(lambda: rescore_step(self.policy, batch, cond))  # DDP sees the training forward
         log_prob, mean = step.log_prob, step.mean
         out = ppo_clip_loss(log_prob, batch.old_log_prob, adv, t.clip_range, self.cfg.advantage.clip)
         loss, logs = out.loss, {"loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
@@ -313,12 +325,14 @@ class GRPOTrainer:
     def weights_swapped(self, values: list[Tensor]) -> Iterator[None]:
         """Temporarily load ``values`` into the trainable parameters (reference policy, EMA evaluation)."""
         saved = [p.detach().clone() for p in self.params]
+        self.engine.reshard()  # FSDP2: no stale unsharded copy may outlive the swap
         with torch.no_grad():
             for p, v in zip(self.params, values):
                 p.copy_(v)
         try:
             yield
         finally:
+            self.engine.reshard()
             with torch.no_grad():
                 for p, v in zip(self.params, saved):
                     p.copy_(v)

@@ -2,7 +2,8 @@
 
 Registered: ``digits`` (built-in tiny FLUX on 8x8 digits, shipped weights), ``flux1`` (a local diffusers
 FLUX.1 folder), ``sd3`` (SD3 / SD3.5 with classifier-free guidance), ``wan`` (Wan 2.1 / 2.2 text-to-video) and
-``qwen_image`` (Qwen-Image); ``sd15`` (Stable Diffusion 1.x, a diffusion model on the DDIM step family).
+``qwen_image`` (Qwen-Image), ``hunyuan_video`` (HunyuanVideo text-to-video, embedded guidance); ``sd15`` and ``sdxl``
+(Stable Diffusion 1.x and XL, diffusion models on the DDIM step family).
 Importing this package is light; diffusers and transformers load inside the factories.
 """
 
@@ -13,6 +14,8 @@ from flowgrove.policies.qwen_image import QwenImagePolicy, build_qwen_image_poli
 from flowgrove.policies.wan import WanPolicy, build_wan_policy
 from flowgrove.policies.sd3 import SD3Policy, build_sd3_policy  # noqa: F401 (registers "sd3")
 from flowgrove.policies.sd15 import SD15Policy, build_sd15_policy  # noqa: F401 (registers "sd15")
+from flowgrove.policies.sdxl import SDXLPolicy, build_sdxl_policy  # noqa: F401 (registers "sdxl")
+from flowgrove.policies.hunyuan_video import HunyuanVideoPolicy, build_hunyuan_video_policy  # noqa: F401 (registers "hunyuan_video")
 
 __all__ = [
     "Conditioning",

@@ -1,4 +1,5 @@
-"""Loading a local diffusers pipeline folder offline, shared by the families' factories (flux1, sd3, ...).
+"""Loading a local diffusers pipeline folder offline, and the helpers the families share (decoding, text padding,
+exports).
 
 Light to import: diffusers is imported by the caller, which passes its pipeline class.
 """
@@ -70,10 +71,53 @@ def decode_wan_vae(vae: nn.Module, latents: Tensor) -> Tensor:
     return (pixels / 2 + 0.5).clamp(0, 1)
 
 
-def save_pipeline_lora(pipeline_cls: Any, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
+def text_mask(prompt_embeds: Tensor) -> Tensor:
+    """Token mask ``[B, L]`` (bool) of zero-padded text states ``[B, L, D]``: a row is a token unless it is all zero."""
+    return prompt_embeds.ne(0).any(dim=-1)  # [B, L]
+
+
+def pad_text_states(embeds: Tensor, mask: Tensor | None, length: int) -> Tensor:
+    """Text states ``[B, L, D]`` with their padding rows (``mask`` False) set to zero, cut or zero-padded to
+    ``length`` rows, so every encoding (and the prompt cache) has one length and :func:`text_mask` recovers the mask."""
+    if mask is not None:
+        embeds = embeds * mask[..., None].to(embeds.dtype)  # [B, L, D], padding rows exactly zero
+    embeds = embeds[:, :length]
+    return torch.cat([embeds, embeds.new_zeros(embeds.shape[0], length - embeds.shape[1], embeds.shape[2])], dim=1)
+
+
+def decode_sd_vae(vae: nn.Module, latents: Tensor) -> Tensor:
+    """Images ``[B, 3, H, W]`` in [0, 1] from SD latents ``[B, C, h, w]``, as ``StableDiffusionPipeline`` and
+    ``StableDiffusionXLPipeline`` decode: ``x * std / scaling_factor + mean`` when the VAE config has
+    ``latents_mean``/``latents_std``, else ``x / scaling_factor``; ``vae.decode``; ``x / 2 + 0.5`` clamped."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape)
+        std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]  # [B, 3, H, W] in [-1, 1]
+    return (image / 2 + 0.5).clamp(0, 1).to(latents.dtype)
+
+
+def unet_latent_shape(pipe: Any, height: int, width: int, family: str) -> tuple[int, int, int]:
+    """``(C, H / f, W / f)`` of an SD1.x / SDXL latent, ``f`` the VAE scale ``2 ** (len(block_out_channels) - 1)``.
+
+    Raises:
+        ValueError: ``height`` or ``width`` is not a multiple of ``f``.
+    """
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if int(height) % scale or int(width) % scale:
+        raise ValueError(f"{family}: height and width must be multiples of the VAE scale {scale}, got {height}x{width}.")
+    return (int(pipe.unet.config.in_channels), int(height) // scale, int(width) // scale)
+
+
+def save_pipeline_lora(pipeline_cls: Any, state: dict[str, Tensor], lora_config: dict, out: Path,
+                       component: str = "transformer") -> None:
     """A LoRA file that ``pipeline_cls.load_lora_weights`` loads, written by the pipeline's own
-    ``save_lora_weights``: the ``transformer.`` prefix, ``pytorch_lora_weights.safetensors``, the LoraConfig as
-    metadata (FLUX, SD3, Wan and Qwen-Image share this signature).
+    ``save_lora_weights``: the ``transformer.`` (or ``unet.``) prefix, ``pytorch_lora_weights.safetensors``, the
+    LoraConfig as metadata (FLUX, SD3, Wan, Qwen-Image, HunyuanVideo; SD1.x and SDXL with ``component="unet"``).
 
     Args:
         pipeline_cls: The family's diffusers pipeline class (``FluxPipeline``, ``StableDiffusion3Pipeline``, ...).
@@ -81,9 +125,10 @@ def save_pipeline_lora(pipeline_cls: Any, state: dict[str, Tensor], lora_config:
             (``flowgrove.export.folded_lora``).
         lora_config: ``LoraConfig`` keyword arguments that match ``state`` (stored in the file's metadata).
         out: The folder to write.
+        component: The trained component's name in ``save_lora_weights`` (``transformer`` or ``unet``).
     """
-    pipeline_cls.save_lora_weights(str(out), transformer_lora_layers=state,
-                                   transformer_lora_adapter_metadata=lora_config)
+    pipeline_cls.save_lora_weights(str(out), **{f"{component}_lora_layers": state,
+                                                f"{component}_lora_adapter_metadata": lora_config})
 
 
 def save_pipeline_folder(pipe: Any, module: nn.Module, out: Path, subfolder: str = "transformer") -> None:

@@ -25,22 +25,11 @@ from torch import Tensor, nn
 
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import DTYPES, per_sample_sigma, pack_latents, unpack_latents
-from flowgrove.policies.pipelines import decode_wan_vae, load_local_pipeline, save_pipeline_folder, save_pipeline_lora
+from flowgrove.policies.pipelines import (decode_wan_vae, load_local_pipeline, pad_text_states, save_pipeline_folder,
+                                         save_pipeline_lora, text_mask)
 
 if TYPE_CHECKING:
     from diffusers import QwenImagePipeline
-
-
-def text_mask(prompt_embeds: Tensor) -> Tensor:
-    """Token mask ``[B, L]`` (bool) of zero-padded text states ``[B, L, D]``: a row is a token unless it is all zero."""
-    return prompt_embeds.ne(0).any(dim=-1)  # [B, L]
-
-
-def _pad(embeds: Tensor, mask: Tensor | None, length: int) -> Tensor:
-    if mask is not None:
-        embeds = embeds * mask[..., None].to(embeds.dtype)  # [B, L, D], padding rows exactly zero
-    embeds = embeds[:, :length]
-    return torch.cat([embeds, embeds.new_zeros(embeds.shape[0], length - embeds.shape[1], embeds.shape[2])], dim=1)
 
 
 class QwenImagePolicy:
@@ -70,7 +59,7 @@ class QwenImagePolicy:
         with torch.no_grad():
             embeds, mask = self.pipe.encode_prompt(prompt=list(prompts), device=self.pipe.text_encoder.device,
                                                    max_sequence_length=self.max_sequence_length)  # [B, L, D], [B, L]
-        return _pad(embeds, mask, self.max_sequence_length)  # [B, max_sequence_length, D]
+        return pad_text_states(embeds, mask, self.max_sequence_length)  # [B, max_sequence_length, D]
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """Qwen2.5-VL last hidden states through ``QwenImagePipeline.encode_prompt`` (no grad), zero-padded."""

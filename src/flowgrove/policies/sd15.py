@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import per_sample_sigma
-from flowgrove.policies.pipelines import DTYPES, load_local_pipeline, save_pipeline_folder
+from flowgrove.policies.pipelines import (DTYPES, decode_sd_vae, load_local_pipeline, save_pipeline_folder,
+                                         save_pipeline_lora, unet_latent_shape)
 from flowgrove.samplers.family import DiffusionSchedule, diffusion_steps
 
 if TYPE_CHECKING:
@@ -57,10 +58,7 @@ class SD15Policy:
         self.compute_dtype = compute_dtype
         self.schedule = ddim_schedule(dict(pipe.scheduler.config))
         self.step_family = diffusion_steps(self.schedule)
-        scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        if int(height) % scale or int(width) % scale:
-            raise ValueError(f"sd15: height and width must be multiples of the VAE scale {scale}, got {height}x{width}.")
-        self.latent_shape = (int(pipe.unet.config.in_channels), int(height) // scale, int(width) // scale)
+        self.latent_shape = unet_latent_shape(pipe, height, width, "sd15")
         self.negative = self._encode(["" if negative_prompt is None else str(negative_prompt)]) if self.cfg else None
 
     @property
@@ -124,16 +122,12 @@ class SD15Policy:
 
     def decode(self, x: Tensor) -> Tensor:
         """Images ``[B, 3, H', W']`` in [0, 1]: ``vae.decode(x / scaling_factor)`` as the pipeline (no shift)."""
-        vae = self.pipe.vae
-        image = vae.decode((x / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]  # [-1, 1]
-        return (image / 2 + 0.5).clamp(0, 1).to(x.dtype)
+        return decode_sd_vae(self.pipe.vae, x)
 
     def export_lora(self, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
         """diffusers' SD LoRA file in ``out`` (``StableDiffusionPipeline.save_lora_weights``: the ``unet.`` prefix,
         the LoraConfig as metadata), which ``pipe.load_lora_weights(out)`` loads."""
-        from diffusers import StableDiffusionPipeline
-
-        StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=state, unet_lora_adapter_metadata=lora_config)
+        save_pipeline_lora(type(self.pipe), state, lora_config, out, component="unet")
 
     def export_full(self, out: Path) -> None:
         """A pipeline folder in ``out``: the source folder's other components copied, the trained UNet written with
