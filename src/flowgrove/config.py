@@ -143,6 +143,7 @@ class EvalConfig:
     seed: int = _f(1234, "Seed of the held-out initial noise.")
     every: int = _f(0, "Also evaluate every N steps (0 = only before and after): rewards, judges, diversity, MMD^2 and KL to the base (docs/evaluation.md).", low=0)
     judges: list = _f([], "Rewards scored at every evaluation but not trained on (e.g. [digit_classifier] when training boldness); options from reward_options.")
+    hybrid_steps: int = _f(0, "Also evaluate hybrid inference: the policy for the first K of eval.num_steps steps, the base model after, reported under eval/hybrid/ (0 = off).", low=0)
     best: str = _f("judges", "Criterion of checkpoints/best: judges (mean judge, else the trained reward), reward (trained, weighted), combined (their mean) or off.", ("judges", "reward", "combined", "off"))
 
 
