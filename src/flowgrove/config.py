@@ -143,6 +143,7 @@ class EvalConfig:
     seed: int = _f(1234, "Seed of the held-out initial noise.")
     every: int = _f(0, "Also evaluate every N steps (0 = only before and after): rewards, judges, diversity, MMD^2 and KL to the base (docs/evaluation.md).", low=0)
     judges: list = _f([], "Rewards scored at every evaluation but not trained on (e.g. [digit_classifier] when training boldness); options from reward_options.")
+    hybrid_steps: int = _f(0, "Also evaluate hybrid inference: the policy for the first K of eval.num_steps steps, the base model after, reported under eval/hybrid/ (0 = off).", low=0)
     best: str = _f("judges", "Criterion of checkpoints/best: judges (mean judge, else the trained reward), reward (trained, weighted), combined (their mean) or off.", ("judges", "reward", "combined", "off"))
 
 
@@ -164,6 +165,7 @@ class RunConfig:
     device: str = _f("auto", "auto (CUDA when present), cpu, cuda or cuda:N; under torchrun each rank uses cuda:LOCAL_RANK.")
     threads: int = _f(1, "torch CPU threads per process (0 = torch's default).", low=0)
     parallel: str = _f("auto", "Data parallelism under torchrun: ddp, fsdp (FSDP2, fully_shard per block), none, or auto (ddp for LoRA, fsdp for full fine-tunes).", ("auto", "none", "ddp", "fsdp"))
+    collective_timeout: float = _f(600.0, "Seconds any collective may wait for the other ranks before the run stops naming the silent rank(s) (docs/scale-out.md).", low=1)
 
 
 @dataclass

@@ -33,12 +33,18 @@ def resolve_device(requested: str = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
-def init_from_env(device: torch.device | None = None) -> tuple[int, int]:
+def init_from_env(device: torch.device | None = None, timeout: float | None = None) -> tuple[int, int]:
     """Join the process group that torchrun describes in the environment, if any: NCCL for CUDA devices,
-    gloo for the CPU."""
+    gloo for the CPU. ``timeout`` (``run.collective_timeout``, seconds) bounds every collective, so a dead peer
+    ends the run instead of hanging it; given once the group exists, it replaces the group's timeout."""
+    from flowgrove.faults import collective_timeout
+
+    limit = collective_timeout(timeout) if timeout is not None else None
     if "RANK" in os.environ and not dist.is_initialized():
         device = device or resolve_device("auto")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **({"timeout": limit} if limit else {}))
+    elif limit is not None and dist.is_initialized():
+        dist.distributed_c10d._set_pg_timeout(limit)
     return world_size_and_rank()
 
 

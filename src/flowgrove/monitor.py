@@ -3,7 +3,8 @@
 
 Every ``eval.every`` steps (and at step 0 and at the end) it evaluates, merges the ``eval/*`` numbers into that
 step's metrics row (so they reach metrics.jsonl and TensorBoard), appends the record with its alarms to
-``eval.jsonl``, saves the grid ``eval_grids/step_NNNNNN.png`` (same prompts and seeds every time), keeps
+``eval.jsonl``, saves the grid ``eval_grids/step_NNNNNN.png`` (same prompts and seeds every time; with
+``eval.hybrid_steps`` also the hybrid-inference grid ``eval_grids/hybrid/step_NNNNNN.png``), keeps
 ``checkpoints/best`` by ``eval.best``, rebuilds ``report.html`` and, with ``guard.action=stop``, stops the run.
 """
 
@@ -25,7 +26,7 @@ from flowgrove.metrics import read_metrics, save_grid, truncate_metrics
 from flowgrove.rundir import atomic_write_text
 from flowgrove.trainer import GRPOTrainer, TrainingHalted
 
-EVAL_FILE, GRIDS, BEST = "eval.jsonl", "eval_grids", "best"
+EVAL_FILE, GRIDS, HYBRID_GRIDS, BEST = "eval.jsonl", "eval_grids", "hybrid", "best"
 
 
 class GuardStop(TrainingHalted):
@@ -68,6 +69,8 @@ class Monitor:
         last = trainer.iteration >= self.cfg.train.steps
         if self.enabled and (trainer.iteration % self.cfg.eval.every == 0 or last):
             step_metrics.update(self.evaluate(trainer, step_metrics))
+        if last and distributed.world_size_and_rank()[0] > 1:
+            trainer.evaluate()  # on every rank: the final held-out evaluation is split across ranks, rank 0 keeps it
 
     def evaluate(self, trainer: GRPOTrainer, step_metrics: dict | None = None) -> dict:
         record = evaluate_step(trainer, self.setup)
@@ -110,6 +113,10 @@ class Monitor:
         grids = self.run_dir / GRIDS
         grids.mkdir(exist_ok=True)
         save_grid(record.images, grids / f"{checkpoint_name(step)}.png", columns=self.cfg.eval.samples_per_prompt)
+        if record.hybrid_images is not None:
+            (grids / HYBRID_GRIDS).mkdir(exist_ok=True)
+            save_grid(record.hybrid_images, grids / HYBRID_GRIDS / f"{checkpoint_name(step)}.png",
+                      columns=self.cfg.eval.samples_per_prompt)
         row = {**record.metrics, "alarms": [a.message for a in alarms]}
         with (self.run_dir / EVAL_FILE).open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -14,7 +14,7 @@ from typing import Callable, TypeVar
 import torch
 from tqdm import tqdm
 
-from flowgrove import distributed, rundir
+from flowgrove import distributed, faults, rundir
 from flowgrove.checkpoint import (CheckpointError, Choice, checkpoint_folders, choose_checkpoint, discard_after,
                                   load_checkpoint, save_checkpoint)
 from flowgrove.config import Config, config_from_yaml_text, config_to_yaml
@@ -32,7 +32,7 @@ T = TypeVar("T")
 def build_trainer(cfg: Config) -> GRPOTrainer:
     """Policy, LoRA, rewards and prompts for ``cfg``, wrapped in a trainer. Seeds the global RNG."""
     device = distributed.resolve_device(cfg.run.device)
-    distributed.init_from_env(device)
+    distributed.init_from_env(device, cfg.run.collective_timeout)
     if cfg.run.threads > 0:  # torch's default (one per core) is 4-17x slower on a busy machine (README)
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.train.seed)
@@ -72,20 +72,28 @@ def _note(text: str) -> None:
 
 
 class _Stop:
-    """SIGTERM or a first Ctrl-C set a flag: the loop finishes the current step, checkpoints and exits.
-    A second Ctrl-C raises KeyboardInterrupt at once; the last checkpoint on disk stays valid."""
+    """SIGTERM or a first Ctrl-C set a flag: the loop finishes the current step, every rank agrees on it at the
+    step's end, checkpoints and exits. A second Ctrl-C raises KeyboardInterrupt at once; the last checkpoint on
+    disk stays valid. Under torchrun a Ctrl-C reaches a worker twice within milliseconds (from the terminal and
+    forwarded by the agent): a second SIGINT sooner than ``SAME_PRESS`` seconds after the first is the same press."""
+
+    SAME_PRESS = 0.3
 
     def __init__(self) -> None:
         self.requested = False
+        self._first_sigint: float | None = None
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001
         if signum == signal.SIGINT:
-            if self.requested:
+            now = time.monotonic()
+            if self._first_sigint is not None and now - self._first_sigint >= self.SAME_PRESS:
                 raise KeyboardInterrupt
-            # os.write, not print: a handler may run in the middle of another write to stderr
-            os.write(2, b"flowgrove: stopping after the current step and writing a checkpoint; "
-                        b"press Ctrl-C again to stop at once\n")
+            if self._first_sigint is None:
+                self._first_sigint = now
+                # os.write, not print: a handler may run in the middle of another write to stderr
+                os.write(2, b"flowgrove: stopping after the current step and writing a checkpoint; "
+                            b"press Ctrl-C again to stop at once\n")
         self.requested = True
 
     def restore(self) -> None:
@@ -152,7 +160,7 @@ def train(cfg: Config, run_dir: Path | None = None, overwrite: bool = False) -> 
 
     A folder that holds a partial run without a checkpoint is only reused with ``overwrite``.
     """
-    distributed.init_from_env()
+    distributed.init_from_env(timeout=cfg.run.collective_timeout)
     target = run_dir or cfg.run.out or None
     claim = _agreed(lambda: _claim_fresh(cfg, target, overwrite))
     try:
@@ -253,38 +261,66 @@ def _train_steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None
                  monitor: Monitor | None = None) -> Path | None:
     """Train to ``train.steps``, checkpointing after step 1, every ``run.checkpoint_every`` steps and at the end.
 
-    Returns the final checkpoint. A signal, or a :class:`TrainingHalted` from the trainer (raised before any
-    weight changed), ends in a checkpoint of the last good state and ``SystemExit``.
+    Returns the final checkpoint. A signal on any rank (agreed on by all at the end of the step), or a
+    :class:`TrainingHalted` from the trainer (raised before any weight changed), ends in one checkpoint of the last
+    good state and ``SystemExit``. A peer that dies or hangs ends this rank within ``run.collective_timeout`` with a
+    message naming it, without a checkpoint (writing one needs every rank).
     """
-    stop = _Stop()
-    bar = tqdm(total=cfg.train.steps, initial=trainer.iteration, disable=not (cfg.run.progress and save.main), unit="step")
     from flowgrove.cli import program
 
     resume_hint = f"resume with `{program()} train --resume {save.run_dir}`"
+    stop = _Stop()
+    beat = faults.start_heartbeat(faults.Context(lambda: save.saved_path, resume_hint), cfg.run.collective_timeout)
+    bar = tqdm(total=cfg.train.steps, initial=trainer.iteration, disable=not (cfg.run.progress and save.main), unit="step")
+    finished = False
     try:
-        try:
-            while trainer.iteration < cfg.train.steps and not distributed.any_rank(stop.requested):
-                metrics = trainer.step()
-                if monitor:  # periodic evaluation and guard: eval/* join this step's row; GuardStop halts
-                    monitor.after_step(trainer, metrics)
-                if logger:
-                    logger.log(metrics)
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", s_per_step=f"{metrics['seconds_step']:.2f}")
-                if trainer.iteration == 1 or trainer.iteration % cfg.run.checkpoint_every == 0:
-                    save(trainer)
-        except TrainingHalted as err:
-            if logger and err.metrics:  # the step completed (every optimizer step of it skipped): log it
-                logger.log(err.metrics)
-            path = save(trainer)
-            raise SystemExit(f"flowgrove: {str(err).rstrip('.')}; the last good state is checkpoint {path}; {resume_hint}") from None
-        path = save(trainer)
+        with faults.peers_checked(beat):
+            try:
+                _steps(cfg, trainer, logger, save, monitor, stop, bar)
+            except TrainingHalted as err:
+                if logger and err.metrics:  # the step completed (every optimizer step of it skipped): log it
+                    logger.log(err.metrics)
+                path = _save_everywhere(save, trainer)
+                raise SystemExit(f"flowgrove: {str(err).rstrip('.')}; the last good state is checkpoint "
+                                 f"{_where(path)}; {resume_hint}") from None
+            path = _save_everywhere(save, trainer)
+        finished = True
         if trainer.iteration < cfg.train.steps:
-            raise SystemExit(f"flowgrove: stopped by signal after step {trainer.iteration}; checkpoint {path}; {resume_hint}")
+            raise SystemExit(f"flowgrove: stopped by signal after step {trainer.iteration}; checkpoint {_where(path)}; "
+                             f"{resume_hint}")
     finally:
         bar.close()
         stop.restore()
+        if beat:  # a rank that fails on its own stays silent, so the others name it
+            beat.stop(finished=finished or sys.exc_info()[0] is SystemExit)
     return path
+
+
+def _steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None, save: _Saver, monitor: Monitor | None,
+           stop: _Stop, bar: tqdm) -> None:
+    """The loop of :func:`_train_steps`: until ``train.steps`` or a stop request on any rank."""
+    while trainer.iteration < cfg.train.steps and not distributed.any_rank(stop.requested):
+        metrics = trainer.step()
+        if monitor:  # periodic evaluation and guard: eval/* join this step's row; GuardStop halts
+            monitor.after_step(trainer, metrics)
+        if logger:
+            logger.log(metrics)
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", s_per_step=f"{metrics['seconds_step']:.2f}")
+        if trainer.iteration == 1 or trainer.iteration % cfg.run.checkpoint_every == 0:
+            save(trainer)
+
+
+def _save_everywhere(save: _Saver, trainer: GRPOTrainer) -> Path | None:
+    """The final checkpoint, then a barrier: no rank exits (which makes torchrun stop the others) before it is
+    complete."""
+    path = save(trainer)
+    faults.barrier()
+    return path
+
+
+def _where(path: Path | None) -> str:
+    return str(path) if path else "written by rank 0"
 
 
 def _eval_before(trainer: GRPOTrainer, run_dir: Path | None, main: bool) -> dict:

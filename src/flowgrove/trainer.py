@@ -15,14 +15,13 @@ from torch import Tensor
 
 from flowgrove import credit, distributed, method, parallel, selection, tree
 from flowgrove.config import Config
+from flowgrove.heldout import EvalResult, evaluate_policy, ode_images  # noqa: F401 (ode_images: re-exported)
 from flowgrove.advantages import aggregate_rewards
 from flowgrove.losses import ema_decay, kl_std, loss_weight, ppo_clip_loss, transition_kl
 from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, PromptRows
 from flowgrove.rewards.base import RewardFn
 from flowgrove.rewards.parallel import score_rewards
-from flowgrove.rollout import (NoiseSource, Rollout, Transitions, batched_velocity, decode_batched, rescore, rescore_step,
-                               rollout)
-from flowgrove.samplers.family import sample_ode, step_family
+from flowgrove.rollout import NoiseSource, Rollout, Transitions, decode_batched, rescore, rescore_step, rollout
 
 
 class TrainingHalted(RuntimeError):
@@ -341,15 +340,21 @@ class GRPOTrainer:
     # ---- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> EvalResult:
-        """Held-out reward: every prompt, fixed seeds, Euler ODE sampling (EMA weights when enabled)."""
+        """Held-out reward: every prompt, fixed seeds, Euler ODE sampling (EMA weights when enabled), split across
+        ranks, so every rank calls it. The result is kept until the weights change: a second call at the same
+        weights (rank 0's summary after :class:`flowgrove.monitor.Monitor` evaluated on every rank) samples nothing
+        and enters no collective."""
+        kept = getattr(self, "_held_out", None)
+        if kept is not None and kept[0] == self._weights_key():
+            return kept[1]
         with self.weights_swapped(self.ema) if self.ema is not None else nullcontext():
-            return evaluate_policy(self.policy, self.test_cond, self.test_prompts, self.rewards, self.weights, self.cfg)
+            result = evaluate_policy(self.policy, self.test_cond, self.test_prompts, self.rewards, self.weights, self.cfg)
+        self._held_out = (self._weights_key(), result)
+        return result
 
-
-class EvalResult(dict):
-    """``{"reward": weighted mean, "reward/<name>": ...}`` plus ``images`` [N, 3, H, W] (videos [N, F, 3, H, W])."""
-
-    images: Tensor
+    def _weights_key(self) -> tuple:
+        """Changes whenever a trainable or EMA weight is written in place (tensor version counters) or a step ends."""
+        return self.iteration, tuple(p._version for p in self.params), tuple(e._version for e in self.ema or ())
 
 
 def rewards_weights(cfg: Config, rewards: Mapping[str, RewardFn]) -> list[float]:
@@ -359,36 +364,3 @@ def rewards_weights(cfg: Config, rewards: Mapping[str, RewardFn]) -> list[float]
 def weighted_total(raw: Tensor, weights: Tensor) -> Tensor:
     """Rewards [K, N] -> the weighted sum over reward models [N], with the weights as configured."""
     return aggregate_rewards(raw, weights)
-
-
-@torch.no_grad()
-def ode_images(policy: FlowPolicy, cond: Conditioning, rows: Tensor, sigmas: Tensor, seed: int,
-               chunk_size: int = 0, decode_batch: int = 0) -> Tensor:
-    """Euler ODE samples over ``sigmas`` [S + 1] for conditioning rows [N] from noise seeded by ``seed``.
-    Returns images [N, 3, H, W] (videos [N, F, 3, H, W])."""
-    gen = torch.Generator().manual_seed(seed)
-    device = next(policy.module.parameters()).device
-    x = torch.randn((rows.shape[0], *policy.latent_shape), generator=gen).to(device)  # CPU noise: same on any device
-    rows = rows.to(x.device)
-    cond_rows = cond.to(device).select(rows)
-
-    def velocity(z: Tensor, sigma: Tensor) -> Tensor:
-        return batched_velocity(policy, z, z.new_full((z.shape[0],), float(sigma)), cond_rows, chunk_size)
-
-    return decode_batched(policy, sample_ode(step_family(policy), velocity, x, sigmas), decode_batch)
-
-
-@torch.no_grad()
-def evaluate_policy(policy: FlowPolicy, cond: Conditioning, prompts: Sequence[str], rewards: Mapping[str, RewardFn],
-                    weights: Tensor, cfg: Config) -> EvalResult:
-    """ODE samples for every prompt (``eval.samples_per_prompt`` each, noise from ``eval.seed``) and their rewards."""
-    e = cfg.eval
-    rows = torch.arange(len(prompts)).repeat_interleave(e.samples_per_prompt)  # [N]
-    images = ode_images(policy, cond, rows, method.base_sigmas(cfg, e.num_steps), e.seed, cfg.sampler.chunk_size,
-                        cfg.rollout.decode_batch)
-    names = [prompts[i] for i in rows.tolist()]
-    raw = torch.stack([r.cpu() for r in score_rewards(rewards, images, names)])  # [K, N], rewards in parallel threads
-    result = EvalResult({"reward": weighted_total(raw, weights).mean().item()})
-    result.update({f"reward/{name}": raw[k].mean().item() for k, name in enumerate(rewards)})
-    result.images = images
-    return result
