@@ -69,8 +69,6 @@ class Monitor:
         last = trainer.iteration >= self.cfg.train.steps
         if self.enabled and (trainer.iteration % self.cfg.eval.every == 0 or last):
             step_metrics.update(self.evaluate(trainer, step_metrics))
-        if last and distributed.world_size_and_rank()[0] > 1:
-            trainer.evaluate()  # on every rank: the final held-out evaluation is split across ranks, rank 0 keeps it
 
     def evaluate(self, trainer: GRPOTrainer, step_metrics: dict | None = None) -> dict:
         record = evaluate_step(trainer, self.setup)

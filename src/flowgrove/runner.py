@@ -24,7 +24,7 @@ from flowgrove.monitor import Monitor
 from flowgrove.policies.prepare import offload_text_encoders, prepare_policy
 from flowgrove.prompts import load_prompt_sets
 from flowgrove.rewards import build_reward
-from flowgrove.trainer import GRPOTrainer, TrainingHalted
+from flowgrove.trainer import EvalResult, GRPOTrainer, TrainingHalted
 
 T = TypeVar("T")
 
@@ -250,7 +250,8 @@ def _run(cfg: Config, run_dir: Path | None, trainer: GRPOTrainer, resumed: Choic
                           logger.writer.add_scalar if logger else None, save.yaml, save.wall_seconds)
         monitor.start(trainer)
         _train_steps(cfg, trainer, logger, save, monitor)
-        summary = _finish(cfg, run_dir, trainer, before, save.wall_seconds(), monitor) if main else {}
+        after = trainer.evaluate()  # on every rank: FSDP2's forward gathers the weights from all of them
+        summary = _finish(cfg, run_dir, trainer, before, after, save.wall_seconds(), monitor) if main else {}
     finally:
         if logger:
             logger.close()
@@ -335,9 +336,8 @@ def _eval_before(trainer: GRPOTrainer, run_dir: Path | None, main: bool) -> dict
     return dict(result)
 
 
-def _finish(cfg: Config, run_dir: Path, trainer: GRPOTrainer, before: dict, wall: float,
+def _finish(cfg: Config, run_dir: Path, trainer: GRPOTrainer, before: dict, after: EvalResult, wall: float,
             monitor: Monitor | None = None) -> dict:
-    after = trainer.evaluate()
     save_grid(after.images, run_dir / "samples_after.png", columns=cfg.eval.samples_per_prompt)
     rows = read_metrics(run_dir / "metrics.jsonl")
     plot_reward_curves({"training reward (SDE rollouts)": ([r["step"] for r in rows], [r["reward_mean"] for r in rows])},
