@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ from flowgrove import faults
 from flowgrove.checkpoint import checkpoint_folders, choose_checkpoint
 
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "eval.samples_per_prompt=1", "run.progress=false",
-         "run.checkpoint_every=100", "run.parallel=ddp"]  # ddp: the FSDP2 checkpoint is the sharded-checkpoint work
+         "run.checkpoint_every=100"]  # run.parallel=auto: FSDP2 (a full fine-tune), sharded checkpoints
 TIMEOUT = 8  # run.collective_timeout of the hang test: above the ranks' start-up skew on a loaded machine
 
 
@@ -112,6 +113,10 @@ def test_a_dead_or_hung_rank_ends_the_others_with_a_message_naming_it(tmp_path, 
         assert [p.name for p in checkpoint_folders(run)] == ["step_000001"]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # a stopped rank 1 would keep the agent 30 s (its shutdown timeout)
+        for pid in ranks.values():  # torchrun starts each worker in its own session: killpg misses them
+            if not _gone(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         proc.wait()
 
 
