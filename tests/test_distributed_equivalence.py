@@ -37,6 +37,11 @@ CASES = {
                                            "train.micro_batch=100000"], "fsdp"),
     "ddp_lora_chains": ("flowgrpo", "digits", ["rollout.prompts_per_step=2", "rollout.group_size=4", "policy.lora_rank=4",
                                                "advantage.kind=group_global_std", "advantage.ddof=0", "train.first_k=0", *DIGITS], "ddp"),
+    # one tree on two ranks: both roll it out, each trains half of its transitions. With the reference's loss scale
+    # (sum / (G * N-bar)) the gradient's size depends on N-bar, which grad_norm checks (Adam itself is scale-free here)
+    "tree_spans_ranks": ("branchgrpo", "tiny", ["rollout.prompts_per_step=1", "tree.fusion=path", "tree.temperature=0.5",
+                                                "train.loss_scale=reference", "train.adam_eps=1.0e-10",
+                                                "train.micro_batch=100000"], "fsdp"),
     # EMA and the KL reference are copies of FSDP2's shards; the KL forward swaps them into the sharded weights
     "fsdp_ema_kl": ("dancegrpo", "tiny", ["rollout.prompts_per_step=2", "rollout.group_size=4", "train.ema_decay=0.5",
                                           "train.kl_beta=0.5", "train.micro_batch=5"], "fsdp"),

@@ -14,7 +14,7 @@ from typing import Callable, TypeVar
 import torch
 from tqdm import tqdm
 
-from flowgrove import distributed, faults, rundir
+from flowgrove import distributed, faults, method, rundir
 from flowgrove.checkpoint import (CheckpointError, Choice, checkpoint_folders, choose_checkpoint, discard_after,
                                   load_checkpoint, save_checkpoint)
 from flowgrove.config import Config, config_from_yaml_text, config_to_yaml
@@ -32,7 +32,8 @@ T = TypeVar("T")
 def build_trainer(cfg: Config) -> GRPOTrainer:
     """Policy, LoRA, rewards and prompts for ``cfg``, wrapped in a trainer. Seeds the global RNG."""
     device = distributed.resolve_device(cfg.run.device)
-    distributed.init_from_env(device, cfg.run.collective_timeout)
+    world, _ = distributed.init_from_env(device, cfg.run.collective_timeout)
+    method.check_global_batch(cfg, world)  # before any model loads
     if cfg.run.threads > 0:  # torch's default (one per core) is 4-17x slower on a busy machine (README)
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.train.seed)

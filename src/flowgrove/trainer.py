@@ -118,18 +118,21 @@ class GRPOTrainer:
         groups = None
         if not cfg.tree.enabled and cfg.rollout.same_noise_in_group:  # a group's ODE prefix is computed once
             groups = share.roots.to(roots.device)
-        ro = rollout(self.policy, cond, roots, x_init, spec, NoiseSource(noise, world, rank), store_mask=mask, groups=groups)
+        ro = rollout(self.policy, cond, roots, x_init, spec, NoiseSource(noise, share.parts, share.part), store_mask=mask,
+                     groups=groups)
         t1 = time.perf_counter()
         raw = self.score(ro, prompts)  # [K, N_L]
-        gathered = distributed.all_gather_cat(raw.T.contiguous()).T.cpu()  # [K, N_all]: every rank's leaves in order
+        gathered = self._gather(raw.T, share).T  # [K, N_all]: every block's leaves in order
         t2 = time.perf_counter()
         forest = method.forest(cfg, share.size, plan.num_steps) if cfg.tree.enabled else None
-        adv = self.edge_advantages(gathered, ro, forest)  # [E]
+        adv = self.edge_advantages(gathered, ro, forest, share)  # [E]
         total = weighted_total(raw.cpu(), self.weights)  # [N_L] this rank's leaves
         keep = self.pruning_keep(ro, total, forest)
+        if share.span > 1:  # a tree's ranks all rolled it out; each trains its share of the kept transitions
+            keep = keep[method.member_rows(keep.numel(), share).to(keep.device)]
         transitions, adv = ro.transitions.select(keep), adv[keep]
         n_leaves = ro.leaves.shape[0]
-        stats = self.update(transitions, adv, n_leaves, shared, n_roots=roots.shape[0], cond=cond)
+        stats = self.update(transitions, adv, n_leaves, shared, n_roots=roots.shape[0] / share.span, cond=cond)
         t3 = time.perf_counter()
         self.iteration += 1
         total_all = weighted_total(gathered, self.weights)  # [N_all]: the metrics do not depend on the world size
@@ -137,7 +140,7 @@ class GRPOTrainer:
             "step": self.iteration, "reward_mean": total_all.mean().item(), "reward_std": total_all.std().item(),
             **{f"reward/{name}": gathered[k].mean().item() for k, name in enumerate(self.rewards)},
             **{k: v for k, v in vars(stats).items()},
-            "nfe_old": forest.nfe_per_leaf if forest else float(plan.nfe_old), "nfe_new": stats.transitions / (n_leaves * world),
+            "nfe_old": forest.nfe_per_leaf if forest else float(plan.nfe_old), "nfe_new": stats.transitions / gathered.shape[1],
             "model_calls_per_sample": ro.model_calls / n_leaves,  # below nfe_old where groups share a prefix
             "seconds_rollout": t1 - t0, "seconds_reward": t2 - t1, "seconds_update": t3 - t2, "seconds_step": t3 - t0,
         }
@@ -182,20 +185,28 @@ class GRPOTrainer:
             )
         return raw
 
-    def edge_advantages(self, gathered: Tensor, ro: Rollout, forest: tree.Forest | None) -> Tensor:
+    @staticmethod
+    def _gather(rows: Tensor, share: method.RankShare) -> Tensor:
+        """Per-rank rows [B, ...] -> every block's rows [parts * B, ...] on the CPU, one copy of a shared block."""
+        world, _ = distributed.world_size_and_rank()
+        return method.unique_blocks(distributed.all_gather_cat(rows.contiguous()), world, share.span).cpu()
+
+    def edge_advantages(self, gathered: Tensor, ro: Rollout, forest: tree.Forest | None,
+                        share: method.RankShare | None = None) -> Tensor:
         """Advantages [E] (on the policy's device) of the stored transitions, from the rewards [K, N_total] of every
-        rank's leaves (rank 0's first). The collectives run on the device; the credit math on these few numbers
-        runs on the CPU, where the forest is: advantages are computed once, each rank keeps its own rows."""
+        block's leaves (``share``: this rank's block; default one process). The collectives run on the device; the
+        credit math on these few numbers runs on the CPU, where the forest is: advantages are computed once, each
+        rank keeps its own rows."""
         cfg, tr = self.cfg, ro.transitions
+        share = share or method.rank_share(cfg, 1, 0)
+        mine = lambda values: values.chunk(share.parts)[share.part]  # noqa: E731  (this block's rows)
         if forest is not None:
-            world, _ = distributed.world_size_and_rank()
-            forest = method.forest(cfg, forest.n_trees * world, forest.num_steps)  # every rank's trees
-            log_probs = tuple(distributed.all_gather_cat(lp).cpu() for lp in ro.edge_log_probs)
+            forest = method.forest(cfg, forest.n_trees * share.parts, forest.num_steps)  # every block's trees
+            log_probs = tuple(self._gather(lp, share) for lp in ro.edge_log_probs)
             per_depth = credit.tree_advantages(gathered, self.weights, forest, log_probs, cfg.advantage, cfg.tree)
-            local = tuple(distributed.shard_rows(a) for a in per_depth)
-            return credit.edge_values(local, tr.depth.cpu(), tr.node.cpu()).to(tr.x.device)
+            return credit.edge_values(tuple(mine(a) for a in per_depth), tr.depth.cpu(), tr.node.cpu()).to(tr.x.device)
         group = torch.arange(gathered.shape[1]) // cfg.rollout.group_size  # [N_total]
-        sample_adv = distributed.shard_rows(credit.chain_advantages(gathered, self.weights, group, cfg.advantage))
+        sample_adv = mine(credit.chain_advantages(gathered, self.weights, group, cfg.advantage))
         return credit.chain_edge_advantages(sample_adv.to(tr.x.device), ro)
 
     def pruning_keep(self, ro: Rollout, total: Tensor, forest: tree.Forest | None) -> Tensor:
@@ -220,12 +231,13 @@ class GRPOTrainer:
 
     # ---- update --------------------------------------------------------------------------------------
     def update(self, tr: Transitions, adv: Tensor, n_samples: int, generator: torch.Generator,
-               n_roots: int | None = None, cond: Conditioning | None = None) -> UpdateStats:
+               n_roots: float | None = None, cond: Conditioning | None = None) -> UpdateStats:
         """PPO-clip updates over the stored transitions, shuffled; an optimizer step per accumulation group.
 
         A group whose loss or gradient norm is NaN/inf on any rank is skipped on every rank (no weight, optimizer
         or EMA change); ``train.max_nonfinite_skips`` consecutive skips raise :class:`NonFiniteUpdatesError`
-        at the end of the step. ``n_roots`` (chains or trees on this rank) sets ``train.loss_scale=reference``;
+        at the end of the step. ``n_roots`` (chains or trees on this rank, a fraction of a tree that spans ranks) sets
+        ``train.loss_scale=reference``;
         ``cond`` is the conditioning the transitions' ``cond_index`` points into (default: the last step's rows).
         """
         cond = cond if cond is not None else self.step_cond if self.step_cond is not None else self.cond
@@ -241,7 +253,7 @@ class GRPOTrainer:
             chunks = order.tensor_split(max(1, min(len(tr), -(-n_samples * world // t.accumulate_size))))
         else:
             chunks = order.split(max(1, t.accumulate_size // world))
-        per_root = max(1, len(tr) // (n_roots or n_samples))  # N-bar: stored transitions per chain or tree
+        per_root = max(1, int(len(tr) // (n_roots or n_samples)))  # N-bar: stored transitions per chain or tree
         totals: dict[str, float] = {}
         norms: list[float] = []
         for chunk in chunks:
