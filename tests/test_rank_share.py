@@ -32,14 +32,19 @@ def test_trees_go_whole_to_ranks_or_span_them_when_fewer_than_ranks():
     shares = [method.rank_share(cfg, 4, r) for r in range(4)]  # each tree on two ranks
     assert [(s.positions.tolist(), s.part, s.parts, s.span, s.member) for s in shares] == [
         ([0], 0, 2, 2, 0), ([0], 0, 2, 2, 1), ([1], 1, 2, 2, 0), ([1], 1, 2, 2, 1)]
-    assert [method.member_rows(10, s).tolist() for s in shares[:2]] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    rows = [method.member_rows(10, s) for s in shares[:2]]
+    assert [r.tolist() for r in rows] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]] and rows[0].dtype == torch.long
+    method.check_global_batch(cfg, 4)  # two trees on four ranks: each tree spans two
     with pytest.raises(ValueError, match="11 stored transitions do not split evenly over its 2 ranks"):
         method.member_rows(11, shares[0])
 
 
 def test_gathered_copies_of_a_spanning_tree_are_kept_once():
-    gathered = torch.tensor([[0.0], [1.0], [0.0], [1.0], [2.0], [3.0], [2.0], [3.0]])  # 4 ranks x 2 rows, span 2
-    assert method.unique_blocks(gathered, 4, 2).flatten().tolist() == [0.0, 1.0, 2.0, 3.0]
+    rows = torch.arange(8.0).view(4, 2)  # the two blocks' rows, two columns each
+    gathered = rows[[0, 1, 0, 1, 2, 3, 2, 3]]  # 4 ranks x 2 rows [8, 2], span 2: ranks 0, 1 and 2, 3 hold the same
+    assert torch.equal(method.unique_blocks(gathered, 4, 2), rows)
+    leaves = torch.arange(12.0).view(6, 2)[:, None, :].expand(6, 3, 2)  # [world * B, 3, 2] with B = 1: 3-D rows
+    assert torch.equal(method.unique_blocks(leaves, 6, 3), leaves[[0, 3]])
     assert method.unique_blocks(gathered, 4, 1) is gathered
 
 
