@@ -46,5 +46,4 @@ def test_helpers_without_a_process_group():
     x = torch.arange(6.0).view(3, 2)
     assert distributed.world_size_and_rank() == (1, 0)
     assert torch.equal(distributed.all_gather_cat(x), x)
-    assert torch.equal(distributed.shard_rows(x), x)
     assert distributed.any_rank(True) and not distributed.any_rank(False)

@@ -65,26 +65,23 @@ def all_gather_cat(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def shard_rows(x: Tensor) -> Tensor:
-    """This rank's rows of a gathered tensor (inverse of :func:`all_gather_cat`)."""
-    world, rank = world_size_and_rank()
-    return x.chunk(world)[rank] if world > 1 else x
+def _all_reduce(values: list[float], op: dist.ReduceOp) -> list[float]:
+    """``op`` over the ranks of each number (float64 control tensor on the backend's device); unchanged on one process."""
+    if world_size_and_rank()[0] == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=op)
+    return t.tolist()
 
 
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank, so all ranks take the same branch (no deadlock)."""
-    world, _ = world_size_and_rank()
-    if world == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=_collective_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    return _all_reduce([float(flag)], dist.ReduceOp.MAX)[0] > 0
 
 
 def all_equal(value: int) -> bool:
     """True on every rank when ``value`` is the same on all ranks."""
-    world, _ = world_size_and_rank()
-    if world == 1:
+    if world_size_and_rank()[0] == 1:
         return True
     values = all_gather_cat(torch.tensor([value], device=_collective_device(), dtype=torch.long))
     return bool((values == values[0]).all())
@@ -93,20 +90,11 @@ def all_equal(value: int) -> bool:
 def mean_over_ranks(values: list[float]) -> list[float]:
     """The mean over ranks of each number (metrics of equally sized per-rank batches); unchanged on one process."""
     world, _ = world_size_and_rank()
-    if world == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return (t / world).tolist()
+    return [v / world for v in _all_reduce(values, dist.ReduceOp.SUM)]
 
 
 def max_over_ranks(value: float) -> float:
-    world, _ = world_size_and_rank()
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    return _all_reduce([value], dist.ReduceOp.MAX)[0]
 
 
 def is_main() -> bool:

@@ -81,8 +81,10 @@ class Engine:
         """Drop FSDP2's unsharded copies of the weights (the root keeps its own after a forward), so the next forward
         all-gathers what the shards hold now: needed whenever weights are written outside the optimizer."""
         if self.kind == "fsdp":
+            from torch.distributed.fsdp import FSDPModule
+
             for m in self.module.modules():
-                if hasattr(m, "reshard") and hasattr(m, "set_requires_gradient_sync"):
+                if isinstance(m, FSDPModule):
                     m.reshard()
 
     def forward(self, fn: Callable[[], T]) -> T:

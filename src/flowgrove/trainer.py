@@ -192,13 +192,12 @@ class GRPOTrainer:
         return method.unique_blocks(distributed.all_gather_cat(rows.contiguous()), world, share.span).cpu()
 
     def edge_advantages(self, gathered: Tensor, ro: Rollout, forest: tree.Forest | None,
-                        share: method.RankShare | None = None) -> Tensor:
+                        share: method.RankShare) -> Tensor:
         """Advantages [E] (on the policy's device) of the stored transitions, from the rewards [K, N_total] of every
-        block's leaves (``share``: this rank's block; default one process). The collectives run on the device; the
+        block's leaves (``share``: this rank's block). The collectives run on the device; the
         credit math on these few numbers runs on the CPU, where the forest is: advantages are computed once, each
         rank keeps its own rows."""
         cfg, tr = self.cfg, ro.transitions
-        share = share or method.rank_share(cfg, 1, 0)
         mine = lambda values: values.chunk(share.parts)[share.part]  # noqa: E731  (this block's rows)
         if forest is not None:
             forest = method.forest(cfg, forest.n_trees * share.parts, forest.num_steps)  # every block's trees

@@ -83,7 +83,7 @@ class FlowPolicy(Protocol):
 
     Attributes:
         latent_shape: Shape of one unpacked latent, any rank: ``(C, H, W)`` (images) or ``(C, F, H, W)`` (videos).
-        module: The trainable transformer (what the optimizer, LoRA and DDP wrap).
+        module: The trainable transformer (what LoRA adapts, the optimizer trains and FSDP2 shards in place).
 
     Optional methods (``flowgrove export``; a policy without them cannot be exported in that form):
         ``export_lora(state, lora_config, out)``: write peft's adapter ``state`` of ``module`` (scaling folded

@@ -175,7 +175,7 @@ class Flux1Policy:
 
     @property
     def module(self) -> nn.Module:
-        """The transformer the adapter calls; assign a wrapper (DDP) here so that forward goes through it."""
+        """The transformer the adapter calls (and the trainer trains; FSDP2 shards it in place)."""
         return self.adapter.transformer
 
     @module.setter

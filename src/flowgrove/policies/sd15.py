@@ -68,7 +68,7 @@ class SD15Policy:
 
     @property
     def module(self) -> nn.Module:
-        """The UNet ``velocity`` calls; assign a wrapper (DDP) here so that forward goes through it."""
+        """The UNet ``velocity`` calls (and the trainer trains; FSDP2 shards it in place)."""
         return self.unet
 
     @module.setter

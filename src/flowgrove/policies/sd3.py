@@ -66,7 +66,7 @@ class SD3Policy:
 
     @property
     def module(self) -> nn.Module:
-        """The transformer ``velocity`` calls; assign a wrapper (DDP) here so that forward goes through it."""
+        """The transformer ``velocity`` calls (and the trainer trains; FSDP2 shards it in place)."""
         return self.transformer
 
     @module.setter

@@ -55,7 +55,7 @@ class SDXLPolicy:
         schedule: The noise table and prediction type.
         guidance_scale: CFG scale ``s``.
         cfg: Whether ``velocity`` guides (``s > 1``).
-        module: The UNet ``velocity`` calls (a wrapper such as DDP may replace it).
+        module: The UNet ``velocity`` calls (FSDP2 shards it in place).
         time_ids: ``add_time_ids [1, 6]`` (sizes and crop, :func:`sdxl_time_ids`).
         negative: ``(prompt_embeds [1, L, D], pooled [1, P])`` of the unconditional branch (None without CFG).
     """
@@ -64,7 +64,7 @@ class SDXLPolicy:
                  negative_prompt: str | None = None, time_ids: Tensor | None = None,
                  compute_dtype: torch.dtype = torch.float32) -> None:
         self.pipe = pipe
-        self.module = pipe.unet  # what velocity calls; the trainer assigns its wrapper (DDP) here
+        self.module = pipe.unet  # what velocity calls and the trainer trains
         self.guidance_scale = float(guidance_scale)
         self.cfg = self.guidance_scale > 1  # as diffusers decides
         self.compute_dtype = compute_dtype

@@ -72,7 +72,7 @@ class WanPolicy:
 
     @property
     def module(self) -> nn.Module:
-        """The trained transformer (``transformer``, or ``transformer_2`` with ``expert="low"``); DDP wraps it here."""
+        """The trained transformer (``transformer``, or ``transformer_2`` with ``expert="low"``)."""
         return self.experts[self.trained]
 
     @module.setter
