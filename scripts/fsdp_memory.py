@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from flowgrove.bench_models import read_config  # noqa: E402
+from flowgrove.bench.models import read_config  # noqa: E402
 
 GIB = 2**30
 TEXT_TOKENS = 512  # T5 max_sequence_length of FLUX.1-dev

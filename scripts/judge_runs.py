@@ -11,9 +11,9 @@ from contextlib import nullcontext
 
 import torch
 
+from flowgrove.recipes.sample import load_run
 from flowgrove.rewards import build_reward
-from flowgrove.sample import load_run
-from flowgrove.trainer import GRPOTrainer, evaluate_policy
+from flowgrove.training.trainer import GRPOTrainer, evaluate_policy
 
 JUDGES = ("ocr", "digit_classifier", "boldness")
 

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from flowgrove.config import load_config
-from flowgrove.runner import build_trainer
+from flowgrove.config.load import load_config
+from flowgrove.training.setup import build_trainer
 
 
 def spin() -> None:

@@ -14,9 +14,9 @@ from typing import Sequence
 
 import torch
 
-from flowgrove.config import load_config
+from flowgrove.config.load import load_config
 from flowgrove.policies.base import Conditioning, FlowPolicy
-from flowgrove.trainer import GRPOTrainer
+from flowgrove.training.trainer import GRPOTrainer
 
 
 def mean_brightness(images: torch.Tensor, prompts) -> torch.Tensor:
@@ -73,7 +73,7 @@ def check_export_round_trip(policy: FlowPolicy, cond: Conditioning, out: Path, a
     """``export_full`` reloads with the module's class ``from_pretrained`` to equal weights; ``export_lora`` of a
     random LoRA (alpha 2r, folded by ``folded_lora``) reloads with ``load_lora_adapter`` into a copy of the base
     module and gives the LoRA policy's velocity. Checks only the methods the policy has."""
-    from flowgrove.export import LORA_FILE, folded_lora
+    from flowgrove.runs.export import LORA_FILE, folded_lora
 
     module = policy.module
     if hasattr(policy, "export_full"):
@@ -85,7 +85,7 @@ def check_export_round_trip(policy: FlowPolicy, cond: Conditioning, out: Path, a
         return
     from peft import LoraConfig
 
-    from flowgrove.config import PolicyConfig
+    from flowgrove.config.load import PolicyConfig
 
     base = copy.deepcopy(module)
     module.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=PolicyConfig().lora_targets))
@@ -151,9 +151,9 @@ def read_card(out: Path) -> tuple[dict, str]:
 
 def run_trainer(run: Path, checkpoint: str = "step_000002") -> GRPOTrainer:
     """A trainer holding a run's checkpoint (raw weights; EMA in ``trainer.ema``), built from its config."""
-    from flowgrove.checkpoint import load_checkpoint
-    from flowgrove.config import config_from_yaml_text
-    from flowgrove.runner import build_trainer
+    from flowgrove.config.load import config_from_yaml_text
+    from flowgrove.runs.checkpoint import load_checkpoint
+    from flowgrove.training.setup import build_trainer
 
     ckpt = run / "checkpoints" / checkpoint
     trainer = build_trainer(config_from_yaml_text((ckpt / "config.yaml").read_text()))

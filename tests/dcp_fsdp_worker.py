@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from flowgrove import sharded
+from flowgrove.runs import sharded
 
 
 def build(shard: bool, seed: int) -> SimpleNamespace:

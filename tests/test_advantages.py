@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowgrove.advantages import (
+from flowgrove.grpo.advantages import (
     aggregate_advantages,
     aggregate_rewards,
     clamp_advantages,

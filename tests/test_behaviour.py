@@ -9,13 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowgrove import method, tree
-from flowgrove.config import load_config
-from flowgrove.losses import ppo_clip_loss
-from flowgrove.rollout import rescore
+from flowgrove.config.load import load_config
+from flowgrove.grpo import tree
+from flowgrove.grpo.losses import ppo_clip_loss
 from flowgrove.samplers.dpm_solver import dpmpp_2m_step
 from flowgrove.samplers.steps import x0_from_velocity
-from flowgrove.trainer import GRPOTrainer, NonFiniteRewardError, evaluate_policy
+from flowgrove.training import method
+from flowgrove.training.rollout import rescore
+from flowgrove.training.trainer import GRPOTrainer, NonFiniteRewardError, evaluate_policy
 
 from conftest import TinyPolicy, brightness
 
@@ -490,7 +491,7 @@ def test_a_short_default_run_raises_the_heldout_reward():
     # The real digits default (DanceGRPO preset, digit classifier + boldness) with a smaller batch: 10 steps of
     # 4 prompts x 8 images. Measured held-out reward 0.872 -> 0.921 (seed 0) and -> 0.922 (seed 1); with the
     # advantages negated (credit.chain_advantages returning its negative) 0.872 -> 0.791 and -> 0.782.
-    from flowgrove.runner import build_trainer
+    from flowgrove.training.setup import build_trainer
 
     cfg = load_config(None, ["rollout.prompts_per_step=4", "rollout.group_size=8", "train.accumulate_size=16",
                              "train.steps=10"])

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flowgrove import bench_cases as bc
-from flowgrove import bench_model as bm
-from flowgrove import bench_models as models
-from flowgrove import cli, perf
+from flowgrove import cli
+from flowgrove.bench import cases as bc
+from flowgrove.bench import model as bm
+from flowgrove.bench import models
+from flowgrove.bench import perf
 
 
 @pytest.fixture(scope="module")

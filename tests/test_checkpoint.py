@@ -11,10 +11,10 @@ import shutil
 import pytest
 import torch
 
-from flowgrove import checkpoint as ck
-from flowgrove.checkpoint import CheckpointError, choose_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
-from flowgrove.config import config_to_yaml, load_config
-from flowgrove.trainer import GRPOTrainer
+from flowgrove.config.load import config_to_yaml, load_config
+from flowgrove.runs import checkpoint as ck
+from flowgrove.runs.checkpoint import CheckpointError, choose_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
+from flowgrove.training.trainer import GRPOTrainer
 
 from conftest import TinyPolicy, brightness
 

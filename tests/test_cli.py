@@ -7,7 +7,7 @@ import json
 import pytest
 
 from flowgrove.cli import main
-from flowgrove.config import load_config, preset_names
+from flowgrove.config.load import load_config, preset_names
 
 TINY = ["rollout.prompts_per_step=2", "rollout.group_size=4", "eval.samples_per_prompt=1", "run.progress=false"]
 
@@ -49,8 +49,8 @@ def test_run_directory_checkpoint_layout(tmp_path):
 
 
 def test_lora_trains_only_adapters(tmp_path):
-    from flowgrove.config import load_config
-    from flowgrove.runner import build_trainer
+    from flowgrove.config.load import load_config
+    from flowgrove.training.setup import build_trainer
 
     trainer = build_trainer(load_config(None, TINY + ["policy.lora_rank=4"]))
     names = [n for n, p in trainer.policy.module.named_parameters() if p.requires_grad]
@@ -92,7 +92,7 @@ def test_overrides_may_follow_options(tmp_path):
 
 def test_sample_uses_the_runs_ema_weights_unless_told_otherwise(tmp_path, monkeypatch):
     # EMA decay 0.5 over a few steps: the EMA and the raw weights differ, and sample must take the EMA by default
-    from flowgrove import sample
+    from flowgrove.recipes import sample
 
     run = tmp_path / "run"
     assert main(["train", "--steps", "3", "--out", str(run), *TINY, "train.ema_decay=0.5", "train.lr=1e-2"]) == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flowgrove.config import ConfigError, config_from_yaml_text, config_to_yaml, load_config, preset_names
+from flowgrove.config.load import ConfigError, config_from_yaml_text, config_to_yaml, load_config, preset_names
 
 
 def test_every_preset_loads_and_round_trips():

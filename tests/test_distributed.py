@@ -10,15 +10,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from flowgrove import distributed
+from flowgrove.parallel import distributed
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import TinyPolicy, brightness
 
-    from flowgrove.config import load_config
-    from flowgrove.trainer import GRPOTrainer
+    from flowgrove.config.load import load_config
+    from flowgrove.training.trainer import GRPOTrainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from flowgrove import distributed, parallel
-from flowgrove.config import load_config
+from flowgrove.config.load import load_config
+from flowgrove.parallel import distributed, engine
 
 # One AdamW step per rollout. A large Adam eps and no clipping make the step size depend on the gradient's scale,
 # so summed instead of averaged gradients change the weights (Adam alone is scale-invariant).
@@ -56,8 +56,8 @@ METRICS = ("reward_mean", "reward_std", "loss", "clip_fraction", "approx_kl", "g
 def _trainer(case: str):
     from conftest import TinyPolicy, brightness
 
-    from flowgrove.runner import build_trainer
-    from flowgrove.trainer import GRPOTrainer
+    from flowgrove.training.setup import build_trainer
+    from flowgrove.training.trainer import GRPOTrainer
 
     name, policy, extra, _ = CASES[case]
     cfg = load_config(None, COMMON + extra, method=name)
@@ -72,8 +72,8 @@ def _run(case: str) -> dict:
     torch.manual_seed(0)
     trainer = _trainer(case)
     metrics = [trainer.step() for _ in range(STEPS)]
-    params = [parallel.full_value(p.detach()).clone() for p in trainer.params]
-    params += [parallel.full_value(e).clone() for e in trainer.ema or []]  # the EMA must match as well
+    params = [engine.full_value(p.detach()).clone() for p in trainer.params]
+    params += [engine.full_value(e).clone() for e in trainer.ema or []]  # the EMA must match as well
     return {"metrics": metrics, "params": params, "engine": trainer.engine.kind, "n_trainable": len(trainer.params),
             "copies_sharded": [type(e).__name__ for e in (trainer.ema or []) + (trainer.reference or [])],
             "sharded": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in trainer.params)}
@@ -113,7 +113,7 @@ def _nan_on_rank_one(rank: int) -> dict:
     """A reward that is NaN on rank 1 only: both ranks must stop the step (no rank left waiting in a collective)."""
     from conftest import TinyPolicy, brightness
 
-    from flowgrove.trainer import GRPOTrainer, NonFiniteRewardError
+    from flowgrove.training.trainer import GRPOTrainer, NonFiniteRewardError
 
     def reward(images, prompts):
         return brightness(images, prompts) * (float("nan") if rank == 1 else 1.0)
@@ -121,14 +121,14 @@ def _nan_on_rank_one(rank: int) -> dict:
     cfg = load_config(None, COMMON + ["rollout.prompts_per_step=2", "rollout.group_size=4"], method="dancegrpo")
     cfg.rewards = {"brightness": 1.0}
     trainer = GRPOTrainer(cfg, TinyPolicy(), {"brightness": reward}, PROMPTS)
-    before = [parallel.full_value(p.detach()).clone() for p in trainer.params]
+    before = [engine.full_value(p.detach()).clone() for p in trainer.params]
     try:
         trainer.step()
     except NonFiniteRewardError as err:
         message = str(err)
     else:
         message = ""
-    unchanged = all(torch.equal(b, parallel.full_value(p.detach())) for b, p in zip(before, trainer.params))
+    unchanged = all(torch.equal(b, engine.full_value(p.detach())) for b, p in zip(before, trainer.params))
     return {"message": message, "unchanged": unchanged, "iteration": trainer.iteration}
 
 

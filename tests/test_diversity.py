@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from flowgrove.diversity import group_diversity, mean_pairwise_distance, median_bandwidth, mmd2_unbiased
+from flowgrove.evaluation.diversity import group_diversity, mean_pairwise_distance, median_bandwidth, mmd2_unbiased
 
 
 def _reference_mmd2(x: list[list[float]], y: list[list[float]]) -> float:

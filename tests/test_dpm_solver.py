@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from flowgrove.samplers import dpmpp_2m_step, euler_step, sample_dpmpp_2m, sample_euler, x0_from_velocity
-from flowgrove.schedules import flux_sigmas
+from flowgrove.samplers.schedules import flux_sigmas
 
 M, S = 0.7, 0.4
 

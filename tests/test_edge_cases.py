@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowgrove import advantages, tree
-from flowgrove.losses import transition_kl
+from flowgrove.grpo import advantages, tree
+from flowgrove.grpo.losses import transition_kl
 
 
 def test_a_group_of_one_gets_zero_advantages():

@@ -15,7 +15,8 @@ import torch
 
 import flowgrove
 from flowgrove import cli
-from flowgrove.config import ConfigError, config_from_yaml_text, load_config
+from flowgrove.config.load import ConfigError, config_from_yaml_text, load_config
+from flowgrove.training import setup as trainer_setup
 
 SRC = str(Path(flowgrove.__file__).resolve().parents[1])
 QUIET = ["run.progress=false"]
@@ -28,17 +29,16 @@ class ModelLoaded(Exception):
 @pytest.fixture
 def no_models(monkeypatch):
     """Fail loudly if a policy or reward model is built."""
-    from flowgrove import runner
 
     def refuse(*args, **kwargs):
         raise ModelLoaded("a model was loaded before the error")
 
     from flowgrove.policies import prepare
 
-    monkeypatch.setattr(runner, "prepare_policy", refuse)
+    monkeypatch.setattr(trainer_setup, "prepare_policy", refuse)
     for target in (prepare, flowgrove.policies):
         monkeypatch.setattr(target, "build_policy", refuse)
-    monkeypatch.setattr(runner, "build_reward", refuse)
+    monkeypatch.setattr(trainer_setup, "build_reward", refuse)
 
 
 def one_line_error(capsys, rc: int, *words: str) -> str:
@@ -99,7 +99,7 @@ def test_cuda_without_cuda_names_run_device(tmp_path, capsys, no_models):
 
 
 def test_default_device_is_auto_and_resolves_to_the_cpu_without_cuda():
-    from flowgrove.distributed import resolve_device
+    from flowgrove.parallel.distributed import resolve_device
 
     assert load_config().run.device == "auto"
     if not torch.cuda.is_available():
@@ -143,7 +143,7 @@ def test_corrupt_checkpoint_config_names_the_file():
 
 
 def test_checkpoint_error_is_one_line(tmp_path, capsys, monkeypatch):
-    from flowgrove import runner
+    from flowgrove.recipes import train as runner
 
     class CheckpointError(ValueError):
         pass
@@ -204,7 +204,7 @@ def test_usage_errors_are_one_line(capsys):
 
 
 def test_interrupt_reaching_main_is_one_line(tmp_path, capsys, monkeypatch):
-    from flowgrove import runner
+    from flowgrove.recipes import train as runner
 
     run = tmp_path / "run"
 
@@ -275,7 +275,7 @@ def test_digit_classifier_names_itself_and_its_prompts():
 def test_sample_grids_upscale_only_tiny_images(tmp_path):
     from PIL import Image
 
-    from flowgrove.metrics import GRID_MAX_SIDE, grid_layout, save_grid
+    from flowgrove.runs.metrics import GRID_MAX_SIDE, grid_layout, save_grid
 
     digits = grid_layout(16, 8, 8, columns=8)
     assert digits.scale == 8 and (digits.width, digits.height) == ((8 * 9 + 1) * 8, (2 * 9 + 1) * 8)
@@ -312,9 +312,8 @@ def test_reward_options_reach_the_factory_and_name_their_reward(tmp_path, capsys
         seen["scale"] = scale
         return lambda images, prompts: images.mean(dim=(1, 2, 3)) * scale
 
-    from flowgrove import runner
 
     cfg = load_config(None, ["rewards={options_probe: 1.0}", "reward_options.options_probe.scale=3.0"])
-    runner.build_trainer(cfg)
+    trainer_setup.build_trainer(cfg)
     assert seen["scale"] == 3.0
     one_line_error(capsys, train(tmp_path, "reward_options.contrast.x=1"), "reward_options.contrast", "rewards.contrast=WEIGHT")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from flowgrove.cli import main
-from flowgrove.metrics import read_metrics
+from flowgrove.runs.metrics import read_metrics
 
 TINY = ["rollout.prompts_per_step=1", "rollout.group_size=2", "sampler.num_steps=3", "eval.num_steps=3",
         "eval.samples_per_prompt=2", "run.progress=false", "run.checkpoint_every=1", "rewards={boldness: 1.0}",
@@ -115,10 +115,10 @@ def test_guard_fires_on_a_reward_hacking_run_and_not_on_a_healthy_one(tmp_path):
 def test_hybrid_inference_switches_from_the_trained_to_the_base_model(run):
     import torch
 
-    from flowgrove import method
-    from flowgrove.evaluation import hybrid_images
-    from flowgrove.sample import load_run_and_base
-    from flowgrove.trainer import ode_images
+    from flowgrove.evaluation.evaluate import hybrid_images
+    from flowgrove.recipes.sample import load_run_and_base
+    from flowgrove.training import method
+    from flowgrove.training.trainer import ode_images
 
     trainer, base = load_run_and_base(run)
     rows, sigmas = torch.arange(2), method.base_sigmas(trainer.cfg, 4)

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from flowgrove import distributed
-from flowgrove.config import load_config
+from flowgrove.config.load import load_config
+from flowgrove.parallel import distributed
 
 from test_distributed_equivalence import _free_port
 
@@ -42,8 +42,8 @@ def _evaluate(engine: str = "auto") -> dict:
     ``engine`` is ``run.parallel`` (one process has none)."""
     from conftest import TinyPolicy
 
-    from flowgrove.evaluation import build_setup, evaluate_step, snapshot
-    from flowgrove.trainer import GRPOTrainer
+    from flowgrove.evaluation.evaluate import build_setup, evaluate_step, snapshot
+    from flowgrove.training.trainer import GRPOTrainer
 
     cfg = load_config(None, [*OVERRIDES, f"run.parallel={engine}"], method="dancegrpo")
     trainer = GRPOTrainer(cfg, TinyPolicy(), {"brightness": EmbeddedBrightness()}, PROMPTS)
@@ -117,7 +117,7 @@ def test_the_held_out_result_is_kept_until_the_weights_change():
     """Rank 0's end-of-run summary calls ``evaluate`` alone after every rank did: it must not sample (or gather) again."""
     from conftest import TinyPolicy
 
-    from flowgrove.trainer import GRPOTrainer
+    from flowgrove.training.trainer import GRPOTrainer
 
     cfg = load_config(None, [*OVERRIDES, "train.ema_decay=0.5"], method="dancegrpo")
     trainer = GRPOTrainer(cfg, TinyPolicy(), {"brightness": EmbeddedBrightness()}, PROMPTS)

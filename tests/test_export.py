@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from flowgrove.cli import main
-from flowgrove.config import config_from_yaml_text
+from flowgrove.config.load import config_from_yaml_text
 from flowgrove.policies.base import Conditioning
 from flowgrove.policies.flux import FluxAdapter
 from adapter_contract import run_trainer as _trained
@@ -242,11 +242,11 @@ def test_model_card_of_an_unfinished_full_run_says_so(tmp_path):
 def test_export_of_a_sharded_checkpoint_writes_what_the_trainer_state_gives(tmp_path, monkeypatch):
     # The files equal those written from the live trainer's tensors copied into the policy by name (what the
     # single-file checkpoints exported), for the EMA and the raw weights.
-    from flowgrove import export
-    from flowgrove.checkpoint import save_checkpoint
-    from flowgrove.config import config_to_yaml, load_config
-    from flowgrove.policies.prepare import prepare_policy
-    from flowgrove.runner import build_trainer
+    from flowgrove.config.load import config_to_yaml, load_config
+    from flowgrove.runs import export
+    from flowgrove.runs.checkpoint import save_checkpoint
+    from flowgrove.training.prepare import prepare_policy
+    from flowgrove.training.setup import build_trainer
 
     cfg = load_config(None, [*TINY, "policy.lora_rank=4", "train.ema_decay=0.5", "train.steps=1"])
     trainer = build_trainer(cfg)

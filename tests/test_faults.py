@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from flowgrove import faults
-from flowgrove.checkpoint import checkpoint_folders, choose_checkpoint
+from flowgrove.parallel import faults
+from flowgrove.runs.checkpoint import checkpoint_folders, choose_checkpoint
 
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "eval.samples_per_prompt=1", "run.progress=false",
          "run.checkpoint_every=100"]  # run.parallel=auto: FSDP2 (a full fine-tune), sharded checkpoints
@@ -91,7 +91,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_with_one_check
     # step 1's checkpoint (always written) and the stop's: exactly one written by the stop
     assert sorted(p.name for p in checkpoint_folders(run)) == ["step_000001", f"step_{step:06d}"]
     assert choose_checkpoint(run).state.iteration == step  # what `--resume` takes
-    assert "flowgrove/runner.py" not in out and "flowgrove/trainer.py" not in out  # no worker traceback
+    assert "flowgrove/recipes/train.py" not in out and "flowgrove/training/trainer.py" not in out  # no worker traceback
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGSTOP, marks=pytest.mark.slow)],
@@ -145,7 +145,7 @@ def test_fault_helpers_without_a_process_group():
 
 
 def test_a_ctrl_c_forwarded_by_torchrun_counts_once_a_later_one_stops_at_once(monkeypatch):
-    from flowgrove import runner
+    from flowgrove.recipes import train as runner
 
     stop = runner._Stop()
     try:
@@ -164,7 +164,7 @@ def test_the_collective_timeout_replaces_the_timeout_of_an_existing_group(tmp_pa
     import torch
     import torch.distributed as dist
 
-    from flowgrove import distributed
+    from flowgrove.parallel import distributed
 
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.FileStore(str(tmp_path / "store"), 1))
     try:

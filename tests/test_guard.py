@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from flowgrove.guard import best_score, check_guard, diversity_alarm, is_new_best, judge_alarms
+from flowgrove.evaluation.guard import best_score, check_guard, diversity_alarm, is_new_best, judge_alarms
 
 
 def _ev(step, reward, judge=None, ratio=1.0):

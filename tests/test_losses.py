@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from flowgrove.losses import PolicyLoss, ppo_clip_loss, transition_kl
+from flowgrove.grpo.losses import PolicyLoss, ppo_clip_loss, transition_kl
 
 
 def test_ppo_clip_three_cases_by_hand() -> None:

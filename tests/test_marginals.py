@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from flowgrove.samplers import euler_step, noise_g, sde_step
-from flowgrove.schedules import flux_sigmas
+from flowgrove.samplers.schedules import flux_sigmas
 
 M, S = 0.7, 0.4
 NUM_SAMPLES = 50_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 
-from flowgrove.checkpoint import choose_checkpoint
+from flowgrove.runs.checkpoint import choose_checkpoint
 
 from test_faults import free_port, torchrun
 

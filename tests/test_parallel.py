@@ -10,8 +10,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from flowgrove import parallel
-from flowgrove.config import ConfigError
+from flowgrove.config.load import ConfigError
+from flowgrove.parallel import engine
 
 
 @pytest.mark.parametrize("requested, world, lora_rank, kind", [
@@ -20,22 +20,22 @@ from flowgrove.config import ConfigError
     ("ddp", 2, 0, "ddp"), ("fsdp", 2, 4, "fsdp"), ("none", 2, 0, "none"),  # as asked
 ])
 def test_the_engine_follows_run_parallel_and_the_lora_rank(requested, world, lora_rank, kind):
-    assert parallel.choose_kind(requested, world, lora_rank) == kind
+    assert engine.choose_kind(requested, world, lora_rank) == kind
 
 
 def test_an_unknown_engine_is_a_one_line_error():
     with pytest.raises(ConfigError, match="run.parallel='zero3'.*ddp, fsdp"):
-        parallel.choose_kind("zero3", 2, 0)
+        engine.choose_kind("zero3", 2, 0)
 
 
 def test_fsdp2_units_are_the_transformer_blocks():
     from flowgrove.policies.digits import new_transformer
 
     model = new_transformer()
-    units = parallel.shard_units(model)
+    units = engine.shard_units(model)
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
     assert len(units) == len(blocks) and all(u is b for u, b in zip(units, blocks))
-    assert parallel.shard_units(nn.Linear(2, 2)) == []  # no blocks: only the root is sharded
+    assert engine.shard_units(nn.Linear(2, 2)) == []  # no blocks: only the root is sharded
 
 
 class _Blocks(nn.Module):
@@ -57,8 +57,8 @@ def _mixed_precision_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
     model = _Blocks()
-    engine = parallel.build_engine("fsdp", model, torch.device("cpu"), "bfloat16")
-    y = engine.forward(lambda: model(torch.randn(3, 4)))
+    built = engine.build_engine("fsdp", model, torch.device("cpu"), "bfloat16")
+    y = built.forward(lambda: model(torch.randn(3, 4)))
     y.float().sum().backward()
     params = list(model.parameters())
     torch.save({"compute": [str(d) for d in model.seen], "masters": sorted({str(p.dtype) for p in params}),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowgrove.plans import (
+from flowgrove.grpo.plans import (
     Nfe,
     StepKind,
     StepPlan,
@@ -17,7 +17,7 @@ from flowgrove.plans import (
     window_start,
     window_steps,
 )
-from flowgrove.schedules import flux_sigmas
+from flowgrove.samplers.schedules import flux_sigmas
 
 
 def starts(n_iters: int, num_positions: int, **kw) -> list[int]:
@@ -76,8 +76,9 @@ def test_last_position_reached_every_transition_trainable():
 def test_windows_never_cover_the_scored_images_last_steps(preset, strategy):
     # With reward_image=final an SDE step on the last transition (sigma 0.111 -> 0 at T=25) would leave noise in
     # the scored image; the reference keeps the last two steps out of every window (max_timesteps = T - 2).
-    from flowgrove import method, plans
-    from flowgrove.config import load_config
+    from flowgrove.config.load import load_config
+    from flowgrove.grpo import plans
+    from flowgrove.training import method
 
     for image in ("final", "x0_pred"):
         cfg = load_config(method=preset, overrides=[f"window.strategy={strategy}", "window.interval=1",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowgrove.data import digit_of_prompt, digit_prompts
 from flowgrove.policies import Conditioning, build_policy, policy_names, register_policy
 from flowgrove.policies.digits import (
     DigitsPolicy,
@@ -18,6 +17,7 @@ from flowgrove.policies.digits import (
 )
 from flowgrove.policies.flux import FluxAdapter, latent_image_ids, pack_latents, unpack_latents
 from flowgrove.samplers import sample_euler
+from flowgrove.tasks.digits import digit_of_prompt, digit_prompts
 
 FluxPipeline = pytest.importorskip("diffusers").FluxPipeline
 
@@ -238,7 +238,7 @@ def test_missing_or_corrupt_weights_say_how_to_recreate(tmp_path):
 
 
 def test_shipped_weights_draw_the_prompted_digit():
-    from flowgrove.pretrain import judge_policy
+    from flowgrove.recipes.pretrain import judge_policy
     from flowgrove.rewards.digits import load_digit_classifier
 
     policy = build_policy("digits")

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowgrove.data import NEGATIVE_FAMILIES, NOT_A_DIGIT, DigitsData, dilate_ink, load_digits_tensors, not_a_digit
-from flowgrove.data import saturate_ink
 from flowgrove.policies import build_policy
-from flowgrove.pretrain import classifier_batch, logit_normal_sigma, main, pretrain_digits, rectified_flow_pair
+from flowgrove.recipes.pretrain import classifier_batch, logit_normal_sigma, main, pretrain_digits, rectified_flow_pair
 from flowgrove.rewards import build_reward
+from flowgrove.tasks.digits import NEGATIVE_FAMILIES, NOT_A_DIGIT, DigitsData, dilate_ink, load_digits_tensors, not_a_digit
+from flowgrove.tasks.digits import saturate_ink
 
 
 def test_rectified_flow_pair_by_hand():

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowgrove import method, rollout as rollout_mod
-from flowgrove.config import load_config
-from flowgrove.policies.prepare import float32_masters, policy_kwargs, prepare_policy
-from flowgrove.trainer import GRPOTrainer
+from flowgrove.config.load import load_config
+from flowgrove.parallel import rank_share
+from flowgrove.training import method, rollout as rollout_mod
+from flowgrove.training.prepare import float32_masters, policy_kwargs, prepare_policy
+from flowgrove.training.trainer import GRPOTrainer
 
 from conftest import TinyPolicy, brightness
 from test_policies import _save_tiny_flux_pipeline
@@ -54,7 +55,7 @@ def test_rollout_tensors_live_on_the_policy_device():
     t = _trainer(TinyPolicy())
     cfg = t.cfg
     plan = method.step_plan(cfg, 0)
-    roots, x = t._roots(method.rank_share(cfg, 1, 0), torch.Generator().manual_seed(0))
+    roots, x = t._roots(rank_share.rank_share(cfg, 1, 0), torch.Generator().manual_seed(0))
     mask = method.store_mask(cfg, plan, roots.shape[0], torch.Generator().manual_seed(1))
     ro = rollout_mod.rollout(t.policy, t.cond, roots, x, method.rollout_spec(cfg, plan), torch.Generator(), store_mask=mask)
     device = next(t.policy.module.parameters()).device
@@ -63,7 +64,7 @@ def test_rollout_tensors_live_on_the_policy_device():
 
 
 def test_run_device_auto_is_the_cpu_without_cuda_and_cuda_is_refused():
-    from flowgrove.distributed import resolve_device
+    from flowgrove.parallel.distributed import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -159,7 +160,7 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_flux_dir):
 
 
 def test_gradient_checkpointing_on_a_module_without_it_is_a_named_error():
-    from flowgrove.policies.prepare import enable_gradient_checkpointing
+    from flowgrove.training.prepare import enable_gradient_checkpointing
 
     with pytest.raises(ValueError, match="train.gradient_checkpointing=true.*set train.gradient_checkpointing=false"):
         enable_gradient_checkpointing(torch.nn.Linear(2, 2))

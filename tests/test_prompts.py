@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from flowgrove import cli
-from flowgrove.config import load_config
-from flowgrove.prompts import CachedPrompts, Prompt, read_index, read_prompts, write_cache
-from flowgrove.trainer import GRPOTrainer
+from flowgrove.config.load import load_config
+from flowgrove.training.prompts import CachedPrompts, Prompt, read_index, read_prompts, write_cache
+from flowgrove.training.trainer import GRPOTrainer
 
 from conftest import TinyPolicy, brightness
 from test_policies import _save_tiny_flux_pipeline
@@ -114,8 +114,8 @@ def test_encode_prompts_cli_then_train_from_the_cache(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_flux1_end_to_end_bf16_lora_checkpointing_chunked_decode_and_cached_prompts(tmp_path):
-    from flowgrove import runner
-    from flowgrove.metrics import read_metrics
+    from flowgrove.recipes import train as runner
+    from flowgrove.runs.metrics import read_metrics
 
     folder = tmp_path / "flux"
     _save_tiny_flux_pipeline(folder)

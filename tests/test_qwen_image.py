@@ -100,8 +100,8 @@ def test_qwen_image_passes_the_shared_adapter_contract(qwen_dir):
 def test_qwen_image_train_writes_the_run_folder(qwen_dir, tmp_path):
     from adapter_contract import mean_brightness
 
-    from flowgrove import runner
-    from flowgrove.config import load_config
+    from flowgrove.config.load import load_config
+    from flowgrove.recipes import train as runner
     from flowgrove.rewards.base import register_reward
 
     try:

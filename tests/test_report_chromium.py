@@ -15,8 +15,8 @@ import subprocess
 import pytest
 import torch
 
-from flowgrove.metrics import save_grid
-from flowgrove.report import write_report
+from flowgrove.runs.metrics import save_grid
+from flowgrove.runs.report import write_report
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 

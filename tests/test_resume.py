@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from flowgrove.training import setup as trainer_setup
+
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "eval.samples_per_prompt=1", "run.progress=false"]
 
 
@@ -68,7 +70,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, sig):
 # ---- in-process: halted training, Ctrl-C, and twenty SIGKILLs ---------------------------------------------
 
 def _cfg(steps: int, *extra: str):
-    from flowgrove.config import load_config
+    from flowgrove.config.load import load_config
 
     return load_config(None, [*SMALL, f"train.steps={steps}", *extra])
 
@@ -81,7 +83,7 @@ def _summary(run: Path) -> dict:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """An uninterrupted 4-step run."""
-    from flowgrove import runner
+    from flowgrove.recipes import train as runner
 
     run = tmp_path_factory.mktemp("ref") / "full"
     runner.train(_cfg(4), run)
@@ -90,9 +92,8 @@ def reference(tmp_path_factory) -> Path:
 
 def _boldness_hook(monkeypatch, at_step: int, action) -> None:
     """Apply ``action(rewards)`` to the boldness reward of training step ``at_step`` (call 0 is eval_before)."""
-    from flowgrove import runner
 
-    real, calls = runner.build_reward, [0]
+    real, calls = trainer_setup.build_reward, [0]
 
     def build(name, **kwargs):
         fn = real(name, **kwargs)
@@ -106,11 +107,11 @@ def _boldness_hook(monkeypatch, at_step: int, action) -> None:
 
         return reward
 
-    monkeypatch.setattr(runner, "build_reward", build)
+    monkeypatch.setattr(trainer_setup, "build_reward", build)
 
 
 def _saved_steps(monkeypatch) -> list[int]:
-    from flowgrove import runner
+    from flowgrove.recipes import train as runner
 
     saved, real = [], runner.save_checkpoint
 
@@ -124,7 +125,7 @@ def _saved_steps(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("every", [100, 1])
 def test_a_nan_reward_halts_with_a_checkpoint_of_the_last_good_state(tmp_path, monkeypatch, reference, every):
-    from flowgrove import runner
+    from flowgrove.recipes import train as runner
 
     run = tmp_path / "halted"
     saved = _saved_steps(monkeypatch)
@@ -143,7 +144,7 @@ def test_a_nan_reward_halts_with_a_checkpoint_of_the_last_good_state(tmp_path, m
 
 
 def test_ctrl_c_finishes_the_step_checkpoints_and_resumes(tmp_path, monkeypatch, capfd, reference):
-    from flowgrove import runner
+    from flowgrove.recipes import train as runner
 
     run = tmp_path / "interrupted"
     _boldness_hook(monkeypatch, 2, lambda r: (os.kill(os.getpid(), signal.SIGINT), r)[1])
@@ -158,8 +159,8 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resumes(tmp_path, monkeypatch,
 
 
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, reference):
-    from flowgrove import runner
-    from flowgrove.checkpoint import choose_checkpoint
+    from flowgrove.recipes import train as runner
+    from flowgrove.runs.checkpoint import choose_checkpoint
 
     run = tmp_path / "interrupted"
 
@@ -185,7 +186,8 @@ def _child(run: Path, steps: int, slow_writes: bool) -> None:
     """A forked training process: resume ``run``, or start it afresh when it has no checkpoint yet."""
     code = 1
     try:
-        from flowgrove import checkpoint, runner
+        from flowgrove.recipes import train as runner
+        from flowgrove.runs import checkpoint
 
         if slow_writes:  # widen the checkpoint-write window, so that random kills land inside it too
             real = checkpoint._write
@@ -236,7 +238,7 @@ def test_twenty_sigkills_at_random_moments_resume_to_the_uninterrupted_run(tmp_p
     # A last process runs to the end without a kill.
     import random
 
-    from flowgrove import runner
+    from flowgrove.recipes import train as runner
 
     steps = 12
     full = tmp_path / "full"

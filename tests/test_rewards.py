@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowgrove.data import NEGATIVE_FAMILIES, digit_prompts, load_digits_tensors, not_a_digit, saturate_ink
-from flowgrove.data import save_weights, split_digits
 from flowgrove.rewards import build_reward, register_reward, reward_names
 from flowgrove.rewards.digits import DigitClassifier, classifier_pixels, ink_boldness, ink_contrast, ink_mass
 from flowgrove.rewards.digits import load_digit_classifier
+from flowgrove.tasks.digits import NEGATIVE_FAMILIES, digit_prompts, load_digits_tensors, not_a_digit, saturate_ink
+from flowgrove.tasks.digits import save_weights, split_digits
 
 
 def _images(values: list[float]) -> torch.Tensor:

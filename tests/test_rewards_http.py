@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from flowgrove import cli
-from flowgrove.reward_server import make_server
 from flowgrove.rewards import build_reward, reward_names
-from flowgrove.rewards.parallel import score_rewards
 from flowgrove.rewards.remote import encode_request
+from flowgrove.rewards.scoring import score_rewards
+from flowgrove.rewards.server import make_server
 from flowgrove.rewards.transport import RewardServerError, backoff_delay
 
 FAST = {"timeout": 2.0, "retries": 0, "backoff": 0.0}
@@ -290,8 +290,8 @@ def test_rewards_command_lists_every_reward_once(capsys):
 def test_a_training_step_scores_two_remote_rewards_at_once():
     from conftest import TinyPolicy
 
-    from flowgrove.config import load_config
-    from flowgrove.trainer import GRPOTrainer
+    from flowgrove.config.load import load_config
+    from flowgrove.training.trainer import GRPOTrainer
 
     def slow_brightness(images, prompts):
         time.sleep(0.4)
@@ -308,7 +308,7 @@ def test_a_training_step_scores_two_remote_rewards_at_once():
 
 
 def test_serve_reward_start_up_errors_are_one_line():
-    from flowgrove import reward_server
+    from flowgrove.rewards import server as reward_server
 
     with serving(make_server(build_reward("brightness"), "brightness")) as url:
         port = int(url.rsplit(":", 1)[1])

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from flowgrove.data import digit_prompts, load_digits_tensors
 from flowgrove.rewards import build_reward
 from flowgrove.rewards.ocr import ctc_greedy, dark_ink, edit_distance, ocr_score, recognizer_input, target_text
+from flowgrove.tasks.digits import digit_prompts, load_digits_tensors
 
 pytest.importorskip("onnxruntime")
 
@@ -101,8 +101,8 @@ def test_reads_most_real_digits(ocr):
 def test_shipped_recogniser_is_the_tinyocr_file_with_its_licence():
     import hashlib
 
-    from flowgrove.data import assets_dir
     from flowgrove.rewards.ocr import RECOGNIZER_FILE, RECOGNIZER_SHA256
+    from flowgrove.tasks.digits import assets_dir
 
     assert hashlib.sha256((assets_dir() / RECOGNIZER_FILE).read_bytes()).hexdigest() == RECOGNIZER_SHA256
     assert "Apache License" in (assets_dir() / "PP-OCRv6_rec_tiny.LICENSE").read_text()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from flowgrove import plans, schedules, tree
-from flowgrove.rollout import RolloutSpec, rescore, rollout
+from flowgrove.grpo import plans, tree
+from flowgrove.samplers import schedules
 from flowgrove.samplers.steps import euler_step, noise_g, sde_step
+from flowgrove.training.rollout import RolloutSpec, rescore, rollout
 
 
 def _tree_spec(num_steps: int, splits: tuple[int, ...], reward_image: str = "final", sde=None) -> RolloutSpec:

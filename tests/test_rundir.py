@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from flowgrove import rundir, runner
-from flowgrove.checkpoint import checkpoint_folders
 from flowgrove.cli import main
-from flowgrove.config import load_config
+from flowgrove.config.load import load_config
+from flowgrove.recipes import train as runner
+from flowgrove.runs import rundir
+from flowgrove.runs.checkpoint import checkpoint_folders
 
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "eval.samples_per_prompt=1", "run.progress=false"]
 

@@ -18,7 +18,7 @@ from flowgrove.samplers import (
     sde_step,
     x0_from_velocity,
 )
-from flowgrove.schedules import flux_sigmas, sd3_sigmas
+from flowgrove.samplers.schedules import flux_sigmas, sd3_sigmas
 
 
 def _latents(seed: int, shape=(4, 2, 3, 5), dtype=torch.float32) -> torch.Tensor:

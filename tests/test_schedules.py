@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowgrove.schedules import compressed_tail_sigmas, flux_sigmas, sd3_sigmas, time_shift
+from flowgrove.samplers.schedules import compressed_tail_sigmas, flux_sigmas, sd3_sigmas, time_shift
 
 
 def test_time_shift_by_hand() -> None:

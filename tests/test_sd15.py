@@ -117,10 +117,10 @@ def test_sd15_trains_two_steps(tiny_sd, tmp_path, method, extra):
 
 def _check_export_round_trip(tiny_sd, run, out) -> None:
     """``flowgrove export`` of the LoRA run: ``pipe.load_lora_weights`` reproduces the trained UNet's output."""
-    from flowgrove.checkpoint import load_checkpoint
     from flowgrove.cli import main
-    from flowgrove.config import config_from_yaml_text
-    from flowgrove.runner import build_trainer
+    from flowgrove.config.load import config_from_yaml_text
+    from flowgrove.runs.checkpoint import load_checkpoint
+    from flowgrove.training.setup import build_trainer
 
     assert main(["export", str(run), "--out", str(out)]) == 0
     ckpt = run / "checkpoints" / "step_000002"

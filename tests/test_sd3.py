@@ -10,7 +10,7 @@ import torch
 
 from flowgrove.policies import Conditioning, build_policy
 from flowgrove.samplers import sample_euler
-from flowgrove.schedules import sd3_sigmas
+from flowgrove.samplers.schedules import sd3_sigmas
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -129,7 +129,7 @@ def test_sd3_training_gradients_reach_both_cfg_branches(tiny_sd3):
 
 def test_flowgrpo_sd3_preset_trains_two_steps(tiny_sd3, tmp_path):
     from flowgrove.cli import main
-    from flowgrove.config import load_config
+    from flowgrove.config.load import load_config
 
     cfg = load_config(method="flowgrpo-sd3")
     assert (cfg.policy.name, cfg.sampler.num_steps, cfg.eval.num_steps, cfg.sampler.schedule) == ("sd3", 10, 40, "sd3")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowgrove.selection import first_k_mask, random_fraction_mask
+from flowgrove.grpo.selection import first_k_mask, random_fraction_mask
 
 
 def _generator(seed: int = 0) -> torch.Generator:

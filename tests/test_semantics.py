@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 
-from flowgrove import advantages, credit, selection, trainer as trainer_mod
-from flowgrove.config import AdvantageConfig, load_config
-from flowgrove.rollout import Transitions
-from flowgrove.losses import ema_decay, kl_std, loss_weight
-from flowgrove.trainer import GRPOTrainer, NonFiniteUpdatesError
+from flowgrove.config.load import AdvantageConfig, load_config
+from flowgrove.grpo import advantages, selection
+from flowgrove.grpo.losses import ema_decay, kl_std, loss_weight
+from flowgrove.training import credit, trainer as trainer_mod
+from flowgrove.training.rollout import Transitions
+from flowgrove.training.trainer import GRPOTrainer, NonFiniteUpdatesError
 
 from conftest import TinyPolicy, brightness
 
@@ -219,7 +220,8 @@ def _nan_on_one_rank_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from flowgrove import distributed, trainer as tmod
+    from flowgrove.parallel import distributed
+    from flowgrove.training import trainer as tmod
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -254,7 +256,7 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
 
 
 def test_weights_that_sum_to_zero_are_a_valid_set_and_all_zero_is_not():
-    from flowgrove.config import ConfigError
+    from flowgrove.config.load import ConfigError
 
     cfg = load_config(None, ["rewards={digit_classifier: 1.0, boldness: -1.0}"])
     assert cfg.rewards == {"digit_classifier": 1.0, "boldness": -1.0}  # replaces the preset's set, kept as given
@@ -263,7 +265,7 @@ def test_weights_that_sum_to_zero_are_a_valid_set_and_all_zero_is_not():
 
 
 def test_the_skip_streak_survives_a_checkpoint(tmp_path, monkeypatch):
-    from flowgrove.checkpoint import load_checkpoint, save_checkpoint
+    from flowgrove.runs.checkpoint import load_checkpoint, save_checkpoint
 
     t = make("dancegrpo", "train.max_nonfinite_skips=1000", "train.accumulate_size=4")
     _nan_from_step(monkeypatch, 1)

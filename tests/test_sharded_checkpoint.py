@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowgrove import sharded
+from flowgrove.runs import sharded
 
 HERE = Path(__file__).parent
 # The tiny policy is a full fine-tune: run.parallel=auto is FSDP2 on several ranks.
@@ -144,7 +144,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_kill9_of_every_rank_resumes_on_two_ranks_and_on_one(tmp_path, capfd):
-    from flowgrove import runner
+    from flowgrove.recipes import train as runner
 
     full, killed, one = tmp_path / "full", tmp_path / "killed", tmp_path / "one"
     _run(_train(2, "--steps", str(STEPS), "--out", str(full), *SMALL))
@@ -171,7 +171,7 @@ def test_kill9_of_every_rank_resumes_on_two_ranks_and_on_one(tmp_path, capfd):
 
 @pytest.mark.slow
 def test_a_four_rank_run_resumes_on_two_ranks_and_on_one(tmp_path):
-    from flowgrove import runner
+    from flowgrove.recipes import train as runner
 
     four = tmp_path / "four"
     _run(_train(4, "--steps", "4", "--out", str(four), *SMALL, "run.checkpoint_every=1", "run.keep_checkpoints=10",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowgrove import method
-from flowgrove.config import load_config
-from flowgrove.trainer import GRPOTrainer, NonFiniteRewardError
+from flowgrove.config.load import load_config
+from flowgrove.training import method
+from flowgrove.training.trainer import GRPOTrainer, NonFiniteRewardError
 
 from conftest import TinyPolicy, brightness
 

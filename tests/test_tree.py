@@ -1,11 +1,11 @@
-"""Tests for flowgrove.tree: forest shape, reward fusion, advantages and pruning, worked by hand."""
+"""Tests for flowgrove.grpo.tree: forest shape, reward fusion, advantages and pruning, worked by hand."""
 
 import math
 
 import pytest
 import torch
 
-from flowgrove.tree import (
+from flowgrove.grpo.tree import (
     Forest,
     build_forest,
     combine_masks,

@@ -91,7 +91,7 @@ def test_wan22_two_experts_and_per_token_timesteps_reproduce_the_pipeline(tmp_pa
 def test_save_grid_writes_a_frame_strip_and_a_gif(tmp_path):
     from PIL import Image
 
-    from flowgrove.metrics import save_grid
+    from flowgrove.runs.metrics import save_grid
 
     videos = torch.rand(3, 10, 3, 8, 8)  # [N, F, 3, H, W]
     save_grid(videos, tmp_path / "grid.png", columns=3)
@@ -122,8 +122,8 @@ def test_wan_passes_the_shared_adapter_contract(wan_dir):
 def test_wan_train_writes_the_run_folder_with_gif_and_frame_strip(wan_dir, tmp_path):
     from adapter_contract import mean_brightness
 
-    from flowgrove import runner
-    from flowgrove.config import load_config
+    from flowgrove.config.load import load_config
+    from flowgrove.recipes import train as runner
     from flowgrove.rewards.base import register_reward
 
     try:

@@ -6,21 +6,19 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import NoReturn
 
-from flowgrove.config import ConfigError, load_config, preset_names, preset_summary
-from flowgrove.messages import one_line
+from flowgrove.config.load import ConfigError, load_config, preset_names, preset_summary
+from flowgrove.messages import one_line, program
 
 # Exit code of every error the user can fix (argparse uses it for usage errors too).
 USAGE_EXIT = 2
 
 
 def _train(args: argparse.Namespace) -> int:
-    from flowgrove import runner
+    from flowgrove.recipes import train as runner
 
     if args.checkpoint and not args.resume:
         raise ConfigError(f"--checkpoint {args.checkpoint} picks the checkpoint of a resume; add --resume RUN_DIR")
@@ -54,7 +52,7 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from flowgrove import sample
+    from flowgrove.recipes import sample
 
     path = sample.sample_to_png(args.run, args.out, args.prompt, args.n, args.steps, args.seed, ema=args.ema,
                                 hybrid_steps=args.hybrid_steps)
@@ -63,14 +61,14 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from flowgrove import sample
+    from flowgrove.recipes import sample
 
     print(json.dumps(sample.evaluate_run(args.run), indent=2))
     return 0
 
 
 def _report_cmd(args: argparse.Namespace) -> int:
-    from flowgrove.report import write_report
+    from flowgrove.runs.report import write_report
 
     if not (Path(args.run) / "config.yaml").is_file():
         raise FileNotFoundError(f"{args.run} is not a run directory (no config.yaml); pass the folder of a `flowgrove train`")
@@ -79,7 +77,7 @@ def _report_cmd(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from flowgrove import export
+    from flowgrove.runs import export
 
     result = export.export_run(args.run, args.out, args.checkpoint, args.ema, args.overwrite)
     info = result.info
@@ -89,14 +87,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from flowgrove import bench
+    from flowgrove.recipes import bench
 
     bench.main(args)
     return 0
 
 
 def _encode_prompts(args: argparse.Namespace) -> int:
-    from flowgrove import prompts
+    from flowgrove.training import prompts
 
     out = prompts.encode_prompt_file(args.prompts, args.policy, list(args.overrides), args.out, args.batch, args.shard_rows)
     print(f"wrote {out} ({prompts.read_index(out)['num_prompts']} prompts); train with data.cache={out}")
@@ -104,13 +102,13 @@ def _encode_prompts(args: argparse.Namespace) -> int:
 
 
 def _bench_model(args: argparse.Namespace) -> int:
-    from flowgrove import bench_model
+    from flowgrove.bench import model as bench_model
 
     return bench_model.main(args)
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from flowgrove import pretrain
+    from flowgrove.recipes import pretrain
 
     return pretrain.main(args.rest) or 0
 
@@ -155,14 +153,14 @@ def _option_values(options: list[str]) -> dict[str, object]:
 
 
 def _serve_reward(args: argparse.Namespace) -> int:
-    from flowgrove import reward_server
+    from flowgrove.rewards import server as reward_server
 
     reward_server.serve(args.name, _option_values(args.options), args.host, args.port, args.device, args.verbose)
     return 0
 
 
 def _add_bench_model(sub: argparse._SubParsersAction) -> None:
-    """The ``bench-model`` subparser (``flowgrove.bench_model.settings_from_args`` reads and checks its values)."""
+    """The ``bench-model`` subparser (``flowgrove.bench.model.settings_from_args`` reads and checks its values)."""
     p = sub.add_parser("bench-model", help="time FLUX-shaped rollout, training and VAE decode with random weights "
                        "(counted FLOPs, MFU, peak memory); --tiny on a CPU")
     p.add_argument("--tiny", action="store_true", help="a tiny model of the same architecture at 32/64 px (a CPU runs it in seconds)")
@@ -269,27 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_pretrain)
     return parser
-
-
-def program() -> str:
-    """How this user runs flowgrove: ``flowgrove`` when it is on PATH, else the script's path (``.venv/bin/flowgrove``
-    after ``make``) or ``python -m flowgrove`` with the interpreter's path."""
-    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
-    if script.name == "flowgrove":
-        found = shutil.which("flowgrove")
-        return "flowgrove" if found and Path(found).resolve() == script.resolve() else _short_path(script)
-    python = shutil.which("python")
-    same = python is not None and Path(python).resolve() == Path(sys.executable).resolve()
-    return f"{'python' if same else _short_path(Path(sys.executable))} -m flowgrove"
-
-
-def _short_path(path: Path) -> str:
-    """``path`` relative to the working directory when it lies below it, else absolute."""
-    absolute = path.absolute()
-    try:
-        return str(absolute.relative_to(Path.cwd()))
-    except ValueError:
-        return str(absolute)
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:

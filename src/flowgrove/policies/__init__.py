@@ -1,4 +1,5 @@
-"""Policies: flow-matching generators behind one contract (``FlowPolicy``) and a name registry.
+"""Policies (layer 4, the model boundary): flow-matching generators behind one contract (``FlowPolicy``) and a name
+registry. May import the root modules, math and tasks; diffusers/transformers only inside factories.
 
 Registered: ``digits`` (built-in tiny FLUX on 8x8 digits, shipped weights), ``flux1`` (a local diffusers
 FLUX.1 folder), ``sd3`` (SD3 / SD3.5 with classifier-free guidance), ``wan`` (Wan 2.1 / 2.2 text-to-video) and
@@ -10,12 +11,12 @@ Importing this package is light; diffusers and transformers load inside the fact
 from flowgrove.policies.base import Conditioning, FlowPolicy, build_policy, policy_names, register_policy
 from flowgrove.policies.digits import build_digits_policy, digit_of_prompt, digit_prompts
 from flowgrove.policies.flux import FluxAdapter, build_flux1_policy, pack_latents, unpack_latents
-from flowgrove.policies.qwen_image import QwenImagePolicy, build_qwen_image_policy
-from flowgrove.policies.wan import WanPolicy, build_wan_policy
-from flowgrove.policies.sd3 import SD3Policy, build_sd3_policy  # noqa: F401 (registers "sd3")
-from flowgrove.policies.sd15 import SD15Policy, build_sd15_policy  # noqa: F401 (registers "sd15")
-from flowgrove.policies.sdxl import SDXLPolicy, build_sdxl_policy  # noqa: F401 (registers "sdxl")
 from flowgrove.policies.hunyuan_video import HunyuanVideoPolicy, build_hunyuan_video_policy  # noqa: F401 (registers "hunyuan_video")
+from flowgrove.policies.qwen_image import QwenImagePolicy, build_qwen_image_policy
+from flowgrove.policies.sd15 import SD15Policy, build_sd15_policy  # noqa: F401 (registers "sd15")
+from flowgrove.policies.sd3 import SD3Policy, build_sd3_policy  # noqa: F401 (registers "sd3")
+from flowgrove.policies.sdxl import SDXLPolicy, build_sdxl_policy  # noqa: F401 (registers "sdxl")
+from flowgrove.policies.wan import WanPolicy, build_wan_policy
 
 __all__ = [
     "Conditioning",

@@ -16,11 +16,11 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from flowgrove.data import DIGIT_WORDS, PRETRAIN_HINT, assets_dir, digit_of_prompt, digit_prompts, load_weights
-from flowgrove.data import save_weights
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import DTYPES, FluxAdapter
 from flowgrove.policies.pipelines import save_pipeline_lora
+from flowgrove.tasks.digits import DIGIT_WORDS, PRETRAIN_HINT, assets_dir, digit_of_prompt, digit_prompts, load_weights
+from flowgrove.tasks.digits import save_weights
 
 __all__ = [
     "DigitsPolicy", "build_digits_policy", "digit_of_prompt", "digit_prompts", "digits_to_images", "encode_text",

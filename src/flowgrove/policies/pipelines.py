@@ -122,7 +122,7 @@ def save_pipeline_lora(pipeline_cls: Any, state: dict[str, Tensor], lora_config:
     Args:
         pipeline_cls: The family's diffusers pipeline class (``FluxPipeline``, ``StableDiffusion3Pipeline``, ...).
         state: peft adapter state of the transformer (``get_peft_model_state_dict`` keys), scaling folded in
-            (``flowgrove.export.folded_lora``).
+            (``flowgrove.runs.export.folded_lora``).
         lora_config: ``LoraConfig`` keyword arguments that match ``state`` (stored in the file's metadata).
         out: The folder to write.
         component: The trained component's name in ``save_lora_weights`` (``transformer`` or ``unet``).

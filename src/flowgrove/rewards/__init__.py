@@ -1,4 +1,5 @@
-"""Rewards: ``(images [B, 3, H, W] in [0, 1], prompts) -> [B] float32`` callables built by name.
+"""Rewards (layer 4, the model boundary): ``(images [B, 3, H, W] in [0, 1], prompts) -> [B] float32`` callables built
+by name, and the HTTP server that serves any of them. May import the root modules, math and tasks.
 
 Built in: ``digit_classifier``, ``boldness``, ``contrast``, ``brightness`` (the digits task), ``ocr``,
 ``vlm_judge`` (an OpenAI-compatible judge server), ``remote`` (a ``flowgrove serve-reward`` server) and

@@ -2,7 +2,7 @@
 
 ``digit_classifier`` is the softmax probability of the prompted digit under a small MLP trained on the
 sklearn digits plus an eleventh "not a digit" class (inverted, filled, grey-background, noise, two-digit and
-speckled images; ``flowgrove.data.not_a_digit``), so frames filled with ink score near 0 instead of rewarding
+speckled images; ``flowgrove.tasks.digits.not_a_digit``), so frames filled with ink score near 0 instead of rewarding
 the hack. ``boldness`` (bounded ink mass) and ``contrast`` are preferences the pretrained policy does not
 maximise, so GRPO has headroom when they are mixed in (default ``digit_classifier`` 1.0 + ``boldness`` 1.0).
 All take images ``[B, 3, H, W]`` in [0, 1] (ink bright) and return ``[B]`` float32 in [0, 1].
@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from flowgrove.data import NOT_A_DIGIT, PRETRAIN_HINT, assets_dir, digit_of_prompt, digit_prompts, load_weights, save_weights
 from flowgrove.rewards.base import RewardFn, check_reward_inputs, register_reward
+from flowgrove.tasks.digits import NOT_A_DIGIT, PRETRAIN_HINT, assets_dir, digit_of_prompt, digit_prompts, load_weights, save_weights
 
 CLASSIFIER_FILE = "digits_classifier.safetensors"
 FORMAT = "flowgrove-digits-classifier-v2"  # v2: eleven classes, index 10 = not a digit

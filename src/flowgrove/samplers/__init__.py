@@ -1,5 +1,5 @@
-"""Sampler steps: Gaussian log-density; rectified-flow Euler/SDE steps and DPM-Solver++(2M); the diffusion (DDIM with
-eta) family; step families chosen by the policy."""
+"""Sampler math (layer 1): Gaussian log-density; rectified-flow Euler/SDE steps and DPM-Solver++(2M); the diffusion
+(DDIM with eta) family; step families; sigma schedules. Pure torch: may import torch and the root modules only."""
 
 from flowgrove.samplers.diffusion import ddim_dpm_step, ddim_ode_step, ddim_step, predict_x0_eps
 from flowgrove.samplers.dpm_solver import dpmpp_2m_step, sample_dpmpp_2m, sample_euler

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from flowgrove.samplers.dpm_solver import dpmpp_2m_step
 from flowgrove.samplers.steps import Scalar, _bcast, _per_sample, gaussian_transition
-from flowgrove.types import StepOutput
+from flowgrove.samplers.types import StepOutput
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 

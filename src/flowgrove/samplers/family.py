@@ -21,7 +21,7 @@ from torch import Tensor
 from flowgrove.samplers.diffusion import PREDICTION_TYPES, ddim_dpm_step, ddim_ode_step, ddim_step, predict_x0_eps
 from flowgrove.samplers.dpm_solver import dpmpp_2m_step
 from flowgrove.samplers.steps import Scalar, euler_step, sde_step, x0_from_velocity
-from flowgrove.types import StepOutput
+from flowgrove.samplers.types import StepOutput
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]  # (x [B, ...], sigma 0-dim) -> model output [B, ...]
 TIMESTEP_SNAP = 1e-3  # positions this close to an integer timestep are that timestep (float32 grids)

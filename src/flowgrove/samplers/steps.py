@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from flowgrove.samplers.gaussian import gaussian_log_prob
-from flowgrove.types import StepOutput
+from flowgrove.samplers.types import StepOutput
 
 Scalar = float | Tensor
 

@@ -1,0 +1,215 @@
+"""Config checks beyond a single field's metadata, run by :func:`flowgrove.config.load.build_config` before any model
+loads: list items, reward weights and names, cross-field combinations (window, tree, train), ``run.device``.
+
+The few quantities of a config that both the checks and :mod:`flowgrove.training.method` need (trainable positions,
+window positions, split steps) are defined here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from flowgrove.config.schema import Config
+from flowgrove.grpo import tree
+from flowgrove.messages import ConfigError, did_you_mean, one_line
+
+
+def trainable_positions(cfg: Config) -> int:
+    """Transitions that can be trained: the last one is excluded when the reward image is its x0 prediction."""
+    return cfg.sampler.num_steps - (cfg.sampler.reward_image == "x0_pred")
+
+
+def window_positions(cfg: Config) -> int:
+    """Steps a sliding SDE window may cover. With the final sample as the reward image the last two steps stay
+    out of every window position, as in MixGRPO's reference (max_timesteps = T - 2): an SDE step there would leave
+    its noise in the scored image. With the x0 prediction only the last (unsampled) transition is out."""
+    return cfg.sampler.num_steps - (2 if cfg.sampler.reward_image == "final" else 1)
+
+
+def split_steps(cfg: Config) -> tuple[int, ...]:
+    t = cfg.tree
+    if t.split_steps:
+        return tree.parse_split_steps(t.split_steps, cfg.sampler.num_steps)
+    return tree.split_steps_evenly(cfg.sampler.num_steps, t.split_rounds)
+
+
+def check_method(cfg: Config) -> None:
+    """Cross-field checks that a single field's metadata cannot express; :class:`ConfigError` naming the keys.
+
+    ``build_config`` runs them, so a bad combination is reported before any model or weight is loaded.
+    """
+    for check in (_check_mode, _check_steps, _check_window, _check_tree, _check_train):
+        check(cfg)
+
+
+def check_config(cfg: Config) -> None:
+    """Every config-time check beyond the field metadata (``build_config`` runs it, before any model loads): list
+    items, reward weights and names, the cross-field checks of :func:`check_method`, and ``run.device``."""
+    for key, (kind, length) in _LIST_ITEMS.items():
+        _check_list(cfg, key, kind, length)
+    _check_rewards(cfg.rewards)
+    check_method(cfg)
+    _check_reward_names(cfg)
+    check_device(cfg.run.device)
+
+
+def _check_mode(cfg: Config) -> None:
+    if cfg.tree.enabled and cfg.window.enabled and not cfg.tree.mix:
+        raise ConfigError("window.enabled with tree.enabled needs tree.mix=true (BranchGRPO-Mix); or disable one of them")
+    if cfg.tree.enabled and cfg.advantage.kind != "depthwise":
+        raise ConfigError(f"tree rollouts need advantage.kind=depthwise, got {cfg.advantage.kind!r}")
+    if not cfg.tree.enabled and cfg.advantage.kind == "depthwise":
+        raise ConfigError("advantage.kind=depthwise needs tree.enabled=true; use group or group_global_std for chains")
+    if not cfg.tree.enabled and cfg.rollout.group_size < 2:
+        raise ConfigError("rollout.group_size must be >= 2: GRPO normalises rewards within the images of one prompt")
+    smallest, key = (cfg.tree.branching, "tree.branching") if cfg.tree.enabled else (cfg.rollout.group_size, "rollout.group_size")
+    if cfg.advantage.ddof >= smallest:
+        raise ConfigError(f"advantage.ddof={cfg.advantage.ddof} leaves no degrees of freedom in groups of {smallest} "
+                          f"({key}); use advantage.ddof=0 or 1, or larger groups")
+
+
+def _check_steps(cfg: Config) -> None:
+    if trainable_positions(cfg) < 1:
+        raise ConfigError(f"sampler.num_steps={cfg.sampler.num_steps} with sampler.reward_image=x0_pred leaves no trainable "
+                          "step (the last transition is not trained when the reward scores its x0 prediction); set "
+                          "sampler.num_steps>=2 or sampler.reward_image=final")
+
+
+def _check_window(cfg: Config) -> None:
+    """The window of MixGRPO (window.enabled) or of BranchGRPO-Mix (tree.mix) must fit the trainable steps."""
+    w, last = cfg.window, window_positions(cfg)
+    if not (cfg.window.enabled or (cfg.tree.enabled and cfg.tree.mix)):
+        return
+    if w.size > last:
+        raise ConfigError(f"window.size={w.size} exceeds the {last} steps a window may cover (sampler.num_steps="
+                          f"{cfg.sampler.num_steps} minus the last step, minus two with sampler.reward_image=final; "
+                          f"here reward_image={cfg.sampler.reward_image}); lower window.size")
+    if w.start > last - w.size:
+        raise ConfigError(f"window.start={w.start} is beyond the last window position {last - w.size} "
+                          f"(= {last} steps a window may cover - window.size {w.size}); lower window.start")
+    if w.max_interval < w.min_interval:
+        raise ConfigError(f"window.max_interval={w.max_interval} must be >= window.min_interval={w.min_interval}")
+
+
+def _check_tree(cfg: Config) -> None:
+    t, steps = cfg.tree, cfg.sampler.num_steps
+    if not t.enabled:
+        return
+    if not t.split_steps and t.split_rounds > steps:
+        raise ConfigError(f"tree.split_rounds={t.split_rounds} exceeds sampler.num_steps={steps}; lower it or list tree.split_steps")
+    try:
+        splits = split_steps(cfg)
+    except ValueError as err:
+        raise ConfigError(f"tree.split_steps={list(t.split_steps)} is out of range for sampler.num_steps={steps}: {err}") from None
+    leaves = t.branching ** len(splits)
+    if t.width_keep > leaves:
+        raise ConfigError(f"tree.width_keep={t.width_keep} is larger than the {leaves} leaves per tree "
+                          f"(tree.branching {t.branching} ** {len(splits)} splits); lower tree.width_keep (0 = off)")
+    bad = sorted(d for d in t.depth_pruning if not 1 <= d <= steps)
+    if bad:
+        raise ConfigError(f"tree.depth_pruning={list(t.depth_pruning)} holds depths {bad} outside [1, {steps}] "
+                          f"(child depths of sampler.num_steps={steps})")
+    if t.depth_stop != -1 and not 1 <= t.depth_stop <= steps:
+        raise ConfigError(f"tree.depth_stop={t.depth_stop} must be -1 (the last split step) or in [1, {steps}]")
+
+
+def _check_train(cfg: Config) -> None:
+    t, last = cfg.train, trainable_positions(cfg)
+    if not 0 < t.timestep_fraction <= 1:
+        raise ConfigError(f"train.timestep_fraction={t.timestep_fraction} must be in (0, 1] (share of the steps trained "
+                          "per sample; DanceGRPO uses 0.6)")
+    if t.timesteps == "first_k" and t.first_k > last:
+        raise ConfigError(f"train.first_k={t.first_k} is larger than the {last} trainable steps (sampler.num_steps="
+                          f"{cfg.sampler.num_steps}, reward_image={cfg.sampler.reward_image}); lower train.first_k "
+                          "(0 = all of them)")
+    if not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"train.betas={list(t.betas)} must both be in [0, 1); for example train.betas=[0.9,0.999]")
+
+
+def _check_reward_names(cfg: Config) -> None:
+    from flowgrove.rewards import reward_names
+
+    for name in cfg.rewards:
+        if name not in reward_names():
+            raise ConfigError(f"rewards.{name} is not a registered reward{did_you_mean(name, reward_names())}; "
+                              f"known rewards: {', '.join(reward_names())}")
+    for name, options in cfg.reward_options.items():
+        if name not in cfg.rewards:
+            raise ConfigError(f"reward_options.{name} sets options of a reward that is not in rewards "
+                              f"({', '.join(cfg.rewards)}); add rewards.{name}=WEIGHT or drop reward_options.{name}")
+        if not isinstance(options, dict):
+            raise ConfigError(f"reward_options.{name}={options!r} must map option names to values, "
+                              f"for example reward_options.{name}.batch_size=16")
+
+
+# List fields: the type of their items and the required length (None: any length).
+_LIST_ITEMS: dict[str, tuple[type, int | None]] = {
+    "policy.lora_targets": (str, None),
+    "train.betas": (float, 2),
+    "tree.split_steps": (int, None),
+    "tree.depth_pruning": (int, None),
+}
+
+
+_KIND = {float: "number", int: "integer", str: "string"}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _item_ok(item: object, kind: type) -> bool:
+    return _is_number(item) if kind is float else isinstance(item, kind) and not isinstance(item, bool)
+
+
+def _check_list(cfg: Config, key: str, kind: type, length: int | None) -> None:
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    f = next(f for f in dataclasses.fields(getattr(cfg, section)) if f.name == name)
+    help_text = f.metadata["help"].rstrip(".")
+    if length is not None and len(value) != length:
+        example = ",".join(map(str, f.default_factory()))
+        raise ConfigError(f"{key}={value} must hold exactly {length} {_KIND[kind]}s ({help_text}); for example {key}=[{example}]")
+    bad = next((item for item in value if not _item_ok(item, kind)), None)
+    if bad is not None:
+        raise ConfigError(f"{key}={value} must be a list of {_KIND[kind]}s ({help_text}); {bad!r} is not one")
+
+
+def _check_rewards(rewards: object) -> None:
+    """A mapping of reward names to finite numbers, not all zero (weights are used as given; negative ones penalise)."""
+    if not isinstance(rewards, dict) or not rewards:
+        raise ConfigError(f"rewards={rewards!r} must map reward names to weights; for example "
+                          "rewards={digit_classifier: 1.0, boldness: 1.0}")
+    for name, weight in rewards.items():
+        if weight is None and ":" in str(name):
+            key, value = str(name).split(":", 1)
+            raise ConfigError(f"rewards holds {name!r} without a weight: YAML needs a space after the colon, "
+                              f"for example rewards={{{key}: {value}}}")
+        if not _is_number(weight) or not math.isfinite(weight):
+            raise ConfigError(f"rewards.{name}={weight!r} is not a number; give the reward a numeric weight, "
+                              f"for example rewards.{name}=1.0")
+    if not any(rewards.values()):
+        raise ConfigError(f"every weight in rewards={rewards} is 0; give at least one reward a nonzero weight, "
+                          f"for example rewards.{next(iter(rewards))}=1.0")
+
+
+def check_device(device: str) -> None:
+    """``run.device`` must name a device this machine has (``auto``: CUDA when present, else the CPU)."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"run.device={device!r} is not a torch device ({one_line(err)}); use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"a CUDA {torch.version.cuda} build that finds no GPU"
+        raise ConfigError(f"run.device={device!r} but this machine has no usable CUDA device (torch {torch.__version__} is "
+                          f"{build}); set run.device=cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"run.device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          f"pick cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"run.device={device!r} but MPS is not available on this machine; set run.device=cpu")

@@ -1,0 +1,338 @@
+"""`flowgrove train`: build the pieces from a config, run the trainer, write the run directory, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import torch
+from tqdm import tqdm
+
+from flowgrove.config.load import Config, config_from_yaml_text, config_to_yaml
+from flowgrove.evaluation.evaluate import snapshot
+from flowgrove.evaluation.monitor import Monitor
+from flowgrove.messages import program
+from flowgrove.parallel import distributed, faults
+from flowgrove.runs import rundir
+from flowgrove.runs.checkpoint import (CheckpointError, Choice, checkpoint_folders, choose_checkpoint, discard_after,
+                                  load_checkpoint, save_checkpoint)
+from flowgrove.runs.metrics import MetricsLogger, plot_reward_curves, read_metrics, save_grid
+from flowgrove.training.setup import build_trainer
+from flowgrove.training.trainer import EvalResult, GRPOTrainer, TrainingHalted
+
+T = TypeVar("T")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path | None  # None on ranks other than 0 of a fresh run with a default folder name
+    summary: dict
+
+
+@dataclass
+class _Claim:
+    run_dir: Path
+    lock: rundir.RunLock
+
+
+@dataclass
+class _ResumePlan:
+    choice: Choice
+    cfg: Config
+    saved_yaml: str  # the checkpoint's config.yaml as written
+
+
+def _note(text: str) -> None:
+    print(f"flowgrove: {text}", file=sys.stderr)
+
+
+class _Stop:
+    """SIGTERM or a first Ctrl-C set a flag: the loop finishes the current step, every rank agrees on it at the
+    step's end, checkpoints and exits. A second Ctrl-C raises KeyboardInterrupt at once; the last checkpoint on
+    disk stays valid. Under torchrun a Ctrl-C reaches a worker twice within milliseconds (from the terminal and
+    forwarded by the agent): a second SIGINT sooner than ``SAME_PRESS`` seconds after the first is the same press."""
+
+    SAME_PRESS = 0.3
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._first_sigint: float | None = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is not None and now - self._first_sigint >= self.SAME_PRESS:
+                raise KeyboardInterrupt
+            if self._first_sigint is None:
+                self._first_sigint = now
+                # os.write, not print: a handler may run in the middle of another write to stderr
+                os.write(2, b"flowgrove: stopping after the current step and writing a checkpoint; "
+                            b"press Ctrl-C again to stop at once\n")
+        self.requested = True
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+class _Saver:
+    """Checkpoints of the run: every rank writes its shard (rank 0's run folder), each step at most once, wall
+    time counted over all resumes."""
+
+    def __init__(self, cfg: Config, run_dir: Path | None, resumed: Choice | None) -> None:
+        self.run_dir, self.yaml, self.keep = run_dir, config_to_yaml(cfg), cfg.run.keep_checkpoints
+        self.main = distributed.is_main()
+        self.seconds_before = resumed.state.wall_seconds if resumed else 0.0
+        self.start = time.perf_counter()
+        self.saved_iteration = resumed.state.iteration if resumed else None
+        self.saved_path = resumed.path if resumed else None
+
+    def wall_seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.start
+
+    def __call__(self, trainer: GRPOTrainer) -> Path | None:
+        if self.saved_iteration != trainer.iteration:  # the same on every rank: each calls this after each step
+            self.saved_path = save_checkpoint(trainer, self.run_dir, self.yaml, self.keep, self.wall_seconds())
+            self.saved_iteration = trainer.iteration
+        return self.saved_path
+
+
+def _agreed(setup: Callable[[], T], everywhere: bool = False) -> T | None:
+    """``setup()`` on rank 0 (or on every rank); when it fails anywhere, every rank stops, so none is left
+    waiting in a collective. Returns None on ranks that did not run it."""
+    result, error = None, None
+    if everywhere or distributed.is_main():
+        try:
+            result = setup()
+        except Exception as err:  # noqa: BLE001  (re-raised below, once every rank knows)
+            error = err
+    if distributed.any_rank(error is not None):
+        if error is not None:
+            raise error
+        raise SystemExit("flowgrove: another rank could not set up the run (see its message)")
+    return result
+
+
+def _claim_fresh(cfg: Config, target: str | Path | None, overwrite: bool) -> _Claim:
+    """Create or check the folder of a fresh run, lock it and write its config."""
+    run_dir = Path(target) if target else rundir.default_run_dir(cfg.method)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = rundir.RunLock(run_dir)
+    try:
+        removed = rundir.clear_for_fresh_run(run_dir, overwrite, has_checkpoint=bool(checkpoint_folders(run_dir)))
+        if removed:
+            _note(f"--overwrite: removed {', '.join(removed)} of an earlier partial run in {run_dir}")
+        rundir.atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+    except BaseException:
+        lock.release()
+        raise
+    return _Claim(run_dir, lock)
+
+
+def train(cfg: Config, run_dir: Path | None = None, overwrite: bool = False) -> RunResult:
+    """A fresh run into ``run_dir`` (or ``run.out``, or a new ``runs/<method>-<time>-<hex>``).
+
+    A folder that holds a partial run without a checkpoint is only reused with ``overwrite``.
+    """
+    distributed.init_from_env(timeout=cfg.run.collective_timeout)
+    target = run_dir or cfg.run.out or None
+    claim = _agreed(lambda: _claim_fresh(cfg, target, overwrite))
+    try:
+        folder = claim.run_dir if claim else (Path(target) if target else None)
+        trainer = build_trainer(cfg)
+        return _run(cfg, folder, trainer, resumed=None, base=_base_weights(trainer))
+    finally:
+        if claim:
+            claim.lock.release()
+
+
+def _resume_plan(run_dir: Path, checkpoint: str | None) -> _ResumePlan:
+    """The checkpoint to resume and its config; a note when it was written on another number of ranks."""
+    choice = choose_checkpoint(run_dir, checkpoint)
+    if choice is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint to resume (expected {run_dir}/checkpoints/step_N); "
+                                f"start afresh with `flowgrove train --out {run_dir} --overwrite`")
+    world, _ = distributed.world_size_and_rank()
+    if choice.state.world_size != world:
+        choice = replace(choice, notes=(*choice.notes, (
+            f"{choice.path.name} was written on {choice.state.world_size} process(es), this resume has {world}: "
+            "its sharded weights and optimizer state are resharded on load, and rollout.prompts_per_step is the "
+            "global batch, so the run continues with the same one")))
+    file = choice.path / "config.yaml"
+    saved_yaml = file.read_text()
+    try:
+        cfg = config_from_yaml_text(saved_yaml, source=str(file))
+    except Exception as err:  # noqa: BLE001  (YAML or schema errors of a config from another version)
+        raise CheckpointError(f"checkpoint file {file} is not a valid config ({str(err).splitlines()[0]}); "
+                              "pick another checkpoint with `--checkpoint step_N`") from None
+    return _ResumePlan(choice, cfg, saved_yaml)
+
+
+def _lock_run(run_dir: Path) -> rundir.RunLock:
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} does not exist; pass the folder of an earlier `flowgrove train` to --resume")
+    return rundir.RunLock(run_dir)
+
+
+def resume(run_dir: Path, steps: int | None = None, checkpoint: str | None = None) -> RunResult:
+    """Continue a run from its newest intact checkpoint, or from ``checkpoint`` (``step_N``), optionally with a
+    new total step count. Checkpoints newer than the one taken are removed: the run continues from there."""
+    run_dir = Path(run_dir)
+    distributed.init_from_env()
+    lock = _agreed(lambda: _lock_run(run_dir))
+    try:
+        # rank 0 verifies every checksum (each shard once, not once per rank) and hands the plan to the others
+        plan = distributed.from_main(_agreed(lambda: _resume_plan(run_dir, checkpoint)))
+        if distributed.is_main():
+            for note in plan.choice.notes:
+                _note(note)
+        if steps is not None:
+            plan.cfg.train.steps = steps
+        trainer = build_trainer(plan.cfg)
+        base = _base_weights(trainer)  # before the checkpoint's weights replace the base model's
+        load_checkpoint(trainer, plan.choice.path, plan.choice.state)
+        if distributed.is_main():
+            _settle_run_dir(run_dir, plan)
+        return _run(plan.cfg, run_dir, trainer, resumed=plan.choice, base=base)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _settle_run_dir(run_dir: Path, plan: _ResumePlan) -> None:
+    """Drop checkpoints after the resumed one, point ``latest`` at it, and sync ``config.yaml`` with it."""
+    for path in discard_after(run_dir, plan.choice.path):
+        _note(f"removed {path}: the run continues from {plan.choice.path.name}")
+    note = rundir.reconcile_config(run_dir, plan.saved_yaml, config_to_yaml(plan.cfg))
+    if note:
+        _note(note)
+
+
+def _base_weights(trainer: GRPOTrainer) -> list[torch.Tensor] | None:
+    """The base model's trainable weights (CPU) for the periodic evaluation's baselines; None without it."""
+    return snapshot(trainer) if trainer.cfg.eval.every > 0 else None
+
+
+def _run(cfg: Config, run_dir: Path | None, trainer: GRPOTrainer, resumed: Choice | None,
+         base: list[torch.Tensor] | None = None) -> RunResult:
+    main = distributed.is_main()
+    save = _Saver(cfg, run_dir, resumed)
+    logger = MetricsLogger(run_dir, resume_step=trainer.iteration if resumed else None) if main else None
+    try:
+        before = _eval_before(trainer, run_dir, main)
+        monitor = Monitor(cfg, trainer, run_dir, main, base, trainer.iteration if resumed else None,
+                          logger.writer.add_scalar if logger else None, save.yaml, save.wall_seconds)
+        monitor.start(trainer)
+        _train_steps(cfg, trainer, logger, save, monitor)
+        after = trainer.evaluate()  # on every rank: FSDP2's forward gathers the weights from all of them
+        summary = _finish(cfg, run_dir, trainer, before, after, save.wall_seconds(), monitor) if main else {}
+    finally:
+        if logger:
+            logger.close()
+    return RunResult(run_dir, summary)
+
+
+def _train_steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None, save: _Saver,
+                 monitor: Monitor | None = None) -> Path | None:
+    """Train to ``train.steps``, checkpointing after step 1, every ``run.checkpoint_every`` steps and at the end.
+
+    Returns the final checkpoint. A signal on any rank (agreed on by all at the end of the step), or a
+    :class:`TrainingHalted` from the trainer (raised before any weight changed), ends in one checkpoint of the last
+    good state and ``SystemExit``. A peer that dies or hangs ends this rank within ``run.collective_timeout`` with a
+    message naming it, without a checkpoint (writing one needs every rank).
+    """
+
+    resume_hint = f"resume with `{program()} train --resume {save.run_dir}`"
+    stop = _Stop()
+    beat = faults.start_heartbeat(faults.Context(lambda: save.saved_path, resume_hint), cfg.run.collective_timeout)
+    bar = tqdm(total=cfg.train.steps, initial=trainer.iteration, disable=not (cfg.run.progress and save.main), unit="step")
+    finished = False
+    try:
+        with faults.peers_checked(beat):
+            try:
+                _steps(cfg, trainer, logger, save, monitor, stop, bar)
+            except TrainingHalted as err:
+                if logger and err.metrics:  # the step completed (every optimizer step of it skipped): log it
+                    logger.log(err.metrics)
+                path = _save_everywhere(save, trainer)
+                raise SystemExit(f"flowgrove: {str(err).rstrip('.')}; the last good state is checkpoint "
+                                 f"{_where(path)}; {resume_hint}") from None
+            path = _save_everywhere(save, trainer)
+        finished = True
+        if trainer.iteration < cfg.train.steps:
+            raise SystemExit(f"flowgrove: stopped by signal after step {trainer.iteration}; checkpoint {_where(path)}; "
+                             f"{resume_hint}")
+    finally:
+        bar.close()
+        stop.restore()
+        if beat:  # a rank that fails on its own stays silent, so the others name it
+            beat.stop(finished=finished or sys.exc_info()[0] is SystemExit)
+    return path
+
+
+def _steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None, save: _Saver, monitor: Monitor | None,
+           stop: _Stop, bar: tqdm) -> None:
+    """The loop of :func:`_train_steps`: until ``train.steps`` or a stop request on any rank."""
+    while trainer.iteration < cfg.train.steps and not distributed.any_rank(stop.requested):
+        metrics = trainer.step()
+        if monitor:  # periodic evaluation and guard: eval/* join this step's row; GuardStop halts
+            monitor.after_step(trainer, metrics)
+        if logger:
+            logger.log(metrics)
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", s_per_step=f"{metrics['seconds_step']:.2f}")
+        if trainer.iteration == 1 or trainer.iteration % cfg.run.checkpoint_every == 0:
+            save(trainer)
+
+
+def _save_everywhere(save: _Saver, trainer: GRPOTrainer) -> Path | None:
+    """The final checkpoint, then a barrier: no rank exits (which makes torchrun stop the others) before it is
+    complete."""
+    path = save(trainer)
+    faults.barrier()
+    return path
+
+
+def _where(path: Path | None) -> str:
+    return str(path) if path else "written by rank 0"
+
+
+def _eval_before(trainer: GRPOTrainer, run_dir: Path | None, main: bool) -> dict:
+    """Held-out reward of the initial policy; computed once per run and kept on disk for resumes."""
+    path = run_dir / "eval_before.json" if run_dir else None
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
+    result = trainer.evaluate()
+    if main:
+        save_grid(result.images, run_dir / "samples_before.png", columns=trainer.cfg.eval.samples_per_prompt)
+        rundir.atomic_write_text(path, json.dumps(dict(result)))
+    return dict(result)
+
+
+def _finish(cfg: Config, run_dir: Path, trainer: GRPOTrainer, before: dict, after: EvalResult, wall: float,
+            monitor: Monitor | None = None) -> dict:
+    save_grid(after.images, run_dir / "samples_after.png", columns=cfg.eval.samples_per_prompt)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    plot_reward_curves({"training reward (SDE rollouts)": ([r["step"] for r in rows], [r["reward_mean"] for r in rows])},
+                       run_dir / "reward_curve.png", "step", "reward")
+    mean = lambda key: sum(r[key] for r in rows) / max(len(rows), 1)  # noqa: E731
+    summary = {
+        "method": cfg.method, "steps": trainer.iteration, "wall_seconds": round(wall, 2),
+        "heldout_reward_before": before["reward"], "heldout_reward_after": after["reward"],
+        **{f"heldout_{k}_before": v for k, v in before.items() if k != "reward"},
+        **{f"heldout_{k}_after": v for k, v in after.items() if k != "reward"},
+        "nfe_old": mean("nfe_old"), "nfe_new": mean("nfe_new"),
+        "seconds_per_step": mean("seconds_step"),
+    }
+    summary.update(monitor.summary() if monitor else {})
+    rundir.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    if monitor:
+        monitor.report()
+    return summary

@@ -1,0 +1,354 @@
+"""Checkpoints: the trainable weights, AdamW state, EMA and KL reference as one sharded
+``torch.distributed.checkpoint`` folder (``dcp/``, see :mod:`flowgrove.runs.sharded`), the global RNG
+(safetensors), the iteration and the resolved config.
+
+A checkpoint is the folder ``checkpoints/step_NNNNNN``. Every rank writes its shard of ``dcp/`` into a
+temporary folder (rank 0 the DCP ``.metadata`` once all shards are written) and hashes the shards it wrote;
+then rank 0 writes the RNG and the config, and last ``state.json`` with the sha256 of every other file (every
+shard and the metadata included), and renames the folder into place. So a checkpoint is complete exactly when
+it has that name, its checksums verify and every file the DCP metadata names is among them.
+``checkpoints/latest`` is only a hint: resume takes the newest intact checkpoint and says so when that is not
+the one ``latest`` names. A step already on disk is never written again, and a folder is only removed once a
+newer intact one is in place. The saving functions are collective under torchrun: every rank calls them (rank
+0's run folder is used; other ranks may pass None).
+
+DCP reshards on load: a checkpoint written by N ranks resumes on M ranks, and ``flowgrove export`` and
+``flowgrove sample --run`` read it in one process without a process group.
+
+Every sampling generator is derived from (seed, iteration, stream, rank) (``trainer.step_generator``), so the
+iteration number restores them exactly; the global torch RNG (rank 0's) is saved as well for anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from flowgrove.parallel import distributed
+from flowgrove.runs import sharded
+from flowgrove.runs.rundir import atomic_write_text
+from flowgrove.training.trainer import GRPOTrainer
+
+T = TypeVar("T")
+LATEST = "latest"
+STATE = "state.json"
+SHARDS = "dcp"  # the DCP folder of a checkpoint
+REQUIRED = (f"{SHARDS}/{sharded.METADATA}", "rng.safetensors", "config.yaml")
+_NAME = re.compile(r"step_(\d+)")
+_PICK = "pick another with `--checkpoint step_N` or resume without it to take the newest intact one"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated or corrupt; the message names the file and the fix (one line)."""
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """What ``state.json`` records besides the weights."""
+
+    iteration: int
+    world_size: int  # processes of the run that wrote it (DCP reshards for another number on load)
+    wall_seconds: float  # training wall time of the whole run up to this checkpoint, over all resumes
+    files: dict  # file name -> sha256 hex digest of every other file in the folder
+    trainer: dict = field(default_factory=dict)  # GRPOTrainer.extra_state(): counters that last across steps
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The checkpoint a resume starts from, and one line per reason it is not simply ``latest``."""
+
+    path: Path
+    state: CheckpointState
+    notes: tuple[str, ...]
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"step_{iteration:06d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write(folder: Path, name: str, writer: Callable[[Path], None]) -> None:
+    """Write one file (or the DCP folder) of a checkpoint with ``writer``."""
+    writer(folder / name)
+
+
+def _digests(folder: Path, known: dict[str, str]) -> dict[str, str]:
+    """Relative path -> sha256 of every file below ``folder`` (those in ``known`` already hashed)."""
+    names = [f.relative_to(folder).as_posix() for f in sorted(folder.rglob("*")) if f.is_file()]
+    return {name: known.get(name) or _sha256(folder / name) for name in names}
+
+
+def _shard_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every shard, each rank hashing those it wrote (``__RANK_*.distcp``) at the same time."""
+    _, rank = distributed.world_size_and_rank()
+    own = {f"{SHARDS}/{f.name}": _sha256(f) for f in sorted((folder / SHARDS).glob(f"__{rank}_*.distcp"))}
+    return {name: digest for part in distributed.all_gather_objects(own) for name, digest in part.items()}
+
+
+def _on_main(action: Callable[[], T]) -> T | None:
+    """``action()`` on rank 0; when it fails, every rank raises (none is left waiting in the next collective)."""
+    result, error = None, None
+    if distributed.is_main():
+        try:
+            result = action()
+        except Exception as err:  # noqa: BLE001  (re-raised below, once every rank knows)
+            error = err
+    if distributed.any_rank(error is not None):
+        raise error or CheckpointError("rank 0 could not write the checkpoint (see its message)")
+    return result
+
+
+def _fresh_folder(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+
+def _finish_folder(trainer: GRPOTrainer, folder: Path, config_yaml: str, wall_seconds: float,
+                   shards: dict[str, str]) -> None:
+    """Rank 0's files of a checkpoint whose shards (hashed: ``shards``) are in place; ``state.json`` with the
+    checksums of every file comes last."""
+    _write(folder, "rng.safetensors", lambda p: save_file({"torch_rng": torch.get_rng_state()}, str(p)))
+    _write(folder, "config.yaml", lambda p: p.write_text(config_yaml))
+    world, _ = distributed.world_size_and_rank()
+    state = CheckpointState(trainer.iteration, world, round(wall_seconds, 3), _digests(folder, shards),
+                            trainer.extra_state())
+    (folder / STATE).write_text(json.dumps(asdict(state), indent=1))
+
+
+def _write_checkpoint(trainer: GRPOTrainer, final: Path, config_yaml: str, wall_seconds: float) -> None:
+    """Every rank's shard, then rank 0's files, into a temporary folder renamed to ``final`` once complete."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    _on_main(lambda: _fresh_folder(tmp))
+    _write(tmp, SHARDS, lambda p: sharded.save(trainer, p))  # collective: returns once the metadata is written
+    shards = _shard_digests(tmp)
+    _on_main(lambda: (_finish_folder(trainer, tmp, config_yaml, wall_seconds, shards), _install(tmp, final)))
+
+
+def _shared_root(run_dir: Path | None) -> Path:
+    """Rank 0's ``run_dir/checkpoints`` on every rank."""
+    root = Path(distributed.from_main(run_dir)) / "checkpoints"
+    if distributed.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` to ``final``; a damaged ``final`` is moved aside first, removed only after."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    aside = final.with_name(f".{final.name}.damaged")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(final, aside)
+    os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def save_checkpoint(trainer: GRPOTrainer, run_dir: Path | None, config_yaml: str, keep: int = 2,
+                    wall_seconds: float = 0.0) -> Path:
+    """Write ``run_dir/checkpoints/step_NNNNNN`` and point ``checkpoints/latest`` at it (every rank calls it).
+
+    An intact checkpoint of the same step is kept as it is (a step is never saved twice). Of the other
+    complete checkpoints the newest ``keep`` stay.
+    """
+    root = _shared_root(run_dir)
+    final = root / checkpoint_name(trainer.iteration)
+    if distributed.any_rank(distributed.is_main() and not (final.is_dir() and _intact(final))):
+        _write_checkpoint(trainer, final, config_yaml, wall_seconds)
+    _on_main(lambda: (atomic_write_text(root / LATEST, final.name), _prune(root, keep, final)))
+    return final
+
+
+def save_named_checkpoint(trainer: GRPOTrainer, run_dir: Path | None, name: str, config_yaml: str,
+                          wall_seconds: float = 0.0) -> Path:
+    """Write (or replace) the checkpoint ``checkpoints/<name>`` (e.g. ``best``), atomically as :func:`save_checkpoint`
+    does and on every rank as it; never pruned or resumed from by default, and ``--checkpoint <name>`` takes it."""
+    final = _shared_root(run_dir) / name
+    _write_checkpoint(trainer, final, config_yaml, wall_seconds)
+    return final
+
+
+def _prune(root: Path, keep: int, current: Path) -> None:
+    """Remove leftovers of interrupted writes and all but the newest ``keep`` checkpoints (never ``current``)."""
+    for leftover in root.glob(".step_*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for old in checkpoint_folders(root.parent)[keep:]:
+        if old != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _step(path: Path) -> int:
+    return int(_NAME.fullmatch(path.name).group(1))
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """``checkpoints/step_*`` folders of a run, newest first (complete by name, not yet verified)."""
+    root = Path(run_dir) / "checkpoints"
+    found = [p for p in root.glob("step_*") if p.is_dir() and _NAME.fullmatch(p.name)] if root.is_dir() else []
+    return sorted(found, key=_step, reverse=True)
+
+
+def read_state(path: Path) -> CheckpointState:
+    """``state.json`` of a checkpoint folder, checked for shape (not yet the checksums)."""
+    file = Path(path) / STATE
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {file} is missing; the checkpoint is incomplete: {_PICK}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"checkpoint file {file} is truncated or not JSON; {_PICK}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise CheckpointError(f"checkpoint file {file} lists no file checksums (written by an older flowgrove or "
+                              f"damaged); {_PICK}, or start a new run")
+    try:
+        return CheckpointState(int(data["iteration"]), int(data.get("world_size", 1)),
+                               float(data.get("wall_seconds", 0.0)), dict(data["files"]), dict(data.get("trainer", {})))
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"checkpoint file {file} has no valid iteration; {_PICK}") from None
+
+
+def verify_checkpoint(path: Path) -> CheckpointState:
+    """The checkpoint's state once every file matches its sha256 in ``state.json``; else :class:`CheckpointError`."""
+    path = Path(path)
+    state = read_state(path)
+    missing = sorted(set(REQUIRED) - set(state.files))
+    if missing and "trainable.safetensors" in state.files:
+        raise CheckpointError(f"checkpoint {path} is in the single-file format of an older flowgrove (no {SHARDS}/); "
+                              f"{_PICK}, or resume it with the flowgrove version that wrote it")
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no {missing[0]} in {STATE}; the checkpoint is incomplete: {_PICK}")
+    for name, digest in sorted(state.files.items()):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint file {file} is missing; {_PICK}")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"checkpoint file {file} is truncated or corrupt (its sha256 differs from {STATE}); {_PICK}")
+    _check_shards(path, state)
+    return state
+
+
+def _check_shards(path: Path, state: CheckpointState) -> None:
+    """Every file the DCP metadata names is listed (so verified) in ``state.json``."""
+    folder = path / SHARDS
+    names = _read(folder / sharded.METADATA, lambda f: sharded.shard_files(folder))
+    absent = sorted(n for n in names if f"{SHARDS}/{n}" not in state.files)
+    if absent:
+        raise CheckpointError(f"checkpoint file {folder / absent[0]} is missing (its DCP metadata names it); "
+                              f"the checkpoint is incomplete: {_PICK}")
+
+
+def _intact(path: Path) -> bool:
+    try:
+        verify_checkpoint(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _named(run_dir: Path, name: str) -> Path:
+    """The folder of an explicit ``--checkpoint step_N`` (any zero padding)."""
+    match = _NAME.fullmatch(name.strip())
+    path = Path(run_dir) / "checkpoints" / (checkpoint_name(int(match.group(1))) if match else name)
+    if not path.is_dir():
+        have = ", ".join(p.name for p in checkpoint_folders(run_dir)) or "none"
+        raise CheckpointError(f"{run_dir} has no checkpoint {name!r}; its checkpoints: {have}; pass one of them to --checkpoint")
+    return path
+
+
+def _pointer_note(root: Path, chosen: Path) -> str | None:
+    """Why ``latest`` was not taken, or None when it names ``chosen``."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return f"{pointer} is missing"
+    named = pointer.read_text(errors="replace").strip()
+    if named == chosen.name:
+        return None
+    if not (root / named).is_dir() or not _NAME.fullmatch(named):
+        return f"{pointer} names {named!r}, which does not exist"
+    return f"{pointer} names {named}, but {chosen.name} is newer"
+
+
+def choose_checkpoint(run_dir: Path, name: str | None = None) -> Choice | None:
+    """The checkpoint to resume: ``name`` (must verify), else the newest intact one. None when there is none."""
+    if name:
+        path = _named(run_dir, name)
+        return Choice(path, verify_checkpoint(path), ())
+    folders = checkpoint_folders(run_dir)
+    notes: list[str] = []
+    for path in folders:
+        try:
+            state = verify_checkpoint(path)
+        except CheckpointError as err:
+            notes.append(f"skipping {path.name}: {str(err).split('; ')[0]}")
+            continue
+        pointer = _pointer_note(path.parent, path)
+        if pointer is not None and not notes:
+            notes.append(pointer)
+        if notes:
+            notes.append(f"taking {path}, the newest intact checkpoint")
+        return Choice(path, state, tuple(notes))
+    if folders:
+        reason = "; ".join(notes)
+        raise CheckpointError(f"{run_dir} has no intact checkpoint ({reason}); start a new run with another --out")
+    return None
+
+
+def discard_after(run_dir: Path, chosen: Path) -> list[Path]:
+    """Remove the checkpoints newer than ``chosen`` (damaged, or of a future the run is going back from) and
+    point ``latest`` at ``chosen``. Returns what was removed."""
+    limit = _step(chosen) if _NAME.fullmatch(chosen.name) else read_state(chosen).iteration  # e.g. ``best``
+    newer = [p for p in checkpoint_folders(run_dir) if _step(p) > limit]
+    atomic_write_text(Path(run_dir) / "checkpoints" / LATEST, chosen.name)
+    for path in newer:
+        shutil.rmtree(path, ignore_errors=True)
+    return newer
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest intact checkpoint of a run (notes on stderr when ``latest`` was not it), or None."""
+    choice = choose_checkpoint(run_dir)
+    if choice is None:
+        return None
+    for note in choice.notes:
+        print(f"flowgrove: {note}", file=sys.stderr)
+    return choice.path
+
+
+def _read(file: Path, loader: Callable[[Path], object]) -> object:
+    try:
+        return loader(file)
+    except Exception as err:  # noqa: BLE001  (safetensors, pickle and zip errors of a damaged file)
+        raise CheckpointError(f"checkpoint file {file} cannot be read ({type(err).__name__}); {_PICK}") from None
+
+
+def load_checkpoint(trainer: GRPOTrainer, path: Path, state: CheckpointState | None = None) -> CheckpointState:
+    """Restore a checkpoint written by :func:`save_checkpoint` into a freshly built trainer (verified first; under
+    torchrun every rank calls it, on any number of ranks)."""
+    path = Path(path)
+    state = state or verify_checkpoint(path)
+    try:
+        sharded.load(trainer, path / SHARDS)
+    except sharded.ShardedError as err:
+        raise CheckpointError(f"checkpoint {path} does not fit this trainer ({err}); was it written with another "
+                              f"policy or LoRA setting? {_PICK}") from None
+    torch.set_rng_state(_read(path / "rng.safetensors", lambda f: load_file(str(f)))["torch_rng"])
+    trainer.iteration = state.iteration
+    trainer.load_extra_state(state.trainer)
+    return state

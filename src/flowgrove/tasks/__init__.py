@@ -1,0 +1,2 @@
+"""Embedded tasks (layer 3): the data, prompts and shipped weight files of the built-in tasks (``digits``).
+May import torch, the math layer (``samplers``, ``grpo``) and the root modules; never a policy, reward or config."""

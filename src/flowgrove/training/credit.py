@@ -1,0 +1,58 @@
+"""From leaf rewards to one advantage per stored transition, for chains (group statistics) and trees
+(fused rewards, depth-wise z-scores). Orchestration over the pure functions of ``advantages`` and ``tree``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from flowgrove.config.load import AdvantageConfig, TreeConfig
+from flowgrove.grpo import advantages, tree
+from flowgrove.training.rollout import Rollout
+
+
+def chain_normalizer(cfg: AdvantageConfig) -> Callable[[Tensor, Tensor], Tensor]:
+    """rewards [N], group ids [N] -> advantages [N] as configured."""
+    if cfg.kind == "group_global_std":
+        return lambda r, g: advantages.group_mean_global_std(r, g, ddof=cfg.ddof, eps=cfg.eps)
+    return lambda r, g: advantages.group_zscore(r, g, ddof=cfg.ddof, eps=cfg.eps)
+
+
+def chain_advantages(rewards: Tensor, weights: Tensor, group_ids: Tensor, cfg: AdvantageConfig) -> Tensor:
+    """rewards [K, N] (one row per reward model) -> advantages [N] of the final samples."""
+    normalize = chain_normalizer(cfg)  # the weights are used as given: a negative weight penalises its reward
+    if cfg.aggregate == "advantage":
+        return advantages.aggregate_advantages(rewards, weights, group_ids, normalize)
+    return normalize(advantages.aggregate_rewards(rewards, weights), group_ids)
+
+
+def tree_advantages(
+    rewards: Tensor, weights: Tensor, forest: tree.Forest, edge_log_probs: tuple[Tensor, ...],
+    cfg: AdvantageConfig, tree_cfg: TreeConfig,
+) -> tuple[Tensor, ...]:
+    """rewards [K, N_leaves] -> advantages per depth (root first), depth-wise z-scores of fused rewards."""
+
+    def one(leaf_rewards: Tensor) -> tuple[Tensor, ...]:
+        fused = tree.fuse_rewards(leaf_rewards, forest, mode=tree_cfg.fusion, edge_log_probs=edge_log_probs,
+                                  temperature=tree_cfg.temperature)
+        return tree.depthwise_advantages(fused, forest, ddof=cfg.ddof, eps=cfg.eps)
+
+    if cfg.aggregate == "advantage":
+        per_reward = [one(row) for row in rewards]
+        return tuple(sum(wk * adv[d] for wk, adv in zip(weights, per_reward)) for d in range(len(per_reward[0])))
+    return one(advantages.aggregate_rewards(rewards, weights))
+
+
+def edge_values(per_depth: tuple[Tensor, ...], depth: Tensor, node: Tensor) -> Tensor:
+    """Pick per-node values [N_d] of each edge's child (depth, node) -> [E]."""
+    sizes = torch.tensor([0] + [v.shape[0] for v in per_depth], device=depth.device)
+    offsets = sizes.cumsum(0)[:-1]  # [D]
+    return torch.cat(per_depth)[offsets[depth] + node]  # [E]
+
+
+def chain_edge_advantages(sample_advantages: Tensor, rollout: Rollout) -> Tensor:
+    """In a chain the child node index is the chain index: every edge gets its sample's advantage. [E]"""
+    return sample_advantages[rollout.transitions.node]

@@ -1,0 +1,86 @@
+"""From a config and an iteration number to the pieces of one GRPO iteration: the step plan, the rollout
+spec, the tree and the trained-step selection. Pure functions of (config, iteration), identical on every rank.
+The config-time checks live in :mod:`flowgrove.config.checks`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from flowgrove.config.checks import split_steps, trainable_positions, window_positions  # noqa: F401 (re-exported)
+from flowgrove.config.schema import Config
+from flowgrove.grpo import plans, selection, tree
+from flowgrove.samplers import schedules
+
+
+def base_sigmas(cfg: Config, num_steps: int | None = None) -> Tensor:
+    """The sigma grid [T+1] of the configured schedule."""
+    steps = num_steps or cfg.sampler.num_steps
+    if cfg.sampler.schedule == "sd3":
+        return schedules.sd3_sigmas(steps, cfg.sampler.shift)
+    return schedules.flux_sigmas(steps, cfg.sampler.shift)
+
+
+def window_schedule(cfg: Config) -> plans.WindowSchedule:
+    w = cfg.window
+    return plans.WindowSchedule(
+        size=w.size, interval=w.interval, stride=w.stride, strategy=w.strategy, roll_back=w.roll_back, start=w.start,
+        min_interval=w.min_interval, max_interval=w.max_interval, exp_k=w.exp_k, exp_threshold=w.exp_threshold,
+        seed=cfg.train.seed,
+    )
+
+
+def step_plan(cfg: Config, iteration: int) -> plans.StepPlan:
+    """Which steps are SDE, ODE or DPM-compressed and which are trained, for one iteration."""
+    last = trainable_positions(cfg)
+    if cfg.tree.enabled:
+        splits = set(split_steps(cfg))
+        sde = set(range(cfg.sampler.num_steps))
+        if cfg.tree.mix:
+            sde = splits | set(plans.window_steps(iteration, window_positions(cfg), window_schedule(cfg)))
+        trained = {i for i in sde if i < last}
+        if cfg.tree.mix and cfg.window.tail == "dpm":
+            return compressed_tree_plan(cfg, sde, trained)
+        return plans.sde_mask_plan(base_sigmas(cfg), sde, trained)
+    if cfg.window.enabled:
+        start = plans.window_start(iteration, window_positions(cfg), window_schedule(cfg))
+        return plans.window_plan(cfg.sampler.num_steps, cfg.sampler.shift, start, cfg.window.size,
+                                 tail=cfg.window.tail, ratio=cfg.window.compress_ratio)
+    return plans.all_sde_plan(base_sigmas(cfg))
+
+
+def compressed_tree_plan(cfg: Config, sde: set[int], trained: set[int]) -> plans.StepPlan:
+    """Tree-Mix with a Flash tail: after the last SDE step the ODE steps are compressed by DPM-Solver++ (2M)."""
+    last_sde = max(sde)
+    sigmas = schedules.compressed_tail_sigmas(cfg.sampler.num_steps, cfg.sampler.shift, last_sde, cfg.window.compress_ratio)
+    kinds = tuple("sde" if i in sde else "ode" if i < last_sde else "dpm" for i in range(sigmas.numel() - 1))
+    return plans.StepPlan(sigmas, kinds, tuple(i in trained for i in range(len(kinds))))
+
+
+def rollout_spec(cfg: Config, plan: plans.StepPlan) -> plans.RolloutSpec:
+    branching: tuple[int, ...] = ()
+    if cfg.tree.enabled:
+        splits = set(split_steps(cfg))
+        branching = tuple(cfg.tree.branching if i in splits else 1 for i in range(plan.num_steps))
+    return plans.RolloutSpec(plan=plan, noise=cfg.sampler.noise, noise_level=cfg.sampler.noise_level,
+                       reward_image=cfg.sampler.reward_image, branching=branching,
+                       split_noise_scale=cfg.tree.split_noise_scale, split_logprob_std=cfg.tree.split_logprob_std,
+                       chunk_size=cfg.sampler.chunk_size)
+
+
+def store_mask(cfg: Config, plan: plans.StepPlan, num_chains: int, generator: torch.Generator) -> Tensor | None:
+    """Per-chain trained steps [N, S] for the all-SDE methods; None when the plan decides (windows, trees)."""
+    if cfg.tree.enabled or cfg.window.enabled or cfg.train.timesteps == "plan":
+        return None
+    exclude_last = cfg.sampler.reward_image == "x0_pred"
+    if cfg.train.timesteps == "first_k":
+        k = cfg.train.first_k or trainable_positions(cfg)
+        return selection.first_k_mask(num_chains, plan.num_steps, k)
+    return selection.random_fraction_mask(num_chains, plan.num_steps, cfg.train.timestep_fraction, exclude_last, generator)
+
+
+def forest(cfg: Config, n_trees: int, num_steps: int | None = None) -> tree.Forest:
+    """The trees of one step; ``num_steps`` is the plan's (a compressed tail shortens the trees)."""
+    return tree.build_forest(num_steps or cfg.sampler.num_steps, split_steps(cfg), cfg.tree.branching, n_trees)
+

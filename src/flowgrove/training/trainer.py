@@ -1,0 +1,377 @@
+"""The GRPO trainer: sample, score, compute advantages, update. One class for every method; a method is a
+config (see ``method.py``), a model family is a policy adapter. No I/O here: metrics are returned as dicts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from flowgrove.config.load import Config
+from flowgrove.grpo import selection, tree
+from flowgrove.grpo.advantages import aggregate_rewards
+from flowgrove.grpo.losses import ema_decay, kl_std, loss_weight, ppo_clip_loss, transition_kl
+from flowgrove.parallel import distributed, engine, rank_share
+from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, PromptRows
+from flowgrove.rewards.base import RewardFn
+from flowgrove.rewards.scoring import score_rewards
+from flowgrove.training import credit, method
+from flowgrove.training.heldout import EvalResult, evaluate_policy, ode_images  # noqa: F401 (ode_images: re-exported)
+from flowgrove.training.parts import TrainerParts, build_parts
+from flowgrove.training.rollout import NoiseSource, Rollout, Transitions, decode_batched, rescore, rescore_step, rollout
+
+
+class TrainingHalted(RuntimeError):
+    """The run cannot go on; the trainer still holds the last good state, which the runner checkpoints.
+    ``metrics`` holds the metrics of the step that ended it, when it completed (None otherwise)."""
+
+    def __init__(self, message: str, metrics: dict[str, float] | None = None):
+        super().__init__(message)
+        self.metrics = metrics
+
+
+class NonFiniteRewardError(TrainingHalted):
+    """A reward model returned NaN or inf; the step is abandoned before any weight changes."""
+
+
+class NonFiniteUpdatesError(TrainingHalted):
+    """Too many consecutive optimizer steps were skipped for a NaN/inf loss or gradient norm."""
+
+
+@dataclass
+class UpdateStats:
+    loss: float = 0.0
+    clip_fraction: float = 0.0
+    approx_kl: float = 0.0
+    kl: float = 0.0
+    grad_norm: float = 0.0
+    first_ratio_max_dev: float = 0.0  # max |ratio - 1| in the first micro-batch, before any weight change
+    updates: int = 0
+    skipped_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient norm
+    transitions: int = 0  # stored transitions trained, over all ranks
+
+
+def step_generator(seed: int, iteration: int, stream: int, rank: int = 0) -> torch.Generator:
+    """Generators derived from (seed, iteration, stream, rank): resuming at an iteration restores them exactly.
+    Stream 0 (prompts, trained steps, shuffling) and stream 1 (the noise of the global batch, which each rank
+    slices, see :class:`NoiseSource`) are identical on every rank, so no draw depends on the number of ranks."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + iteration) * 7 + stream) * 65_537 + rank)
+
+
+class GRPOTrainer:
+    """Group-relative policy optimisation of a flow policy against weighted rewards."""
+
+    def __init__(self, cfg: Config, policy: FlowPolicy, rewards: Mapping[str, RewardFn], prompts: Sequence[str],
+                 test_prompts: Sequence[str] | None = None, rows: PromptRows | None = None,
+                 parts: TrainerParts | None = None):
+        """``prompts`` train, ``test_prompts`` (default: the same) are evaluated; ``rows`` serves the training
+        prompts' conditioning by index (an ``encode-prompts`` cache), else every training prompt is encoded once.
+        ``parts`` (device, engine, optimizer) come from the recipe (:func:`flowgrove.training.setup.build_trainer`);
+        without them the trainer builds its own for ``cfg`` (library use), checking the global batch first."""
+        if not prompts:
+            raise ValueError("the prompt list is empty; give at least one prompt")
+        if parts is None:
+            rank_share.check_global_batch(cfg, distributed.world_size_and_rank()[0])
+            parts = build_parts(cfg, policy, distributed.resolve_device(cfg.run.device))
+        self.cfg, self.policy, self.rewards, self.prompts = cfg, policy, dict(rewards), list(prompts)
+        self.test_prompts = list(test_prompts) if test_prompts else self.prompts
+        self.weights = torch.tensor([float(w) for w in rewards_weights(cfg, self.rewards)])
+        self.device, self.engine, self.params, self.optimizer = parts.device, parts.engine, parts.params, parts.optimizer
+        t = cfg.train
+        self.ema = [p.detach().clone() for p in self.params] if t.ema_decay > 0 else None  # sharded as the weights
+        self.reference = [p.detach().clone() for p in self.params] if t.kl_beta > 0 else None
+        with torch.no_grad():  # text encoders run once per prompt
+            self.cond = None if rows is not None else policy.encode_prompts(self.prompts).to(self.device)  # [P_all, ...]
+            same = self.test_prompts is self.prompts and self.cond is not None
+            self.test_cond = self.cond if same else policy.encode_prompts(self.test_prompts).to(self.device)
+        self.rows: PromptRows = rows if rows is not None else EncodedPrompts(self.cond)
+        self.step_cond: Conditioning | None = None  # the last step's rows (its transitions index them)
+        self.step_prompt_ids: Tensor | None = None  # [P] the prompt of each of those rows
+        self.iteration = 0
+        self.nonfinite_streak = 0  # consecutive optimizer steps skipped for NaN/inf
+
+    # ---- one iteration -------------------------------------------------------------------------------
+    def step(self) -> dict[str, float]:
+        """One GRPO iteration. Returns its metrics; raises NonFiniteRewardError before touching the weights."""
+        cfg, it = self.cfg, self.iteration
+        world, rank = distributed.world_size_and_rank()
+        shared, noise = step_generator(cfg.train.seed, it, 0), step_generator(cfg.train.seed, it, 1)
+        t0 = time.perf_counter()
+        # the step's global prompts, without replacement within an epoch, reshuffled per epoch from the run's seed
+        drawn = selection.epoch_draws(len(self.prompts), it, cfg.rollout.prompts_per_step, cfg.train.seed)  # [P_all]
+        share = rank_share.rank_share(cfg, world, rank)  # this rank's contiguous part of the global batch
+        prompt_ids = drawn[share.positions]  # [P] into the prompt set
+        cond = self.rows.rows(prompt_ids).to(self.device)  # [P, ...]: only this step's rows reach the device
+        self.step_cond, self.step_prompt_ids = cond, prompt_ids  # what this step's transitions' cond_index points into
+        prompts = [self.prompts[i] for i in prompt_ids.tolist()]
+        plan = method.step_plan(cfg, it)
+        spec = method.rollout_spec(cfg, plan)
+        roots, x_init = self._roots(share, noise)  # roots index the step's rows
+        mask = method.store_mask(cfg, plan, share.total, shared)
+        mask = mask[share.start:share.start + share.size] if mask is not None else None  # [N0_r, S] of the global mask
+        groups = None
+        if not cfg.tree.enabled and cfg.rollout.same_noise_in_group:  # a group's ODE prefix is computed once
+            groups = share.roots.to(roots.device)
+        ro = rollout(self.policy, cond, roots, x_init, spec, NoiseSource(noise, share.parts, share.part), store_mask=mask,
+                     groups=groups)
+        t1 = time.perf_counter()
+        raw = self.score(ro, prompts)  # [K, N_L]
+        gathered = self._gather(raw.T, share).T  # [K, N_all]: every block's leaves in order
+        t2 = time.perf_counter()
+        forest = method.forest(cfg, share.size, plan.num_steps) if cfg.tree.enabled else None
+        adv = self.edge_advantages(gathered, ro, forest, share)  # [E]
+        total = weighted_total(raw.cpu(), self.weights)  # [N_L] this rank's leaves
+        keep = self.pruning_keep(ro, total, forest)
+        if share.span > 1:  # a tree's ranks all rolled it out; each trains its share of the kept transitions
+            keep = keep[rank_share.member_rows(keep.numel(), share).to(keep.device)]
+        transitions, adv = ro.transitions.select(keep), adv[keep]
+        n_leaves = ro.leaves.shape[0]
+        stats = self.update(transitions, adv, n_leaves, shared, n_roots=roots.shape[0] / share.span, cond=cond)
+        t3 = time.perf_counter()
+        self.iteration += 1
+        total_all = weighted_total(gathered, self.weights)  # [N_all]: the metrics do not depend on the world size
+        metrics = {
+            "step": self.iteration, "reward_mean": total_all.mean().item(), "reward_std": total_all.std().item(),
+            **{f"reward/{name}": gathered[k].mean().item() for k, name in enumerate(self.rewards)},
+            **{k: v for k, v in vars(stats).items()},
+            "nfe_old": forest.nfe_per_leaf if forest else float(plan.nfe_old), "nfe_new": stats.transitions / gathered.shape[1],
+            "model_calls_per_sample": ro.model_calls / n_leaves,  # below nfe_old where groups share a prefix
+            "seconds_rollout": t1 - t0, "seconds_reward": t2 - t1, "seconds_update": t3 - t2, "seconds_step": t3 - t0,
+        }
+        if cfg.window.enabled:
+            metrics["window_start"] = float(min(plan.trained_steps, default=-1))
+        if self.nonfinite_streak >= cfg.train.max_nonfinite_skips:
+            raise NonFiniteUpdatesError(
+                f"{self.nonfinite_streak} consecutive optimizer steps had a NaN/inf loss or gradient norm and were "
+                f"skipped (train.max_nonfinite_skips={cfg.train.max_nonfinite_skips}), the last at step {self.iteration}; "
+                "lower train.lr, set train.max_grad_norm, or check the rewards and the policy's dtype", metrics)
+        return metrics
+
+    def _roots(self, share: rank_share.RankShare, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Conditioning rows [N0_r] and initial noise [N0_r, *latent_shape] of this rank's chains or tree roots:
+        the noise of the whole global batch is drawn (so it does not depend on the world size) and sliced."""
+        cfg, shape, total = self.cfg, self.policy.latent_shape, share.total
+        if cfg.tree.enabled:
+            x = torch.randn((1 if cfg.tree.same_noise else total, *shape), generator=generator).expand(total, *shape)
+        elif cfg.rollout.same_noise_in_group:
+            x = torch.randn((cfg.rollout.prompts_per_step, *shape), generator=generator)
+            x = x.repeat_interleave(cfg.rollout.group_size, dim=0)  # [N0, ...]
+        else:
+            x = torch.randn((total, *shape), generator=generator)
+        x = x[share.start:share.start + share.size]  # [N0_r, ...]
+        return share.roots.to(self.device), x.contiguous().to(self.device)
+
+    def score(self, ro: Rollout, cond_prompts: Sequence[str] | None = None) -> Tensor:
+        """Rewards [K, N_leaves] of the decoded leaves, whose ``leaf_cond_index`` indexes ``cond_prompts`` (default:
+        the training prompts); NaN or inf stops the step with a clear message."""
+        cond_prompts = self.prompts if cond_prompts is None else cond_prompts
+        with torch.no_grad():
+            images = decode_batched(self.policy, ro.leaves, self.cfg.rollout.decode_batch)  # [N, 3, H, W] in [0, 1]
+            prompts = [cond_prompts[i] for i in ro.leaf_cond_index.tolist()]
+            raw = torch.stack([r.to(self.device) for r in score_rewards(self.rewards, images, prompts)])  # [K, N]
+        bad = ~torch.isfinite(raw)
+        if distributed.any_rank(bool(bad.any())):  # every rank raises, so no collective is left waiting
+            names = [name for k, name in enumerate(self.rewards) if bad[k].any()]
+            where = f" (e.g. for prompt {prompts[int(bad.any(0).nonzero()[0])]!r})" if bad.any() else " on another rank"
+            raise NonFiniteRewardError(
+                f"reward(s) {names} returned NaN/inf at step {self.iteration + 1}{where}; the step was "
+                "skipped and no weights changed. Check the reward model and its inputs, then resume from the last checkpoint."
+            )
+        return raw
+
+    @staticmethod
+    def _gather(rows: Tensor, share: rank_share.RankShare) -> Tensor:
+        """Per-rank rows [B, ...] -> every block's rows [parts * B, ...] on the CPU, one copy of a shared block."""
+        world, _ = distributed.world_size_and_rank()
+        return rank_share.unique_blocks(distributed.all_gather_cat(rows.contiguous()), world, share.span).cpu()
+
+    def edge_advantages(self, gathered: Tensor, ro: Rollout, forest: tree.Forest | None,
+                        share: rank_share.RankShare) -> Tensor:
+        """Advantages [E] (on the policy's device) of the stored transitions, from the rewards [K, N_total] of every
+        block's leaves (``share``: this rank's block). The collectives run on the device; the
+        credit math on these few numbers runs on the CPU, where the forest is: advantages are computed once, each
+        rank keeps its own rows."""
+        cfg, tr = self.cfg, ro.transitions
+        mine = lambda values: values.chunk(share.parts)[share.part]  # noqa: E731  (this block's rows)
+        if forest is not None:
+            forest = method.forest(cfg, forest.n_trees * share.parts, forest.num_steps)  # every block's trees
+            log_probs = tuple(self._gather(lp, share) for lp in ro.edge_log_probs)
+            per_depth = credit.tree_advantages(gathered, self.weights, forest, log_probs, cfg.advantage, cfg.tree)
+            return credit.edge_values(tuple(mine(a) for a in per_depth), tr.depth.cpu(), tr.node.cpu()).to(tr.x.device)
+        group = torch.arange(gathered.shape[1]) // cfg.rollout.group_size  # [N_total]
+        sample_adv = mine(credit.chain_advantages(gathered, self.weights, group, cfg.advantage))
+        return credit.chain_edge_advantages(sample_adv.to(tr.x.device), ro)
+
+    def pruning_keep(self, ro: Rollout, total: Tensor, forest: tree.Forest | None) -> Tensor:
+        """Indices of the stored transitions that enter the backward pass (BranchGRPO pruning); ``total`` [N_L] is
+        the weighted reward of each leaf (width pruning keeps the best and worst)."""
+        tr = ro.transitions
+        all_rows = torch.arange(len(tr), device=tr.depth.device)
+        t = self.cfg.tree
+        if forest is None or not tree.pruning_active(self.iteration, self.cfg.train.steps, t.pruning_fraction):
+            return all_rows
+        masks = []
+        if t.depth_pruning:
+            stop = t.depth_stop if t.depth_stop >= 0 else max(forest.split_steps)
+            depths = tree.depth_pruned_depths(set(t.depth_pruning), self.iteration, t.depth_slide_interval or None, stop)
+            masks.append(tree.depth_prune_mask(forest, depths))
+        if t.width_keep:
+            masks.append(tree.width_prune_mask(forest, total, t.width_keep))
+        if not masks:
+            return all_rows
+        keep_edges = credit.edge_values(tuple(m.float() for m in tree.combine_masks(*masks)), tr.depth.cpu() - 1, tr.node.cpu())
+        return keep_edges.bool().nonzero().flatten().to(tr.depth.device)
+
+    # ---- update --------------------------------------------------------------------------------------
+    def update(self, tr: Transitions, adv: Tensor, n_samples: int, generator: torch.Generator,
+               n_roots: float | None = None, cond: Conditioning | None = None) -> UpdateStats:
+        """PPO-clip updates over the stored transitions, shuffled; an optimizer step per accumulation group.
+
+        A group whose loss or gradient norm is NaN/inf on any rank is skipped on every rank (no weight, optimizer
+        or EMA change); ``train.max_nonfinite_skips`` consecutive skips raise :class:`NonFiniteUpdatesError`
+        at the end of the step. ``n_roots`` (chains or trees on this rank, a fraction of a tree that spans ranks) sets
+        ``train.loss_scale=reference``;
+        ``cond`` is the conditioning the transitions' ``cond_index`` points into (default: the last step's rows).
+        """
+        cond = cond if cond is not None else self.step_cond if self.step_cond is not None else self.cond
+        world, _ = distributed.world_size_and_rank()
+        t, stats = self.cfg.train, UpdateStats(transitions=len(tr) * world)  # over all ranks (equal shares)
+        if not distributed.all_equal(len(tr)):  # equal micro-batches: a rank with fewer would leave others waiting
+            raise RuntimeError(f"the ranks stored different numbers of transitions at step {self.iteration + 1} "
+                               "(they must match for data-parallel updates); this is a bug, please report it")
+        if len(tr) == 0:
+            return stats
+        order = torch.randperm(len(tr), generator=generator)  # [E]
+        if t.accumulate == "samples":  # train.accumulate_size counts the global batch: the same steps on any world size
+            chunks = order.tensor_split(max(1, min(len(tr), -(-n_samples * world // t.accumulate_size))))
+        else:
+            chunks = order.split(max(1, t.accumulate_size // world))
+        per_root = max(1, int(len(tr) // (n_roots or n_samples)))  # N-bar: stored transitions per chain or tree
+        totals: dict[str, float] = {}
+        norms: list[float] = []
+        for chunk in chunks:
+            self.optimizer.zero_grad(set_to_none=True)
+            chunk_loss = 0.0
+            micro = chunk.split(t.micro_batch)
+            for i, rows in enumerate(micro):
+                weight = loss_weight(t.loss_scale, rows.numel(), chunk.numel(), t.accumulate_size / world, per_root)
+                with self.engine.gradient_sync(i == len(micro) - 1):  # one reduction per accumulation group
+                    part = self._micro_step(tr.select(rows), adv[rows], weight, cond)
+                if stats.updates == 0 and stats.skipped_steps == 0 and not totals:
+                    stats.first_ratio_max_dev = part.pop("ratio_dev")
+                part.pop("ratio_dev", None)
+                chunk_loss += part["loss"]
+                for k, v in part.items():
+                    totals[k] = totals.get(k, 0.0) + v * rows.numel() / len(tr)
+            max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+            norm = engine.full_value(torch.nn.utils.clip_grad_norm_(self.params, max_norm)).item()
+            if distributed.any_rank(not (math.isfinite(chunk_loss) and math.isfinite(norm))):
+                self.optimizer.zero_grad(set_to_none=True)  # skipped on every rank: weights, Adam and EMA untouched
+                stats.skipped_steps += 1
+                self.nonfinite_streak += 1
+                continue
+            norms.append(norm)
+            self.optimizer.step()
+            self.nonfinite_streak = 0
+            self._ema_update(per_rollout=False)
+            stats.updates += 1
+        if stats.updates:
+            self._ema_update(per_rollout=True)
+        stats.grad_norm = sum(norms) / len(norms) if norms else float("nan")
+        means = distributed.mean_over_ranks([totals["loss"], totals["clip_fraction"], totals["approx_kl"], totals.get("kl", 0.0)])
+        stats.loss, stats.clip_fraction, stats.approx_kl, stats.kl = means  # over every rank's transitions
+        stats.first_ratio_max_dev = distributed.max_over_ranks(stats.first_ratio_max_dev)
+        return stats
+
+    def _micro_step(self, batch: Transitions, adv: Tensor, weight: float, cond: Conditioning) -> dict[str, float]:
+        """Forward, loss and backward of one micro-batch; ``weight`` scales its loss (see :func:`loss_weight`)."""
+        t = self.cfg.train
+        ref_mean = None
+        if self.reference is not None:  # before the policy forward: swapping weights in place after it would
+            with torch.no_grad(), self.weights_swapped(self.reference):  # corrupt the tensors autograd saved
+                _, ref_mean = rescore(self.policy, batch, cond)
+        step = self.engine.forward(lambda: rescore_step(self.policy, batch, cond))  # DDP sees the training forward
+        log_prob, mean = step.log_prob, step.mean
+        out = ppo_clip_loss(log_prob, batch.old_log_prob, adv, t.clip_range, self.cfg.advantage.clip)
+        loss, logs = out.loss, {"loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
+                                "approx_kl": out.approx_kl.item(), "ratio_dev": (out.ratio - 1).abs().max().item()}
+        if ref_mean is not None:
+            std = kl_std(t.kl_scale, step.std, batch.g)  # [E]: the step family's own transition std
+            kl = transition_kl(mean, ref_mean, std).mean()
+            loss = loss + t.kl_beta * kl
+            logs["kl"] = kl.item()
+        (loss * weight).backward()
+        return logs
+
+    def extra_state(self) -> dict:
+        """Trainer counters that last across steps (JSON), saved in each checkpoint's ``state.json``."""
+        return {"nonfinite_streak": self.nonfinite_streak}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken so far in the run (AdamW's own count, so it survives a resume)."""
+        state = self.optimizer.state.get(self.params[0], {})
+        return int(state["step"]) if "step" in state else 0
+
+    def _ema_update(self, per_rollout: bool) -> None:
+        """EMA towards the weights by (1 - decay) on the schedule of ``train.ema_schedule``."""
+        if self.ema is None:
+            return
+        decay = ema_decay(self.cfg.train.ema_schedule, self.cfg.train.ema_decay, self.optimizer_steps(), per_rollout)
+        if decay is None:
+            return
+        with torch.no_grad():
+            for e, p in zip(self.ema, self.params):
+                e.lerp_(p.detach(), 1 - decay)
+
+    @contextmanager
+    def weights_swapped(self, values: list[Tensor]) -> Iterator[None]:
+        """Temporarily load ``values`` into the trainable parameters (reference policy, EMA evaluation)."""
+        saved = [p.detach().clone() for p in self.params]
+        self.engine.reshard()  # FSDP2: no stale unsharded copy may outlive the swap
+        with torch.no_grad():
+            for p, v in zip(self.params, values):
+                p.copy_(v)
+        try:
+            yield
+        finally:
+            self.engine.reshard()
+            with torch.no_grad():
+                for p, v in zip(self.params, saved):
+                    p.copy_(v)
+
+    # ---- evaluation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> EvalResult:
+        """Held-out reward: every prompt, fixed seeds, Euler ODE sampling (EMA weights when enabled), split across
+        ranks, so every rank calls it. The result is kept until the weights change: a second call at the same
+        weights (rank 0's summary after :class:`flowgrove.evaluation.monitor.Monitor` evaluated on every rank) samples nothing
+        and enters no collective."""
+        kept = getattr(self, "_held_out", None)
+        if kept is not None and kept[0] == self._weights_key():
+            return kept[1]
+        with self.weights_swapped(self.ema) if self.ema is not None else nullcontext():
+            result = evaluate_policy(self.policy, self.test_cond, self.test_prompts, self.rewards, self.weights, self.cfg)
+        self._held_out = (self._weights_key(), result)
+        return result
+
+    def _weights_key(self) -> tuple:
+        """Changes whenever a trainable or EMA weight is written in place (tensor version counters) or a step ends."""
+        return self.iteration, tuple(p._version for p in self.params), tuple(e._version for e in self.ema or ())
+
+
+def rewards_weights(cfg: Config, rewards: Mapping[str, RewardFn]) -> list[float]:
+    return [float(cfg.rewards[name]) for name in rewards]
+
+
+def weighted_total(raw: Tensor, weights: Tensor) -> Tensor:
+    """Rewards [K, N] -> the weighted sum over reward models [N], with the weights as configured."""
+    return aggregate_rewards(raw, weights)
