@@ -18,6 +18,8 @@ from flowgrove.config.load import load_config
 from flowgrove.policies.base import Conditioning, FlowPolicy
 from flowgrove.training.trainer import GRPOTrainer
 
+from conftest import restore_checkpoint
+
 
 def mean_brightness(images: torch.Tensor, prompts) -> torch.Tensor:
     """A reward for images [B, 3, H, W] or videos [B, F, 3, H, W] in [0, 1]."""
@@ -152,12 +154,11 @@ def read_card(out: Path) -> tuple[dict, str]:
 def run_trainer(run: Path, checkpoint: str = "step_000002") -> GRPOTrainer:
     """A trainer holding a run's checkpoint (raw weights; EMA in ``trainer.ema``), built from its config."""
     from flowgrove.config.load import config_from_yaml_text
-    from flowgrove.runs.checkpoint import load_checkpoint
     from flowgrove.training.setup import build_trainer
 
     ckpt = run / "checkpoints" / checkpoint
     trainer = build_trainer(config_from_yaml_text((ckpt / "config.yaml").read_text()))
-    load_checkpoint(trainer, ckpt)
+    restore_checkpoint(trainer, ckpt)
     return trainer
 
 

@@ -62,3 +62,12 @@ def brightness(images: Tensor, prompts) -> Tensor:
 @pytest.fixture
 def tiny_policy() -> TinyPolicy:
     return TinyPolicy()
+
+
+def restore_checkpoint(trainer, path, state=None):
+    """Load a checkpoint into ``trainer`` as the recipes do: tensors in place, then the step and counters back."""
+    from flowgrove.runs.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(trainer.state(), path, state)
+    trainer.restore(loaded.iteration, loaded.trainer)
+    return loaded

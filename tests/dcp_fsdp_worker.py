@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -15,10 +14,11 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from flowgrove.runs import sharded
+from flowgrove.training.parts import TrainingState
 
 
-def build(shard: bool, seed: int) -> SimpleNamespace:
-    """A trainer-shaped record: two Linear blocks (one frozen bias), AdamW, EMA, KL reference."""
+def build(shard: bool, seed: int) -> TrainingState:
+    """A trainer's state: two Linear blocks (one frozen bias), AdamW, EMA, KL reference."""
     torch.manual_seed(seed)
     module = nn.Sequential(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 5))
     module[0].bias.requires_grad_(False)  # frozen: not in the checkpoint
@@ -33,17 +33,16 @@ def build(shard: bool, seed: int) -> SimpleNamespace:
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=0.1)
     copies = [[p.detach().clone() for p in params] for _ in range(2)]
-    return SimpleNamespace(policy=SimpleNamespace(module=module), optimizer=optimizer, params=params,
-                           ema=copies[0], reference=copies[1])
+    return TrainingState(module, optimizer, params, ema=copies[0], reference=copies[1], iteration=0, counters={})
 
 
 def _full(t: Tensor) -> Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def snapshot(trainer: SimpleNamespace) -> dict[str, Tensor]:
+def snapshot(trainer: TrainingState) -> dict[str, Tensor]:
     """Full tensors of everything a checkpoint holds (collective under FSDP2)."""
-    names = sharded.trainable_names(trainer.policy.module)
+    names = sharded.trainable_names(trainer.module)
     out = {}
     for n, p, e, r in zip(names, trainer.params, trainer.ema, trainer.reference):
         state = trainer.optimizer.state[p]
@@ -53,11 +52,11 @@ def snapshot(trainer: SimpleNamespace) -> dict[str, Tensor]:
     return out
 
 
-def train(trainer: SimpleNamespace, rank: int, steps: int = 2) -> None:
+def train(trainer: TrainingState, rank: int, steps: int = 2) -> None:
     """Rank-dependent data, so the shards' moments differ."""
     g = torch.Generator().manual_seed(rank)
     for _ in range(steps):
-        trainer.policy.module(torch.randn(4, 6, generator=g)).square().mean().backward()
+        trainer.module(torch.randn(4, 6, generator=g)).square().mean().backward()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
         with torch.no_grad():

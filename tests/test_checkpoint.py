@@ -13,10 +13,10 @@ import torch
 
 from flowgrove.config.load import config_to_yaml, load_config
 from flowgrove.runs import checkpoint as ck
-from flowgrove.runs.checkpoint import CheckpointError, choose_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
+from flowgrove.runs.checkpoint import CheckpointError, choose_checkpoint, save_checkpoint, verify_checkpoint
 from flowgrove.training.trainer import GRPOTrainer
 
-from conftest import TinyPolicy, brightness
+from conftest import TinyPolicy, brightness, restore_checkpoint
 
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "train.micro_batch=1000", "rewards={brightness: 1.0}",
          "train.ema_decay=0.9"]
@@ -32,7 +32,7 @@ def trained_run(run, steps: int, keep: int = 2) -> GRPOTrainer:
     trainer = make()
     for _ in range(steps):
         trainer.step()
-        save_checkpoint(trainer, run, config_to_yaml(trainer.cfg), keep=keep)
+        save_checkpoint(trainer.state(), run, config_to_yaml(trainer.cfg), keep=keep)
     return trainer
 
 
@@ -51,7 +51,7 @@ def test_state_json_holds_the_sha256_of_every_file_and_loads_back(tmp_path):
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
     assert state["iteration"] == 2 and state["world_size"] == 1
     fresh = make()
-    load_checkpoint(fresh, folder)
+    restore_checkpoint(fresh, folder)
     assert fresh.iteration == 2
     assert all(torch.equal(a, b) for a, b in zip(fresh.params, trainer.params))
     assert all(torch.equal(a, b) for a, b in zip(fresh.ema, trainer.ema))
@@ -70,7 +70,7 @@ def test_a_flipped_byte_in_a_tensor_file_is_detected_and_skipped(tmp_path):
     bad = step_dir(tmp_path, 2) / "dcp" / "__0_0.distcp"
     _flip_byte(bad)
     with pytest.raises(CheckpointError, match="__0_0.distcp") as err:
-        load_checkpoint(make(), step_dir(tmp_path, 2))
+        restore_checkpoint(make(), step_dir(tmp_path, 2))
     assert "\n" not in str(err.value) and "--checkpoint step_N" in str(err.value)
     choice = choose_checkpoint(tmp_path)
     assert choice.path == step_dir(tmp_path, 1)
@@ -117,7 +117,7 @@ def test_saving_a_step_twice_keeps_the_first_copy(tmp_path):
     files = {p: p.stat().st_ino for p in step_dir(tmp_path, 1).rglob("*")}
     with torch.no_grad():
         trainer.params[0].add_(1.0)  # a second save of step 1 would write these weights
-    save_checkpoint(trainer, tmp_path, config_to_yaml(trainer.cfg))
+    save_checkpoint(trainer.state(), tmp_path, config_to_yaml(trainer.cfg))
     assert {p: p.stat().st_ino for p in step_dir(tmp_path, 1).rglob("*")} == files
     verify_checkpoint(step_dir(tmp_path, 1))
 
@@ -159,7 +159,7 @@ def test_a_crash_at_any_point_of_a_save_leaves_an_intact_checkpoint(tmp_path, mo
         trainer.step()
     elif case == "over a damaged copy":
         trainer.step()
-        save_checkpoint(trainer, base, config_to_yaml(trainer.cfg), keep=2)
+        save_checkpoint(trainer.state(), base, config_to_yaml(trainer.cfg), keep=2)
         _flip_byte(step_dir(base, 3) / "dcp" / "__0_0.distcp")
     n_changes = None
     for n in range(0, 40):
@@ -168,7 +168,7 @@ def test_a_crash_at_any_point_of_a_save_leaves_an_intact_checkpoint(tmp_path, mo
         with monkeypatch.context() as m:
             count = _crash_at(m, n)
             try:
-                save_checkpoint(trainer, run, config_to_yaml(trainer.cfg), keep=1)
+                save_checkpoint(trainer.state(), run, config_to_yaml(trainer.cfg), keep=1)
             except _Crash:
                 pass
             else:
@@ -227,32 +227,31 @@ def test_a_checkpoint_before_any_optimizer_step_keeps_adam_unstarted(tmp_path):
     # correction of the first real step after a resume; such a checkpoint holds no optimizer part instead.
     trainer = make()
     trainer.iteration = 1  # as after a step whose every optimizer step was skipped
-    save_checkpoint(trainer, tmp_path, config_to_yaml(trainer.cfg))
+    save_checkpoint(trainer.state(), tmp_path, config_to_yaml(trainer.cfg))
     assert trainer.optimizer.state == {}
     assert ck.sharded.stored_parts(step_dir(tmp_path, 1) / "dcp") == {"model", "ema"}
     fresh = make()
-    load_checkpoint(fresh, step_dir(tmp_path, 1))
+    restore_checkpoint(fresh, step_dir(tmp_path, 1))
     assert fresh.optimizer.state == {} and fresh.iteration == 1
 
 
 def test_parameters_without_adam_state_stay_without_after_a_load(tmp_path):
     # A parameter that has had no gradient yet (outside the trained window) has no AdamW state; the saved state of
     # the others loads, and the fresh optimizer does not invent one for it.
-    from types import SimpleNamespace
+    from flowgrove.training.parts import TrainingState
 
     def build():
         torch.manual_seed(0)
         module = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 3), "b": torch.nn.Linear(3, 3)})
         params = list(module.parameters())
-        return SimpleNamespace(policy=SimpleNamespace(module=module), optimizer=torch.optim.AdamW(params, lr=0.1),
-                               params=params, ema=None, reference=None)
+        return TrainingState(module, torch.optim.AdamW(params, lr=0.1), params, None, None, 0, {})
 
     saved = build()
-    saved.policy.module["a"](torch.randn(2, 3)).sum().backward()
+    saved.module["a"](torch.randn(2, 3)).sum().backward()
     saved.optimizer.step()
     ck.sharded.save(saved, tmp_path / "dcp")
     fresh = build()
     ck.sharded.load(fresh, tmp_path / "dcp")
-    assert set(fresh.optimizer.state) == set(fresh.policy.module["a"].parameters())
-    for p, q in zip(fresh.policy.module["a"].parameters(), saved.policy.module["a"].parameters()):
+    assert set(fresh.optimizer.state) == set(fresh.module["a"].parameters())
+    for p, q in zip(fresh.module["a"].parameters(), saved.module["a"].parameters()):
         assert torch.equal(fresh.optimizer.state[p]["exp_avg"], saved.optimizer.state[q]["exp_avg"])

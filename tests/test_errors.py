@@ -33,7 +33,7 @@ def no_models(monkeypatch):
     def refuse(*args, **kwargs):
         raise ModelLoaded("a model was loaded before the error")
 
-    from flowgrove.policies import prepare
+    from flowgrove.training import prepare
 
     monkeypatch.setattr(trainer_setup, "prepare_policy", refuse)
     for target in (prepare, flowgrove.policies):

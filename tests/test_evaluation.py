@@ -125,9 +125,9 @@ def test_hybrid_inference_switches_from_the_trained_to_the_base_model(run):
     trained = ode_images(trainer.policy, trainer.test_cond, rows, sigmas, 7)
     with trainer.weights_swapped(base):
         untrained = ode_images(trainer.policy, trainer.test_cond, rows, sigmas, 7)
-    assert torch.allclose(hybrid_images(trainer, base, trainer.test_cond, rows, sigmas, 7, 4), trained, atol=1e-6)
-    assert torch.allclose(hybrid_images(trainer, base, trainer.test_cond, rows, sigmas, 7, 0), untrained, atol=1e-6)
-    mixed = hybrid_images(trainer, base, trainer.test_cond, rows, sigmas, 7, 2)
+    assert torch.allclose(hybrid_images(trainer.held_out(), base, trainer.test_cond, rows, sigmas, 7, 4), trained, atol=1e-6)
+    assert torch.allclose(hybrid_images(trainer.held_out(), base, trainer.test_cond, rows, sigmas, 7, 0), untrained, atol=1e-6)
+    mixed = hybrid_images(trainer.held_out(), base, trainer.test_cond, rows, sigmas, 7, 2)
     assert not torch.allclose(mixed, trained) and not torch.allclose(mixed, untrained)
 
 

@@ -47,7 +47,7 @@ def _evaluate(engine: str = "auto") -> dict:
 
     cfg = load_config(None, [*OVERRIDES, f"run.parallel={engine}"], method="dancegrpo")
     trainer = GRPOTrainer(cfg, TinyPolicy(), {"brightness": EmbeddedBrightness()}, PROMPTS)
-    base = snapshot(trainer)
+    base = snapshot(trainer.state())
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in trainer.params:
@@ -65,7 +65,7 @@ def _evaluate(engine: str = "auto") -> dict:
         return velocity(x, sigma, cond)
 
     trainer.policy.velocity = counted
-    record = evaluate_step(trainer, build_setup(trainer, base))
+    record = evaluate_step(trainer.held_out(), build_setup(trainer.held_out(), base), trainer.iteration)
     held_out = trainer.evaluate()
     return {"metrics": record.metrics, "images": record.images, "hybrid": record.hybrid_images,
             "held_out": dict(held_out), "held_out_images": held_out.images, "calls": calls, "engine": trainer.engine.kind}

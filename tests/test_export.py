@@ -251,7 +251,7 @@ def test_export_of_a_sharded_checkpoint_writes_what_the_trainer_state_gives(tmp_
     cfg = load_config(None, [*TINY, "policy.lora_rank=4", "train.ema_decay=0.5", "train.steps=1"])
     trainer = build_trainer(cfg)
     trainer.step()
-    save_checkpoint(trainer, tmp_path / "run", config_to_yaml(cfg))
+    save_checkpoint(trainer.state(), tmp_path / "run", config_to_yaml(cfg))
     names = [n for n, p in trainer.policy.module.named_parameters() if p.requires_grad]
 
     def direct(cfg, path, ema):

@@ -11,6 +11,8 @@ import torch
 from flowgrove.policies import build_policy
 from flowgrove.samplers.family import sample_ode
 
+from conftest import restore_checkpoint
+
 diffusers = pytest.importorskip("diffusers")
 
 PROMPTS = ["a cat", "a dog"]
@@ -119,13 +121,12 @@ def _check_export_round_trip(tiny_sd, run, out) -> None:
     """``flowgrove export`` of the LoRA run: ``pipe.load_lora_weights`` reproduces the trained UNet's output."""
     from flowgrove.cli import main
     from flowgrove.config.load import config_from_yaml_text
-    from flowgrove.runs.checkpoint import load_checkpoint
     from flowgrove.training.setup import build_trainer
 
     assert main(["export", str(run), "--out", str(out)]) == 0
     ckpt = run / "checkpoints" / "step_000002"
     trainer = build_trainer(config_from_yaml_text((ckpt / "config.yaml").read_text()))
-    load_checkpoint(trainer, ckpt)
+    restore_checkpoint(trainer, ckpt)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd)
     x = torch.randn(2, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -15,7 +15,7 @@ from flowgrove.training import credit, trainer as trainer_mod
 from flowgrove.training.rollout import Transitions
 from flowgrove.training.trainer import GRPOTrainer, NonFiniteUpdatesError
 
-from conftest import TinyPolicy, brightness
+from conftest import TinyPolicy, brightness, restore_checkpoint
 
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "train.micro_batch=1000"]
 
@@ -265,15 +265,15 @@ def test_weights_that_sum_to_zero_are_a_valid_set_and_all_zero_is_not():
 
 
 def test_the_skip_streak_survives_a_checkpoint(tmp_path, monkeypatch):
-    from flowgrove.runs.checkpoint import load_checkpoint, save_checkpoint
+    from flowgrove.runs.checkpoint import save_checkpoint
 
     t = make("dancegrpo", "train.max_nonfinite_skips=1000", "train.accumulate_size=4")
     _nan_from_step(monkeypatch, 1)
     t.step()
     assert t.nonfinite_streak == 2
-    path = save_checkpoint(t, tmp_path, "method: dancegrpo\n")
+    path = save_checkpoint(t.state(), tmp_path, "method: dancegrpo\n")
     fresh = make("dancegrpo", "train.max_nonfinite_skips=1000", "train.accumulate_size=4")
-    load_checkpoint(fresh, path)
+    restore_checkpoint(fresh, path)
     assert fresh.nonfinite_streak == 2 and fresh.iteration == 1
 
 

@@ -80,11 +80,11 @@ def _load_in_one_process(out: Path) -> None:
     loaded = snapshot(one)
     assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
     for part, key in (("ema", "ema"), ("model", "param")):  # what `flowgrove export` reads
-        export = build(shard=False, seed=2).policy.module
+        export = build(shard=False, seed=2).module
         sharded.load_full(export, out / "dcp", part)
         assert all(torch.equal(p, expected[f"{key}/{n}"]) for n, p in export.named_parameters() if p.requires_grad)
     assert "model.0.bias" not in sharded.read_metadata(out / "dcp").state_dict_metadata  # frozen: not saved
-    assert torch.equal(one.policy.module[0].bias, build(shard=False, seed=1).policy.module[0].bias)
+    assert torch.equal(one.module[0].bias, build(shard=False, seed=1).module[0].bias)
 
 
 def test_fsdp2_shards_load_back_on_two_ranks_and_in_one_process(tmp_path):

@@ -1,6 +1,6 @@
 """The configuration schema: one dataclass per section, each field with its help text, choices and lower bound.
 
-Pure data (no I/O): :mod:`flowgrove.config.load` merges presets, files and overrides over these defaults and
+Pure data (no I/O); the choices of a kind come from the table of the code that picks by it: :mod:`flowgrove.config.load` merges presets, files and overrides over these defaults and
 :mod:`flowgrove.config.checks` validates what a single field's metadata cannot express.
 """
 
@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from flowgrove.grpo.losses import EMA_SCHEDULES
+from flowgrove.grpo.plans import STRATEGIES, TAILS
+from flowgrove.grpo.tree import FUSION_MODES
+from flowgrove.samplers.steps import NOISE_LEVELS
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, low: float | None = None) -> Any:
@@ -34,7 +39,7 @@ class SamplerConfig:
     num_steps: int = _f(16, "Denoising steps of a training rollout (T).", low=1)
     shift: float = _f(3.0, "Time shift of the sigma grid (SD3/FLUX); 1 disables it.", low=0)
     schedule: str = _f("flux", "Sigma grid: flux (shifted linspace) or sd3 (diffusers, shift applied twice).", ("flux", "sd3"))
-    noise: str = _f("constant", "SDE noise: constant g = level (DanceGRPO) or flow g = level*sqrt(s/(1-s)) (Flow-GRPO).", ("constant", "flow"))
+    noise: str = _f("constant", "SDE noise: constant g = level (DanceGRPO) or flow g = level*sqrt(s/(1-s)) (Flow-GRPO).", tuple(NOISE_LEVELS))
     noise_level: float = _f(0.3, "eta (constant) or a (flow).", low=0)
     reward_image: str = _f("x0_pred", "Image scored: x0_pred of the last step (its transition is not trained) or final.", ("x0_pred", "final"))
     chunk_size: int = _f(0, "Largest batch of one model call in rollouts and evaluation; 0 = no limit.", low=0)
@@ -46,14 +51,14 @@ class WindowConfig:
     size: int = _f(4, "Window size w (SDE and trained steps).", low=1)
     interval: int = _f(25, "Shift interval tau: iterations between window moves.", low=1)
     stride: int = _f(1, "Steps the window moves each time; 0 freezes it.", low=0)
-    strategy: str = _f("progressive", "Window schedule.", ("progressive", "frozen", "random", "linear_decay", "exp_decay"))
+    strategy: str = _f("progressive", "Window schedule.", STRATEGIES)
     roll_back: bool = _f(True, "Return to the start after the last position.")
     start: int = _f(0, "Initial window start.", low=0)
     min_interval: int = _f(1, "linear_decay: shortest interval.", low=1)
     max_interval: int = _f(10, "linear_decay: longest interval.", low=1)
     exp_k: float = _f(0.1, "exp_decay: decay rate k.", low=0)
     exp_threshold: int = _f(13, "exp_decay: window start after which the interval decays.", low=0)
-    tail: str = _f("euler", "ODE steps after the window: euler, or dpm (DPM-Solver++ 2M, compressed: Flash).", ("euler", "dpm"))
+    tail: str = _f("euler", "ODE steps after the window: euler, or dpm (DPM-Solver++ 2M, compressed: Flash).", TAILS)
     compress_ratio: float = _f(0.4, "dpm tail: kept fraction of the post-window steps (>= 2 grid points).", low=0)
 
 
@@ -65,7 +70,7 @@ class TreeConfig:
     branching: int = _f(2, "Children per split (K).", low=2)
     split_noise_scale: float = _f(4.0, "Noise multiplier of split steps; the log-prob uses this std.", low=0)
     same_noise: bool = _f(True, "All trees start from the same initial noise.")
-    fusion: str = _f("mean", "Leaf reward fusion: mean, path (path-probability softmax) or local (reference).", ("mean", "path", "local"))
+    fusion: str = _f("mean", "Leaf reward fusion: mean, path (path-probability softmax) or local (reference).", FUSION_MODES)
     temperature: float = _f(1.0, "Temperature of the path/local fusion softmax.", low=0)
     depth_pruning: list = _f([], "Child depths excluded from the backward pass.")
     depth_slide_interval: int = _f(0, "Iterations per one-depth slide of the pruned band towards the root; 0 = static.", low=0)
@@ -122,7 +127,7 @@ class TrainConfig:
     max_nonfinite_skips: int = _f(3, "Consecutive optimizer steps skipped for a NaN/inf loss or gradient norm before the run stops with a checkpoint.", low=1)
     kl_scale: str = _f("exact", "KL term: exact transition KL, or reference (Flow-GRPO: ||dmu||^2 / 2g^2 = exact KL * dsigma).", ("exact", "reference"))
     loss_scale: str = _f("mean", "Loss per optimizer step: mean over its transitions, or reference (BranchGRPO: sum / (G * edges per tree)).", ("mean", "reference"))
-    ema_schedule: str = _f("update", "EMA: every optimizer step (update), once per rollout (dancegrpo), or Flow-GRPO's min((1+s)/(10+s), decay) every 8 steps (flowgrpo).", ("update", "dancegrpo", "flowgrpo"))
+    ema_schedule: str = _f("update", "EMA: every optimizer step (update), once per rollout (dancegrpo), or Flow-GRPO's min((1+s)/(10+s), decay) every 8 steps (flowgrpo).", tuple(EMA_SCHEDULES))
 
 
 @dataclass

@@ -29,9 +29,9 @@ from flowgrove.rewards.base import RewardFn
 from flowgrove.samplers.family import step_family
 from flowgrove.samplers.steps import noise_g
 from flowgrove.training import method
-from flowgrove.training.heldout import Share, eval_rows, gather_rows, sample_share, score_share
+from flowgrove.training.heldout import HeldOut, Share, eval_rows, gather_rows, sample_share, score_share
 from flowgrove.training.rollout import batched_velocity
-from flowgrove.training.trainer import GRPOTrainer
+from flowgrove.training.parts import TrainingState
 
 HYBRID = "eval/hybrid/"  # prefix of the hybrid-inference numbers (eval.hybrid_steps > 0)
 
@@ -70,39 +70,39 @@ def build_judges(cfg: Config, device: torch.device | str) -> dict[str, RewardFn]
     return {n: build_reward(n, device=device, **cfg.reward_options.get(n, {})) for n in check_judges(cfg)}
 
 
-def snapshot(trainer: GRPOTrainer) -> list[Tensor]:
-    """CPU copies of the trainer's trainable weights (taken before training or loading a checkpoint: the base)."""
-    source = trainer.reference if trainer.reference is not None else trainer.params
+def snapshot(state: TrainingState) -> list[Tensor]:
+    """CPU copies of a trainer's trainable weights (taken before training or loading a checkpoint: the base)."""
+    source = state.reference if state.reference is not None else state.params
     return [p.detach().to("cpu", copy=True) for p in source]
 
 
-def _rows(trainer: GRPOTrainer) -> Tensor:
-    return eval_rows(len(trainer.test_prompts), trainer.cfg.eval.samples_per_prompt)  # [N]
+def _rows(held: HeldOut) -> Tensor:
+    return eval_rows(len(held.prompts), held.cfg.eval.samples_per_prompt)  # [N]
 
 
-def eval_share(trainer: GRPOTrainer, *, keep_states: bool = False, then: AbstractContextManager | None = None,
+def eval_share(held: HeldOut, *, keep_states: bool = False, then: AbstractContextManager | None = None,
                switch_at: int = 0) -> Share:
-    """This rank's share of the evaluation samples (as :meth:`GRPOTrainer.evaluate`: same rows, seed and grid) with
-    the trainer's current weights; ``then``/``switch_at`` as :func:`flowgrove.training.heldout.sample_share`."""
-    cfg = trainer.cfg
-    return sample_share(trainer.policy, trainer.test_cond, _rows(trainer), method.base_sigmas(cfg, cfg.eval.num_steps),
+    """This rank's share of the evaluation samples (as ``GRPOTrainer.evaluate``: same rows, seed and grid) with
+    the policy's current weights; ``then``/``switch_at`` as :func:`flowgrove.training.heldout.sample_share`."""
+    cfg = held.cfg
+    return sample_share(held.policy, held.cond, _rows(held), method.base_sigmas(cfg, cfg.eval.num_steps),
                         cfg.eval.seed, chunk_size=cfg.sampler.chunk_size, decode_batch=cfg.rollout.decode_batch,
                         keep_states=keep_states, then=then, switch_at=switch_at)
 
 
 @torch.no_grad()
-def kl_to_base(trainer: GRPOTrainer, share: Share, base: list[Tensor]) -> float:
+def kl_to_base(held: HeldOut, share: Share, base: list[Tensor]) -> float:
     """Mean over samples of the summed KL of the policy's SDE transitions (the training sampler's ``g``) to the
     base model's, at the states of the policy's evaluation rollout ``share`` (kept states; every rank its own rows,
     the totals gathered). NaN when the sampler's noise level is 0."""
-    s, policy = trainer.cfg.sampler, trainer.policy
+    s, policy = held.cfg.sampler, held.policy
     if s.noise_level <= 0:
         return math.nan
-    rows, family = _rows(trainer), step_family(policy)
+    rows, family = _rows(held), step_family(policy)
     device = next(policy.module.parameters()).device
-    cond_rows = trainer.test_cond.to(device).select(rows[share.positions].to(device))
+    cond_rows = held.cond.to(device).select(rows[share.positions].to(device))
     total = torch.zeros(share.positions.shape[0], dtype=torch.float64, device=device)  # [M]
-    with trainer.weights_swapped(base):
+    with held.swapped(base):
         for i, (x, v) in enumerate(zip(share.states, share.velocities)):
             sigma, sigma_next = float(share.sigmas[i]), float(share.sigmas[i + 1])
             x = x.to(device)
@@ -125,9 +125,9 @@ def features(images: Tensor, *rewards: Mapping[str, RewardFn]) -> Tensor:
     return images.float().flatten(1).cpu()
 
 
-def _gathered_features(trainer: GRPOTrainer, judges: Mapping[str, RewardFn], share: Share) -> Tensor:
-    local = features(share.images, judges, trainer.rewards).to(share.images.device)  # [M, D]
-    return gather_rows(local, _rows(trainer).shape[0]).cpu()  # [N, D]
+def _gathered_features(held: HeldOut, judges: Mapping[str, RewardFn], share: Share) -> Tensor:
+    local = features(share.images, judges, held.rewards).to(share.images.device)  # [M, D]
+    return gather_rows(local, _rows(held).shape[0]).cpu()  # [N, D]
 
 
 def _diversity(feats: Tensor, group: int) -> float:
@@ -135,32 +135,32 @@ def _diversity(feats: Tensor, group: int) -> float:
 
 
 @torch.no_grad()
-def build_setup(trainer: GRPOTrainer, base: list[Tensor] | None) -> EvalSetup:
+def build_setup(held: HeldOut, base: list[Tensor] | None) -> EvalSetup:
     """Judges, and the base model's evaluation samples (``base`` weights, no EMA) as the diversity baseline."""
-    e = trainer.cfg.eval
+    e = held.cfg.eval
     if e.hybrid_steps > e.num_steps:
         raise ValueError(f"eval.hybrid_steps={e.hybrid_steps} is more than eval.num_steps={e.num_steps}: hybrid "
                          f"inference runs the policy for the first k steps; e.g. eval.hybrid_steps={e.num_steps // 2}")
-    setup = EvalSetup(build_judges(trainer.cfg, trainer.device), base)
+    setup = EvalSetup(build_judges(held.cfg, held.device), base)
     if base is not None:
-        with trainer.weights_swapped(base):
-            share = eval_share(trainer)
-        setup.base_features = _gathered_features(trainer, setup.judges, share)
-        setup.base_diversity = _diversity(setup.base_features, trainer.cfg.eval.samples_per_prompt)
+        with held.swapped(base):
+            share = eval_share(held)
+        setup.base_features = _gathered_features(held, setup.judges, share)
+        setup.base_diversity = _diversity(setup.base_features, held.cfg.eval.samples_per_prompt)
     return setup
 
 
-def _measure(trainer: GRPOTrainer, setup: EvalSetup, share: Share, prefix: str) -> dict[str, float]:
+def _measure(held: HeldOut, setup: EvalSetup, share: Share, prefix: str) -> dict[str, float]:
     """Rewards, judges, diversity and MMD^2 to the base of one evaluation share, keys ``<prefix>reward`` etc."""
-    rows = _rows(trainer)
-    n, prompts = rows.shape[0], [trainer.test_prompts[i] for i in rows[share.positions].tolist()]
-    raw = score_share(trainer.rewards, share.images, prompts, n)  # [K, N]
-    out = {f"{prefix}reward": aggregate_rewards(raw, trainer.weights).mean().item()}
-    out.update({f"{prefix}reward/{name}": raw[k].mean().item() for k, name in enumerate(trainer.rewards)})
+    rows = _rows(held)
+    n, prompts = rows.shape[0], [held.prompts[i] for i in rows[share.positions].tolist()]
+    raw = score_share(held.rewards, share.images, prompts, n)  # [K, N]
+    out = {f"{prefix}reward": aggregate_rewards(raw, held.weights).mean().item()}
+    out.update({f"{prefix}reward/{name}": raw[k].mean().item() for k, name in enumerate(held.rewards)})
     judged = score_share(setup.judges, share.images, prompts, n)  # [J, N]
     out.update({f"{prefix}judge/{name}": judged[k].mean().item() for k, name in enumerate(setup.judges)})
-    feats = _gathered_features(trainer, setup.judges, share)  # [N, D]
-    out[f"{prefix}diversity"] = _diversity(feats, trainer.cfg.eval.samples_per_prompt)
+    feats = _gathered_features(held, setup.judges, share)  # [N, D]
+    out[f"{prefix}diversity"] = _diversity(feats, held.cfg.eval.samples_per_prompt)
     if setup.base_features is not None:
         out[f"{prefix}diversity_ratio"] = out[f"{prefix}diversity"] / setup.base_diversity
         out[f"{prefix}mmd2"] = mmd2_unbiased(feats, setup.base_features).item() if n >= 2 else math.nan
@@ -168,35 +168,35 @@ def _measure(trainer: GRPOTrainer, setup: EvalSetup, share: Share, prefix: str) 
 
 
 @torch.no_grad()
-def evaluate_step(trainer: GRPOTrainer, setup: EvalSetup) -> EvalRecord:
-    """One periodic evaluation of the trainer's current policy (EMA weights when enabled), split across ranks; with
+def evaluate_step(held: HeldOut, setup: EvalSetup, step: int) -> EvalRecord:
+    """One periodic evaluation (after training step ``step``) of the current policy (EMA weights when enabled), split across ranks; with
     ``eval.hybrid_steps`` > 0 also hybrid inference (the policy for the first k steps, the base model after),
     measured under ``eval/hybrid/``. Every rank returns the same record."""
-    k, n = trainer.cfg.eval.hybrid_steps, _rows(trainer).shape[0]
+    k, n = held.cfg.eval.hybrid_steps, _rows(held).shape[0]
     hybrid = None
-    with trainer.weights_swapped(trainer.ema) if trainer.ema is not None else nullcontext():
-        share = eval_share(trainer, keep_states=setup.base is not None)
-        kl = kl_to_base(trainer, share, setup.base) if setup.base is not None else math.nan
+    with held.swapped(held.ema) if held.ema is not None else nullcontext():
+        share = eval_share(held, keep_states=setup.base is not None)
+        kl = kl_to_base(held, share, setup.base) if setup.base is not None else math.nan
         if k > 0 and setup.base is not None:
-            hybrid = eval_share(trainer, then=trainer.weights_swapped(setup.base), switch_at=k)
-    metrics = {"step": trainer.iteration, **_measure(trainer, setup, share, "eval/")}
+            hybrid = eval_share(held, then=held.swapped(setup.base), switch_at=k)
+    metrics = {"step": step, **_measure(held, setup, share, "eval/")}
     if setup.base_features is not None:
         metrics["eval/kl"] = kl
     record = EvalRecord(metrics, gather_rows(share.images, n).cpu())
     if hybrid is not None:
-        metrics.update(_measure(trainer, setup, hybrid, HYBRID))
+        metrics.update(_measure(held, setup, hybrid, HYBRID))
         record.hybrid_images = gather_rows(hybrid.images, n).cpu()
     return record
 
 
 @torch.no_grad()
-def hybrid_images(trainer: GRPOTrainer, base: list[Tensor], cond: Conditioning, rows: Tensor, sigmas: Tensor, seed: int,
+def hybrid_images(held: HeldOut, base: list[Tensor], cond: Conditioning, rows: Tensor, sigmas: Tensor, seed: int,
                   trained_steps: int) -> Tensor:
-    """MixGRPO's hybrid inference: the ODE with the trainer's current weights for the first ``trained_steps`` of
+    """MixGRPO's hybrid inference: the ODE with the policy's current weights for the first ``trained_steps`` of
     the grid ``sigmas`` [S + 1], then with the ``base`` weights; noise from ``seed`` as :func:`flowgrove.training.heldout.ode_images`, split
     across ranks. Returns all images [N, 3, H, W] (videos [N, F, 3, H, W]) on every rank."""
-    cfg = trainer.cfg
-    share = sample_share(trainer.policy, cond, rows, sigmas, seed, chunk_size=cfg.sampler.chunk_size,
-                         decode_batch=cfg.rollout.decode_batch, then=trainer.weights_swapped(base),
+    cfg = held.cfg
+    share = sample_share(held.policy, cond, rows, sigmas, seed, chunk_size=cfg.sampler.chunk_size,
+                         decode_batch=cfg.rollout.decode_batch, then=held.swapped(base),
                          switch_at=trained_steps)
     return gather_rows(share.images, rows.shape[0])

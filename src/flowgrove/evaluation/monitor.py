@@ -42,7 +42,7 @@ class Monitor:
                  config_yaml: str = "", wall: Callable[[], float] = lambda: 0.0):
         self.cfg, self.run_dir, self.main, self.writer = cfg, run_dir, main and run_dir is not None, writer
         self.config_yaml, self.wall = config_yaml, wall
-        self.setup = build_setup(trainer, base)
+        self.setup = build_setup(trainer.held_out(), base)
         self.history: list[dict] = []
         if run_dir is not None and resume_step is not None:
             if self.main:
@@ -72,7 +72,7 @@ class Monitor:
             step_metrics.update(self.evaluate(trainer, step_metrics))
 
     def evaluate(self, trainer: GRPOTrainer, step_metrics: dict | None = None) -> dict:
-        record = evaluate_step(trainer, self.setup)
+        record = evaluate_step(trainer.held_out(), self.setup, trainer.iteration)
         self.history.append(record.metrics)
         g = self.cfg.guard
         on = g.enabled and trainer.iteration > 0  # the base model's own evaluation raises nothing
@@ -97,7 +97,7 @@ class Monitor:
             return
         self.best = (score, trainer.iteration)
         if distributed.any_rank(self.main):  # rank 0 has the run folder; every rank writes its shard
-            save_named_checkpoint(trainer, self.run_dir, BEST, self.config_yaml, self.wall())
+            save_named_checkpoint(trainer.state(), self.run_dir, BEST, self.config_yaml, self.wall())
         if self.main:
             atomic_write_text(self.run_dir / "best.json", json.dumps(
                 {"step": trainer.iteration, "criterion": self.cfg.eval.best, "score": score, **record.metrics}, indent=1))

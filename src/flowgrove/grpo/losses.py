@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -97,15 +97,29 @@ def kl_std(scale: str, transition_std: Tensor, g: Tensor) -> Tensor:
     return g if scale == "reference" else transition_std
 
 
+def _ema_every_update(decay: float, optimizer_steps: int, per_rollout: bool) -> float | None:
+    return None if per_rollout else decay
+
+
+def _ema_per_rollout(decay: float, optimizer_steps: int, per_rollout: bool) -> float | None:
+    return decay if per_rollout else None
+
+
+def _ema_flowgrpo(decay: float, optimizer_steps: int, per_rollout: bool) -> float | None:
+    s = optimizer_steps
+    return None if per_rollout or (s + 1) % 8 else min((1 + s) / (10 + s), decay)
+
+
+# train.ema_schedule -> (decay, optimizer steps so far, called at the end of a rollout?) -> the decay to apply now.
+EMA_SCHEDULES: dict[str, Callable[[float, int, bool], float | None]] = {
+    "update": _ema_every_update,  # after every optimizer step
+    "dancegrpo": _ema_per_rollout,  # once per rollout
+    "flowgrpo": _ema_flowgrpo,  # min((1 + s) / (10 + s), decay) after optimizer step s when (s + 1) % 8 == 0
+}
+
+
 def ema_decay(schedule: str, decay: float, optimizer_steps: int, per_rollout: bool) -> float | None:
     """The EMA decay to apply now, or None. ``update``: ``decay`` after every optimizer step. ``dancegrpo``: once
     per rollout. ``flowgrpo``: min((1 + s) / (10 + s), decay) after optimizer step s when (s + 1) % 8 == 0 (once,
     not once per batch as the reference's bug F4 does)."""
-    if schedule == "dancegrpo":
-        return decay if per_rollout else None
-    if per_rollout:
-        return None
-    if schedule == "flowgrpo":
-        s = optimizer_steps
-        return min((1 + s) / (10 + s), decay) if (s + 1) % 8 == 0 else None
-    return decay
+    return EMA_SCHEDULES[schedule](decay, optimizer_steps, per_rollout)

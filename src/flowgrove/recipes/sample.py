@@ -26,14 +26,15 @@ def load_run_and_base(run: str | Path | None, keep_base: bool = True) -> tuple[G
     without ``keep_base``)."""
     if run is None:
         trainer = build_trainer(load_config())
-        return trainer, snapshot(trainer) if keep_base else None
+        return trainer, snapshot(trainer.state()) if keep_base else None
     ckpt = latest_checkpoint(Path(run))
     if ckpt is None:
         raise FileNotFoundError(f"{run} has no intact checkpoint (expected {run}/checkpoints/step_N); is it a run directory?")
     cfg: Config = config_from_yaml_text((ckpt / "config.yaml").read_text(), source=str(ckpt / "config.yaml"))
     trainer = build_trainer(cfg)
-    base = snapshot(trainer) if keep_base else None
-    load_checkpoint(trainer, ckpt)
+    base = snapshot(trainer.state()) if keep_base else None
+    state = load_checkpoint(trainer.state(), ckpt)
+    trainer.restore(state.iteration, state.trainer)
     return trainer, base
 
 
@@ -57,7 +58,7 @@ def sample_to_png(run: str | None, out: str, prompts: list[str] | None, n: int, 
     with trainer.weights_swapped(trainer.ema) if use_ema else nullcontext():
         sigmas = method.base_sigmas(trainer.cfg, steps)
         if hybrid_steps:
-            images = hybrid_images(trainer, base, cond, rows, sigmas, seed, hybrid_steps)
+            images = hybrid_images(trainer.held_out(), base, cond, rows, sigmas, seed, hybrid_steps)
         else:
             images = ode_images(trainer.policy, cond, rows, sigmas, seed, trainer.cfg.sampler.chunk_size,
                                 trainer.cfg.rollout.decode_batch)

@@ -99,7 +99,7 @@ class _Saver:
 
     def __call__(self, trainer: GRPOTrainer) -> Path | None:
         if self.saved_iteration != trainer.iteration:  # the same on every rank: each calls this after each step
-            self.saved_path = save_checkpoint(trainer, self.run_dir, self.yaml, self.keep, self.wall_seconds())
+            self.saved_path = save_checkpoint(trainer.state(), self.run_dir, self.yaml, self.keep, self.wall_seconds())
             self.saved_iteration = trainer.iteration
         return self.saved_path
 
@@ -197,7 +197,8 @@ def resume(run_dir: Path, steps: int | None = None, checkpoint: str | None = Non
             plan.cfg.train.steps = steps
         trainer = build_trainer(plan.cfg)
         base = _base_weights(trainer)  # before the checkpoint's weights replace the base model's
-        load_checkpoint(trainer, plan.choice.path, plan.choice.state)
+        loaded = load_checkpoint(trainer.state(), plan.choice.path, plan.choice.state)
+        trainer.restore(loaded.iteration, loaded.trainer)
         if distributed.is_main():
             _settle_run_dir(run_dir, plan)
         return _run(plan.cfg, run_dir, trainer, resumed=plan.choice, base=base)
@@ -217,7 +218,7 @@ def _settle_run_dir(run_dir: Path, plan: _ResumePlan) -> None:
 
 def _base_weights(trainer: GRPOTrainer) -> list[torch.Tensor] | None:
     """The base model's trainable weights (CPU) for the periodic evaluation's baselines; None without it."""
-    return snapshot(trainer) if trainer.cfg.eval.every > 0 else None
+    return snapshot(trainer.state()) if trainer.cfg.eval.every > 0 else None
 
 
 def _run(cfg: Config, run_dir: Path | None, trainer: GRPOTrainer, resumed: Choice | None,

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from flowgrove.parallel import distributed
 from flowgrove.runs import sharded
 from flowgrove.runs.rundir import atomic_write_text
-from flowgrove.training.trainer import GRPOTrainer
+from flowgrove.training.parts import TrainingState
 
 T = TypeVar("T")
 LATEST = "latest"
@@ -60,7 +60,7 @@ class CheckpointState:
     world_size: int  # processes of the run that wrote it (DCP reshards for another number on load)
     wall_seconds: float  # training wall time of the whole run up to this checkpoint, over all resumes
     files: dict  # file name -> sha256 hex digest of every other file in the folder
-    trainer: dict = field(default_factory=dict)  # GRPOTrainer.extra_state(): counters that last across steps
+    trainer: dict = field(default_factory=dict)  # TrainingState.counters: counters that last across steps
 
 
 @dataclass(frozen=True)
@@ -120,25 +120,25 @@ def _fresh_folder(tmp: Path) -> None:
     tmp.mkdir(parents=True)
 
 
-def _finish_folder(trainer: GRPOTrainer, folder: Path, config_yaml: str, wall_seconds: float,
+def _finish_folder(training: TrainingState, folder: Path, config_yaml: str, wall_seconds: float,
                    shards: dict[str, str]) -> None:
     """Rank 0's files of a checkpoint whose shards (hashed: ``shards``) are in place; ``state.json`` with the
     checksums of every file comes last."""
     _write(folder, "rng.safetensors", lambda p: save_file({"torch_rng": torch.get_rng_state()}, str(p)))
     _write(folder, "config.yaml", lambda p: p.write_text(config_yaml))
     world, _ = distributed.world_size_and_rank()
-    state = CheckpointState(trainer.iteration, world, round(wall_seconds, 3), _digests(folder, shards),
-                            trainer.extra_state())
+    state = CheckpointState(training.iteration, world, round(wall_seconds, 3), _digests(folder, shards),
+                            training.counters)
     (folder / STATE).write_text(json.dumps(asdict(state), indent=1))
 
 
-def _write_checkpoint(trainer: GRPOTrainer, final: Path, config_yaml: str, wall_seconds: float) -> None:
+def _write_checkpoint(training: TrainingState, final: Path, config_yaml: str, wall_seconds: float) -> None:
     """Every rank's shard, then rank 0's files, into a temporary folder renamed to ``final`` once complete."""
     tmp = final.with_name(f".{final.name}.tmp")
     _on_main(lambda: _fresh_folder(tmp))
-    _write(tmp, SHARDS, lambda p: sharded.save(trainer, p))  # collective: returns once the metadata is written
+    _write(tmp, SHARDS, lambda p: sharded.save(training, p))  # collective: returns once the metadata is written
     shards = _shard_digests(tmp)
-    _on_main(lambda: (_finish_folder(trainer, tmp, config_yaml, wall_seconds, shards), _install(tmp, final)))
+    _on_main(lambda: (_finish_folder(training, tmp, config_yaml, wall_seconds, shards), _install(tmp, final)))
 
 
 def _shared_root(run_dir: Path | None) -> Path:
@@ -161,7 +161,7 @@ def _install(tmp: Path, final: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def save_checkpoint(trainer: GRPOTrainer, run_dir: Path | None, config_yaml: str, keep: int = 2,
+def save_checkpoint(training: TrainingState, run_dir: Path | None, config_yaml: str, keep: int = 2,
                     wall_seconds: float = 0.0) -> Path:
     """Write ``run_dir/checkpoints/step_NNNNNN`` and point ``checkpoints/latest`` at it (every rank calls it).
 
@@ -169,19 +169,19 @@ def save_checkpoint(trainer: GRPOTrainer, run_dir: Path | None, config_yaml: str
     complete checkpoints the newest ``keep`` stay.
     """
     root = _shared_root(run_dir)
-    final = root / checkpoint_name(trainer.iteration)
+    final = root / checkpoint_name(training.iteration)
     if distributed.any_rank(distributed.is_main() and not (final.is_dir() and _intact(final))):
-        _write_checkpoint(trainer, final, config_yaml, wall_seconds)
+        _write_checkpoint(training, final, config_yaml, wall_seconds)
     _on_main(lambda: (atomic_write_text(root / LATEST, final.name), _prune(root, keep, final)))
     return final
 
 
-def save_named_checkpoint(trainer: GRPOTrainer, run_dir: Path | None, name: str, config_yaml: str,
+def save_named_checkpoint(training: TrainingState, run_dir: Path | None, name: str, config_yaml: str,
                           wall_seconds: float = 0.0) -> Path:
     """Write (or replace) the checkpoint ``checkpoints/<name>`` (e.g. ``best``), atomically as :func:`save_checkpoint`
     does and on every rank as it; never pruned or resumed from by default, and ``--checkpoint <name>`` takes it."""
     final = _shared_root(run_dir) / name
-    _write_checkpoint(trainer, final, config_yaml, wall_seconds)
+    _write_checkpoint(training, final, config_yaml, wall_seconds)
     return final
 
 
@@ -338,17 +338,17 @@ def _read(file: Path, loader: Callable[[Path], object]) -> object:
         raise CheckpointError(f"checkpoint file {file} cannot be read ({type(err).__name__}); {_PICK}") from None
 
 
-def load_checkpoint(trainer: GRPOTrainer, path: Path, state: CheckpointState | None = None) -> CheckpointState:
-    """Restore a checkpoint written by :func:`save_checkpoint` into a freshly built trainer (verified first; under
-    torchrun every rank calls it, on any number of ranks)."""
+def load_checkpoint(training: TrainingState, path: Path, state: CheckpointState | None = None) -> CheckpointState:
+    """Load a checkpoint written by :func:`save_checkpoint` into the live tensors of a freshly built trainer's
+    ``training`` state (verified first; under torchrun every rank calls it, on any number of ranks) and restore the
+    global RNG. Returns the checkpoint's state: the caller takes back its iteration and counters
+    (``trainer.restore(state.iteration, state.trainer)``)."""
     path = Path(path)
     state = state or verify_checkpoint(path)
     try:
-        sharded.load(trainer, path / SHARDS)
+        sharded.load(training, path / SHARDS)
     except sharded.ShardedError as err:
         raise CheckpointError(f"checkpoint {path} does not fit this trainer ({err}); was it written with another "
                               f"policy or LoRA setting? {_PICK}") from None
     torch.set_rng_state(_read(path / "rng.safetensors", lambda f: load_file(str(f)))["torch_rng"])
-    trainer.iteration = state.iteration
-    trainer.load_extra_state(state.trainer)
     return state

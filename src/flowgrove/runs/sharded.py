@@ -37,7 +37,7 @@ _ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collect
             ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
 _TORCH_ENUMS = (torch.dtype, torch.layout, torch.memory_format)
 if TYPE_CHECKING:
-    from flowgrove.training.trainer import GRPOTrainer
+    from flowgrove.training.parts import TrainingState
 
 _NO_DIST = "torch.distributed is disabled, unavailable or uninitialized"
 
@@ -95,19 +95,19 @@ def trainable_names(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters() if p.requires_grad]
 
 
-def training_state(trainer: GRPOTrainer, with_optimizer: bool) -> dict[str, dict]:
-    """The trainer's DCP state (views of its live tensors, so a load writes into them)."""
-    module = trainer.policy.module
+def training_state(state: TrainingState, with_optimizer: bool) -> dict[str, dict]:
+    """The DCP state of a trainer's state (views of its live tensors, so a load writes into them)."""
+    module = state.module
     if with_optimizer:
-        model, optim = get_state_dict(module, trainer.optimizer, options=_OPTIONS)
-        state = {"model": model, "optim": optim}
+        model, optim = get_state_dict(module, state.optimizer, options=_OPTIONS)
+        out = {"model": model, "optim": optim}
     else:
-        state = {"model": get_model_state_dict(module, options=_OPTIONS)}
+        out = {"model": get_model_state_dict(module, options=_OPTIONS)}
     names = trainable_names(module)
     for part in ("ema", "reference"):
-        if getattr(trainer, part) is not None:
-            state[part] = dict(zip(names, getattr(trainer, part)))
-    return state
+        if getattr(state, part) is not None:
+            out[part] = dict(zip(names, getattr(state, part)))
+    return out
 
 
 @contextmanager
@@ -118,9 +118,9 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def save(trainer: GRPOTrainer, folder: Path) -> None:
+def save(training: TrainingState, folder: Path) -> None:
     """Write the trainer's tensors into ``folder`` (collective: every rank calls it with the same folder)."""
-    state = training_state(trainer, with_optimizer=bool(trainer.optimizer.state))
+    state = training_state(training, with_optimizer=bool(training.optimizer.state))
     with _quiet():
         dcp.save(state, storage_writer=FileSystemWriter(str(folder)))
 
@@ -134,26 +134,26 @@ def _load(state: dict, folder: Path) -> None:
         raise ShardedError(f"{type(err).__name__}: {lines[-1] if lines else ''}".strip()) from None
 
 
-def load(trainer: GRPOTrainer, folder: Path) -> None:
+def load(training: TrainingState, folder: Path) -> None:
     """Restore the trainer's weights, optimizer, EMA and reference from ``folder`` (collective; any world size)."""
     parts = stored_parts(folder)
-    expected = {"model"} | {p for p in ("ema", "reference") if getattr(trainer, p) is not None}
+    expected = {"model"} | {p for p in ("ema", "reference") if getattr(training, p) is not None}
     if expected - parts:
         raise ShardedError(f"it holds no {sorted(expected - parts)[0]} tensors (written with another train.ema_decay "
                            "or train.kl_beta?)")
-    state = training_state(trainer, with_optimizer="optim" in parts)
+    state = training_state(training, with_optimizer="optim" in parts)
     if "optim" in parts:
         state["optim"] = _saved_only(state["optim"], set(read_metadata(folder).state_dict_metadata))
     _load(state, folder)
     if "optim" not in parts:
-        set_model_state_dict(trainer.policy.module, state["model"], options=_SET)
+        set_model_state_dict(training.module, state["model"], options=_SET)
         return
-    set_state_dict(trainer.policy.module, trainer.optimizer, model_state_dict=state["model"],
+    set_state_dict(training.module, training.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"], options=_SET)
     saved = set(state["optim"]["state"])
-    for name, param in zip(trainable_names(trainer.policy.module), trainer.params):
+    for name, param in zip(trainable_names(training.module), training.params):
         if name not in saved:  # as in the saved run: AdamW starts a parameter's state at its first gradient
-            trainer.optimizer.state.pop(param, None)
+            training.optimizer.state.pop(param, None)
 
 
 def _saved_only(optim: dict, keys: set[str]) -> dict:

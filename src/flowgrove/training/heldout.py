@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -25,6 +25,22 @@ from flowgrove.rewards.scoring import score_rewards
 from flowgrove.samplers.family import step_family
 from flowgrove.training import method
 from flowgrove.training.rollout import batched_velocity, decode_batched
+
+
+@dataclass
+class HeldOut:
+    """The held-out side of a run, as evaluation reads it (named once, instead of a trainer's attributes): the policy
+    and how to swap weights into it, the fixed test prompts and their conditioning, the trained rewards and weights."""
+
+    cfg: Config
+    policy: FlowPolicy
+    prompts: list[str]  # [P] the held-out prompts
+    cond: Conditioning  # [P, ...] their conditioning, encoded once
+    rewards: dict[str, RewardFn]  # the trained rewards
+    weights: Tensor  # [K] their weights
+    device: torch.device
+    ema: list[Tensor] | None  # the EMA weights evaluations use, or None
+    swapped: Callable[[list[Tensor]], AbstractContextManager]  # these weights in the policy for a block
 
 
 def row_share(n: int) -> Tensor:

@@ -1,12 +1,13 @@
 """The parts a recipe builds and hands to the trainer (torchtune's recipe/component split): the device, the data-parallel
-engine (DDP or FSDP2, which shards the policy in place), the trainable parameters and the optimizer over them."""
+engine (DDP or FSDP2, which shards the policy in place), the trainable parameters and the optimizer over them; and the
+trainer's state as a checkpoint takes it and gives it back (:class:`TrainingState`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from flowgrove.config.schema import Config
 from flowgrove.parallel import distributed, engine
@@ -34,3 +35,18 @@ def build_parts(cfg: Config, policy: FlowPolicy, device: torch.device) -> Traine
     t = cfg.train
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
     return TrainerParts(device, built, params, optimizer)
+
+
+@dataclass
+class TrainingState:
+    """The trainer's state as checkpoints see it: live tensors (saved from, and loaded into in place, by
+    :mod:`flowgrove.runs.checkpoint`) and the counters that last across steps. The trainer hands it out
+    (``GRPOTrainer.state()``) and takes back what a load returns (``GRPOTrainer.restore``)."""
+
+    module: nn.Module  # the policy's module: trainable weights and buffers
+    optimizer: torch.optim.Optimizer
+    params: list[Tensor]  # the trainable parameters, in the module's order
+    ema: list[Tensor] | None  # [same shapes as params] or None (train.ema_decay = 0)
+    reference: list[Tensor] | None  # the KL reference weights, or None (train.kl_beta = 0)
+    iteration: int  # completed training steps
+    counters: dict  # JSON counters (the non-finite streak)

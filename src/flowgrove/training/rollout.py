@@ -9,12 +9,12 @@ together with the log-prob computed on exactly the stored tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
-from flowgrove.grpo.plans import RolloutSpec, StepPlan  # noqa: F401 (RolloutSpec re-exported)
+from flowgrove.grpo.plans import RolloutSpec, StepKind, StepPlan  # noqa: F401 (RolloutSpec re-exported)
 from flowgrove.policies.base import Conditioning, FlowPolicy
 from flowgrove.samplers.family import StepFamily, step_family
 from flowgrove.samplers.steps import noise_g
@@ -148,16 +148,12 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
             _check_split(step, kind, k)
             x, velocity, x0_pred, rows, roots = (t.repeat_interleave(k, dim=0) for t in (x, velocity, x0_pred, rows, roots))
             prev_x0 = prev_x0.repeat_interleave(k, dim=0) if prev_x0 is not None else None
-        if kind == "sde":
-            out, g, scale = _sde(family, spec, x, velocity, sigma, sigma_next, k, generator)
-            x_next, log_prob = out.x_next, out.log_prob
-            keep = _stored_rows(plan.trained[step], store_mask, roots, step)
-            if keep is not None:
-                stored.append(_transitions(x, x_next, log_prob, rows, keep, step, sigma, sigma_next, g, scale))
-        elif kind == "dpm":
-            x_next, log_prob = family.dpm(x, x0_pred, sigma, sigma_next, prev_x0, prev_sigma), None
-        else:
-            x_next, log_prob = family.ode(x, velocity, sigma, sigma_next), None
+        move = STEP_KINDS[kind](family, spec, Node(x, velocity, x0_pred, sigma, sigma_next, prev_x0, prev_sigma), k,
+                                generator)
+        x_next, log_prob = move.x_next, move.log_prob
+        keep = _stored_rows(plan.trained[step], store_mask, roots, step)  # only SDE steps are trained (StepPlan)
+        if keep is not None:
+            stored.append(_transitions(x, x_next, log_prob, rows, keep, step, sigma, sigma_next, move.g, move.scale))
         n_nodes *= k
         edge_log_probs.append(log_prob if log_prob is not None else x.new_zeros(n_nodes))
         nodes.append(n_nodes)
@@ -200,6 +196,48 @@ def _sde(family: StepFamily, spec: RolloutSpec, x: Tensor, velocity: Tensor, sig
     if scale != 1.0 and spec.split_logprob_std == "reference":
         out, scale = family.sde(x, velocity, sigma, sigma_next, g, x_next=out.x_next), 1.0
     return out, float(g), scale
+
+
+class Node(NamedTuple):
+    """The nodes of one depth at one step: what a step kind reads."""
+
+    x: Tensor  # [N, ...] at sigma
+    velocity: Tensor  # [N, ...] float32
+    x0_pred: Tensor  # [N, ...]
+    sigma: float
+    sigma_next: float
+    prev_x0: Tensor | None  # [N, ...] the previous step's x0 prediction (DPM-Solver++ 2M's history), None at step 0
+    prev_sigma: float | None
+
+
+class Move(NamedTuple):
+    """One step of every node: where it lands, and for a sampled step its log-prob and the noise it was drawn with."""
+
+    x_next: Tensor  # [N, ...] at sigma_next
+    log_prob: Tensor | None  # [N]; None for a deterministic step
+    g: float = 0.0  # the noise level g (training re-scores with it)
+    scale: float = 1.0  # the split noise scale the std was multiplied by
+
+
+def _sde_move(family: StepFamily, spec: RolloutSpec, node: Node, k: int, generator: torch.Generator | NoiseSource) -> Move:
+    out, g, scale = _sde(family, spec, node.x, node.velocity, node.sigma, node.sigma_next, k, generator)
+    return Move(out.x_next, out.log_prob, g, scale)
+
+
+def _ode_move(family: StepFamily, spec: RolloutSpec, node: Node, k: int, generator: torch.Generator | NoiseSource) -> Move:
+    return Move(family.ode(node.x, node.velocity, node.sigma, node.sigma_next), None)
+
+
+def _dpm_move(family: StepFamily, spec: RolloutSpec, node: Node, k: int, generator: torch.Generator | NoiseSource) -> Move:
+    return Move(family.dpm(node.x, node.x0_pred, node.sigma, node.sigma_next, node.prev_x0, node.prev_sigma), None)
+
+
+# StepPlan kind -> the step of every node (a new step kind is a function here and an entry in StepKind.ALL).
+STEP_KINDS: dict[str, Callable[[StepFamily, RolloutSpec, Node, int, torch.Generator | NoiseSource], Move]] = {
+    StepKind.SDE: _sde_move,
+    StepKind.ODE: _ode_move,
+    StepKind.DPM: _dpm_move,
+}
 
 
 def _transitions(x: Tensor, x_next: Tensor, log_prob: Tensor, rows: Tensor, keep: Tensor, step: int,

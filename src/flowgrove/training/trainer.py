@@ -22,8 +22,8 @@ from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, Pr
 from flowgrove.rewards.base import RewardFn
 from flowgrove.rewards.scoring import score_rewards
 from flowgrove.training import credit, method
-from flowgrove.training.heldout import EvalResult, evaluate_policy, ode_images  # noqa: F401 (ode_images: re-exported)
-from flowgrove.training.parts import TrainerParts, build_parts
+from flowgrove.training.heldout import EvalResult, HeldOut, evaluate_policy, ode_images  # noqa: F401 (ode_images: re-exported)
+from flowgrove.training.parts import TrainerParts, TrainingState, build_parts
 from flowgrove.training.rollout import NoiseSource, Rollout, Transitions, decode_batched, rescore, rescore_step, rollout
 
 
@@ -309,12 +309,20 @@ class GRPOTrainer:
         (loss * weight).backward()
         return logs
 
-    def extra_state(self) -> dict:
-        """Trainer counters that last across steps (JSON), saved in each checkpoint's ``state.json``."""
-        return {"nonfinite_streak": self.nonfinite_streak}
+    def held_out(self) -> HeldOut:
+        """The held-out prompts, rewards and weight swaps, as :mod:`flowgrove.evaluation` reads them."""
+        return HeldOut(self.cfg, self.policy, self.test_prompts, self.test_cond, self.rewards, self.weights, self.device,
+                       self.ema, self.weights_swapped)
 
-    def load_extra_state(self, state: dict) -> None:
-        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+    def state(self) -> TrainingState:
+        """The live tensors and counters a checkpoint saves (and loads into)."""
+        return TrainingState(self.policy.module, self.optimizer, self.params, self.ema, self.reference, self.iteration,
+                             {"nonfinite_streak": self.nonfinite_streak})
+
+    def restore(self, iteration: int, counters: dict) -> None:
+        """Take back the step and counters of a loaded checkpoint (its tensors were loaded in place)."""
+        self.iteration = iteration
+        self.nonfinite_streak = int(counters.get("nonfinite_streak", 0))
 
     def optimizer_steps(self) -> int:
         """Optimizer steps taken so far in the run (AdamW's own count, so it survives a resume)."""
