@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import signal
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 from flowgrove.policies.base import Conditioning
+
+# The tests mirror the package in folders (tests/samplers, tests/grpo, ...); a few import a neighbour's helpers by module
+# name (``from test_policies import ...``), so every folder is importable whatever order pytest collects them in.
+for _folder in sorted(Path(__file__).parent.iterdir()):
+    if _folder.is_dir() and not _folder.name.startswith((".", "_")) and str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 
 # A CI runner may start the suite with SIGINT ignored (a background job of a non-interactive shell inherits SIG_IGN,
 # and so would every process a test starts): the Ctrl-C tests need the usual disposition here and in children.
@@ -71,3 +79,12 @@ def restore_checkpoint(trainer, path, state=None):
     loaded = load_checkpoint(trainer.state(), path, state)
     trainer.restore(loaded.iteration, loaded.trainer)
     return loaded
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that the OS reports free now (for a test's own process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -169,3 +169,10 @@ def test_size_budget():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 size = node.end_lineno - node.lineno + 1
                 assert size <= 60, f"{path.name}:{node.lineno} {node.name} is {size} lines (budget 60)"
+
+
+def test_the_tests_mirror_the_package():
+    """Every test folder is named after a package folder (tests/samplers for flowgrove/samplers, ...)."""
+    tests = Path(__file__).resolve().parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    assert folders and folders <= set(LAYERS) - {"", "cli"}, f"test folders without a package: {sorted(folders - set(LAYERS))}"

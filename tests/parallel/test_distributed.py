@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 
 from flowgrove.parallel import distributed
 
+from conftest import free_port
+
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
@@ -34,7 +36,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_keep_identical_weights(tmp_path):
-    port = 29500 + os.getpid() % 1000
+    port = free_port()
     mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["params_equal"] and r1["params_equal"] and r0["engine"] == r1["engine"] == "ddp"

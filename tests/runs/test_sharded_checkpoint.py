@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from flowgrove.runs import sharded
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parents[1]  # tests/, where the worker script lives
 # The tiny policy is a full fine-tune: run.parallel=auto is FSDP2 on several ranks.
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "eval.samples_per_prompt=1", "run.progress=false",
          "train.accumulate=transitions", "train.accumulate_size=100000", "train.micro_batch=100000"]

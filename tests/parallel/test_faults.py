@@ -30,7 +30,7 @@ def free_port() -> int:
 def torchrun(launcher: list[str], run: Path, steps: int, *extra: str, log: Path) -> subprocess.Popen:
     """One torchrun agent of `flowgrove train` in its own session (so a test can signal its whole group)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2] / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "flowgrove", "train", "--steps", str(steps),
            "--out", str(run), *SMALL, *extra]
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)

@@ -15,7 +15,7 @@ from flowgrove.training import credit, trainer as trainer_mod
 from flowgrove.training.rollout import Transitions
 from flowgrove.training.trainer import GRPOTrainer, NonFiniteUpdatesError
 
-from conftest import TinyPolicy, brightness, restore_checkpoint
+from conftest import TinyPolicy, brightness, free_port, restore_checkpoint
 
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "train.micro_batch=1000"]
 
@@ -243,11 +243,10 @@ def _nan_on_one_rank_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
-    import os
 
     import torch.multiprocessing as mp
 
-    port = 29700 + os.getpid() % 1000
+    port = free_port()
     mp.spawn(_nan_on_one_rank_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["skipped"] == r1["skipped"] == 1  # rank 0's loss was finite, yet it skipped with rank 1
