@@ -44,3 +44,11 @@ def test_bad_values_name_key_and_allowed_values():
         load_config(None, ["train.lr"])
     with pytest.raises(ConfigError, match=r"does not exist"):
         load_config("/nonexistent.yaml")
+
+
+def test_every_preset_runs_the_guard_by_default():
+    """Issue 18: a user whose run starts to hack sees it in the log: every preset evaluates periodically with the
+    guard on, warning (not stopping) on an alarm."""
+    for name in preset_names():
+        cfg = load_config(method=name)
+        assert cfg.eval.every > 0 and cfg.guard.enabled and cfg.guard.action == "warn", name

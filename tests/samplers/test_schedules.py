@@ -67,3 +67,16 @@ def test_compressed_tail_edge_cases() -> None:
         compressed_tail_sigmas(25, 3.0, last_kept_step=3, ratio=0.0)
     with pytest.raises(ValueError, match="num_steps"):
         flux_sigmas(0, 3.0)
+
+
+def test_logsnr_tail_is_uniform_in_log_snr_down_to_the_grids_last_nonzero_sigma():
+    full = flux_sigmas(25, 3.0, dtype=torch.float64)
+    grid = compressed_tail_sigmas(25, 3.0, last_kept_step=3, ratio=0.2, dtype=torch.float64, spacing="logsnr")
+    tail = grid[4:]  # n_post = int(22 * 0.2) = 4 points: 3 DPM steps
+    assert tail.numel() == 4 and tail[-1] == 0 and torch.equal(grid[:5], full[:5])
+    torch.testing.assert_close(tail[-2], full[-2])  # the last model call where the uncompressed sampler makes it
+    lam = torch.log((1 - tail[:-1]) / tail[:-1])  # [3] log-SNR of the nonzero points
+    torch.testing.assert_close(lam[1] - lam[0], lam[2] - lam[1])
+    assert torch.equal(compressed_tail_sigmas(25, 3.0, 3, 0.08, spacing="logsnr")[4:], torch.tensor([full[4].item(), 0.0]))
+    with pytest.raises(ValueError, match="spacing"):
+        compressed_tail_sigmas(25, 3.0, 3, 0.2, spacing="uniform")

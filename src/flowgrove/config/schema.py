@@ -12,6 +12,7 @@ from typing import Any
 from flowgrove.grpo.losses import EMA_SCHEDULES
 from flowgrove.grpo.plans import STRATEGIES, TAILS
 from flowgrove.grpo.tree import FUSION_MODES
+from flowgrove.samplers.schedules import TAIL_SPACINGS
 from flowgrove.samplers.steps import NOISE_LEVELS
 
 
@@ -60,6 +61,7 @@ class WindowConfig:
     exp_threshold: int = _f(13, "exp_decay: window start after which the interval decays.", low=0)
     tail: str = _f("euler", "ODE steps after the window: euler, or dpm (DPM-Solver++ 2M, compressed: Flash).", TAILS)
     compress_ratio: float = _f(0.4, "dpm tail: kept fraction of the post-window steps (>= 2 grid points).", low=0)
+    tail_spacing: str = _f("logsnr", "dpm tail: where its points lie: logsnr (uniform in log-SNR down to the grid's last nonzero sigma, so the reward image is not a model prediction at a mid noise level) or shifted (MixGRPO's time-shifted linspace; reference parity).", tuple(TAIL_SPACINGS))
 
 
 @dataclass
@@ -135,7 +137,7 @@ class EvalConfig:
     samples_per_prompt: int = _f(8, "Held-out images per prompt (fixed seeds, ODE sampling).", low=1)
     num_steps: int = _f(16, "Euler ODE steps of the held-out evaluation.", low=1)
     seed: int = _f(1234, "Seed of the held-out initial noise.")
-    every: int = _f(0, "Also evaluate every N steps (0 = only before and after): rewards, judges, diversity, MMD^2 and KL to the base (docs/evaluation.md).", low=0)
+    every: int = _f(10, "Also evaluate every N steps (0 = only before and after): rewards, judges, diversity, MMD^2 and KL to the base (docs/evaluation.md); the reward-hacking guard reads these evaluations.", low=0)
     judges: list = _f([], "Rewards scored at every evaluation but not trained on (e.g. [digit_classifier] when training boldness); options from reward_options.")
     hybrid_steps: int = _f(0, "Also evaluate hybrid inference: the policy for the first K of eval.num_steps steps, the base model after, reported under eval/hybrid/ (0 = off).", low=0)
     best: str = _f("judges", "Criterion of checkpoints/best: judges (mean judge, else the trained reward), reward (trained, weighted), combined (their mean) or off.", ("judges", "reward", "combined", "off"))

@@ -159,7 +159,7 @@ def all_sde_plan(sigmas: Tensor, trained_steps: Iterable[int] | None = None) -> 
 
 
 def window_plan(num_steps: int, shift: float, start: int, size: int, tail: str = "euler",
-                ratio: float = 0.4) -> StepPlan:
+                ratio: float = 0.4, spacing: str = "shifted") -> StepPlan:
     """SDE window [start, start + size), Euler before it, Euler or DPM-Solver++ after it (MixGRPO, Li et al. 2025).
 
     With tail="dpm" (MixGRPO-Flash, "post" strategy) the grid after the last window step L = start + size - 1 is
@@ -173,6 +173,7 @@ def window_plan(num_steps: int, shift: float, start: int, size: int, tail: str =
         size: window length w.
         tail: "euler" or "dpm", the solver after the window.
         ratio: compression ratio rho for tail="dpm".
+        spacing: where the compressed tail's points lie (``schedules.TAIL_SPACINGS``).
 
     Returns:
         The plan; its sigmas equal flux_sigmas(T, shift) up to index L + 1.
@@ -184,7 +185,7 @@ def window_plan(num_steps: int, shift: float, start: int, size: int, tail: str =
                          f"{num_steps} steps; lower start or size.")
     last = start + size - 1
     if tail == "dpm":
-        sigmas = compressed_tail_sigmas(num_steps, shift, last, ratio)
+        sigmas = compressed_tail_sigmas(num_steps, shift, last, ratio, spacing=spacing)
     else:
         sigmas = flux_sigmas(num_steps, shift)
     n = sigmas.numel() - 1

@@ -166,7 +166,8 @@ def _flow_coordinates(alpha_bar: Scalar, like: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def ddim_dpm_step(x: Tensor, x0_pred: Tensor, alpha_bar: Scalar, alpha_bar_next: Scalar,
-                  prev_x0_pred: Tensor | None = None, prev_alpha_bar: Scalar | None = None) -> Tensor:
+                  prev_x0_pred: Tensor | None = None, prev_alpha_bar: Scalar | None = None, *,
+                  monotone: bool = False) -> Tensor:
     """DPM-Solver++(2M) midpoint step in diffusion variables (Lu et al. 2022; diffusers ``DPMSolverMultistepScheduler``).
 
     ``x_t = (s_t / s_s) x + a_t (1 - e^{-h}) D0 [+ 1/2 a_t (1 - e^{-h}) D1]``, ``lambda = log(a / s)``. The
@@ -181,6 +182,7 @@ def ddim_dpm_step(x: Tensor, x0_pred: Tensor, alpha_bar: Scalar, alpha_bar_next:
         alpha_bar_next: ``abar`` at the next step (> alpha_bar), scalar or ``[B]``.
         prev_x0_pred: Data prediction ``[B, ...]`` of the previous step, or None.
         prev_alpha_bar: ``abar`` of the previous step, or None.
+        monotone: As in :func:`~flowgrove.samplers.dpm_solver.dpmpp_2m_step` (in the flow coordinates).
 
     Returns:
         Latents ``[B, ...]`` at ``alpha_bar_next``.
@@ -188,5 +190,5 @@ def ddim_dpm_step(x: Tensor, x0_pred: Tensor, alpha_bar: Scalar, alpha_bar_next:
     sigma, c = _flow_coordinates(alpha_bar, x)  # [B] each
     sigma_next, c_next = _flow_coordinates(alpha_bar_next, x)
     prev_sigma = None if prev_alpha_bar is None else _flow_coordinates(prev_alpha_bar, x)[0]
-    y_next = dpmpp_2m_step(x / _bcast(c, x), x0_pred, sigma, sigma_next, prev_x0_pred, prev_sigma)  # [B, ...]
+    y_next = dpmpp_2m_step(x / _bcast(c, x), x0_pred, sigma, sigma_next, prev_x0_pred, prev_sigma, monotone=monotone)  # [B, ...]
     return _bcast(c_next, x) * y_next  # [B, ...]

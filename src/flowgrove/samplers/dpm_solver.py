@@ -29,6 +29,8 @@ def dpmpp_2m_step(
     sigma_next: Scalar,
     prev_x0_pred: Tensor | None = None,
     prev_sigma: Scalar | None = None,
+    *,
+    monotone: bool = False,
 ) -> Tensor:
     """One DPM-Solver++(2M) midpoint step (Lu et al. 2022, "DPM-Solver++"; MixGRPO ``dpm_step``).
 
@@ -47,6 +49,13 @@ def dpmpp_2m_step(
         sigma_next: Next noise level in [0, sigma), scalar or ``[B]``.
         prev_x0_pred: Data prediction ``[B, ...]`` of the previous step, or None.
         prev_sigma: Noise level of the previous step, or None.
+        monotone: Take the second-order correction only where it leaves ``prev_x0_pred`` a nonnegative net weight
+            in the result, counting the weight ``1 - sigma / prev_sigma`` of its own first-order step:
+            ``(t/s) * (1 - s/p) >= c1 / (2 * r0)``. Else the row steps first order. Plain 2M extrapolates
+            ``D0 + (D0 - D_prev) / (2 r0)``; where a step is much longer in lambda than the one before it (small
+            ``r0``: a compressed tail after uncompressed steps) that gives ``D_prev`` a negative weight in the sample,
+            so any change of the model's prediction there moves the sample the other way. Rollouts whose
+            deterministic tail follows trained steps use it (see ``rollout``); plain sampling does not.
 
     Returns:
         Latents ``[B, ...]`` at ``sigma_next``.
@@ -64,6 +73,8 @@ def dpmpp_2m_step(
     p, s, t = (torch.where(second, v, torch.full_like(v, d)) for v, d in ((p, 0.75), (s, 0.5), (t, 0.25)))
     lambda_p, lambda_s, lambda_t = _log_snr(p), _log_snr(s), _log_snr(t)  # [B, 1, ...]
     r0 = (lambda_s - lambda_p) / (lambda_t - lambda_s)  # [B, 1, ...] h0 / h
+    if monotone:  # the history keeps a nonnegative weight: (t/s) * (1 - s/p) - c1 / (2 r0) >= 0
+        second = second & ((t / s) * (1 - s / p) >= (1 - t / s) / (2 * r0))  # [B, 1, ...]
     d1 = (x0_pred - prev_x0_pred) / r0  # [B, ...]
     return x_next + torch.where(second, 0.5 * c1 * d1, torch.zeros_like(d1))  # [B, ...]
 

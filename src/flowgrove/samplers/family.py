@@ -34,7 +34,7 @@ class StepFamily(NamedTuple):
     x0: Callable[[Tensor, Tensor, Scalar], Tensor]  # (x, out, sigma) -> x0_pred [B, ...]
     sde: Callable[..., StepOutput]  # (x, out, sigma, sigma_next, g, *, noise_scale, x_next, noise, generator, reduce)
     ode: Callable[[Tensor, Tensor, Scalar, Scalar], Tensor]  # (x, out, sigma, sigma_next) -> x_next [B, ...]
-    dpm: Callable[..., Tensor]  # (x, x0_pred, sigma, sigma_next, prev_x0_pred, prev_sigma) -> x_next [B, ...]
+    dpm: Callable[..., Tensor]  # (x, x0_pred, sigma, sigma_next, prev_x0_pred, prev_sigma, *, monotone) -> x_next
 
 
 FLOW_STEPS = StepFamily("flow", x0_from_velocity, sde_step, euler_step, dpmpp_2m_step)
@@ -93,9 +93,9 @@ def diffusion_steps(schedule: DiffusionSchedule) -> StepFamily:
         return ddim_ode_step(x, out, ab(sigma), ab(sigma_next), kind)
 
     def dpm(x: Tensor, x0_pred: Tensor, sigma: Scalar, sigma_next: Scalar, prev_x0_pred: Tensor | None = None,
-            prev_sigma: Scalar | None = None) -> Tensor:
+            prev_sigma: Scalar | None = None, *, monotone: bool = False) -> Tensor:
         prev = None if prev_sigma is None else ab(prev_sigma)
-        return ddim_dpm_step(x, x0_pred, ab(sigma), ab(sigma_next), prev_x0_pred, prev)
+        return ddim_dpm_step(x, x0_pred, ab(sigma), ab(sigma_next), prev_x0_pred, prev, monotone=monotone)
 
     return StepFamily(f"diffusion-{kind}", x0, sde, ode, dpm)
 

@@ -71,16 +71,38 @@ def sd3_sigmas(
     return sigmas.to(dtype)
 
 
+def _shifted_tail(sigmas: Tensor, start: int, n_post: int, shift: float) -> Tensor:
+    """MixGRPO's tail: ``time_shift(linspace(t[start], 0, n_post))`` (its last model call is at a mid noise level)."""
+    t_start = torch.linspace(1.0, 0.0, sigmas.numel(), dtype=torch.float64)[start]
+    return time_shift(torch.linspace(float(t_start), 0.0, n_post, dtype=torch.float64), shift)  # [n_post]
+
+
+def _logsnr_tail(sigmas: Tensor, start: int, n_post: int, shift: float) -> Tensor:
+    """``n_post - 1`` points uniform in log-SNR ``log((1 - sigma) / sigma)`` from ``sigmas[start]`` to the grid's last
+    nonzero sigma, then 0: the last model call is at the fine end of the grid, as DPM-Solver++ spaces its steps."""
+    lo, hi = sigmas[start], sigmas[-2]  # first tail point, last nonzero point of the uncompressed grid
+    if n_post == 2 or hi >= lo:
+        return torch.cat([torch.linspace(float(lo), float(hi), n_post - 1, dtype=torch.float64), sigmas.new_zeros(1)])
+    lam = torch.linspace(float(torch.log((1 - lo) / lo)), float(torch.log((1 - hi) / hi)), n_post - 1, dtype=torch.float64)
+    return torch.cat([torch.sigmoid(-lam), sigmas.new_zeros(1)])  # [n_post], sigma = 1 / (1 + e^lambda)
+
+
+# window.tail_spacing -> the points of a compressed tail (sigmas [T+1], first tail index, points, shift) -> [n_post]
+TAIL_SPACINGS = {"shifted": _shifted_tail, "logsnr": _logsnr_tail}
+
+
 def compressed_tail_sigmas(
-    num_steps: int, shift: float, last_kept_step: int, ratio: float, dtype: torch.dtype = torch.float32
+    num_steps: int, shift: float, last_kept_step: int, ratio: float, dtype: torch.dtype = torch.float32,
+    spacing: str = "shifted",
 ) -> Tensor:
     """Rollout grid with the ODE tail after the SDE window compressed (MixGRPO-Flash "post", spec 3.3).
 
-    With ``t = linspace(1, 0, T+1)`` and ``L = last_kept_step``, returns
-    ``concat(flux_sigmas[:L+1], time_shift(linspace(t[L+1], 0, n_post)))`` with
-    ``n_post = max(int((T - L) * ratio), 2)``. The first tail point equals ``sigma_{L+1}`` and the
-    tail has ``n_post - 1`` steps. Fix of MixGRPO bug M6: ``n_post >= 2``, so the grid always ends
-    at sigma 0. If ``L + 1 >= T`` there is nothing to compress and ``flux_sigmas`` is returned.
+    With ``t = linspace(1, 0, T+1)`` and ``L = last_kept_step``, returns ``concat(flux_sigmas[:L+1], tail)`` with
+    ``n_post = max(int((T - L) * ratio), 2)`` tail points; the first equals ``sigma_{L+1}``, the last is 0, and the
+    tail has ``n_post - 1`` steps. Fix of MixGRPO bug M6: ``n_post >= 2``, so the grid always ends at sigma 0. If
+    ``L + 1 >= T`` there is nothing to compress and ``flux_sigmas`` is returned. ``spacing`` places the points:
+    ``shifted`` is MixGRPO's ``time_shift(linspace(t[L+1], 0, n_post))``; ``logsnr`` spaces them uniformly in
+    log-SNR down to the uncompressed grid's last nonzero sigma (see :data:`TAIL_SPACINGS`).
 
     Args:
         num_steps: Number of steps ``T`` of the uncompressed grid.
@@ -88,6 +110,7 @@ def compressed_tail_sigmas(
         last_kept_step: Index ``L`` of the last uncompressed step (the last SDE step of the window).
         ratio: Compression ratio ``rho`` in (0, 1] (0.4 Flash, 0.2 Flash*).
         dtype: Output dtype.
+        spacing: A key of :data:`TAIL_SPACINGS`.
 
     Returns:
         Sigmas ``[L + 1 + n_post]`` from 1 to exactly 0 (``L + n_post`` steps).
@@ -96,10 +119,11 @@ def compressed_tail_sigmas(
         raise ValueError(f"last_kept_step must be in [0, {num_steps - 1}], got {last_kept_step}.")
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}; MixGRPO-Flash uses 0.4, Flash* 0.2.")
+    if spacing not in TAIL_SPACINGS:
+        raise ValueError(f"spacing must be one of {sorted(TAIL_SPACINGS)}, got {spacing!r}.")
     sigmas = flux_sigmas(num_steps, shift, dtype=torch.float64)  # [T+1]
     if last_kept_step + 1 >= num_steps:
         return sigmas.to(dtype)
     n_post = max(int((num_steps - last_kept_step) * ratio), 2)
-    t_start = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[last_kept_step + 1]
-    tail = time_shift(torch.linspace(float(t_start), 0.0, n_post, dtype=torch.float64), shift)  # [n_post]
+    tail = TAIL_SPACINGS[spacing](sigmas, last_kept_step + 1, n_post, shift)  # [n_post]
     return torch.cat([sigmas[: last_kept_step + 1], tail]).to(dtype)  # [L+1+n_post]

@@ -46,14 +46,15 @@ def step_plan(cfg: Config, iteration: int) -> plans.StepPlan:
     if cfg.window.enabled:
         start = plans.window_start(iteration, window_positions(cfg), window_schedule(cfg))
         return plans.window_plan(cfg.sampler.num_steps, cfg.sampler.shift, start, cfg.window.size,
-                                 tail=cfg.window.tail, ratio=cfg.window.compress_ratio)
+                                 tail=cfg.window.tail, ratio=cfg.window.compress_ratio, spacing=cfg.window.tail_spacing)
     return plans.all_sde_plan(base_sigmas(cfg))
 
 
 def compressed_tree_plan(cfg: Config, sde: set[int], trained: set[int]) -> plans.StepPlan:
     """Tree-Mix with a Flash tail: after the last SDE step the ODE steps are compressed by DPM-Solver++ (2M)."""
     last_sde = max(sde)
-    sigmas = schedules.compressed_tail_sigmas(cfg.sampler.num_steps, cfg.sampler.shift, last_sde, cfg.window.compress_ratio)
+    sigmas = schedules.compressed_tail_sigmas(cfg.sampler.num_steps, cfg.sampler.shift, last_sde, cfg.window.compress_ratio,
+                                              spacing=cfg.window.tail_spacing)
     kinds = tuple("sde" if i in sde else "ode" if i < last_sde else "dpm" for i in range(sigmas.numel() - 1))
     return plans.StepPlan(sigmas, kinds, tuple(i in trained for i in range(len(kinds))))
 

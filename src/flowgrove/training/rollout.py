@@ -137,8 +137,7 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
         x0_pred = family.x0(x, velocity, sigma)  # [N, C, H, W]
         kind, k = plan.kinds[step], spec.children(step)
         if fan_out is not None and (kind == "sde" or k > 1 or step == plan.num_steps - 1):
-            x, velocity, x0_pred, rows = (t[fan_out] for t in (x, velocity, x0_pred, rows))  # [N0, ...]
-            prev_x0, fan_out = (prev_x0[fan_out] if prev_x0 is not None else None), None
+            (x, velocity, x0_pred, rows, prev_x0), fan_out = _rows_of(fan_out, x, velocity, x0_pred, rows, prev_x0), None
         if step == plan.num_steps - 1 and spec.reward_image == "x0_pred":
             # The last transition does not change x0_pred: it is neither sampled nor trained (DanceGRPO).
             _check_split(step, "x0_pred", k)
@@ -146,18 +145,17 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
             return Rollout(x0_pred, rows, _cat_transitions(stored, x), edges, (*nodes, x.shape[0]), calls)
         if k > 1:
             _check_split(step, kind, k)
-            x, velocity, x0_pred, rows, roots = (t.repeat_interleave(k, dim=0) for t in (x, velocity, x0_pred, rows, roots))
-            prev_x0 = prev_x0.repeat_interleave(k, dim=0) if prev_x0 is not None else None
+            x, velocity, x0_pred, rows, roots, prev_x0 = _children(k, x, velocity, x0_pred, rows, roots, prev_x0)
         move = STEP_KINDS[kind](family, spec, Node(x, velocity, x0_pred, sigma, sigma_next, prev_x0, prev_sigma), k,
                                 generator)
-        x_next, log_prob = move.x_next, move.log_prob
         keep = _stored_rows(plan.trained[step], store_mask, roots, step)  # only SDE steps are trained (StepPlan)
         if keep is not None:
-            stored.append(_transitions(x, x_next, log_prob, rows, keep, step, sigma, sigma_next, move.g, move.scale))
+            stored.append(_transitions(x, move, rows, keep, step, sigma, sigma_next))
         n_nodes *= k
-        edge_log_probs.append(log_prob if log_prob is not None else x.new_zeros(n_nodes))
+        edge_log_probs.append(move.log_prob if move.log_prob is not None else x.new_zeros(n_nodes))
         nodes.append(n_nodes)
-        prev_x0, prev_sigma, x = x0_pred, sigma, x_next
+        prev_x0, prev_sigma = (None, None) if kind == StepKind.SDE else (x0_pred, sigma)  # see Node.prev_x0
+        x = move.x_next
     return Rollout(x, rows, _cat_transitions(stored, x), tuple(edge_log_probs), tuple(nodes), calls)
 
 
@@ -206,7 +204,10 @@ class Node(NamedTuple):
     x0_pred: Tensor  # [N, ...]
     sigma: float
     sigma_next: float
-    prev_x0: Tensor | None  # [N, ...] the previous step's x0 prediction (DPM-Solver++ 2M's history), None at step 0
+    # [N, ...] the previous step's x0 prediction (DPM-Solver++ 2M's history); None at step 0 and after an SDE step: the
+    # history is the deterministic path's own, so the tail is a function of the sampled latent alone, as the credit of
+    # the trained edges assumes (the tail's first step is first order)
+    prev_x0: Tensor | None
     prev_sigma: float | None
 
 
@@ -229,7 +230,10 @@ def _ode_move(family: StepFamily, spec: RolloutSpec, node: Node, k: int, generat
 
 
 def _dpm_move(family: StepFamily, spec: RolloutSpec, node: Node, k: int, generator: torch.Generator | NoiseSource) -> Move:
-    return Move(family.dpm(node.x, node.x0_pred, node.sigma, node.sigma_next, node.prev_x0, node.prev_sigma), None)
+    # monotone: no 2M step gives the previous prediction a negative weight in the image (a compressed tail's long steps
+    # did: an update that improved the model's prediction there moved the reward image the other way)
+    return Move(family.dpm(node.x, node.x0_pred, node.sigma, node.sigma_next, node.prev_x0, node.prev_sigma,
+                           monotone=True), None)
 
 
 # StepPlan kind -> the step of every node (a new step kind is a function here and an entry in StepKind.ALL).
@@ -240,12 +244,22 @@ STEP_KINDS: dict[str, Callable[[StepFamily, RolloutSpec, Node, int, torch.Genera
 }
 
 
-def _transitions(x: Tensor, x_next: Tensor, log_prob: Tensor, rows: Tensor, keep: Tensor, step: int,
-                 sigma: float, sigma_next: float, g: float, scale: float) -> Transitions:
-    """The stored record of the edges ``keep`` of one step."""
+def _transitions(x: Tensor, move: Move, rows: Tensor, keep: Tensor, step: int, sigma: float,
+                 sigma_next: float) -> Transitions:
+    """The stored record of the edges ``keep`` of one sampled step."""
     full = lambda value: x.new_full((keep.numel(),), float(value))  # noqa: E731
-    return Transitions(x[keep], x_next[keep], full(sigma), full(sigma_next), full(g), full(scale), log_prob[keep],
-                       rows[keep], torch.full_like(keep, step + 1), keep)
+    return Transitions(x[keep], move.x_next[keep], full(sigma), full(sigma_next), full(move.g), full(move.scale),
+                       move.log_prob[keep], rows[keep], torch.full_like(keep, step + 1), keep)
+
+
+def _rows_of(index: Tensor, *nodes: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Every node tensor's rows ``index`` (a group's shared prefix fanned out to its members); None stays None."""
+    return tuple(t[index] if t is not None else None for t in nodes)
+
+
+def _children(k: int, *nodes: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Every node's tensors repeated for its ``k`` children (siblings adjacent); None stays None."""
+    return tuple(t.repeat_interleave(k, dim=0) if t is not None else None for t in nodes)
 
 
 def _stored_rows(trained: bool, store_mask: Tensor | None, roots: Tensor, step: int) -> Tensor | None:
