@@ -8,12 +8,7 @@ import json
 import pytest
 
 from flowgrove.cli import main
-from flowgrove.recipes.bench_report import (
-    EvalPoint,
-    SeedRun,
-    summarize_bench,
-    worse_line,
-)
+from flowgrove.recipes.bench_report import EvalPoint, SeedRun, summarize_bench, worse_line
 
 TINY = ["run.threads=1", "run.progress=false", "rollout.prompts_per_step=2", "rollout.group_size=4",
         "eval.samples_per_prompt=1", "sampler.num_steps=6", "eval.num_steps=4"]
