@@ -29,7 +29,7 @@ LAYERS = {
 }
 ROOT_MODULES = {"__init__", "__main__", "cli", "messages", "registry"}
 TOP = {"cli", "__main__"}
-MATH = ["samplers", "grpo", "evaluation/diversity.py"]
+MATH = ["samplers", "grpo", "evaluation/diversity.py", "evaluation/seeds.py"]
 MATH_MAY_IMPORT = {"torch", "math", "__future__", "dataclasses", "typing", "collections", "difflib", "functools"}
 
 

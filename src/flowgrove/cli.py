@@ -256,10 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_report_cmd)
     p = sub.add_parser("bench", parents=[common], help="run several presets side by side and compare time and reward")
     p.add_argument("--methods", default="dancegrpo,mixgrpo,mixgrpo-flash,mixgrpo-flash-star")
-    p.add_argument("--steps", type=positive_int, default=20)
+    p.add_argument("--steps", type=positive_int, default=20, help="training steps of every method and seed")
+    p.add_argument("--seeds", type=positive_int, default=1,
+                   help="seeds per method (train.seed = BASE + s, paired across methods); mean and 95%% CI over them")
+    p.add_argument("--evals", type=positive_int, default=4, help="held-out evaluations along the run (<= --steps)")
     p.add_argument("--out", default="runs/bench")
-    p.add_argument("--baseline", default="dancegrpo", help="method whose time is the ratio's denominator")
-    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every method")
+    p.add_argument("--reference", "--baseline", dest="reference", default="dancegrpo",
+                   help="method the others are compared with: time ratio, gain and the reward to reach")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every method (METHOD:key=value: one)")
     p.set_defaults(fn=_bench)
     _add_reward_and_data_commands(sub, common)
     _add_bench_model(sub)

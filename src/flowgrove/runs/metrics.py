@@ -1,4 +1,4 @@
-"""Run-directory outputs: metrics.jsonl, TensorBoard events, sample grids and the reward curve."""
+"""Run-directory outputs: metrics.jsonl, TensorBoard events, sample grids and the reward curves (with bands)."""
 
 from __future__ import annotations
 
@@ -144,6 +144,37 @@ def plot_reward_curves(curves: dict[str, tuple[list[float], list[float]]], path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (xs, ys) in curves.items():
         ax.plot(xs, ys, label=label, marker="o" if len(xs) < 12 else None)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@dataclass
+class Band:
+    """One curve with a band: x values, the mean at each and the band's half-width (NaN: no band there)."""
+
+    xs: list[float]
+    mean: list[float]
+    half_width: list[float]
+
+
+def plot_reward_bands(curves: dict[str, Band], path: Path, xlabel: str, ylabel: str) -> None:
+    """One line per label with a shaded band ``mean +- half_width`` -> PNG (``bench --seeds N``: 95 % CI over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, band in curves.items():
+        line, = ax.plot(band.xs, band.mean, label=label, marker="o" if len(band.xs) < 12 else None)
+        low = [m - h for m, h in zip(band.mean, band.half_width)]
+        high = [m + h for m, h in zip(band.mean, band.half_width)]
+        ax.fill_between(band.xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
