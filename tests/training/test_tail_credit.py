@@ -68,7 +68,7 @@ def test_the_tails_last_model_call_is_at_the_fine_end_of_the_grid(preset):
     assert "dpm" in plan.kinds
     torch.testing.assert_close(plan.sigmas[-2], full[-2])  # the last nonzero sigma: the last model call
     shifted = method.step_plan(load_config(method=preset, overrides=["window.tail_spacing=shifted"]), 0)
-    assert shifted.sigmas[-2] > 2 * full[-2]  # the reference spacing (kept as a switch) ends at a mid noise level
+    assert shifted.sigmas[-2] > 1.5 * full[-2]  # the reference spacing (kept as a switch) ends at a higher noise level
     assert plan.num_steps == shifted.num_steps  # the same number of model calls
 
 
@@ -101,3 +101,19 @@ def test_the_compressed_tail_follows_the_evaluation_sampler_closer_than_the_refe
     error = {spacing: (sample(compressed_tail_sigmas(25, 3.0, 3, 0.2, spacing=spacing), 3) - fine).abs().mean().item()
              for spacing in ("logsnr", "shifted")}
     assert error["logsnr"] < 0.8 * error["shifted"], error
+
+
+@pytest.mark.parametrize("preset", DPM_PRESETS)
+def test_the_tails_steps_are_fine_enough_to_hold_at_three_times_the_default_length(preset):
+    """The third mechanism: a tail that integrates the never-trained, drifting low-noise network in too few steps parts
+    from the images the policy makes, and the updates follow its errors. Measured on digits over 300 steps (one
+    seed, docs/collapse.md): largest log-SNR step 1.47 (flowgrove, 3 steps) and 2.41 (Flash*, ratio 0.2) collapsed;
+    1.21 (Flash*, ratio 0.3), 0.80 (ratio 0.4) and 0.59 (flowgrove, 6 steps) held. Every preset keeps below 1.25."""
+    cfg = load_config(method=preset)
+    for iteration in (0, 50, 299):  # a progressive window moves the tail's start
+        plan = method.step_plan(cfg, iteration)
+        s = plan.sigmas.double()
+        dpm = [i for i, kind in enumerate(plan.kinds) if kind == "dpm" and s[i + 1] > 0]  # the last step (to 0) aside
+        lam = torch.log((1 - s) / s)  # [S + 1] log-SNR, +inf at sigma 0
+        widest = max((lam[i + 1] - lam[i]).item() for i in dpm) if dpm else 0.0
+        assert widest <= 1.25, f"{preset} at iteration {iteration}: a DPM tail step spans {widest:.2f} in log-SNR"
