@@ -71,12 +71,28 @@ def test_compressed_tail_edge_cases() -> None:
 
 def test_logsnr_tail_is_uniform_in_log_snr_down_to_the_grids_last_nonzero_sigma():
     full = flux_sigmas(25, 3.0, dtype=torch.float64)
-    grid = compressed_tail_sigmas(25, 3.0, last_kept_step=3, ratio=0.2, dtype=torch.float64, spacing="logsnr")
-    tail = grid[4:]  # n_post = int(22 * 0.2) = 4 points: 3 DPM steps
-    assert tail.numel() == 4 and tail[-1] == 0 and torch.equal(grid[:5], full[:5])
+    grid = compressed_tail_sigmas(25, 3.0, last_kept_step=3, ratio=0.4, dtype=torch.float64, spacing="logsnr")
+    tail = grid[4:]  # n_post = int(22 * 0.4) = 8 points: 7 DPM steps
+    assert tail.numel() == 8 and tail[-1] == 0 and torch.equal(grid[:5], full[:5])
     torch.testing.assert_close(tail[-2], full[-2])  # the last model call where the uncompressed sampler makes it
-    lam = torch.log((1 - tail[:-1]) / tail[:-1])  # [3] log-SNR of the nonzero points
-    torch.testing.assert_close(lam[1] - lam[0], lam[2] - lam[1])
-    assert torch.equal(compressed_tail_sigmas(25, 3.0, 3, 0.08, spacing="logsnr")[4:], torch.tensor([full[4].item(), 0.0]))
+    lam = torch.log((1 - tail[:-1]) / tail[:-1])  # [7] log-SNR of the nonzero points
+    torch.testing.assert_close(lam.diff(), lam.diff().mean().expand(6))
     with pytest.raises(ValueError, match="spacing"):
         compressed_tail_sigmas(25, 3.0, 3, 0.2, spacing="uniform")
+
+
+def test_a_short_logsnr_tail_gets_the_points_its_steps_need():
+    """A window late in the schedule leaves a short span to compress: ratio 0.4 of 4 steps would be one step from
+    sigma 0.364 straight to 0 (the image a prediction at a mid noise level); the log-SNR tail keeps its steps within
+    MAX_LOGSNR_STEP and its last model call at the grid's last nonzero sigma, never with more points than uncompressed."""
+    from flowgrove.samplers.schedules import MAX_LOGSNR_STEP
+
+    full = flux_sigmas(25, 3.0, dtype=torch.float64)
+    for last in range(0, 24):
+        grid = compressed_tail_sigmas(25, 3.0, last, 0.4, dtype=torch.float64, spacing="logsnr")
+        tail = grid[last + 1:]
+        assert tail.numel() <= 25 - last and tail[-1] == 0
+        torch.testing.assert_close(tail[-2], full[-2])
+        lam = torch.log((1 - tail[:-1]) / tail[:-1])
+        assert (lam.diff() <= MAX_LOGSNR_STEP + 1e-9).all(), (last, tail)
+    assert compressed_tail_sigmas(25, 3.0, 20, 0.4, spacing="shifted").numel() == 23  # the reference: [0.364, 0]

@@ -64,12 +64,15 @@ def test_the_tails_last_model_call_is_at_the_fine_end_of_the_grid(preset):
     every update moves (uncredited) far more than the fine steps near sigma 0 that the evaluation sampler ends with.
     The presets' tails end where the uncompressed grid ends."""
     cfg = load_config(method=preset)
-    plan, full = method.step_plan(cfg, 0), method.base_sigmas(cfg)
-    assert "dpm" in plan.kinds
-    torch.testing.assert_close(plan.sigmas[-2], full[-2])  # the last nonzero sigma: the last model call
+    full = method.base_sigmas(cfg)
+    for iteration in range(0, 3 * cfg.train.steps, 5):  # a progressive window moves the tail's start
+        plan = method.step_plan(cfg, iteration)
+        if "dpm" in plan.kinds:  # the last nonzero sigma: the last model call
+            torch.testing.assert_close(plan.sigmas[-2], full[-2], msg=f"{preset} at iteration {iteration}")
+    plan = method.step_plan(cfg, 0)
     shifted = method.step_plan(load_config(method=preset, overrides=["window.tail_spacing=shifted"]), 0)
     assert shifted.sigmas[-2] > 1.5 * full[-2]  # the reference spacing (kept as a switch) ends at a higher noise level
-    assert plan.num_steps == shifted.num_steps  # the same number of model calls
+    assert plan.num_steps >= shifted.num_steps  # as many model calls, or the few more a coarse tail needs
 
 
 def test_the_compressed_tail_follows_the_evaluation_sampler_closer_than_the_reference_spacing():
@@ -108,9 +111,11 @@ def test_the_tails_steps_are_fine_enough_to_hold_at_three_times_the_default_leng
     """The third mechanism: a tail that integrates the never-trained, drifting low-noise network in too few steps parts
     from the images the policy makes, and the updates follow its errors. Measured on digits over 300 steps (one
     seed, docs/collapse.md): largest log-SNR step 1.47 (flowgrove, 3 steps) and 2.41 (Flash*, ratio 0.2) collapsed;
-    1.21 (Flash*, ratio 0.3), 0.80 (ratio 0.4) and 0.59 (flowgrove, 6 steps) held. Every preset keeps below 1.25."""
+    1.21 (Flash*, ratio 0.3), 0.80 (ratio 0.4) and 0.59 (flowgrove, 6 steps) held; mixgrpo-flash's progressive window
+    reached tails of [0.538, 0.111, 0] and [0.364, 0] and collapsed there. Every preset keeps below 1.25 at every
+    window position."""
     cfg = load_config(method=preset)
-    for iteration in (0, 50, 299):  # a progressive window moves the tail's start
+    for iteration in range(0, 3 * cfg.train.steps, 5):  # a progressive window moves the tail's start
         plan = method.step_plan(cfg, iteration)
         s = plan.sigmas.double()
         dpm = [i for i, kind in enumerate(plan.kinds) if kind == "dpm" and s[i + 1] > 0]  # the last step (to 0) aside

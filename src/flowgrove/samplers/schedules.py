@@ -6,6 +6,8 @@ step ``i`` goes from ``sigma_i`` to ``sigma_{i+1}``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -83,8 +85,24 @@ def _logsnr_tail(sigmas: Tensor, start: int, n_post: int, shift: float) -> Tenso
     lo, hi = sigmas[start], sigmas[-2]  # first tail point, last nonzero point of the uncompressed grid
     if n_post == 2 or hi >= lo:
         return torch.cat([torch.linspace(float(lo), float(hi), n_post - 1, dtype=torch.float64), sigmas.new_zeros(1)])
-    lam = torch.linspace(float(torch.log((1 - lo) / lo)), float(torch.log((1 - hi) / hi)), n_post - 1, dtype=torch.float64)
+    lam = torch.linspace(float(_logsnr(lo)), float(_logsnr(hi)), n_post - 1, dtype=torch.float64)
     return torch.cat([torch.sigmoid(-lam), sigmas.new_zeros(1)])  # [n_post], sigma = 1 / (1 + e^lambda)
+
+
+# The widest log-SNR step a log-SNR tail takes before its last point: measured on digits over 300 steps, tails whose
+# steps spanned 1.47 and 2.42 collapsed and 1.21 held (docs/collapse.md); a tail gets the points it needs to stay below.
+MAX_LOGSNR_STEP = 1.25
+
+
+def _logsnr(sigma: Tensor) -> Tensor:
+    return torch.log((1 - sigma) / sigma)
+
+
+def _logsnr_points(lo: Tensor, hi: Tensor) -> int:
+    """Tail points (the last one 0) a log-SNR tail from ``lo`` to ``hi`` needs for steps of at most MAX_LOGSNR_STEP."""
+    if hi >= lo:
+        return 2
+    return math.ceil(float(_logsnr(hi) - _logsnr(lo)) / MAX_LOGSNR_STEP - 1e-9) + 2
 
 
 # window.tail_spacing -> the points of a compressed tail (sigmas [T+1], first tail index, points, shift) -> [n_post]
@@ -102,7 +120,8 @@ def compressed_tail_sigmas(
     tail has ``n_post - 1`` steps. Fix of MixGRPO bug M6: ``n_post >= 2``, so the grid always ends at sigma 0. If
     ``L + 1 >= T`` there is nothing to compress and ``flux_sigmas`` is returned. ``spacing`` places the points:
     ``shifted`` is MixGRPO's ``time_shift(linspace(t[L+1], 0, n_post))``; ``logsnr`` spaces them uniformly in
-    log-SNR down to the uncompressed grid's last nonzero sigma (see :data:`TAIL_SPACINGS`).
+    log-SNR down to the uncompressed grid's last nonzero sigma, with at least the points that keep every step
+    within :data:`MAX_LOGSNR_STEP` (see :data:`TAIL_SPACINGS`).
 
     Args:
         num_steps: Number of steps ``T`` of the uncompressed grid.
@@ -125,5 +144,7 @@ def compressed_tail_sigmas(
     if last_kept_step + 1 >= num_steps:
         return sigmas.to(dtype)
     n_post = max(int((num_steps - last_kept_step) * ratio), 2)
+    if spacing == "logsnr":  # enough points for steps of at most MAX_LOGSNR_STEP, never more than the uncompressed grid
+        n_post = min(num_steps - last_kept_step, max(n_post, _logsnr_points(sigmas[last_kept_step + 1], sigmas[-2])))
     tail = TAIL_SPACINGS[spacing](sigmas, last_kept_step + 1, n_post, shift)  # [n_post]
     return torch.cat([sigmas[: last_kept_step + 1], tail]).to(dtype)  # [L+1+n_post]
