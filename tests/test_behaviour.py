@@ -153,7 +153,7 @@ def test_several_rewards_are_aggregated_as_configured(aggregate, chains):
                                             ("flowgrove", "mean"), ("flowgrove", "path")])
 def test_tree_advantages_use_the_configured_fusion(name, fusion):
     # branchgrpo: the reward image is the final sample, so the edges into the leaves are trained too. flowgrove: the
-    # DPM tail shortens the trees to the plan's 13 steps. ddof 0 and eps 0.05 differ from the depthwise defaults.
+    # DPM tail shortens the trees to the plan's 16 steps. ddof 0 and eps 0.05 differ from the depthwise defaults.
     trainer = make(name, "rollout.prompts_per_step=2", f"tree.fusion={fusion}", "tree.temperature=0.5",
                    "sampler.reward_image=final", "advantage.ddof=0", "advantage.eps=0.05")
     seen = observe(trainer)
@@ -162,7 +162,7 @@ def test_tree_advantages_use_the_configured_fusion(name, fusion):
     num_steps = method.step_plan(trainer.cfg, 0).num_steps
     forest = method.forest(trainer.cfg, 2, num_steps)
     nodes = forest.nodes_per_depth
-    assert num_steps == (20 if name == "branchgrpo" else 13)
+    assert num_steps == (20 if name == "branchgrpo" else 16)
     assert tr.depth.max() == (num_steps if name == "branchgrpo" else 10)
     fused = mean_fusion(reward, nodes)
     if fusion != "mean":
