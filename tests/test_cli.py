@@ -67,6 +67,30 @@ def test_methods_lists_every_preset(capsys):
         assert name in out
 
 
+def test_tasks_lists_every_task(capsys):
+    from flowgrove.tasks.catalog import TASKS
+
+    assert main(["tasks"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(TASKS) and "numbers" in TASKS
+    assert lines[0].endswith("[default]") and "OCR" in lines[1]
+
+
+def test_numbers_task_trains_two_steps_and_holds_out_the_test_numbers(tmp_path):
+    from flowgrove.tasks.numbers import heldout_prompts, train_prompts
+    from flowgrove.training.setup import build_trainer
+
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "numbers"
+    assert main(["train", "task=numbers", "--steps", "2", "--out", str(out), *TINY]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "heldout_reward/ocr_after" in summary and 0 <= summary["heldout_reward_after"] <= 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and "reward/ocr" in rows[0]
+    trainer = build_trainer(load_config(None, ["task=numbers", *TINY]))
+    assert trainer.prompts == train_prompts() and trainer.test_prompts == heldout_prompts()
+
+
 def test_config_errors_exit_with_a_message(tmp_path, capsys):
     assert main(["train", "--steps", "1", "--out", str(tmp_path / "x"), "train.lrr=1"]) == 2
     assert "did you mean 'lr'" in capsys.readouterr().err

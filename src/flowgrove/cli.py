@@ -1,4 +1,4 @@
-"""Command line: ``flowgrove train | methods | sample | eval | export | report | bench | bench-model | rewards |
+"""Command line: ``flowgrove train | methods | tasks | sample | eval | export | report | bench | bench-model | rewards |
 serve-reward | encode-prompts | pretrain`` (also ``python -m flowgrove``)."""
 
 from __future__ import annotations
@@ -48,6 +48,14 @@ def _train(args: argparse.Namespace) -> int:
 def _methods(args: argparse.Namespace) -> int:
     for name in preset_names():
         print(f"{name:22s} {preset_summary(name)}")
+    return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from flowgrove.tasks.catalog import DEFAULT_TASK, TASKS
+
+    for name, summary in TASKS.items():
+        print(f"{name:22s} {summary}{' [default]' if name == DEFAULT_TASK else ''}")
     return 0
 
 
@@ -235,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that holds a partial run without a checkpoint")
     p.set_defaults(fn=_train)
     sub.add_parser("methods", parents=[common], help="list the method presets").set_defaults(fn=_methods)
+    sub.add_parser("tasks", parents=[common], help="list the embedded tasks (train task=NAME)").set_defaults(fn=_tasks)
     p = sub.add_parser("sample", parents=[common], help="sample images from a run's latest checkpoint (or the base policy) to a PNG grid")
     p.add_argument("--run", help="run directory (omit for the base policy of the default config)")
     p.add_argument("--out", default="samples.png")
@@ -267,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_bench)
     _add_reward_and_data_commands(sub, common)
     _add_bench_model(sub)
-    p = sub.add_parser("pretrain", help="pretrain the built-in task's policy and reward (flowgrove pretrain digits)")
+    p = sub.add_parser("pretrain", help="pretrain a built-in task's weights (flowgrove pretrain digits | numbers)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_pretrain)
     return parser

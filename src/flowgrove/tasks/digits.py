@@ -193,12 +193,13 @@ def save_weights(path: str | Path, tensors: dict[str, Tensor], config: dict) -> 
     return path
 
 
-def load_weights(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict]:
+def load_weights(path: str | Path, what: str, hint: str = PRETRAIN_HINT) -> tuple[dict[str, Tensor], dict]:
     """Read a file written by ``save_weights`` (no unpickling) with errors that say how to recreate it.
 
     Args:
         path: The safetensors file.
         what: What the file holds, for the error message (e.g. "digits policy").
+        hint: How to recreate the file, for the error message.
 
     Returns:
         ``(tensors, config)`` on the CPU.
@@ -211,11 +212,11 @@ def load_weights(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} weights not found at {path}; {PRETRAIN_HINT}.")
+        raise FileNotFoundError(f"{what} weights not found at {path}; {hint}.")
     try:
         with safe_open(str(path), framework="pt") as handle:
             config = json.loads((handle.metadata() or {})["config"])
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises several private error types for damaged files
-        raise ValueError(f"{what} weights at {path} are unreadable or corrupt ({error}); {PRETRAIN_HINT}.") from error
+        raise ValueError(f"{what} weights at {path} are unreadable or corrupt ({error}); {hint}.") from error
     return tensors, config

@@ -177,7 +177,8 @@ class PromptSets(NamedTuple):
 
 
 def load_prompt_sets(cfg: Config, policy: FlowPolicy) -> PromptSets:
-    """``data.train`` / ``data.cache`` (or the policy's built-in prompts) and ``data.test``."""
+    """``data.train`` / ``data.cache`` (or the policy's built-in prompts) and ``data.test`` (or the policy's held-out
+    prompts)."""
     d = cfg.data
     rows = CachedPrompts(d.cache) if d.cache else None
     if rows is not None and rows.index.get("policy") != cfg.policy.name:
@@ -195,8 +196,17 @@ def load_prompt_sets(cfg: Config, policy: FlowPolicy) -> PromptSets:
     if rows is not None and [str(p) for p in train] != [str(p) for p in rows.prompts()]:
         raise ValueError(f"data.cache={d.cache!r} holds other prompts than data.train={d.train!r}; encode data.train "
                          "again with `flowgrove encode-prompts` or drop one of the two keys")
-    test = read_prompts(d.test, "data.test") if d.test else None
-    return PromptSets(train, test, rows)
+    return PromptSets(train, _test_prompts(cfg, policy), rows)
+
+
+def _test_prompts(cfg: Config, policy: FlowPolicy) -> list[Prompt] | None:
+    """``data.test``, else the policy's own held-out prompts (the numbers task's unseen numbers), else None (the
+    training prompts)."""
+    if cfg.data.test:
+        return read_prompts(cfg.data.test, "data.test")
+    heldout = getattr(policy, "heldout_prompts", None)
+    prompts = heldout() if heldout is not None else None
+    return [Prompt(p) for p in prompts] if prompts else None
 
 
 def encode_prompt_file(prompt_file: str, policy_name: str, overrides: list[str], out: str, batch: int = 16,
