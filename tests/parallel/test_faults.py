@@ -17,7 +17,7 @@ from flowgrove.parallel import faults
 from flowgrove.runs.checkpoint import checkpoint_folders, choose_checkpoint
 
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "eval.samples_per_prompt=1", "run.progress=false",
-         "run.checkpoint_every=100"]  # run.parallel=auto: FSDP2 (a full fine-tune), sharded checkpoints
+         "run.checkpoint_every=100", "eval.every=0"]  # run.parallel=auto: FSDP2 (a full fine-tune), sharded checkpoints
 TIMEOUT = 8  # run.collective_timeout of the hang test: above the ranks' start-up skew on a loaded machine
 
 

@@ -14,7 +14,8 @@ import pytest
 
 from flowgrove.training import setup as trainer_setup
 
-SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "eval.samples_per_prompt=1", "run.progress=false"]
+SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "eval.samples_per_prompt=1", "run.progress=false",
+         "eval.every=0"]  # these tests count reward calls and steps: no periodic evaluation
 
 
 def _cli(*args: str) -> list[str]:

@@ -23,7 +23,8 @@ from flowgrove.runs import sharded
 HERE = Path(__file__).parents[1]  # tests/, where the worker script lives
 # The tiny policy is a full fine-tune: run.parallel=auto is FSDP2 on several ranks.
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "eval.samples_per_prompt=1", "run.progress=false",
-         "train.accumulate=transitions", "train.accumulate_size=100000", "train.micro_batch=100000"]
+         "train.accumulate=transitions", "train.accumulate_size=100000", "train.micro_batch=100000",
+         "eval.every=0"]  # checkpoints and resumes under test, not the periodic evaluation
 STEPS = 5
 # 2 ranks -> 1: the same global batch, summed in another order (two ranks' gradients reduced vs one sum), differs
 # by float32 rounding: measured up to 1.2e-6 relative on values above 1e-2 (rewards, grad_norm); the loss (a mean of

@@ -75,9 +75,10 @@ def test_nfe_accounting_matches_the_plans():
     # dancegrpo: T = 16 model calls per sample, int(15 * 0.6) = 9 recomputed transitions per sample.
     m = make("dancegrpo").step()
     assert (m["nfe_old"], m["nfe_new"]) == (16.0, 9.0)
-    # mixgrpo-flash-star: window 0..3 + DPM tail int((25 - 3) * 0.2) = 4 points -> 4 + 3 = 7 calls; 4 trained.
+    # mixgrpo-flash-star: window 0..3 + DPM tail: int((25 - 3) * 0.2) = 4 points would leave log-SNR steps of 2.4, so
+    # the log-SNR tail takes 6 points (steps <= MAX_LOGSNR_STEP) -> 4 + 5 = 9 calls; 4 trained.
     m = make("mixgrpo-flash-star").step()
-    assert (m["nfe_old"], m["nfe_new"]) == (7.0, 4.0)
+    assert (m["nfe_old"], m["nfe_new"]) == (9.0, 4.0)
     # branchgrpo: 203 calls / 16 leaves per tree; x0_pred image: 218 - 16 = 202 sampled edges / 16 leaves.
     m = make("branchgrpo", "rollout.prompts_per_step=1").step()
     assert (m["nfe_old"], m["nfe_new"]) == (203 / 16, 202 / 16)
@@ -104,14 +105,14 @@ def test_group_prefix_sharing_lowers_measured_calls():
 
 
 def test_tree_with_compressed_tail():
-    # flowgrove preset: SDE at {0,1,2,3} | {0,3,6,9}; after step 9 the 11 Euler steps become int(11 * 0.4) = 4 grid
-    # points, 3 DPM steps: 13 steps. Calls per tree: 1 + 2*3 + 4*3 + 8*3 + 16*(1 + 3) = 91; trained edges 34.
+    # flowgrove preset: SDE at {0,1,2,3} | {0,3,6,9}; after step 9 the 11 Euler steps become int(11 * 0.7) = 7 grid
+    # points, 6 DPM steps: 16 steps. Calls per tree: 1 + 2*3 + 4*3 + 8*3 + 16*(1 + 6) = 139; trained edges 34.
     trainer = make("flowgrove", "rollout.prompts_per_step=1")
     m = trainer.step()
-    assert m["nfe_old"] == 91 / 16 and m["model_calls_per_sample"] == 91 / 16
+    assert m["nfe_old"] == 139 / 16 and m["model_calls_per_sample"] == 139 / 16
     assert m["nfe_new"] == 34 / 16
     plan = method.step_plan(trainer.cfg, 0)
-    assert plan.kinds[9:] == ("sde", "dpm", "dpm", "dpm") and plan.sigmas[-1] == 0
+    assert plan.kinds[9:] == ("sde",) + ("dpm",) * 6 and plan.sigmas[-1] == 0
 
 
 @pytest.mark.parametrize("fusion", ["path", "local"])
