@@ -144,13 +144,7 @@ def plot_reward_curves(curves: dict[str, tuple[list[float], list[float]]], path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (xs, ys) in curves.items():
         ax.plot(xs, ys, label=label, marker="o" if len(xs) < 12 else None)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, xlabel, ylabel)
 
 
 @dataclass
@@ -175,6 +169,13 @@ def plot_reward_bands(curves: dict[str, Band], path: Path, xlabel: str, ylabel: 
         low = [m - h for m, h in zip(band.mean, band.half_width)]
         high = [m + h for m, h in zip(band.mean, band.half_width)]
         ax.fill_between(band.xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    _finish(fig, ax, path, xlabel, ylabel)
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str) -> None:
+    """Label, grid and legend a reward plot, write it to ``path`` (PNG) and close it."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
