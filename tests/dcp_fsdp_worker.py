@@ -89,7 +89,9 @@ def main(out: Path, mode: str) -> None:
     same = _same(expected, snapshot(fresh))
     if rank == 0:
         (out / f"{mode}_{world}.txt").write_text(f"same={same} sharded={local}")
-    dist.destroy_process_group()
+    from conftest import end_worker
+
+    end_worker()  # instead of destroy_process_group: see conftest.end_worker
 
 
 if __name__ == "__main__":

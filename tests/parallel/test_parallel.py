@@ -64,7 +64,9 @@ def _mixed_precision_worker(rank: int, port: int, out: str) -> None:
     torch.save({"compute": [str(d) for d in model.seen], "masters": sorted({str(p.dtype) for p in params}),
                 "grads": sorted({str(p.grad.dtype) for p in params}), "kinds": sorted({type(p).__name__ for p in params})},
                out)
-    dist.destroy_process_group()
+    from conftest import end_worker
+
+    end_worker()  # instead of destroy_process_group: see conftest.end_worker
 
 
 def test_fsdp2_computes_in_bf16_over_float32_masters_and_gradients(tmp_path):
