@@ -84,6 +84,22 @@ def prompt_digits(prompts: Sequence[str], reward: str) -> list[int]:
     return digits
 
 
+def digit_probability(classifier: DigitClassifier, images: Tensor, digits: Tensor) -> Tensor:
+    """``softmax(classifier(images))[digits]`` over all 11 classes: ``[N]`` for 8x8 images ``[N, 3, 8, 8]`` in [0, 1] and
+    digits ``[N]``. The classifier follows the images' device."""
+    param = next(classifier.parameters())
+    if param.device != images.device:
+        classifier.to(images.device)
+    logits = classifier(classifier_pixels(images).to(param.dtype))  # [N, 11]
+    return logits.float().softmax(dim=-1).gather(1, digits[:, None]).squeeze(1)  # [N]
+
+
+def classifier_on(weights: str | Path | None, device: str | torch.device | None) -> DigitClassifier:
+    """The digit classifier of ``weights`` (None: the shipped one), on ``device`` when given."""
+    classifier = load_digit_classifier(weights)
+    return classifier.to(device) if device is not None else classifier
+
+
 class DigitClassifierReward:
     """Probability of the prompted digit, ``softmax(classifier(image))[digit(prompt)]`` over all 11 classes.
 
@@ -95,13 +111,8 @@ class DigitClassifierReward:
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         check_reward_inputs(images, prompts)
-        param = next(self.classifier.parameters())
-        if param.device != images.device:
-            self.classifier.to(images.device)
         digits = torch.tensor(prompt_digits(prompts, "digit_classifier"), device=images.device)  # [B]
-        logits = self.classifier(classifier_pixels(images).to(param.dtype))  # [B, 11]
-        probs = logits.float().softmax(dim=-1)  # [B, 11]
-        return probs.gather(1, digits[:, None]).squeeze(1)  # [B]
+        return digit_probability(self.classifier, images, digits)  # [B]
 
     def embed(self, images: Tensor) -> Tensor:
         """Image embedding ``[B, hidden]``: the classifier's hidden layer (the feature space of diversity metrics)."""
@@ -179,10 +190,7 @@ def _prompt_free(fn: Callable[..., Tensor], **kwargs: float) -> RewardFn:
 @register_reward("digit_classifier")
 def digit_classifier(weights: str | Path | None = None, device: str | torch.device | None = None) -> DigitClassifierReward:
     """Prompt faithfulness on the digits task; ``weights`` None loads the shipped classifier."""
-    classifier = load_digit_classifier(weights)
-    if device is not None:
-        classifier.to(device)
-    return DigitClassifierReward(classifier)
+    return DigitClassifierReward(classifier_on(weights, device))
 
 
 @register_reward("boldness")

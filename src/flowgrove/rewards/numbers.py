@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from flowgrove.rewards.base import check_reward_inputs, register_reward
-from flowgrove.rewards.digits import DigitClassifier, classifier_pixels, load_digit_classifier
+from flowgrove.rewards.digits import DigitClassifier, classifier_on, classifier_pixels, digit_probability
 from flowgrove.tasks.numbers import digits_of, number_of_prompt
 
 
@@ -43,12 +43,8 @@ class DigitPairReward:
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         check_reward_inputs(images, prompts)
-        param = next(self.classifier.parameters())
-        if param.device != images.device:
-            self.classifier.to(images.device)
         tens, units = digits_of(torch.tensor(prompt_numbers(prompts), device=images.device))  # [B], [B]
-        logits = self.classifier(classifier_pixels(halves(images)).to(param.dtype))  # [2B, 11]
-        probs = logits.float().softmax(dim=-1).gather(1, torch.cat([tens, units])[:, None]).squeeze(1)  # [2B]
+        probs = digit_probability(self.classifier, halves(images), torch.cat([tens, units]))  # [2B]: lefts, then rights
         return probs.view(2, -1).mean(dim=0)  # [B]
 
     def embed(self, images: Tensor) -> Tensor:
@@ -62,7 +58,4 @@ class DigitPairReward:
 @register_reward("digit_pair")
 def digit_pair(weights: str | Path | None = None, device: str | torch.device | None = None) -> DigitPairReward:
     """Numbers task judge: the digit classifier's probability of the prompted digit on each half, averaged."""
-    classifier = load_digit_classifier(weights)
-    if device is not None:
-        classifier.to(device)
-    return DigitPairReward(classifier)
+    return DigitPairReward(classifier_on(weights, device))
