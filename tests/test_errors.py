@@ -312,7 +312,6 @@ def test_reward_options_reach_the_factory_and_name_their_reward(tmp_path, capsys
         seen["scale"] = scale
         return lambda images, prompts: images.mean(dim=(1, 2, 3)) * scale
 
-
     cfg = load_config(None, ["rewards={options_probe: 1.0}", "reward_options.options_probe.scale=3.0"])
     trainer_setup.build_trainer(cfg)
     assert seen["scale"] == 3.0

@@ -278,7 +278,6 @@ def test_the_skip_streak_survives_a_checkpoint(tmp_path, monkeypatch):
     assert fresh.nonfinite_streak == 2 and fresh.iteration == 1
 
 
-
 def test_the_kl_term_uses_the_transition_std_of_each_stored_step(monkeypatch):
     # kl_beta > 0 on a tree (split edges drawn with 4x the std): the KL the trainer adds must be
     # ||mu - mu_ref||^2 / (2 std^2) with each transition's own std (split scale included), not a flow formula

@@ -27,7 +27,6 @@ from flowgrove.config.schema import (_SECTIONS, AdvantageConfig, Config, DataCon
 from flowgrove.messages import ConfigError, did_you_mean, one_line
 
 
-
 def _section_of(f: dataclasses.Field) -> type | None:
     return _SECTIONS.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
 

@@ -66,7 +66,6 @@ def first_k_mask(num_samples: int, num_steps: int, k: int) -> Tensor:
     return mask
 
 
-
 def _epoch_permutation(num_items: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))  # [num_items]
 

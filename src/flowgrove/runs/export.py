@@ -37,9 +37,6 @@ class ExportError(ValueError):
     """An export that cannot be done as asked; the message names the argument and the fix (one line)."""
 
 
-
-
-
 @dataclass(frozen=True)
 class ExportResult:
     out: Path
