@@ -83,8 +83,8 @@ def _logsnr_tail(sigmas: Tensor, start: int, n_post: int, shift: float) -> Tenso
     """``n_post - 1`` points uniform in log-SNR ``log((1 - sigma) / sigma)`` from ``sigmas[start]`` to the grid's last
     nonzero sigma, then 0: the last model call is at the fine end of the grid, as DPM-Solver++ spaces its steps."""
     lo, hi = sigmas[start], sigmas[-2]  # first tail point, last nonzero point of the uncompressed grid
-    if n_post == 2 or hi >= lo:
-        return torch.cat([torch.linspace(float(lo), float(hi), n_post - 1, dtype=torch.float64), sigmas.new_zeros(1)])
+    if n_post == 2:  # the tail starts at the grid's last nonzero point (compressed_tail_sigmas gives longer ones more)
+        return torch.stack([lo, sigmas.new_zeros(())])
     lam = torch.linspace(float(_logsnr(lo)), float(_logsnr(hi)), n_post - 1, dtype=torch.float64)
     return torch.cat([torch.sigmoid(-lam), sigmas.new_zeros(1)])  # [n_post], sigma = 1 / (1 + e^lambda)
 
