@@ -100,9 +100,9 @@ def build_judges(names: list[str], cfg: Config) -> dict[str, RewardFn]:
 def held_out_scores(trainer: GRPOTrainer, scorers: dict[str, RewardFn], eval_cfg: Config) -> dict[str, float]:
     """Mean score of every scorer on the trainer's held-out samples (EMA weights when it keeps them), sampled with
     ``eval_cfg``'s evaluation settings."""
-    with trainer.weights_swapped(trainer.ema) if trainer.ema is not None else nullcontext():
-        result = evaluate_policy(trainer.policy, trainer.test_cond, trainer.test_prompts, scorers,
-                                 torch.ones(len(scorers)), eval_cfg)
+    held = trainer.held_out()
+    with held.swapped(held.ema) if held.ema is not None else nullcontext():
+        result = evaluate_policy(held.policy, held.cond, held.prompts, scorers, torch.ones(len(scorers)), eval_cfg)
     return {name: result[f"reward/{name}"] for name in scorers}
 
 
@@ -165,7 +165,8 @@ def run_bench(methods: list[str], steps: int, out: Path, reference: str, overrid
         summary = {"reference": reference, "seeds": s + 1, "steps": steps, "evals": at,
                    "train_seeds": [base + i for i in range(s + 1)], "judges": list(judges),
                    "reward_weights": {n: float(w) for n, w in configs[reference].rewards.items() if float(w) != 0},
-                   "overrides": overrides, "device": f"cpu, {torch.get_num_threads()} threads",
+                   "overrides": overrides,
+                   "device": f"{distributed.resolve_device(configs[reference].run.device)}, {torch.get_num_threads()} threads",
                    "methods": summarize_bench(runs, reference)}
         write_outputs(summary, runs, out)
     return summary
