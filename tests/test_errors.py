@@ -181,7 +181,7 @@ def test_wrapped_disk_errors_are_one_line():
                                           "writing file data/0: file write failed"))
     assert "\n" not in line and "free disk space" in line
     line = cli.error_message(RuntimeError("boom\nsecond line"))
-    assert line == "flowgrove: error: RuntimeError: boom second line (rerun with --debug for the traceback)"
+    assert line == "flowgrove: internal error: RuntimeError: boom second line (a bug: rerun with --debug and report the traceback)"
 
 
 def test_sample_n_zero_names_n(capsys, no_models):

@@ -16,4 +16,12 @@ Conventions, fixed once for the whole package:
 - Images handed to rewards are float tensors ``[B, 3, H, W]`` (videos ``[B, F, 3, H, W]``) in [0, 1].
 """
 
+import logging as _logging
+
 __version__ = "0.1.0"
+
+# transformers warns, once per image-processor class, that it "requires torchvision (not installed)" and falls back
+# to the PIL processor. flowgrove wants that fallback (PyPI's torchvision next to a CPU torch breaks transformers), so
+# the two warnings that came before every diffusers-family message are dropped, and nothing else of that logger.
+_logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision (not installed)" not in record.getMessage())

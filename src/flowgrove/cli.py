@@ -4,14 +4,13 @@ serve-reward | encode-prompts | pretrain`` (also ``python -m flowgrove``)."""
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 from flowgrove.config.load import ConfigError, load_config, preset_names, preset_summary
-from flowgrove.messages import one_line, program
+from flowgrove.messages import error_message, one_line, program, user_fixable  # noqa: F401 (error_message: tests)
 
 # Exit code of every error the user can fix (argparse uses it for usage errors too).
 USAGE_EXIT = 2
@@ -299,36 +298,6 @@ def _check_args(args: argparse.Namespace) -> None:
                           "pick another path")
 
 
-_DISK_FIXES = {
-    errno.ENOSPC: "the disk is full; free space there or write elsewhere with --out PATH",
-    errno.EDQUOT: "the disk quota is used up; free space there or write elsewhere with --out PATH",
-    errno.EROFS: "the file system is read-only; write elsewhere with --out PATH",
-}
-_ACCESS_FIXES = {
-    errno.EACCES: "permission denied; pick a folder you can write with --out PATH (or fix its permissions)",
-    errno.EPERM: "operation not permitted; pick a folder you can write with --out PATH (or fix its permissions)",
-}
-_DISK_WORDS = ("No space left", "Read-only file system", "Disk quota exceeded", "StorageFull", "file write failed")
-
-
-def error_message(err: Exception) -> str:
-    """One line naming what went wrong and how to fix it, for an error that reached the command line."""
-    if isinstance(err, ConfigError):
-        return f"flowgrove: config error: {one_line(err)}"
-    where = f" {err.filename}" if isinstance(err, OSError) and err.filename else ""
-    if isinstance(err, OSError) and err.errno in _DISK_FIXES:
-        return f"flowgrove: cannot write{where}: {_DISK_FIXES[err.errno]}"
-    if isinstance(err, OSError) and err.errno in _ACCESS_FIXES:
-        return f"flowgrove: cannot access{where}: {_ACCESS_FIXES[err.errno]}"
-    if isinstance(err, OSError) and err.errno is not None and err.strerror:
-        return f"flowgrove: error:{where or ' a file'}: {err.strerror}; check the path"
-    if isinstance(err, (OSError, ValueError)):  # FileNotFoundError / CheckpointError / ... with a message of ours
-        return f"flowgrove: error: {one_line(err)}"
-    if any(word in str(err) for word in _DISK_WORDS):  # torch.save and safetensors wrap the OSError
-        return f"flowgrove: cannot write a file ({one_line(err)[:200]}); free disk space or write elsewhere with --out PATH"
-    return f"flowgrove: error: {type(err).__name__}: {one_line(err)} (rerun with --debug for the traceback)"
-
-
 def interrupt_message(args: argparse.Namespace | None) -> str:
     """One line after Ctrl-C: what stays valid and how to continue."""
     command = getattr(args, "command", None)
@@ -349,9 +318,12 @@ def interrupt_message(args: argparse.Namespace | None) -> str:
     return "flowgrove: interrupted (Ctrl-C) during start-up; nothing was written"
 
 
-def _report(line: str) -> int:
+INTERNAL_EXIT = 1  # a bug of flowgrove (or of a library under it), not something the user can fix
+
+
+def _report(line: str, code: int = USAGE_EXIT) -> int:
     print(line, file=sys.stderr)
-    return USAGE_EXIT
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001  (every error ends as one line; --debug shows the traceback)
         if debug:
             raise
-        return _report(error_message(err))
+        return _report(error_message(err), USAGE_EXIT if user_fixable(err) else INTERNAL_EXIT)
 
 
 if __name__ == "__main__":

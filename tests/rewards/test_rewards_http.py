@@ -151,8 +151,10 @@ def test_vlm_judge_timeout_retries_and_a_dead_server():
         assert len(state["requests"]) == 3
     with judge() as (url, _):
         pass  # the port is closed now
+    with pytest.raises(RewardServerError, match=r"vlm_judge: nothing answers at http://127\.0\.0\.1:\d+.*start the server"):
+        build_reward("vlm_judge", url=url, **FAST)  # found when the reward is built, before any model of a run loads
     with pytest.raises(RewardServerError, match="cannot connect.*check that the server is running"):
-        build_reward("vlm_judge", url=url, **FAST)(images, ["x"])
+        build_reward("vlm_judge", url=url, check=False, **FAST)(images, ["x"])  # a server that dies mid-run
     assert [backoff_delay(a, 1.0) for a in range(5)] == [1.0, 2.0, 4.0, 8.0, 10.0]
 
 

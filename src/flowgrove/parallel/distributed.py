@@ -40,12 +40,31 @@ def init_from_env(device: torch.device | None = None, timeout: float | None = No
     from flowgrove.parallel.faults import collective_timeout
 
     limit = collective_timeout(timeout) if timeout is not None else None
+    check_launcher_env(os.environ)
     if "RANK" in os.environ and not dist.is_initialized():
         device = device or resolve_device("auto")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **({"timeout": limit} if limit else {}))
     elif limit is not None and dist.is_initialized():
         dist.distributed_c10d._set_pg_timeout(limit)
     return world_size_and_rank()
+
+
+LAUNCHER_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets for every worker
+
+
+def check_launcher_env(env: dict[str, str] | os._Environ) -> None:
+    """A distributed launch sets all of ``LAUNCHER_KEYS``; a partial set (``WORLD_SIZE=2`` exported by hand, a
+    script run without torchrun) is a ``ValueError`` that names what is missing, rather than one process training
+    alone or torch's rendezvous error. ``WORLD_SIZE=1`` alone is a single process and fine."""
+    present = [k for k in LAUNCHER_KEYS if k in env]
+    if not present or (present == ["WORLD_SIZE"] and env["WORLD_SIZE"] == "1"):
+        return
+    missing = [k for k in LAUNCHER_KEYS if k not in env]
+    if missing:
+        shown = ", ".join(f"{k}={env[k]}" for k in present)
+        raise ValueError(f"{shown} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start "
+                         "data-parallel runs with `torchrun --nproc-per-node N -m flowgrove train ...`, or unset "
+                         f"{', '.join(present)} to train in one process")
 
 
 def _collective_device() -> torch.device:

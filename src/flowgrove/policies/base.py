@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -109,12 +110,41 @@ class FlowPolicy(Protocol):
 
 
 PolicyFactory = Callable[..., FlowPolicy]
+@dataclass(frozen=True)
+class PipelineFolder:
+    """The local diffusers folder a family loads from, as its errors describe it."""
+
+    family: str  # the policy name (``flux1``)
+    folder: str  # what the folder holds (``FLUX.1``)
+    download: str  # how to get it: the text after "Download it first, e.g. "
+
+    def check(self, path: str | Path) -> None:
+        """``FileNotFoundError`` naming ``policy.path`` and the download when ``path`` holds no ``model_index.json``."""
+        if path and (Path(path) / "model_index.json").is_file():
+            return
+        what = "is a file" if path and Path(path).is_file() else "is not one"
+        raise FileNotFoundError(f"policy.path: {self.family} needs a local diffusers {self.folder} folder (with "
+                                f"model_index.json), but {str(path) or '<empty path>'!r} {what}. Download it first, "
+                                f"e.g. {self.download}, then set policy.path to it.")
+
+
 _POLICIES: Registry[PolicyFactory] = Registry("policy", "policies")
+_FOLDERS: dict[str, PipelineFolder] = {}
 
 
-def register_policy(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
-    """Register a policy factory under ``name`` (a different factory under a used name raises ``ValueError``)."""
+def register_policy(name: str, folder: PipelineFolder | None = None) -> Callable[[PolicyFactory], PolicyFactory]:
+    """Register a policy factory under ``name`` (a different factory under a used name raises ``ValueError``);
+    ``folder``: the diffusers folder it needs in ``policy.path``, checked before any model loads."""
+    if folder is not None:
+        _FOLDERS[name] = folder
     return _POLICIES.register(name)
+
+
+def check_policy_folder(name: str, path: str | Path) -> None:
+    """The folder check of policy ``name`` (nothing for a policy that needs none); loads nothing."""
+    policy_factory(name)  # an unknown name: the registry's error
+    if name in _FOLDERS:
+        _FOLDERS[name].check(path)
 
 
 def policy_names() -> list[str]:

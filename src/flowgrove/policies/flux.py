@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor, nn
 
-from flowgrove.policies.base import Conditioning, register_policy
+from flowgrove.policies.base import Conditioning, PipelineFolder, register_policy
 from flowgrove.policies.pipelines import DTYPES, load_local_pipeline, save_pipeline_folder, save_pipeline_lora
 
 if TYPE_CHECKING:
@@ -214,7 +214,13 @@ class Flux1Policy:
         save_pipeline_folder(self.pipe, self.module, out)
 
 
-@register_policy("flux1")
+FOLDER = PipelineFolder(  # policy.path of this family
+    "flux1", "FLUX.1",
+    "`hf download black-forest-labs/FLUX.1-dev --local-dir /models/FLUX.1-dev` (or FLUX.1-schnell; "
+    "accept the licence on huggingface.co and log in first)")
+
+
+@register_policy("flux1", FOLDER)
 def build_flux1_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "bfloat16",
                        guidance: float | None = 3.5, height: int = 512, width: int = 512,
                        max_sequence_length: int = 512) -> Flux1Policy:
@@ -236,9 +242,7 @@ def build_flux1_policy(path: str = "", *, device: str | torch.device = "cpu", dt
     from diffusers import FluxPipeline
 
     pipe = load_local_pipeline(
-        FluxPipeline, path, dtype=dtype, device=device, family="flux1", folder="FLUX.1",
-        download="`hf download black-forest-labs/FLUX.1-dev --local-dir /models/FLUX.1-dev` (or FLUX.1-schnell; "
-                 "accept the licence on huggingface.co and log in first)",
+        FluxPipeline, path, FOLDER, dtype=dtype, device=device,
         frozen=("vae", "text_encoder", "text_encoder_2"),
     )
     if not pipe.transformer.config.guidance_embeds:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor, nn
 
-from flowgrove.policies.base import Conditioning, register_policy
+from flowgrove.policies.base import Conditioning, PipelineFolder, register_policy
 from flowgrove.policies.flux import per_sample_sigma
 from flowgrove.policies.pipelines import (DTYPES, load_local_pipeline, pad_text_states, save_pipeline_folder,
                                          save_pipeline_lora, text_mask)
@@ -130,7 +130,12 @@ class HunyuanVideoPolicy:
         save_pipeline_folder(self.pipe, self.module, out)
 
 
-@register_policy("hunyuan_video")
+FOLDER = PipelineFolder(  # policy.path of this family
+    "hunyuan_video", "HunyuanVideo",
+    "`hf download hunyuanvideo-community/HunyuanVideo --local-dir /models/HunyuanVideo`")
+
+
+@register_policy("hunyuan_video", FOLDER)
 def build_hunyuan_video_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "bfloat16",
                                num_frames: int = 53, height: int = 480, width: int = 480,
                                max_sequence_length: int = 256, guidance: float | None = 6.0,
@@ -156,8 +161,7 @@ def build_hunyuan_video_policy(path: str = "", *, device: str | torch.device = "
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoPipeline
 
     pipe = load_local_pipeline(
-        HunyuanVideoPipeline, path, dtype=dtype, device=device, family="hunyuan_video", folder="HunyuanVideo",
-        download="`hf download hunyuanvideo-community/HunyuanVideo --local-dir /models/HunyuanVideo`",
+        HunyuanVideoPipeline, path, FOLDER, dtype=dtype, device=device,
         frozen=("vae", "text_encoder", "text_encoder_2"), float32_vae=AutoencoderKLHunyuanVideo,
     )
     if vae_tiling:

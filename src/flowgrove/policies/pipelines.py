@@ -14,22 +14,22 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from flowgrove.policies.base import PipelineFolder
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_local_pipeline(pipeline_cls: Any, path: str, *, dtype: str, device: str | torch.device, family: str,
-                        folder: str, download: str, frozen: Sequence[str], float32_vae: Any = None) -> Any:
+def load_local_pipeline(pipeline_cls: Any, path: str, folder: PipelineFolder, *, dtype: str,
+                        device: str | torch.device, frozen: Sequence[str], float32_vae: Any = None) -> Any:
     """``pipeline_cls.from_pretrained(path, local_files_only=True)`` in ``dtype`` on ``device``, ``frozen``
     components in eval mode without gradients.
 
     Args:
         pipeline_cls: The diffusers pipeline class (``FluxPipeline``, ``StableDiffusion3Pipeline``, ...).
         path: The folder with ``model_index.json``.
+        folder: The family's folder record (its name, what the folder holds, how to download it), for the errors.
         dtype: ``float32``, ``bfloat16`` or ``float16`` for all components.
         device: Where every component goes.
-        family: The policy name, for the errors (``flux1``).
-        folder: What the folder holds, for the errors (``FLUX.1``).
-        download: How to get it, for the errors: the text after "Download it first, e.g. ".
         frozen: Names of the components to freeze (text encoders, VAE); absent or None ones are skipped.
         float32_vae: A VAE class to load from ``path/vae`` in float32 (Wan, Qwen-Image), as diffusers' examples do.
 
@@ -39,11 +39,7 @@ def load_local_pipeline(pipeline_cls: Any, path: str, *, dtype: str, device: str
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-    if not path or not (Path(path) / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"{family} needs a local diffusers {folder} folder (with model_index.json), but {str(path) or '<empty path>'!r} "
-            f"is not one. Download it first, e.g. {download}, then set policy.path to it."
-        )
+    folder.check(path)
     with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         extra = {}

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor, nn
 
-from flowgrove.policies.base import Conditioning, register_policy
+from flowgrove.policies.base import Conditioning, PipelineFolder, register_policy
 from flowgrove.policies.flux import DTYPES, per_sample_sigma, pack_latents, unpack_latents
 from flowgrove.policies.pipelines import (decode_wan_vae, load_local_pipeline, pad_text_states, save_pipeline_folder,
                                          save_pipeline_lora, text_mask)
@@ -130,7 +130,12 @@ class QwenImagePolicy:
         save_pipeline_folder(self.pipe, self.module, out)
 
 
-@register_policy("qwen_image")
+FOLDER = PipelineFolder(  # policy.path of this family
+    "qwen_image", "Qwen-Image",
+    "`hf download Qwen/Qwen-Image --local-dir /models/Qwen-Image`")
+
+
+@register_policy("qwen_image", FOLDER)
 def build_qwen_image_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "bfloat16",
                             height: int = 1024, width: int = 1024, max_sequence_length: int = 512,
                             guidance_scale: float = 1.0, negative_prompt: str = " ",
@@ -153,7 +158,8 @@ def build_qwen_image_policy(path: str = "", *, device: str | torch.device = "cpu
     """
     from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
 
-    pipe = load_local_pipeline(QwenImagePipeline, path, dtype=dtype, device=device, family="qwen_image", folder="Qwen-Image",
-                               download="`hf download Qwen/Qwen-Image --local-dir /models/Qwen-Image`", frozen=("vae", "text_encoder"), float32_vae=AutoencoderKLQwenImage)
+    pipe = load_local_pipeline(
+        QwenImagePipeline, path, FOLDER, dtype=dtype, device=device,
+        frozen=("vae", "text_encoder"), float32_vae=AutoencoderKLQwenImage)
     return QwenImagePolicy(pipe, height, width, max_sequence_length, guidance_scale, negative_prompt, guidance,
                            compute_dtype=DTYPES[dtype])

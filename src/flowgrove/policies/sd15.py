@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor, nn
 
-from flowgrove.policies.base import Conditioning, register_policy
+from flowgrove.policies.base import Conditioning, PipelineFolder, register_policy
 from flowgrove.policies.flux import per_sample_sigma
 from flowgrove.policies.pipelines import (DTYPES, decode_sd_vae, load_local_pipeline, save_pipeline_folder,
                                          save_pipeline_lora, unet_latent_shape)
@@ -139,7 +139,12 @@ class SD15Policy:
         self.pipe.text_encoder.to("cpu")
 
 
-@register_policy("sd15")
+FOLDER = PipelineFolder(  # policy.path of this family
+    "sd15", "Stable Diffusion 1.x",
+    "`hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir /models/sd15`")
+
+
+@register_policy("sd15", FOLDER)
 def build_sd15_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "float32",
                       guidance_scale: float = 5.0, negative_prompt: str = "", height: int = 512,
                       width: int = 512) -> SD15Policy:
@@ -160,8 +165,7 @@ def build_sd15_policy(path: str = "", *, device: str | torch.device = "cpu", dty
     from diffusers import StableDiffusionPipeline
 
     pipe = load_local_pipeline(
-        StableDiffusionPipeline, path, dtype=dtype, device=device, family="sd15", folder="Stable Diffusion 1.x",
-        download="`hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir /models/sd15`",
+        StableDiffusionPipeline, path, FOLDER, dtype=dtype, device=device,
         frozen=("vae", "text_encoder"),
     )
     return SD15Policy(pipe, guidance_scale, height, width, negative_prompt, compute_dtype=DTYPES[dtype])

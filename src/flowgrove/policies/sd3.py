@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor, nn
 
-from flowgrove.policies.base import Conditioning, register_policy
+from flowgrove.policies.base import Conditioning, PipelineFolder, register_policy
 from flowgrove.policies.flux import per_sample_sigma, vae_decode
 from flowgrove.policies.pipelines import DTYPES, load_local_pipeline, save_pipeline_folder, save_pipeline_lora
 
@@ -166,7 +166,13 @@ class SD3Policy:
         save_pipeline_folder(self.pipe, self.module, out)
 
 
-@register_policy("sd3")
+FOLDER = PipelineFolder(  # policy.path of this family
+    "sd3", "SD3/SD3.5",
+    "`hf download stabilityai/stable-diffusion-3.5-medium --local-dir /models/sd3.5-medium` (accept the "
+    "licence on huggingface.co and log in first)")
+
+
+@register_policy("sd3", FOLDER)
 def build_sd3_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "bfloat16",
                      guidance_scale: float = 4.5, negative_prompt: str = "", detach_uncond: bool = False,
                      height: int = 512, width: int = 512, max_sequence_length: int = 256) -> SD3Policy:
@@ -189,9 +195,7 @@ def build_sd3_policy(path: str = "", *, device: str | torch.device = "cpu", dtyp
     from diffusers import StableDiffusion3Pipeline
 
     pipe = load_local_pipeline(
-        StableDiffusion3Pipeline, path, dtype=dtype, device=device, family="sd3", folder="SD3/SD3.5",
-        download="`hf download stabilityai/stable-diffusion-3.5-medium --local-dir /models/sd3.5-medium` (accept the "
-                 "licence on huggingface.co and log in first)",
+        StableDiffusion3Pipeline, path, FOLDER, dtype=dtype, device=device,
         frozen=("vae", "text_encoder", "text_encoder_2", "text_encoder_3"),
     )
     return SD3Policy(pipe, guidance_scale, height, width, max_sequence_length, negative_prompt, detach_uncond,

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor, nn
 
-from flowgrove.policies.base import Conditioning, register_policy
+from flowgrove.policies.base import Conditioning, PipelineFolder, register_policy
 from flowgrove.policies.flux import per_sample_sigma
 from flowgrove.policies.pipelines import (DTYPES, decode_sd_vae, load_local_pipeline, save_pipeline_folder,
                                          save_pipeline_lora, unet_latent_shape)
@@ -152,7 +152,12 @@ class SDXLPolicy:
         self.pipe.text_encoder_2.to("cpu")
 
 
-@register_policy("sdxl")
+FOLDER = PipelineFolder(  # policy.path of this family
+    "sdxl", "Stable Diffusion XL",
+    "`hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir /models/sdxl`")
+
+
+@register_policy("sdxl", FOLDER)
 def build_sdxl_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "float32",
                       guidance_scale: float = 5.0, negative_prompt: str | None = None, height: int = 1024,
                       width: int = 1024, original_size: list[int] | None = None,
@@ -177,8 +182,7 @@ def build_sdxl_policy(path: str = "", *, device: str | torch.device = "cpu", dty
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
     pipe = load_local_pipeline(
-        StableDiffusionXLPipeline, path, dtype=dtype, device=device, family="sdxl", folder="Stable Diffusion XL",
-        download="`hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir /models/sdxl`",
+        StableDiffusionXLPipeline, path, FOLDER, dtype=dtype, device=device,
         frozen=("vae", "text_encoder", "text_encoder_2"), float32_vae=AutoencoderKL,
     )
     time_ids = sdxl_time_ids(pipe, height, width, original_size, crops_coords_top_left)

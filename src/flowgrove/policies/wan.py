@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor, nn
 
-from flowgrove.policies.base import Conditioning, register_policy
+from flowgrove.policies.base import Conditioning, PipelineFolder, register_policy
 from flowgrove.policies.flux import DTYPES, per_sample_sigma
 from flowgrove.policies.pipelines import decode_wan_vae, load_local_pipeline, save_pipeline_folder, save_pipeline_lora
 
@@ -155,7 +155,13 @@ class WanPolicy:
         save_pipeline_folder(self.pipe, self.module, out, "transformer_2" if self.trained else "transformer")
 
 
-@register_policy("wan")
+FOLDER = PipelineFolder(  # policy.path of this family
+    "wan", "Wan",
+    "`hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir /models/Wan2.1-T2V-1.3B` "
+    "(or Wan-AI/Wan2.2-T2V-A14B-Diffusers)")
+
+
+@register_policy("wan", FOLDER)
 def build_wan_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "bfloat16",
                      num_frames: int = 81, height: int = 480, width: int = 832, max_sequence_length: int = 512,
                      guidance_scale: float = 5.0, negative_prompt: str = "", expert: str = "high") -> WanPolicy:
@@ -178,8 +184,9 @@ def build_wan_policy(path: str = "", *, device: str | torch.device = "cpu", dtyp
     """
     from diffusers import AutoencoderKLWan, WanPipeline
 
-    pipe = load_local_pipeline(WanPipeline, path, dtype=dtype, device=device, family="wan", folder="Wan",
-                               download="`hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir /models/Wan2.1-T2V-1.3B` (or Wan-AI/Wan2.2-T2V-A14B-Diffusers)", frozen=("vae", "text_encoder"), float32_vae=AutoencoderKLWan)
+    pipe = load_local_pipeline(
+        WanPipeline, path, FOLDER, dtype=dtype, device=device,
+        frozen=("vae", "text_encoder"), float32_vae=AutoencoderKLWan)
     policy = WanPolicy(pipe, num_frames, height, width, max_sequence_length, guidance_scale, negative_prompt, expert,
                        compute_dtype=DTYPES[dtype])
     for frozen in (m for m in policy.experts if m is not policy.module):  # the expert that is not trained

@@ -23,6 +23,7 @@ from flowgrove.runs import rundir
 from flowgrove.runs.checkpoint import (CheckpointError, Choice, checkpoint_folders, choose_checkpoint, discard_after,
                                   load_checkpoint, save_checkpoint)
 from flowgrove.runs.metrics import MetricsLogger, plot_reward_curves, read_metrics, save_grid
+from flowgrove.training.preflight import preflight
 from flowgrove.training.setup import build_trainer
 from flowgrove.training.trainer import EvalResult, GRPOTrainer, TrainingHalted
 
@@ -39,6 +40,14 @@ class RunResult:
 class _Claim:
     run_dir: Path
     lock: rundir.RunLock
+    created: bool  # the folder did not exist before this run
+
+    def undo(self) -> None:
+        """Remove what the claim wrote (``config.yaml``, and the folder when the claim created it), after a set-up
+        that failed before the first step, so the fixed command starts without ``--overwrite``."""
+        (self.run_dir / "config.yaml").unlink(missing_ok=True)
+        if self.created and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+            self.run_dir.rmdir()
 
 
 @dataclass
@@ -123,6 +132,10 @@ def _agreed(setup: Callable[[], T], everywhere: bool = False) -> T | None:
 def _claim_fresh(cfg: Config, target: str | Path | None, overwrite: bool) -> _Claim:
     """Create or check the folder of a fresh run, lock it and write its config."""
     run_dir = Path(target) if target else rundir.default_run_dir(cfg.method)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"--out {run_dir} (run.out) is a file, not a folder; give a new folder or the folder of "
+                              "an earlier run")
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = rundir.RunLock(run_dir)
     try:
@@ -133,7 +146,7 @@ def _claim_fresh(cfg: Config, target: str | Path | None, overwrite: bool) -> _Cl
     except BaseException:
         lock.release()
         raise
-    return _Claim(run_dir, lock)
+    return _Claim(run_dir, lock, created)
 
 
 def train(cfg: Config, run_dir: Path | None = None, overwrite: bool = False) -> RunResult:
@@ -142,15 +155,20 @@ def train(cfg: Config, run_dir: Path | None = None, overwrite: bool = False) -> 
     A folder that holds a partial run without a checkpoint is only reused with ``overwrite``.
     """
     distributed.init_from_env(timeout=cfg.run.collective_timeout)
+    files = _agreed(lambda: preflight(cfg), everywhere=True)  # before the run folder is claimed: a fixed command starts cleanly
     target = run_dir or cfg.run.out or None
     claim = _agreed(lambda: _claim_fresh(cfg, target, overwrite))
+    built = False
     try:
         folder = claim.run_dir if claim else (Path(target) if target else None)
-        trainer = build_trainer(cfg)
+        trainer = build_trainer(cfg, files)
+        built = True
         return _run(cfg, folder, trainer, resumed=None, base=_base_weights(trainer))
     finally:
         if claim:
             claim.lock.release()
+            if not built:  # the set-up failed (a model, a prompt the policy refuses): nothing of the run is kept
+                claim.undo()
 
 
 def _resume_plan(run_dir: Path, checkpoint: str | None) -> _ResumePlan:

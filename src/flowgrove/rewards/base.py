@@ -6,12 +6,15 @@ are registered by name and import heavy packages inside their body, so importing
 
 from __future__ import annotations
 
+import inspect
+import typing
 from contextlib import nullcontext
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from flowgrove.messages import UserFixable
 from flowgrove.registry import Registry
 
 
@@ -26,10 +29,18 @@ class RewardFn(Protocol):
 
 RewardFactory = Callable[..., RewardFn]
 _REWARDS: Registry[RewardFactory] = Registry("reward", "rewards")
+_LIGHT: set[str] = set()  # rewards whose factory loads no model: a run's preflight builds them to check them
 
 
-def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
-    """Register a reward factory under ``name`` (a different factory under a used name raises ``ValueError``)."""
+def register_reward(name: str, light: bool = False) -> Callable[[RewardFactory], RewardFactory]:
+    """Register a reward factory under ``name`` (a different factory under a used name raises ``ValueError``).
+
+    ``light``: building the reward loads no model (a server's client, a pixel statistic), so
+    :func:`check_reward_options` builds it once, which checks every option and reaches its server, before any model
+    of the run loads.
+    """
+    if light:
+        _LIGHT.add(name)
     return _REWARDS.register(name)
 
 
@@ -50,6 +61,65 @@ def build_reward(name: str, **kwargs: object) -> RewardFn:
         ValueError: unknown ``name``; the message lists the known rewards and the closest match.
     """
     return _REWARDS.build(name, **kwargs)
+
+
+def check_reward_options(name: str, options: Mapping[str, Any], key: str = "reward_options") -> None:
+    """``ValueError`` naming ``{key}.{name}.{option}`` for an option the factory of ``name`` does not take or whose
+    value has the wrong type (checked against the factory's annotations); a light reward is then built once, which
+    also asks its server (``remote``'s ``/health``). Loads no model."""
+    factory = reward_factory(name)
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    allowed = [k for k, p in params.items() if k != "device" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # noqa: BLE001  (an annotation that does not resolve: no type check, the names still are)
+        hints = {}
+    for option, value in options.items():
+        if option not in allowed and not takes_any:
+            raise ValueError(f"{key}.{name}.{option} is not an option of reward {name!r}; it takes: "
+                             f"{', '.join(allowed) or 'none'} (its device follows run.device)")
+        if option in hints and not _fits(value, hints[option]):
+            raise ValueError(f"{key}.{name}.{option}={value!r} must be {_type_name(hints[option])} "
+                             f"(reward {name!r}); for example {key}.{name}.{option}={_example(params[option].default)}")
+    if name in _LIGHT:
+        try:
+            factory(**options)
+        except (ValueError, UserFixable) as err:  # the factory's own check, or its server that does not answer
+            raise type(err)(f"{key}.{name}: {str(err).removeprefix(f'{name}: ')}") from None
+
+
+_SIMPLE = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list", dict: "a mapping"}
+
+
+def _fits(value: object, hint: object) -> bool:
+    """Whether a config value fits a factory annotation (simple types, unions, Optional, Literal; others pass)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in _SIMPLE:
+        return isinstance(value, hint)  # type: ignore[arg-type]
+    if origin is typing.Union or type(hint).__name__ == "UnionType":
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple, dict):
+        return isinstance(value, (list, tuple) if origin is not dict else dict)
+    return True
+
+
+def _type_name(hint: object) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    names = [_SIMPLE.get(a, getattr(a, "__name__", str(a))) for a in args]  # type: ignore[call-overload]
+    return " or ".join(names) + (" (or null)" if type(None) in typing.get_args(hint) else "")
+
+
+def _example(default: object) -> str:
+    return "VALUE" if default is inspect.Parameter.empty or default is None else repr(default)
 
 
 def check_reward_inputs(images: Tensor, prompts: Sequence[str]) -> None:

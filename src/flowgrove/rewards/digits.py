@@ -193,7 +193,7 @@ def digit_classifier(weights: str | Path | None = None, device: str | torch.devi
     return DigitClassifierReward(classifier_on(weights, device))
 
 
-@register_reward("boldness")
+@register_reward("boldness", light=True)
 def boldness(low: float = 0.25, high: float = 0.75, target: float = BOLD_TARGET,
              device: str | torch.device | None = None) -> RewardFn:
     """Stroke boldness ``ink_boldness``, bounded ink mass (the base policy scores about 0.75 of it).
@@ -207,13 +207,13 @@ def boldness(low: float = 0.25, high: float = 0.75, target: float = BOLD_TARGET,
     return _prompt_free(ink_boldness, low=low, high=high, target=target)
 
 
-@register_reward("contrast")
+@register_reward("contrast", light=True)
 def contrast(device: str | torch.device | None = None) -> RewardFn:
     """Pixel contrast ``ink_contrast`` (``device`` unused, as for ``boldness``)."""
     return _prompt_free(ink_contrast)
 
 
-@register_reward("brightness")
+@register_reward("brightness", light=True)
 def brightness(device: str | torch.device | None = None) -> RewardFn:
     """Mean pixel value over all channels, ``[B]`` in [0, 1], a trivial reward for tests (``device`` unused)."""
     return _prompt_free(image_brightness)

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from flowgrove.rewards.base import check_reward_inputs, register_reward
-from flowgrove.rewards.transport import GarbageAnswer, HttpOptions, RewardServerError, check_http_options, post
+from flowgrove.rewards.transport import (GarbageAnswer, HttpOptions, RewardServerError, check_http_options, check_reachable,
+                                         post)
 
 URL_ENV = "FLOWGROVE_JUDGE_URL"
 FAILURE_POLICIES = ("raise", "zero")
@@ -165,16 +166,17 @@ class VlmJudge:
         return torch.tensor(scores, dtype=torch.float32, device=images.device)  # [B]
 
 
-@register_reward("vlm_judge")
+@register_reward("vlm_judge", light=True)
 def vlm_judge(url: str | None = None, preset: str = "flowgrpo", model: str | None = None, template: str | None = None,
               pattern: str | None = None, scale: float | None = None, image_format: str | None = None,
               resize: int | None = -1, concurrency: int = 8, timeout: float = 60.0, retries: int = 2,
-              backoff: float = 1.0, api_key: str | None = None, failure: str = "raise",
+              backoff: float = 1.0, api_key: str | None = None, failure: str = "raise", check: bool = True,
               device: str | torch.device | None = None) -> VlmJudge:
     """VLM judge over an OpenAI-compatible /v1/chat/completions server (UnifiedReward on vLLM/SGLang; url or $FLOWGROVE_JUDGE_URL).
 
-    ``preset`` (flowgrpo, mixgrpo, mixgrpo_semantic) fills every option left at None (``resize`` -1); ``device`` is
-    unused (scores follow the images).
+    ``preset`` (flowgrpo, mixgrpo, mixgrpo_semantic) fills every option left at None (``resize`` -1); ``check``
+    connects to the server's host and port once, so a server that is not running fails here, before any model of
+    the run loads; ``device`` is unused (scores follow the images).
     """
     url = url or os.environ.get(URL_ENV)
     if not url:
@@ -190,4 +192,6 @@ def vlm_judge(url: str | None = None, preset: str = "flowgrpo", model: str | Non
     if chosen.image_format not in ("png", "jpeg") or "{prompt}" not in chosen.template or re.compile(chosen.pattern).groups < 1:
         raise ValueError("vlm_judge: image_format must be png or jpeg, template must contain {prompt} and pattern one group.")
     options = check_http_options(HttpOptions(timeout, retries, backoff, api_key), "vlm_judge")
+    if check:
+        check_reachable(url, min(timeout, 10.0), "vlm_judge")
     return VlmJudge(url, chosen, options, max(1, concurrency), failure)

@@ -97,7 +97,7 @@ class RemoteReward:
         return torch.tensor(scores, dtype=torch.float32, device=images.device)  # [B]
 
 
-@register_reward("remote")
+@register_reward("remote", light=True)
 def remote(url: str | None = None, timeout: float = 300.0, retries: int = 2, backoff: float = 1.0,
            batch_size: int = 0, concurrency: int = 4, dtype: str = "float32", api_key: str | None = None,
            check: bool = True, device: str | torch.device | None = None) -> RemoteReward:

@@ -17,12 +17,14 @@ import urllib.parse
 import urllib.request
 from typing import Callable, Mapping, NamedTuple, TypeVar
 
+from flowgrove.messages import UserFixable
+
 T = TypeVar("T")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_BACKOFF = 10.0  # seconds (MixGRPO unified_reward.py)
 
 
-class RewardServerError(RuntimeError):
+class RewardServerError(UserFixable, RuntimeError):
     """A reward server is down, too slow, or answers something that cannot be scored."""
 
 
@@ -125,3 +127,20 @@ def get_json(url: str, timeout: float = 5.0) -> Mapping[str, object]:
     except (OSError, ValueError) as error:
         raise RewardServerError(f"no reward server answers at {url} ({error}); start one with "
                                 "`flowgrove serve-reward NAME --port P` or fix url=.") from None
+
+
+def check_reachable(url: str, timeout: float, who: str) -> None:
+    """Something accepts TCP connections at ``url``'s host and port, else :class:`RewardServerError` naming ``who``'s
+    url (a malformed url is a ``ValueError``). Says nothing of the protocol: a server's own errors come later."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ValueError(f"{who}: url={url!r} has a port that is not a number in 0..65535; for example "
+                         "url=http://127.0.0.1:8000") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{who}: url={url!r} is not an http(s)://HOST:PORT address; for example url=http://127.0.0.1:8000")
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        raise RewardServerError(f"{who}: nothing answers at {url} ({error}); start the server first or fix url=") from None

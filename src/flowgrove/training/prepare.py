@@ -12,18 +12,26 @@ from flowgrove.config.load import Config
 from flowgrove.policies.base import FlowPolicy, build_policy, policy_factory
 
 
-def policy_kwargs(cfg: Config, device: torch.device) -> dict:
-    """Keyword arguments of the policy factory: device, path, dtype and ``policy.options``; an option the factory
-    does not take is an error that names ``policy.options.<key>`` and the options it takes."""
+_OWN_KEYS = ("device", "dtype", "path", "weights")  # factory arguments set by their own policy.* keys
+
+
+def check_policy_options(cfg: Config) -> None:
+    """An option of ``policy.options`` that the factory does not take is an error that names
+    ``policy.options.<key>`` and the options it takes. Loads nothing."""
     p = cfg.policy
-    kwargs = {"device": device, "dtype": p.dtype, **({"path": p.path} if p.path else {})}
     params = inspect.signature(policy_factory(p.name)).parameters
     for key in p.options:
-        if key not in params or key in kwargs or key == "weights":
-            allowed = sorted(k for k in params if k not in ("device", "dtype", "path", "weights"))
+        if key not in params or key in _OWN_KEYS:
+            allowed = sorted(k for k in params if k not in _OWN_KEYS)
             raise ValueError(f"policy.options.{key} is not a setting of policy {p.name!r}; it takes: "
                              f"{', '.join(allowed) or 'none'} (device, dtype and path have their own keys)")
-    return {**kwargs, **p.options}
+
+
+def policy_kwargs(cfg: Config, device: torch.device) -> dict:
+    """Keyword arguments of the policy factory: device, path, dtype and ``policy.options`` (checked)."""
+    check_policy_options(cfg)
+    p = cfg.policy
+    return {"device": device, "dtype": p.dtype, **({"path": p.path} if p.path else {}), **p.options}
 
 
 def apply_lora(policy: FlowPolicy, cfg: Config) -> None:

@@ -15,12 +15,14 @@ import csv
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
+from flowgrove.parallel import distributed
 from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, PromptRows  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -60,10 +62,17 @@ def read_prompts(path: str | Path, key: str = "prompt file") -> list[Prompt]:
     """Prompts of a ``.txt`` (one per line), ``.jsonl`` (one object per line with ``"prompt"``) or ``.csv`` (a
     ``prompt`` column) file; every other field or column is kept as the prompt's metadata. Errors name ``key``."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{key}={str(path)!r} is a folder; give a .txt, .jsonl or .csv file in it")
     if not path.is_file():
         raise FileNotFoundError(f"{key}={str(path)!r} does not exist; give a .txt, .jsonl or .csv file")
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise _bad(path, line, f"{key} is not UTF-8 text (byte {err.object[err.start]:#04x}); save the file as "
+                               "UTF-8") from None
     if suffix == ".jsonl":
         prompts = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -168,6 +177,31 @@ def write_cache(policy: FlowPolicy, prompts: Sequence[Prompt], folder: str | Pat
     return folder
 
 
+@dataclasses.dataclass
+class PromptFiles:
+    """The prompt files a config names, read before any model loads (None where it names none)."""
+
+    train: list[Prompt] | None  # data.train
+    test: list[Prompt] | None  # data.test
+    cache: CachedPrompts | None  # data.cache (its index only; rows are read per step)
+
+
+def read_prompt_files(cfg: Config) -> PromptFiles:
+    """``data.train``, ``data.test`` and ``data.cache``'s index, each checked (errors name the key and the file)."""
+    d = cfg.data
+    files = PromptFiles(read_prompts(d.train, "data.train") if d.train else None,
+                        read_prompts(d.test, "data.test") if d.test else None,
+                        CachedPrompts(d.cache) if d.cache else None)
+    rows = files.cache
+    if rows is not None and rows.index.get("policy") != cfg.policy.name:
+        raise ValueError(f"data.cache={d.cache!r} was encoded by policy {rows.index.get('policy')!r}, not "
+                         f"{cfg.policy.name!r}; encode the prompts again with `flowgrove encode-prompts --policy {cfg.policy.name}`")
+    if rows is not None and files.train is not None and [str(p) for p in files.train] != [str(p) for p in rows.prompts()]:
+        raise ValueError(f"data.cache={d.cache!r} holds other prompts than data.train={d.train!r}; encode data.train "
+                         "again with `flowgrove encode-prompts` or drop one of the two keys")
+    return files
+
+
 class PromptSets(NamedTuple):
     """The prompts of a run: training, held-out (None: the training prompts) and where training rows come from."""
 
@@ -176,37 +210,23 @@ class PromptSets(NamedTuple):
     rows: PromptRows | None  # None: the trainer encodes the training prompts once
 
 
-def load_prompt_sets(cfg: Config, policy: FlowPolicy) -> PromptSets:
-    """``data.train`` / ``data.cache`` (or the policy's built-in prompts) and ``data.test`` (or the policy's held-out
-    prompts)."""
-    d = cfg.data
-    rows = CachedPrompts(d.cache) if d.cache else None
-    if rows is not None and rows.index.get("policy") != cfg.policy.name:
-        raise ValueError(f"data.cache={d.cache!r} was encoded by policy {rows.index.get('policy')!r}, not "
-                         f"{cfg.policy.name!r}; encode the prompts again with `flowgrove encode-prompts --policy {cfg.policy.name}`")
-    if d.train:
-        train = read_prompts(d.train, "data.train")
-    elif rows is not None:
-        train = rows.prompts()
-    else:
+def load_prompt_sets(cfg: Config, policy: FlowPolicy, files: PromptFiles | None = None) -> PromptSets:
+    """The prompt files (read here unless ``files`` are given), else the policy's built-in training and held-out
+    prompts. More prompts per step than the set holds is said in one line: each step then repeats some."""
+    files = files or read_prompt_files(cfg)
+    train = files.train or (files.cache.prompts() if files.cache is not None else None)
+    if train is None:
         default = getattr(policy, "default_prompts", None)
         if default is None:
             raise ValueError(f"policy {cfg.policy.name!r} has no built-in prompts; set data.train=PROMPTS.txt|jsonl|csv")
         train = [Prompt(p) for p in default()]
-    if rows is not None and [str(p) for p in train] != [str(p) for p in rows.prompts()]:
-        raise ValueError(f"data.cache={d.cache!r} holds other prompts than data.train={d.train!r}; encode data.train "
-                         "again with `flowgrove encode-prompts` or drop one of the two keys")
-    return PromptSets(train, _test_prompts(cfg, policy), rows)
-
-
-def _test_prompts(cfg: Config, policy: FlowPolicy) -> list[Prompt] | None:
-    """``data.test``, else the policy's own held-out prompts (the numbers task's unseen numbers), else None (the
-    training prompts)."""
-    if cfg.data.test:
-        return read_prompts(cfg.data.test, "data.test")
-    heldout = getattr(policy, "heldout_prompts", None)
-    prompts = heldout() if heldout is not None else None
-    return [Prompt(p) for p in prompts] if prompts else None
+    if cfg.rollout.prompts_per_step > len(train) and distributed.is_main():
+        print(f"flowgrove: rollout.prompts_per_step={cfg.rollout.prompts_per_step} is more than the {len(train)} "
+              "training prompts: every step repeats some of them (each repeat is its own group)", file=sys.stderr)
+    heldout = getattr(policy, "heldout_prompts", None)  # the numbers task's unseen numbers
+    own = heldout() if heldout is not None else None
+    test = files.test or ([Prompt(p) for p in own] if own else None)
+    return PromptSets(train, test, files.cache)
 
 
 def encode_prompt_file(prompt_file: str, policy_name: str, overrides: list[str], out: str, batch: int = 16,

@@ -10,16 +10,19 @@ from flowgrove.parallel import distributed, rank_share
 from flowgrove.rewards import build_reward
 from flowgrove.training.parts import build_parts
 from flowgrove.training.prepare import offload_text_encoders, prepare_policy
-from flowgrove.training.prompts import load_prompt_sets
+from flowgrove.training.preflight import preflight
+from flowgrove.training.prompts import PromptFiles, load_prompt_sets
 from flowgrove.training.trainer import GRPOTrainer
 
 
-def build_trainer(cfg: Config) -> GRPOTrainer:
+def build_trainer(cfg: Config, files: PromptFiles | None = None) -> GRPOTrainer:
     """Policy, LoRA, rewards, prompts, engine and optimizer for ``cfg``, handed to the trainer. Seeds the global RNG.
-    The device is resolved and the global batch checked here, once, before any model loads."""
+    The device is resolved, the global batch checked and the run's preflight done (unless its ``files`` are
+    given: it was done), once, before any model loads."""
     device = distributed.resolve_device(cfg.run.device)
     world, _ = distributed.init_from_env(device, cfg.run.collective_timeout)
     rank_share.check_global_batch(cfg, world)  # before any model loads
+    files = files or preflight(cfg)
     if cfg.run.threads > 0:  # torch's default (one per core) is 4-17x slower on a busy machine (README)
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.train.seed)
@@ -28,7 +31,7 @@ def build_trainer(cfg: Config) -> GRPOTrainer:
                for name, w in cfg.rewards.items() if float(w) != 0}
     if not rewards:
         raise ValueError("every reward weight is 0; give at least one reward a nonzero weight in `rewards`")
-    data = load_prompt_sets(cfg, policy)
+    data = load_prompt_sets(cfg, policy, files)
     parts = build_parts(cfg, policy, device)  # the engine (FSDP2 shards the policy in place) and the optimizer
     trainer = GRPOTrainer(cfg, policy, rewards, data.train, data.test, data.rows, parts)  # encodes the prompts once
     if cfg.policy.offload_text_encoders:
