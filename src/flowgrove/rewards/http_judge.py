@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from flowgrove.rewards.base import check_reward_inputs, register_reward
-from flowgrove.rewards.transport import GarbageAnswer, HttpOptions, RewardServerError, check_http_options, post
+from flowgrove.rewards.transport import GarbageAnswer, HttpOptions, RewardServerError, check_http_options, check_url, post
 
 URL_ENV = "FLOWGROVE_JUDGE_URL"
 FAILURE_POLICIES = ("raise", "zero")
@@ -190,4 +190,4 @@ def vlm_judge(url: str | None = None, preset: str = "flowgrpo", model: str | Non
     if chosen.image_format not in ("png", "jpeg") or "{prompt}" not in chosen.template or re.compile(chosen.pattern).groups < 1:
         raise ValueError("vlm_judge: image_format must be png or jpeg, template must contain {prompt} and pattern one group.")
     options = check_http_options(HttpOptions(timeout, retries, backoff, api_key), "vlm_judge")
-    return VlmJudge(url, chosen, options, max(1, concurrency), failure)
+    return VlmJudge(check_url(url, "vlm_judge"), chosen, options, max(1, concurrency), failure)
