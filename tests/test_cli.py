@@ -140,3 +140,28 @@ def test_sample_ema_on_a_run_without_ema_is_an_error(tmp_path, capsys):
     assert main(["sample", "--run", str(run), "--ema", "--out", str(tmp_path / "s.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--ema" in err[0] and "train.ema_decay=0" in err[0]
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--port", "70000"], "--port 70000 is not a port; give 0..65535"),
+    (["--port", "-1"], "--port -1 is not a port; give 0..65535"),
+    (["--max-concurrent", "0"], "--max-concurrent 0 must be an integer >= 1"),
+    (["--host", "0.0.0.0"], "set a shared secret with FLOWGROVE_REWARD_TOKEN=SECRET (or --token SECRET)"),
+])
+def test_serve_reward_flag_errors_are_one_line(flags, named, capsys, monkeypatch):
+    monkeypatch.delenv("FLOWGROVE_REWARD_TOKEN", raising=False)
+    assert main(["serve-reward", "brightness", *flags]) == 2
+    captured = capsys.readouterr()
+    assert named in captured.err and captured.err.count("\n") == 1 and not captured.out  # nothing served
+
+
+@pytest.mark.parametrize("option,named", [
+    ("url: 'http://127.0.0.1:1', timeout: abc", "reward_options.remote.timeout='abc' must be a number (reward 'remote')"),
+    ("url: 'http://127.0.0.1:1', timeout: -1", "reward_options.remote: timeout=-1 must be a number > 0; fix the timeout option"),
+    ("url: 'reward-host:18085'", "remote: url='reward-host:18085' is not an http(s)://HOST:PORT address"),
+])
+def test_bad_remote_reward_options_are_one_line(tmp_path, option, named, capsys):
+    options = f"reward_options={{remote: {{check: false, {option}}}}}"
+    assert main(["train", "--steps", "1", "--out", str(tmp_path / "run"), *TINY, "rewards={remote: 1.0}", options]) == 2
+    err = capsys.readouterr().err
+    assert named in err and err.count("\n") == 1

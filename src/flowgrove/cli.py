@@ -162,7 +162,8 @@ def _option_values(options: list[str]) -> dict[str, object]:
 def _serve_reward(args: argparse.Namespace) -> int:
     from flowgrove.rewards import server as reward_server
 
-    reward_server.serve(args.name, _option_values(args.options), args.host, args.port, args.device, args.verbose)
+    settings = reward_server.ServeSettings(args.host, args.port, args.token, args.max_concurrent, args.device, args.verbose)
+    reward_server.serve(args.name, _option_values(args.options), settings)
     return 0
 
 
@@ -207,8 +208,12 @@ def _add_reward_and_data_commands(sub: argparse._SubParsersAction, common: argpa
     p = sub.add_parser("serve-reward", parents=[common], help="serve a registered reward over HTTP for the `remote` reward")
     p.add_argument("name", help="reward name (see `flowgrove rewards`)")
     p.add_argument("options", nargs="*", help="factory options key=value before the flags, e.g. ink=bright")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 serves other machines)")
-    p.add_argument("--port", type=int, default=0, help="port (0 picks a free one and prints it)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 serves other machines; needs a token)")
+    p.add_argument("--port", type=int, default=0, help="port 0..65535 (0 picks a free one and prints it)")
+    p.add_argument("--token", help="shared secret the remote reward must send (default $FLOWGROVE_REWARD_TOKEN, "
+                   "which other users cannot read in the process list); required beyond the loopback")
+    p.add_argument("--max-concurrent", type=int, default=4, metavar="N",
+                   help="requests read and scored at once; more are answered HTTP 503 (retry later)")
     p.add_argument("--device", help="torch device of the reward model and the received images")
     p.add_argument("--verbose", action="store_true", help="log every request to stderr")
     p.set_defaults(fn=_serve_reward)

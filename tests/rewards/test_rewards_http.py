@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import re
+import struct
 import subprocess
 import sys
 import threading
@@ -21,10 +23,10 @@ import torch
 
 from flowgrove import cli
 from flowgrove.rewards import build_reward, reward_names
-from flowgrove.rewards.remote import encode_request
+from flowgrove.rewards.remote import TOKEN_ENV, encode_request, read_request
 from flowgrove.rewards.scoring import score_rewards
-from flowgrove.rewards.server import make_server
-from flowgrove.rewards.transport import RewardServerError, backoff_delay
+from flowgrove.rewards.server import MAX_REQUEST_BYTES, ServeSettings, make_server
+from flowgrove.rewards.transport import RewardServerError, backoff_delay, is_loopback
 
 FAST = {"timeout": 2.0, "retries": 0, "backoff": 0.0}
 
@@ -191,7 +193,7 @@ def test_remote_matches_the_local_reward(brightness_server):
     chunked = build_reward("remote", url=brightness_server, batch_size=3, concurrency=3, dtype="float16")
     torch.testing.assert_close(chunked(images, prompts), local, atol=1e-3, rtol=0)  # 4 requests, 3 at a time
     with urllib.request.urlopen(brightness_server + "/health") as response:
-        assert json.loads(response.read()) == {"status": "ok", "reward": "brightness"}
+        assert json.loads(response.read()) == {"status": "ok", "reward": "brightness"}  # no token on the loopback
 
 
 def test_serve_reward_rejects_bad_requests_and_reports_reward_errors():
@@ -309,12 +311,174 @@ def test_a_training_step_scores_two_remote_rewards_at_once():
     assert 0.4 <= metrics["seconds_reward"] < 0.75  # in sequence it would be at least 0.8 s
 
 
-def test_serve_reward_start_up_errors_are_one_line():
+def test_serve_reward_start_up_errors_are_one_line(monkeypatch):
     from flowgrove.rewards import server as reward_server
 
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
     with serving(make_server(build_reward("brightness"), "brightness")) as url:
         port = int(url.rsplit(":", 1)[1])
         with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}.*pick another --port"):
-            make_server(build_reward("brightness"), "brightness", port=port)
+            make_server(build_reward("brightness"), "brightness", ServeSettings(port=port))
     with pytest.raises(ValueError, match="serve-reward brightness: .*unexpected keyword argument 'gain'"):
         reward_server.serve("brightness", {"gain": 2})
+    for port in (70000, -1):
+        with pytest.raises(ValueError, match=f"--port {port} is not a port; give 0..65535"):
+            make_server(build_reward("brightness"), "brightness", ServeSettings(port=port))
+    with pytest.raises(ValueError, match="--max-concurrent 0 must be an integer >= 1"):
+        make_server(build_reward("brightness"), "brightness", ServeSettings(max_concurrent=0))
+
+
+class Counting:
+    """A reward that counts its calls and, when ``gate`` is set, blocks inside until it is opened."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.calls, self.gate, self.entered = 0, gate, threading.Event()
+
+    def __call__(self, images, prompts):
+        self.calls += 1
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(timeout=10)
+        return images.mean(dim=(1, 2, 3))
+
+
+def raw_post(url, body, headers=None):
+    """``POST url`` with urllib: ``(HTTP status, JSON answer, answer headers)``, error statuses included."""
+    request = urllib.request.Request(url, data=body, headers=dict(headers or {}), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read()), response.headers
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), error.headers
+
+
+def test_a_token_keeps_out_requests_without_it(monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    reward, images, prompts = Counting(), torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(2)), ["a", "b", "c"]
+    body = encode_request(images, prompts)
+    with serving(make_server(reward, "count", ServeSettings(token="s3cret-token"))) as url:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"},
+                        {"Authorization": "Bearer s3cret-token "}):
+            code, answer, sent = raw_post(url + "/score", body, headers)
+            assert code == 401 and "missing or wrong token" in answer["error"] and sent["WWW-Authenticate"] == "Bearer"
+        with pytest.raises(urllib.error.HTTPError, match="401"):  # /health too: the client's check proves the token
+            urllib.request.urlopen(url + "/health", timeout=10)
+        for token in (None, "wrong"):  # the remote reward's start-up check fails with the option to set
+            with pytest.raises(RewardServerError, match=r"refused the credentials \(HTTP 401.*set token= \(or "
+                               r"\$FLOWGROVE_REWARD_TOKEN\) to the server's --token"):
+                build_reward("remote", url=url, token=token, **FAST)
+        unchecked = build_reward("remote", url=url, token="wrong", check=False, **FAST)
+        with pytest.raises(RewardServerError, match="HTTP 401.*set token="):
+            unchecked(images, prompts)
+        assert reward.calls == 0  # nothing was scored
+        code, answer, _ = raw_post(url + "/score", body, {"Authorization": "Bearer s3cret-token"})
+        assert code == 200 and answer["scores"] == pytest.approx(images.mean(dim=(1, 2, 3)).tolist())
+        torch.testing.assert_close(build_reward("remote", url=url, token="s3cret-token")(images, prompts), images.mean(dim=(1, 2, 3)))
+        monkeypatch.setenv(TOKEN_ENV, "s3cret-token")  # the client falls back to the environment variable
+        torch.testing.assert_close(build_reward("remote", url=url)(images, prompts), images.mean(dim=(1, 2, 3)))
+        assert reward.calls == 3
+
+
+def test_serving_beyond_the_loopback_needs_a_token(monkeypatch, capsys):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    for host in ("0.0.0.0", "", "10.1.2.3", "reward-host"):
+        with pytest.raises(ValueError, match=f"--host {host} lets other machines in; set a shared secret with "
+                           f"{TOKEN_ENV}=SECRET \\(or --token SECRET\\)"):
+            make_server(build_reward("brightness"), "brightness", ServeSettings(host=host))
+    # checked before the reward is built: an unknown reward name does not get that far
+    assert cli.main(["serve-reward", "no_such_reward", "--host", "0.0.0.0", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--token" in err and TOKEN_ENV in err
+    with pytest.raises(ValueError, match=r"--token \(or \$FLOWGROVE_REWARD_TOKEN\) must be printable ASCII") as info:
+        make_server(build_reward("brightness"), "brightness", ServeSettings(host="0.0.0.0", token="two words"))
+    assert "two words" not in str(info.value)  # a secret is never echoed
+    monkeypatch.setenv(TOKEN_ENV, "from-the-environment")
+    server = make_server(build_reward("brightness"), "brightness", ServeSettings(host="0.0.0.0"))
+    server.server_close()
+    assert server.settings.token == "from-the-environment"
+    for host in ("127.0.0.1", "127.0.0.2", "localhost"):
+        assert is_loopback(host)
+    assert not any(is_loopback(host) for host in ("0.0.0.0", "", "::", "10.0.0.1", "reward-host"))
+
+
+def test_bad_lengths_are_refused_before_the_body_is_read():
+    reward = Counting()
+    with serving(make_server(reward, "count")) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for length, code in ((str(MAX_REQUEST_BYTES + 1), 413), ("0", 400), ("many", 400), (None, 411)):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.putrequest("POST", "/score")
+            if length is not None:
+                connection.putheader("Content-Length", length)
+            connection.endheaders()  # no body follows: an answer proves the server did not wait for one
+            start = time.perf_counter()
+            response = connection.getresponse()
+            assert response.status == code and "error" in json.loads(response.read())
+            assert time.perf_counter() - start < 1.0 and response.getheader("Connection") == "close"
+            connection.close()
+    assert reward.calls == 0
+
+
+def test_requests_beyond_max_concurrent_get_503_with_retry_after():
+    gate = threading.Event()
+    reward = Counting(gate)
+    images, prompts = torch.rand(2, 3, 4, 4), ["a", "b"]
+    with serving(make_server(reward, "blocked", ServeSettings(max_concurrent=1))) as url:
+        first = {}
+        thread = threading.Thread(target=lambda: first.update(scores=build_reward("remote", url=url)(images, prompts)))
+        thread.start()
+        try:
+            assert reward.entered.wait(timeout=10)  # the first request holds the only slot
+            code, answer, headers = raw_post(url + "/score", encode_request(images, prompts))
+            assert code == 503 and "--max-concurrent" in answer["error"] and headers["Retry-After"] == "1"
+            with pytest.raises(RewardServerError, match="HTTP 503: busy"):
+                build_reward("remote", url=url, **FAST)(images, prompts)
+        finally:
+            gate.set()
+            thread.join(timeout=10)
+        torch.testing.assert_close(first["scores"], images.mean(dim=(1, 2, 3)))
+        code, _, _ = raw_post(url + "/score", encode_request(images, prompts))  # the slot is free again
+        assert code == 200 and reward.calls == 2
+
+
+def test_a_request_is_read_header_first():
+    images = torch.rand(2, 3, 4, 4)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        body = encode_request(images, ["a", "b"], dtype)
+        request = read_request(io.BytesIO(body), len(body))
+        torch.testing.assert_close(request.images, images.to(dtype).float(), atol=0, rtol=0)
+        assert request.prompts == ["a", "b"] and request.images.dtype == torch.float32
+    body = encode_request(torch.rand(64, 3, 32, 32), ["p"] * 64)
+    (header_bytes,) = struct.unpack("<Q", body[:8])
+    stream = io.BytesIO(body[:8 + header_bytes + 100])  # the header, then only 100 of the tensor bytes
+    with pytest.raises(ValueError, match="need 786432 bytes but the body holds 100"):
+        read_request(stream, 8 + header_bytes + 100)
+    assert stream.tell() == 8 + header_bytes  # refused before reading any tensor bytes
+    with pytest.raises(ValueError, match="ended after 100 of 786432 bytes"):  # a client that stops sending
+        read_request(io.BytesIO(body[:8 + header_bytes + 100]), len(body))
+    with pytest.raises(ValueError, match="has 64 images but 1 prompts"):
+        bad = encode_request(torch.rand(64, 3, 32, 32), ["p"])
+        read_request(io.BytesIO(bad), len(bad))
+    with pytest.raises(ValueError, match="exactly one tensor"):
+        from safetensors.torch import save
+
+        two = save({"images": images, "extra": images.clone()}, metadata={"format": "flowgrove-reward-request-v1", "prompts": "[]"})
+        read_request(io.BytesIO(two), len(two))
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"timeout": "abc"}, r"remote: timeout='abc' must be a number > 0; fix the timeout option \(reward_options.remote.timeout\)"),
+    ({"timeout": 0}, "timeout=0 must be a number > 0"),
+    ({"retries": 1.5}, "retries=1.5 must be an integer >= 0"),
+    ({"backoff": None}, "backoff=None must be a number >= 0"),
+    ({"batch_size": "8"}, "batch_size='8' must be an integer >= 0"),
+    ({"concurrency": 0}, "concurrency=0 must be an integer >= 1"),
+    ({"url": "reward-host:18085"}, r"url='reward-host:18085' is not an http\(s\)://HOST:PORT address; give e.g. url=http://"),
+    ({"url": "http://reward-host:70000"}, "url='http://reward-host:70000' is not an http"),
+    ({"url": "http://:8080"}, "is not an http"),
+    ({"url": 8080}, "url=8080 is not an http"),
+    ({"token": 12345}, r"remote: token \(or \$FLOWGROVE_REWARD_TOKEN\) must be printable ASCII"),
+])
+def test_remote_option_errors_name_the_option(options, message):
+    with pytest.raises(ValueError, match=message):
+        build_reward("remote", **{"url": "http://127.0.0.1:1", "check": False, **options})

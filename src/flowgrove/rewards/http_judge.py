@@ -31,7 +31,7 @@ from torch import Tensor
 
 from flowgrove.rewards.base import check_reward_inputs, register_reward
 from flowgrove.rewards.transport import (GarbageAnswer, HttpOptions, RewardServerError, check_http_options, check_reachable,
-                                         post)
+                                         check_url, post)
 
 URL_ENV = "FLOWGROVE_JUDGE_URL"
 FAILURE_POLICIES = ("raise", "zero")
@@ -194,4 +194,4 @@ def vlm_judge(url: str | None = None, preset: str = "flowgrpo", model: str | Non
     options = check_http_options(HttpOptions(timeout, retries, backoff, api_key), "vlm_judge")
     if check:
         check_reachable(url, min(timeout, 10.0), "vlm_judge")
-    return VlmJudge(url, chosen, options, max(1, concurrency), failure)
+    return VlmJudge(check_url(url, "vlm_judge"), chosen, options, max(1, concurrency), failure)
