@@ -51,7 +51,7 @@ def pipeline_folder(tmp_path: Path) -> str:
     """A folder that passes the folder check (a model_index.json): only a load would find it is not a model."""
     folder = tmp_path / "model"
     folder.mkdir(exist_ok=True)
-    (folder / "model_index.json").write_text("{}")
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
     return str(folder)
 
 
@@ -104,6 +104,11 @@ def test_presets_that_need_a_folder_say_so_first(tmp_path, capsys, nothing_loads
     (tmp_path / "f").write_text("")
     rc = cli.main(["train", "--method", method, "--out", str(tmp_path / "run"), *QUIET, f"policy.path={tmp_path / 'f'}"])
     assert rc == 2 and "is a file" in capsys.readouterr().err
+    (tmp_path / "m").mkdir()
+    for text in ("{}", "not json", "[1]"):
+        (tmp_path / "m" / "model_index.json").write_text(text)
+        rc = cli.main(["train", "--method", method, "--out", str(tmp_path / "run"), *QUIET, f"policy.path={tmp_path / 'm'}"])
+        assert rc == 2 and "is not a diffusers model index" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

@@ -8,6 +8,7 @@ A policy works on unpacked latents ``[B, *latent_shape]`` of any rank (images ``
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
@@ -120,7 +121,15 @@ class PipelineFolder:
 
     def check(self, path: str | Path) -> None:
         """``FileNotFoundError`` naming ``policy.path`` and the download when ``path`` holds no ``model_index.json``."""
-        if path and (Path(path) / "model_index.json").is_file():
+        index = Path(path) / "model_index.json" if path else None
+        if index is not None and index.is_file():
+            try:
+                named = isinstance(json.loads(index.read_text()).get("_class_name"), str)
+            except (ValueError, AttributeError):  # not JSON, or not an object
+                named = False
+            if not named:
+                raise ValueError(f"policy.path: {index} is not a diffusers model index (a JSON object with "
+                                 f"\"_class_name\"); download the {self.folder} folder again, e.g. {self.download}")
             return
         what = "is a file" if path and Path(path).is_file() else "is not one"
         raise FileNotFoundError(f"policy.path: {self.family} needs a local diffusers {self.folder} folder (with "
