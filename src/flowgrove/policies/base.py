@@ -108,6 +108,12 @@ class FlowPolicy(Protocol):
         ...
 
 
+def makes_videos(policy: FlowPolicy) -> bool:
+    """Whether the policy decodes videos ``[B, F, 3, H', W']``: its latents are ``(C, F, H, W)`` (the protocol's
+    declared rank), not images' ``(C, H, W)``."""
+    return len(policy.latent_shape) == 4
+
+
 PolicyFactory = Callable[..., FlowPolicy]
 _POLICIES: Registry[PolicyFactory] = Registry("policy", "policies")
 
