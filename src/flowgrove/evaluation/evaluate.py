@@ -32,6 +32,7 @@ from flowgrove.training import method
 from flowgrove.training.heldout import HeldOut, Share, eval_rows, gather_rows, sample_share, score_share
 from flowgrove.training.rollout import batched_velocity
 from flowgrove.training.parts import TrainingState
+from flowgrove.training.setup import rewards_for
 
 HYBRID = "eval/hybrid/"  # prefix of the hybrid-inference numbers (eval.hybrid_steps > 0)
 
@@ -141,7 +142,7 @@ def build_setup(held: HeldOut, base: list[Tensor] | None) -> EvalSetup:
     if e.hybrid_steps > e.num_steps:
         raise ValueError(f"eval.hybrid_steps={e.hybrid_steps} is more than eval.num_steps={e.num_steps}: hybrid "
                          f"inference runs the policy for the first k steps; e.g. eval.hybrid_steps={e.num_steps // 2}")
-    setup = EvalSetup(build_judges(held.cfg, held.device), base)
+    setup = EvalSetup(rewards_for(held.policy, build_judges(held.cfg, held.device)), base)
     if base is not None:
         with held.swapped(base):
             share = eval_share(held)

@@ -110,10 +110,16 @@ class FlowPolicy(Protocol):
         ...
 
 
+def makes_videos(policy: FlowPolicy) -> bool:
+    """Whether the policy decodes videos ``[B, F, 3, H', W']``: its latents are ``(C, F, H, W)`` (the protocol's
+    declared rank), not images' ``(C, H, W)``."""
+    return len(policy.latent_shape) == 4
+
+
 PolicyFactory = Callable[..., FlowPolicy]
 @dataclass(frozen=True)
-class PipelineFolder:
-    """The local diffusers folder a family loads from, as its errors describe it."""
+class LocalFolder:
+    """The local diffusers folder a family loads from (``policy.path``), as its errors describe it."""
 
     family: str  # the policy name (``flux1``)
     folder: str  # what the folder holds (``FLUX.1``)
@@ -138,10 +144,10 @@ class PipelineFolder:
 
 
 _POLICIES: Registry[PolicyFactory] = Registry("policy", "policies")
-_FOLDERS: dict[str, PipelineFolder] = {}
+_FOLDERS: dict[str, LocalFolder] = {}
 
 
-def register_policy(name: str, folder: PipelineFolder | None = None) -> Callable[[PolicyFactory], PolicyFactory]:
+def register_policy(name: str, folder: LocalFolder | None = None) -> Callable[[PolicyFactory], PolicyFactory]:
     """Register a policy factory under ``name`` (a different factory under a used name raises ``ValueError``);
     ``folder``: the diffusers folder it needs in ``policy.path``, checked before any model loads."""
     if folder is not None:
