@@ -11,7 +11,7 @@ import torch
 from flowgrove.config.load import AdvantageConfig, load_config
 from flowgrove.grpo import advantages, selection
 from flowgrove.grpo.losses import ema_decay, kl_std, loss_weight
-from flowgrove.training import credit, trainer as trainer_mod
+from flowgrove.training import credit, method, trainer as trainer_mod
 from flowgrove.training.rollout import Transitions
 from flowgrove.training.trainer import GRPOTrainer, NonFiniteUpdatesError
 
@@ -358,3 +358,36 @@ def test_drop_zero_advantage_with_every_group_tied_takes_no_step():
     assert all(torch.equal(b, p) for b, p in zip(before, t.params))
     off = make("flowgrpo", rewards={"tied": (constant, 1.0)}).step()  # off: the steps run (zero policy loss)
     assert off["updates"] >= 1 and off["dropped_transitions"] == 0 and off["transitions"] == 8 * 9
+
+
+# ---- train.exclude_last_step -------------------------------------------------------------------------------------
+def test_exclude_last_step_never_selects_the_last_step_with_the_final_sample_scored():
+    final = ["sampler.reward_image=final", "sampler.num_steps=6"]
+    for method_name, extra in (("dancegrpo", ["train.timestep_fraction=1.0"]), ("dancegrpo", []),
+                               ("flowgrpo", ["train.first_k=0"]), ("branchgrpo", ["tree.split_steps=[0, 5]"])):
+        for exclude in (True, False):
+            cfg = load_config(None, [*final, *extra, f"train.exclude_last_step={exclude}"], method=method_name)
+            plan = method.step_plan(cfg, 0)
+            mask = method.store_mask(cfg, plan, 64, torch.Generator().manual_seed(0))  # [64, 6] or None (tree)
+            last = plan.trained[-1] if mask is None else bool(mask[:, -1].any())
+            assert last is not exclude, (method_name, extra, exclude)
+    cfg = load_config(None, [*final, "train.timestep_fraction=1.0", "train.exclude_last_step=true"], method="dancegrpo")
+    assert bool(method.store_mask(cfg, method.step_plan(cfg, 0), 4, torch.Generator())[:, :-1].all())  # the other 5
+
+
+def test_exclude_last_step_in_a_training_step_and_the_dancegrpo_sd_preset():
+    # 8 samples x 15 of 16 steps: the stored transitions never end at sigma 0 (the last step's end)
+    t = make("dancegrpo", "sampler.reward_image=final", "train.exclude_last_step=true", "train.timestep_fraction=1.0")
+    stored, real_update = {}, t.update
+    t.update = lambda tr, *args, **kwargs: stored.update(tr=tr) or real_update(tr, *args, **kwargs)
+    assert t.step()["transitions"] == 8 * 15 and bool((stored["tr"].sigma_next > 0).all())
+    cfg = load_config(method="dancegrpo-sd")  # train_grpo_sd.py: timestep_fraction 1.0 over timesteps[:-1]
+    assert (cfg.train.timesteps, cfg.train.timestep_fraction, cfg.train.exclude_last_step) == ("random_fraction", 1.0, True)
+    assert cfg.sampler.reward_image == "final" and method.trainable_positions(cfg) == 49
+
+
+def test_exclude_last_step_on_a_one_step_sampler_is_a_config_error():
+    from flowgrove.messages import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sampler.num_steps=1 with train.exclude_last_step=true leaves no trainable"):
+        load_config(None, ["sampler.num_steps=1", "sampler.reward_image=final", "train.exclude_last_step=true"])

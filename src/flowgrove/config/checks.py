@@ -17,9 +17,15 @@ from flowgrove.grpo import tree
 from flowgrove.messages import ConfigError, did_you_mean, one_line
 
 
+def last_step_excluded(cfg: Config) -> bool:
+    """The last transition is never trained: the reward image is its x0 prediction (so it is never sampled), or
+    ``train.exclude_last_step`` keeps it out with the final sample scored (DanceGRPO's SD recipe)."""
+    return cfg.sampler.reward_image == "x0_pred" or cfg.train.exclude_last_step
+
+
 def trainable_positions(cfg: Config) -> int:
-    """Transitions that can be trained: the last one is excluded when the reward image is its x0 prediction."""
-    return cfg.sampler.num_steps - (cfg.sampler.reward_image == "x0_pred")
+    """Transitions that can be trained: all but the last one when :func:`last_step_excluded`."""
+    return cfg.sampler.num_steps - last_step_excluded(cfg)
 
 
 def window_positions(cfg: Config) -> int:
@@ -73,9 +79,9 @@ def _check_mode(cfg: Config) -> None:
 
 def _check_steps(cfg: Config) -> None:
     if trainable_positions(cfg) < 1:
-        raise ConfigError(f"sampler.num_steps={cfg.sampler.num_steps} with sampler.reward_image=x0_pred leaves no trainable "
-                          "step (the last transition is not trained when the reward scores its x0 prediction); set "
-                          "sampler.num_steps>=2 or sampler.reward_image=final")
+        why = ("sampler.reward_image=x0_pred" if cfg.sampler.reward_image == "x0_pred" else "train.exclude_last_step=true")
+        raise ConfigError(f"sampler.num_steps={cfg.sampler.num_steps} with {why} leaves no trainable step (the last "
+                          "transition is never trained then); set sampler.num_steps>=2")
 
 
 def _check_window(cfg: Config) -> None:

@@ -120,6 +120,7 @@ class TrainConfig:
     timesteps: str = _f("random_fraction", "Trained steps: random_fraction per sample, first_k in order, or plan (window/tree).", ("random_fraction", "first_k", "plan"))
     timestep_fraction: float = _f(0.6, "random_fraction: share of the eligible steps trained per sample.", low=0)
     first_k: int = _f(0, "first_k: number of leading steps trained.", low=0)
+    exclude_last_step: bool = _f(False, "Never train the last step, also when the reward scores the final sample (DanceGRPO's SD recipe trains timesteps[:-1]); with sampler.reward_image=x0_pred it is never trained anyway.")
     accumulate: str = _f("samples", "An optimizer step per accumulate_size samples, or per accumulate_size transitions.", ("samples", "transitions"))
     accumulate_size: int = _f(8, "Samples (or transitions) per optimizer step.", low=1)
     micro_batch: int = _f(64, "Transitions per training forward pass.", low=1)

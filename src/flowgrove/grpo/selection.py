@@ -21,8 +21,9 @@ def random_fraction_mask(
     """Per sample, a random ``fraction`` of the eligible steps (DanceGRPO ``train_one_step``).
 
     Each sample draws an independent permutation of the eligible steps (all ``T``, or the first
-    ``T - 1`` when ``exclude_last``, i.e. when the reward image is the x0 prediction at the last step)
-    and keeps the first ``max(int(eligible * fraction), 1)``. FLUX: T=16, 0.6 -> 9 of 15.
+    ``T - 1`` when ``exclude_last``: the reward image is the x0 prediction at the last step, or DanceGRPO's SD
+    recipe, which trains ``timesteps[:-1]``) and keeps the first ``max(int(eligible * fraction), 1)``. FLUX: T=16,
+    0.6 -> 9 of 15; SD: T=50, 1.0 -> all 49 of 49.
 
     Args:
         num_samples: Number of samples ``B``.
