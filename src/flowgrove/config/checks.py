@@ -131,8 +131,18 @@ def _check_train(cfg: Config) -> None:
         raise ConfigError(f"train.first_k={t.first_k} is larger than the {last} trainable steps (sampler.num_steps="
                           f"{cfg.sampler.num_steps}, reward_image={cfg.sampler.reward_image}); lower train.first_k "
                           "(0 = all of them)")
+    if t.kl_beta > 0 and t.kl_scale == "reference" and _policy_family(cfg.policy.name) == "diffusion":
+        raise ConfigError(f"train.kl_scale=reference divides the KL by eta^2, Flow-GRPO's flow scale; on the DDIM steps of "
+                          f"policy {cfg.policy.name} that weighs the last step's KL about 0.0008x the exact one (50 SD steps); "
+                          "set train.kl_scale=exact (the KL of the DDIM transitions)")
     if not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas={list(t.betas)} must both be in [0, 1); for example train.betas=[0.9,0.999]")
+
+
+def _policy_family(name: str) -> str:
+    from flowgrove.policies import policy_family  # registers every policy (light: no model library loads)
+
+    return policy_family(name)
 
 
 def _check_reward_names(cfg: Config) -> None:

@@ -129,7 +129,7 @@ class TrainConfig:
     ema_decay: float = _f(0.0, "EMA of the trainable weights (0 = off); used for the final evaluation and export.", low=0)
     seed: int = _f(0, "Seed of every generator in the run.")
     max_nonfinite_skips: int = _f(3, "Consecutive optimizer steps skipped for a NaN/inf loss or gradient norm before the run stops with a checkpoint.", low=1)
-    kl_scale: str = _f("exact", "KL term: exact transition KL, or reference (Flow-GRPO: ||dmu||^2 / 2g^2 = exact KL * dsigma).", ("exact", "reference"))
+    kl_scale: str = _f("exact", "KL term: exact transition KL, or reference (Flow-GRPO: ||dmu||^2 / 2g^2 = exact KL * dsigma; flow policies only).", ("exact", "reference"))
     loss_scale: str = _f("mean", "Loss per optimizer step: mean over its transitions, or reference (BranchGRPO: sum / (G * edges per tree)).", ("mean", "reference"))
     drop_zero_advantage: bool = _f(False, "Leave transitions whose advantage is exactly 0 (a group whose rewards all tie) out of the loss: no gradient, no KL, not counted in the mean (Flow-GRPO's filter); each rank drops its own.")
     ema_schedule: str = _f("update", "EMA: every optimizer step (update), once per rollout (dancegrpo), or Flow-GRPO's min((1+s)/(10+s), decay) every 8 steps (flowgrpo).", tuple(EMA_SCHEDULES))

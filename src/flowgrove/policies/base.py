@@ -110,11 +110,32 @@ class FlowPolicy(Protocol):
 
 PolicyFactory = Callable[..., FlowPolicy]
 _POLICIES: Registry[PolicyFactory] = Registry("policy", "policies")
+STEP_FAMILIES = ("flow", "diffusion")  # rectified flows (velocity), DDPM / DDIM models (eps or v): samplers.family
+_FAMILIES: dict[str, str] = {}  # policy name -> the step family it declared at registration
 
 
-def register_policy(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
-    """Register a policy factory under ``name`` (a different factory under a used name raises ``ValueError``)."""
-    return _POLICIES.register(name)
+def register_policy(name: str, family: str = "flow") -> Callable[[PolicyFactory], PolicyFactory]:
+    """Register a policy factory under ``name`` (a different factory under a used name raises ``ValueError``).
+
+    ``family`` (one of ``STEP_FAMILIES``) declares the step family of the policies it builds (a ``diffusion`` policy
+    carries a ``step_family`` of :func:`flowgrove.samplers.family.diffusion_steps`), so that config checks know it
+    before any model loads.
+    """
+    if family not in STEP_FAMILIES:
+        raise ValueError(f"family={family!r} is not one of {STEP_FAMILIES}.")
+    register = _POLICIES.register(name)
+
+    def decorator(factory: PolicyFactory) -> PolicyFactory:
+        register(factory)  # raises for a different factory under a used name, before the family is recorded
+        _FAMILIES[name] = family
+        return factory
+
+    return decorator
+
+
+def policy_family(name: str) -> str:
+    """The step family the policy ``name`` declared (``"flow"`` for an unregistered name, which building reports)."""
+    return _FAMILIES.get(name, "flow")
 
 
 def policy_names() -> list[str]:

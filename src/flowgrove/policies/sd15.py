@@ -139,7 +139,7 @@ class SD15Policy:
         self.pipe.text_encoder.to("cpu")
 
 
-@register_policy("sd15")
+@register_policy("sd15", family="diffusion")
 def build_sd15_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "float32",
                       guidance_scale: float = 5.0, negative_prompt: str = "", height: int = 512,
                       width: int = 512) -> SD15Policy:

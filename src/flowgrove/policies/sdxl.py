@@ -152,7 +152,7 @@ class SDXLPolicy:
         self.pipe.text_encoder_2.to("cpu")
 
 
-@register_policy("sdxl")
+@register_policy("sdxl", family="diffusion")
 def build_sdxl_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "float32",
                       guidance_scale: float = 5.0, negative_prompt: str | None = None, height: int = 1024,
                       width: int = 1024, original_size: list[int] | None = None,
