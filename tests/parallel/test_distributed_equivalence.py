@@ -48,9 +48,25 @@ CASES = {
     # one prompt's group of 6 is split 3 + 3 over the two ranks: its statistics still cover all six
     "group_spans_ranks": ("dancegrpo", "tiny", ["rollout.prompts_per_step=1", "rollout.group_size=6",
                                                 "train.micro_batch=100000"], "fsdp"),
+    # Flow-GRPO's filter: "zero" and "one" tie (TIED), so in every step one rank's group is dropped; that rank pads
+    # with its dead rows (forwards, zero backwards), and the loss divides by the live rows of both ranks, the
+    # KL included, as one process does
+    "drop_zero_advantage": ("flowgrpo", "tied", ["rollout.prompts_per_step=2", "rollout.group_size=4",
+                                                 "train.drop_zero_advantage=true", "train.first_k=0",
+                                                 "train.kl_beta=0.5", *DIGITS], "fsdp"),
 }
+TIED = ("zero", "one")  # the prompts drawn: step 0 four | zero, step 1 one | three, step 2 zero | four
 PROMPTS = ["zero", "one", "two", "three", "four"]
-METRICS = ("reward_mean", "reward_std", "loss", "clip_fraction", "approx_kl", "grad_norm", "updates", "transitions")
+METRICS = ("reward_mean", "reward_std", "loss", "clip_fraction", "approx_kl", "grad_norm", "updates", "transitions",
+           "dropped_transitions", "kl")
+
+
+def _tied(images, prompts):
+    """Brightness, but every image of a TIED prompt scores 0.5: that group's advantages are exactly 0."""
+    from conftest import brightness
+
+    tie = torch.tensor([p in TIED for p in prompts])
+    return torch.where(tie, torch.full((len(prompts),), 0.5), brightness(images, prompts))
 
 
 def _trainer(case: str):
@@ -64,7 +80,7 @@ def _trainer(case: str):
     cfg.rewards = {"brightness": 1.0}
     if policy == "digits":
         return build_trainer(cfg)
-    return GRPOTrainer(cfg, TinyPolicy(), {"brightness": brightness}, PROMPTS)
+    return GRPOTrainer(cfg, TinyPolicy(), {"brightness": _tied if policy == "tied" else brightness}, PROMPTS)
 
 
 def _run(case: str) -> dict:
@@ -197,3 +213,10 @@ def test_a_nan_reward_on_one_rank_stops_every_rank(ranks):
     r0, r1 = ranks[0]["nan"], ranks[1]["nan"]
     assert "on another rank" in r0["message"] and "for prompt" in r1["message"]
     assert r0["unchanged"] and r1["unchanged"] and r0["iteration"] == r1["iteration"] == 0
+
+
+def test_each_rank_drops_its_own_tied_group(ranks):
+    # every step draws one tied and one untied prompt (TIED): 4 images x 4 steps dropped on one rank, trained on the other
+    for r in ranks:
+        assert [m["dropped_transitions"] for m in r["drop_zero_advantage"]["metrics"]] == [16] * STEPS
+        assert [m["transitions"] for m in r["drop_zero_advantage"]["metrics"]] == [16] * STEPS

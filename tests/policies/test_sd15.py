@@ -159,3 +159,31 @@ def _check_export_round_trip(tiny_sd, run, out) -> None:
         loaded = pipe.unet(x, t, encoder_hidden_states=cond.prompt_embeds).sample
     assert (ours - base).abs().max() > 1e-6  # the LoRA moved
     torch.testing.assert_close(loaded, ours, atol=1e-5, rtol=0)
+
+
+def test_the_kl_on_sd15_is_the_exact_kl_of_the_ddim_transitions(tiny_sd, tmp_path, monkeypatch):
+    """``train.kl_beta > 0`` on a diffusion policy: each stored transition's KL divides by its own DDIM std
+    ``sigma_t`` (Flow-GRPO's ``kl_scale=reference`` would divide by eta^2 and is refused for these policies)."""
+    from flowgrove.config.load import load_config
+    from flowgrove.samplers.diffusion import ddim_std
+    from flowgrove.training import trainer as trainer_mod
+    from flowgrove.training.setup import build_trainer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    cfg = load_config(None, [f"policy.path={tiny_sd}", f"data.train={prompts}", "policy.dtype=float32",
+                             "policy.lora_rank=2", "policy.lora_alpha=2", "sampler.num_steps=4", "train.kl_beta=0.1",
+                             f"policy.options={{guidance_scale: 5.0, height: {SIZE}, width: {SIZE}}}", "eval.num_steps=2",
+                             "rollout.prompts_per_step=1", "rollout.group_size=2", "rewards={brightness: 1.0}",
+                             "run.device=cpu"], method="dancegrpo-sd")
+    trainer = build_trainer(cfg)
+    seen, stored, real_kl, real_update = {}, {}, trainer_mod.transition_kl, trainer.update
+    monkeypatch.setattr(trainer_mod, "transition_kl", lambda mean, ref, std: seen.setdefault("std", []).append(std.detach())
+                        or real_kl(mean, ref, std))
+    trainer.update = lambda tr, *args, **kwargs: stored.update(tr=tr) or real_update(tr, *args, **kwargs)
+    assert trainer.step()["kl"] >= 0
+    tr, ab = stored["tr"], trainer.policy.schedule.alpha_bar
+    want = ddim_std(ab(tr.sigma), ab(tr.sigma_next), tr.g, tr.x).float()  # [E]: eta 1.0, no split scale
+    got = torch.cat(seen["std"])
+    assert got.shape == want.shape == (2 * 3,) and not torch.allclose(got, tr.g)
+    torch.testing.assert_close(torch.sort(got).values, torch.sort(want).values)

@@ -78,6 +78,32 @@ def test_ddim_log_prob_is_normal_mean_over_dims_under_the_drawn_std():
     torch.testing.assert_close(sum_.log_prob, normal.log_prob(step.x_next).sum(dim=(1, 2, 3)))
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_split_step_draws_and_scores_with_the_split_noise_multiplier(prediction_type):
+    """A tree split step (BranchGRPO) scales the DDIM noise: ``x_prev = mean + k sigma_t z``. That is diffusers'
+    DDIMScheduler step with ``variance_noise = k z``; the mean is the unsplit step's, the std ``k sigma_t``, and the
+    log-prob (and its re-score) is under that std. Per-sample multipliers: row 0 splits (k = 4), row 1 does not."""
+    sched = _ddim(prediction_type)
+    family = diffusion_steps(DiffusionSchedule(sched.alphas_cumprod, float(sched.final_alpha_cumprod), prediction_type))
+    sigmas = torch.linspace(1, 0, 11)
+    gen = torch.Generator().manual_seed(4)
+    scale = torch.tensor([4.0, 1.0])
+    for i, t in enumerate(sched.timesteps):
+        x, out, z = (torch.randn(2, 4, 3, 3, generator=gen) for _ in range(3))
+        plain = family.sde(x, out, sigmas[i], sigmas[i + 1], 1.0, noise=z)
+        split = family.sde(x, out, sigmas[i], sigmas[i + 1], 1.0, noise_scale=scale, noise=z)
+        ref = sched.step(out, t, x, eta=1.0, variance_noise=scale.view(-1, 1, 1, 1) * z).prev_sample
+        torch.testing.assert_close(split.x_next, ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(split.mean, plain.mean, atol=0, rtol=0)
+        torch.testing.assert_close(split.std, scale * plain.std, atol=0, rtol=0)
+        assert float(plain.std[0]) > 0 and not torch.allclose(split.x_next[0], plain.x_next[0])
+        torch.testing.assert_close(split.x_next[1], plain.x_next[1], atol=0, rtol=0)
+        normal = torch.distributions.Normal(split.mean, split.std.view(-1, 1, 1, 1))
+        torch.testing.assert_close(split.log_prob, normal.log_prob(split.x_next).mean(dim=(1, 2, 3)))
+        rescored = family.sde(x, out, sigmas[i], sigmas[i + 1], 1.0, noise_scale=scale, x_next=split.x_next)
+        assert torch.equal(rescored.log_prob, split.log_prob)
+
+
 def test_x0_eps_and_score_invert_the_forward_process():
     ab = torch.tensor([0.9, 0.3, 0.05], dtype=torch.float64)
     gen = torch.Generator().manual_seed(2)

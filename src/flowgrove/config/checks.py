@@ -17,9 +17,15 @@ from flowgrove.grpo import tree
 from flowgrove.messages import ConfigError, did_you_mean, one_line
 
 
+def last_step_excluded(cfg: Config) -> bool:
+    """The last transition is never trained: the reward image is its x0 prediction (so it is never sampled), or
+    ``train.exclude_last_step`` keeps it out with the final sample scored (DanceGRPO's SD recipe)."""
+    return cfg.sampler.reward_image == "x0_pred" or cfg.train.exclude_last_step
+
+
 def trainable_positions(cfg: Config) -> int:
-    """Transitions that can be trained: the last one is excluded when the reward image is its x0 prediction."""
-    return cfg.sampler.num_steps - (cfg.sampler.reward_image == "x0_pred")
+    """Transitions that can be trained: all but the last one when :func:`last_step_excluded`."""
+    return cfg.sampler.num_steps - last_step_excluded(cfg)
 
 
 def window_positions(cfg: Config) -> int:
@@ -73,9 +79,9 @@ def _check_mode(cfg: Config) -> None:
 
 def _check_steps(cfg: Config) -> None:
     if trainable_positions(cfg) < 1:
-        raise ConfigError(f"sampler.num_steps={cfg.sampler.num_steps} with sampler.reward_image=x0_pred leaves no trainable "
-                          "step (the last transition is not trained when the reward scores its x0 prediction); set "
-                          "sampler.num_steps>=2 or sampler.reward_image=final")
+        why = ("sampler.reward_image=x0_pred" if cfg.sampler.reward_image == "x0_pred" else "train.exclude_last_step=true")
+        raise ConfigError(f"sampler.num_steps={cfg.sampler.num_steps} with {why} leaves no trainable step (the last "
+                          "transition is never trained then); set sampler.num_steps>=2")
 
 
 def _check_window(cfg: Config) -> None:
@@ -125,8 +131,18 @@ def _check_train(cfg: Config) -> None:
         raise ConfigError(f"train.first_k={t.first_k} is larger than the {last} trainable steps (sampler.num_steps="
                           f"{cfg.sampler.num_steps}, reward_image={cfg.sampler.reward_image}); lower train.first_k "
                           "(0 = all of them)")
+    if t.kl_beta > 0 and t.kl_scale == "reference" and _policy_family(cfg.policy.name) == "diffusion":
+        raise ConfigError(f"train.kl_scale=reference divides the KL by eta^2, Flow-GRPO's flow scale; on the DDIM steps of "
+                          f"policy {cfg.policy.name} that weighs the last step's KL about 0.0008x the exact one (50 SD steps); "
+                          "set train.kl_scale=exact (the KL of the DDIM transitions)")
     if not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas={list(t.betas)} must both be in [0, 1); for example train.betas=[0.9,0.999]")
+
+
+def _policy_family(name: str) -> str:
+    from flowgrove.policies import policy_family  # registers every policy (light: no model library loads)
+
+    return policy_family(name)
 
 
 def _check_reward_names(cfg: Config) -> None:

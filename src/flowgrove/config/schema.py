@@ -120,6 +120,7 @@ class TrainConfig:
     timesteps: str = _f("random_fraction", "Trained steps: random_fraction per sample, first_k in order, or plan (window/tree).", ("random_fraction", "first_k", "plan"))
     timestep_fraction: float = _f(0.6, "random_fraction: share of the eligible steps trained per sample.", low=0)
     first_k: int = _f(0, "first_k: number of leading steps trained.", low=0)
+    exclude_last_step: bool = _f(False, "Never train the last step, also when the reward scores the final sample (DanceGRPO's SD recipe trains timesteps[:-1]); with sampler.reward_image=x0_pred it is never trained anyway.")
     accumulate: str = _f("samples", "An optimizer step per accumulate_size samples, or per accumulate_size transitions.", ("samples", "transitions"))
     accumulate_size: int = _f(8, "Samples (or transitions) per optimizer step.", low=1)
     micro_batch: int = _f(64, "Transitions per training forward pass.", low=1)
@@ -128,8 +129,9 @@ class TrainConfig:
     ema_decay: float = _f(0.0, "EMA of the trainable weights (0 = off); used for the final evaluation and export.", low=0)
     seed: int = _f(0, "Seed of every generator in the run.")
     max_nonfinite_skips: int = _f(3, "Consecutive optimizer steps skipped for a NaN/inf loss or gradient norm before the run stops with a checkpoint.", low=1)
-    kl_scale: str = _f("exact", "KL term: exact transition KL, or reference (Flow-GRPO: ||dmu||^2 / 2g^2 = exact KL * dsigma).", ("exact", "reference"))
+    kl_scale: str = _f("exact", "KL term: exact transition KL, or reference (Flow-GRPO: ||dmu||^2 / 2g^2 = exact KL * dsigma; flow policies only).", ("exact", "reference"))
     loss_scale: str = _f("mean", "Loss per optimizer step: mean over its transitions, or reference (BranchGRPO: sum / (G * edges per tree)).", ("mean", "reference"))
+    drop_zero_advantage: bool = _f(False, "Leave transitions whose advantage is exactly 0 (a group whose rewards all tie) out of the loss: no gradient, no KL, not counted in the mean (Flow-GRPO's filter); each rank drops its own.")
     ema_schedule: str = _f("update", "EMA: every optimizer step (update), once per rollout (dancegrpo), or Flow-GRPO's min((1+s)/(10+s), decay) every 8 steps (flowgrpo).", tuple(EMA_SCHEDULES))
 
 

@@ -205,7 +205,7 @@ SD15_FOLDER = LocalFolder("sd15", "Stable Diffusion 1.x",
                           "`hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir /models/sd15`")
 
 
-@register_policy("sd15", SD15_FOLDER)
+@register_policy("sd15", SD15_FOLDER, family="diffusion")
 def build_sd15_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "float32",
                       guidance_scale: float = 5.0, negative_prompt: str = "", height: int = 512,
                       width: int = 512) -> SD15Policy:

@@ -157,7 +157,7 @@ SDXL_FOLDER = LocalFolder("sdxl", "Stable Diffusion XL",
                            "`hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir /models/sdxl`")
 
 
-@register_policy("sdxl", SDXL_FOLDER)
+@register_policy("sdxl", SDXL_FOLDER, family="diffusion")
 def build_sdxl_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "float32",
                       guidance_scale: float = 5.0, negative_prompt: str | None = None, height: int = 1024,
                       width: int = 1024, original_size: list[int] | None = None,
