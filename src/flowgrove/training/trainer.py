@@ -291,12 +291,12 @@ class GRPOTrainer:
 
     def _micro_step(self, batch: Transitions, adv: Tensor, weight: float, cond: Conditioning) -> dict[str, float]:
         """Forward, loss and backward of one micro-batch; ``weight`` scales its loss (see :func:`loss_weight`)."""
-        t = self.cfg.train
+        t, noise = self.cfg.train, self.cfg.sampler.noise  # the noise kind (and SDE type) the transitions were drawn with
         ref_mean = None
         if self.reference is not None:  # before the policy forward: swapping weights in place after it would
             with torch.no_grad(), self.weights_swapped(self.reference):  # corrupt the tensors autograd saved
-                _, ref_mean = rescore(self.policy, batch, cond)
-        step = self.engine.forward(lambda: rescore_step(self.policy, batch, cond))  # DDP sees the training forward
+                _, ref_mean = rescore(self.policy, batch, cond, noise)
+        step = self.engine.forward(lambda: rescore_step(self.policy, batch, cond, noise))  # DDP sees the training forward
         log_prob, mean = step.log_prob, step.mean
         out = ppo_clip_loss(log_prob, batch.old_log_prob, adv, t.clip_range, self.cfg.advantage.clip)
         loss, logs = out.loss, {"loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
