@@ -204,3 +204,32 @@ def test_ddim_ode_step_equals_eta_zero():
     x, out = torch.randn(2, 3, generator=gen), torch.randn(2, 3, generator=gen)
     torch.testing.assert_close(ddim_ode_step(x, out, ab[500], ab[300]), ddim_step(x, out, ab[500], ab[300], 0.0).x_next,
                                atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("level", [0.3, 0.8, 1.0])
+def test_ddim_cps_step_keeps_the_marginal_of_a_point_mass(level):
+    """sde_type="cps" in diffusion variables: from x = a c + s eps with the exact eps prediction (x - a c) / s, one
+    step gives a' c + sqrt(1 - abar' - std^2) eps + std z with std = sin(level pi/2) sqrt(1 - abar'), i.e. exactly
+    N(a' c, 1 - abar') (read off three evaluations of the affine map (eps, z) -> x'), and its log-prob is the
+    Gaussian one under that std."""
+    from flowgrove.samplers.steps import noise_g
+
+    schedule = DiffusionSchedule(scaled_linear_alphas_cumprod(dtype=torch.float64), 1.0)
+    family, c = diffusion_steps(schedule), 0.7
+    for sigma, sigma_next in ((1.0, 0.9), (0.6, 0.3), (0.2, 0.1)):
+        ab, ab_next = schedule.alpha_bar(sigma), schedule.alpha_bar(sigma_next)
+        eps = torch.tensor([[0.0], [1.0], [0.0]], dtype=torch.float64)
+        z = torch.tensor([[0.0], [0.0], [1.0]], dtype=torch.float64)
+        x = ab.sqrt() * c + (1 - ab).sqrt() * eps  # [3, 1]
+        g = noise_g("cps", level, sigma, sigma_next)
+        step = family.sde(x, (x - ab.sqrt() * c) / (1 - ab).sqrt(), sigma, sigma_next, g, sde_type="cps", noise=z)
+        out = step.x_next.flatten()
+        a, b, w = out[0], out[1] - out[0], out[2] - out[0]
+        torch.testing.assert_close(a, ab_next.sqrt() * c, rtol=0, atol=1e-12)
+        torch.testing.assert_close(b**2 + w**2, 1 - ab_next, rtol=0, atol=1e-12)
+        torch.testing.assert_close(step.std, math.sin(level * math.pi / 2) * (1 - ab_next).sqrt().expand(3))
+    normal = torch.distributions.Normal(step.mean, step.std.view(-1, 1))
+    torch.testing.assert_close(step.log_prob, normal.log_prob(step.x_next).mean(dim=1))
+    # the last step onto the data (final abar 1) draws no noise
+    last = family.sde(x, x, 0.1, 0.0, g, sde_type="cps", noise=z)
+    assert (last.std == 0).all() and last.log_prob is None

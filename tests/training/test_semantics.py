@@ -64,8 +64,8 @@ def _nan_from_step(monkeypatch, first_bad_call: int) -> None:
     calls = {"n": 0}
     real = trainer_mod.rescore_step
 
-    def rescore_step(policy, batch, cond):
-        out = real(policy, batch, cond)
+    def rescore_step(policy, batch, cond, *args):
+        out = real(policy, batch, cond, *args)
         calls["n"] += 1
         return out._replace(log_prob=out.log_prob * float("nan")) if calls["n"] >= first_bad_call else out
 
@@ -101,8 +101,8 @@ def test_a_good_step_resets_the_skip_streak(monkeypatch):
     calls = {"n": 0}
     real = trainer_mod.rescore_step
 
-    def rescore_step(policy, batch, cond):  # the first optimizer step of each rollout is NaN, the second is fine
-        out = real(policy, batch, cond)
+    def rescore_step(policy, batch, cond, *args):  # the first optimizer step of each rollout is NaN, the second is fine
+        out = real(policy, batch, cond, *args)
         calls["n"] += 1
         return out._replace(log_prob=out.log_prob * float("nan")) if calls["n"] % 2 == 1 else out
 
@@ -391,3 +391,47 @@ def test_exclude_last_step_on_a_one_step_sampler_is_a_config_error():
 
     with pytest.raises(ConfigError, match=r"sampler.num_steps=1 with train.exclude_last_step=true leaves no trainable"):
         load_config(None, ["sampler.num_steps=1", "sampler.reward_image=final", "train.exclude_last_step=true"])
+
+
+# ---- CPS through the trainer -------------------------------------------------------------------------------------
+def _stored_transitions(t: GRPOTrainer) -> dict:
+    stored, real = {}, t.update
+
+    def update(tr, adv, n, gen, **kwargs):
+        stored["tr"] = tr
+        return real(tr, adv, n, gen, **kwargs)
+
+    t.update = update
+    return stored
+
+
+@pytest.mark.parametrize("extra", [("train.timesteps=random_fraction", "train.timestep_fraction=1.0"),
+                                   ("train.timesteps=first_k", "train.first_k=0"), ("train.timesteps=plan",)])
+def test_cps_chains_train_every_noisy_step_under_the_cps_density(extra):
+    # flowgrpo-cps (final sample as the image): the last step lands on sigma 0 with no noise, so however the trained
+    # steps are chosen it is never stored; every stored edge is re-scored with the CPS step, so the first importance
+    # ratio is exactly 1, and an "sde" re-score of the same edges is another density.
+    t = make("flowgrpo-cps", *extra)
+    stored = _stored_transitions(t)
+    metrics = t.step()
+    tr = stored["tr"]
+    assert (tr.sigma_next > 0).all() and set(tr.depth.tolist()) == set(range(1, 10))
+    assert metrics["first_ratio_max_dev"] == 0.0
+    with torch.no_grad():
+        cps = trainer_mod.rescore_step(t.policy, tr, t.step_cond, "cps")
+        sde = trainer_mod.rescore_step(t.policy, tr, t.step_cond, "constant")
+    assert torch.equal(cps.std, tr.g * tr.sigma_next) and not torch.allclose(sde.log_prob, cps.log_prob)
+
+
+def test_cps_trees_split_with_the_cps_step_and_skip_the_noiseless_last_step():
+    t = make("branchgrpo", "rollout.prompts_per_step=1", "sampler.noise=cps", "sampler.noise_level=0.5",
+             "tree.split_noise_scale=1.4")
+    stored = _stored_transitions(t)
+    metrics = t.step()
+    tr = stored["tr"]
+    assert metrics["first_ratio_max_dev"] == 0.0 and (tr.sigma_next > 0).all()
+    split = tr.noise_scale > 1
+    assert split.any() and torch.allclose(tr.g, torch.full_like(tr.g, math.sin(math.pi / 4)))  # g = sin(0.5 pi / 2)
+    with torch.no_grad():
+        std = trainer_mod.rescore_step(t.policy, tr, t.step_cond, "cps").std
+    assert torch.allclose(std, tr.noise_scale * tr.g * tr.sigma_next) and torch.allclose(tr.noise_scale[split], torch.tensor(1.4))

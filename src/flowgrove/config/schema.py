@@ -41,8 +41,8 @@ class SamplerConfig:
     num_steps: int = _f(16, "Denoising steps of a training rollout (T).", low=1)
     shift: float = _f(3.0, "Time shift of the sigma grid (SD3/FLUX); 1 disables it.", low=0)
     schedule: str = _f("flux", "Sigma grid: flux (shifted linspace) or sd3 (diffusers, shift applied twice).", ("flux", "sd3"))
-    noise: str = _f("constant", "SDE noise: constant g = level (DanceGRPO) or flow g = level*sqrt(s/(1-s)) (Flow-GRPO).", tuple(NOISE_LEVELS))
-    noise_level: float = _f(0.3, "eta (constant) or a (flow).", low=0)
+    noise: str = _f("constant", "SDE noise: constant g = level (DanceGRPO), flow g = level*sqrt(s/(1-s)) (Flow-GRPO), or cps: the coefficient-preserving step with std = sin(level*pi/2)*s_next (Flow-GRPO sde_type=cps).", tuple(NOISE_LEVELS))
+    noise_level: float = _f(0.3, "eta (constant), a (flow) or eta in [0, 1] (cps).", low=0)
     reward_image: str = _f("x0_pred", "Image scored: x0_pred of the last step (its transition is not trained) or final.", ("x0_pred", "final"))
     chunk_size: int = _f(0, "Largest batch of one model call in rollouts and evaluation; 0 = no limit.", low=0)
 

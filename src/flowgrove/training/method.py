@@ -47,7 +47,7 @@ def step_plan(cfg: Config, iteration: int) -> plans.StepPlan:
         start = plans.window_start(iteration, window_positions(cfg), window_schedule(cfg))
         return plans.window_plan(cfg.sampler.num_steps, cfg.sampler.shift, start, cfg.window.size,
                                  tail=cfg.window.tail, ratio=cfg.window.compress_ratio, spacing=cfg.window.tail_spacing)
-    return plans.all_sde_plan(base_sigmas(cfg))
+    return plans.all_sde_plan(base_sigmas(cfg), range(last))  # the last step only where it has a log-prob
 
 
 def compressed_tree_plan(cfg: Config, sde: set[int], trained: set[int]) -> plans.StepPlan:

@@ -301,12 +301,12 @@ class GRPOTrainer:
         """Forward, loss and backward of one micro-batch; the loss is the mean over its ``live`` rows [E] (bool), scaled
         by ``weight`` (see :func:`loss_weight`). A micro-batch without live rows (a rank's padding) still runs its
         forward and a zero backward, so that every rank's collectives stay in step; it returns no numbers."""
-        t = self.cfg.train
+        t, noise = self.cfg.train, self.cfg.sampler.noise  # the noise kind (and SDE type) the transitions were drawn with
         ref_mean = None
         if self.reference is not None:  # before the policy forward: swapping weights in place after it would
             with torch.no_grad(), self.weights_swapped(self.reference):  # corrupt the tensors autograd saved
-                _, ref_mean = rescore(self.policy, batch, cond)
-        step = self.engine.forward(lambda: rescore_step(self.policy, batch, cond))  # DDP sees the training forward
+                _, ref_mean = rescore(self.policy, batch, cond, noise)
+        step = self.engine.forward(lambda: rescore_step(self.policy, batch, cond, noise))  # DDP sees the training forward
         if not bool(live.any()):
             (step.log_prob.sum() * 0.0).backward()
             return {}
