@@ -15,7 +15,7 @@ from flowgrove.cli import main
 from flowgrove.config.load import load_config
 from flowgrove.recipes import train as runner
 from flowgrove.runs import rundir
-from flowgrove.runs.checkpoint import checkpoint_folders
+from flowgrove.runs.checkpoint import checkpoint_folders, write_state
 
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "eval.samples_per_prompt=1", "run.progress=false"]
 
@@ -130,8 +130,8 @@ def test_an_edited_run_config_is_reported_and_the_checkpoint_config_resumes(run,
 def test_resuming_with_another_world_size_is_a_note(run, capsys):
     state = run / "checkpoints" / "step_000002" / "state.json"
     data = json.loads(state.read_text())
-    data["world_size"] = 2  # state.json is not among its own checksums
-    state.write_text(json.dumps(data))
+    data["world_size"] = 2  # as if written by a run on two processes
+    write_state(state.parent, data)
     runner.resume(run, steps=3)
     assert "step_000002 was written on 2 process(es), this resume has 1" in capsys.readouterr().err
 
@@ -141,7 +141,7 @@ def test_wall_seconds_count_the_whole_run_over_resumes(run):
     data = json.loads(state.read_text())
     assert 0 < data["wall_seconds"] < 600
     data["wall_seconds"] = 1000.0  # as if the run had trained for 1000 s before this resume
-    state.write_text(json.dumps(data))
+    write_state(state.parent, data)
     result = runner.resume(run, steps=3)
     assert 1000 < result.summary["wall_seconds"] < 1600
     assert json.loads((run / "summary.json").read_text())["wall_seconds"] == result.summary["wall_seconds"]

@@ -61,6 +61,7 @@ class CheckpointState:
     wall_seconds: float  # training wall time of the whole run up to this checkpoint, over all resumes
     files: dict  # file name -> sha256 hex digest of every other file in the folder
     trainer: dict = field(default_factory=dict)  # TrainingState.counters: counters that last across steps
+    checksum: str = ""  # sha256 of state.json's other fields (see state_checksum); "" in an older flowgrove's
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,17 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def state_checksum(data: dict) -> str:
+    """sha256 of ``state.json``'s fields other than ``checksum``, as canonical JSON (sorted keys, no spaces)."""
+    body = {key: value for key, value in data.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_state(folder: Path, data: dict) -> None:
+    """Write ``folder/state.json``: ``data`` and the checksum of its own content."""
+    (Path(folder) / STATE).write_text(json.dumps({**data, "checksum": state_checksum(data)}, indent=1))
 
 
 def _write(folder: Path, name: str, writer: Callable[[Path], None]) -> None:
@@ -129,7 +141,7 @@ def _finish_folder(training: TrainingState, folder: Path, config_yaml: str, wall
     world, _ = distributed.world_size_and_rank()
     state = CheckpointState(training.iteration, world, round(wall_seconds, 3), _digests(folder, shards),
                             training.counters)
-    (folder / STATE).write_text(json.dumps(asdict(state), indent=1))
+    write_state(folder, asdict(state))
 
 
 def _write_checkpoint(training: TrainingState, final: Path, config_yaml: str, wall_seconds: float) -> None:
@@ -206,7 +218,8 @@ def checkpoint_folders(run_dir: Path) -> list[Path]:
 
 
 def read_state(path: Path) -> CheckpointState:
-    """``state.json`` of a checkpoint folder, checked for shape (not yet the checksums)."""
+    """``state.json`` of a checkpoint folder, checked for shape, against its own checksum and, in a ``step_N``
+    folder, against the folder's step (not yet the checksums of the other files)."""
     file = Path(path) / STATE
     try:
         data = json.loads(file.read_text())
@@ -218,10 +231,19 @@ def read_state(path: Path) -> CheckpointState:
         raise CheckpointError(f"checkpoint file {file} lists no file checksums (written by an older flowgrove or "
                               f"damaged); {_PICK}, or start a new run")
     try:
-        return CheckpointState(int(data["iteration"]), int(data.get("world_size", 1)),
-                               float(data.get("wall_seconds", 0.0)), dict(data["files"]), dict(data.get("trainer", {})))
+        state = CheckpointState(int(data["iteration"]), int(data.get("world_size", 1)),
+                                float(data.get("wall_seconds", 0.0)), dict(data["files"]), dict(data.get("trainer", {})),
+                                str(data.get("checksum", "")))
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"checkpoint file {file} has no valid iteration; {_PICK}") from None
+    if state.checksum and state.checksum != state_checksum(data):
+        raise CheckpointError(f"checkpoint file {file} does not match its own checksum (edited or damaged after it "
+                              f"was written); {_PICK}")
+    named = _NAME.fullmatch(Path(path).name)
+    if named and int(named.group(1)) != state.iteration:
+        raise CheckpointError(f"checkpoint file {file} says iteration {state.iteration}, but its folder is "
+                              f"{Path(path).name}; {_PICK}")
+    return state
 
 
 def verify_checkpoint(path: Path) -> CheckpointState:
@@ -289,7 +311,8 @@ def choose_checkpoint(run_dir: Path, name: str | None = None) -> Choice | None:
     """The checkpoint to resume: ``name`` (must verify), else the newest intact one. None when there is none."""
     if name:
         path = _named(run_dir, name)
-        return Choice(path, verify_checkpoint(path), ())
+        state = verify_checkpoint(path)
+        return Choice(path, state, _unsealed_note(path, state))
     folders = checkpoint_folders(run_dir)
     notes: list[str] = []
     for path in folders:
@@ -303,11 +326,19 @@ def choose_checkpoint(run_dir: Path, name: str | None = None) -> Choice | None:
             notes.append(pointer)
         if notes:
             notes.append(f"taking {path}, the newest intact checkpoint")
-        return Choice(path, state, tuple(notes))
+        return Choice(path, state, (*notes, *_unsealed_note(path, state)))
     if folders:
         reason = "; ".join(notes)
         raise CheckpointError(f"{run_dir} has no intact checkpoint ({reason}); start a new run with another --out")
     return None
+
+
+def _unsealed_note(path: Path, state: CheckpointState) -> tuple[str, ...]:
+    """A note for a ``state.json`` without its own checksum (written by an older flowgrove), else none."""
+    if state.checksum:
+        return ()
+    return (f"{path / STATE} has no checksum of its own (an older flowgrove wrote it); only its iteration was checked, "
+            "against the folder name",)
 
 
 def discard_after(run_dir: Path, chosen: Path) -> list[Path]:
