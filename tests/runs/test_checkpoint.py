@@ -128,7 +128,7 @@ def test_only_the_newest_checkpoints_and_no_leftovers_stay(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000003", "step_000004"]
 
 
-class _Crash(Exception):
+class _Crash(BaseException):  # a kill: nothing of flowgrove runs after it
     pass
 
 
@@ -308,3 +308,42 @@ def test_parameters_without_adam_state_stay_without_after_a_load(tmp_path):
     assert set(fresh.optimizer.state) == set(fresh.module["a"].parameters())
     for p, q in zip(fresh.module["a"].parameters(), saved.module["a"].parameters()):
         assert torch.equal(fresh.optimizer.state[p]["exp_avg"], saved.optimizer.state[q]["exp_avg"])
+
+
+def _linear_state(width: int):
+    from flowgrove.training.parts import TrainingState
+
+    torch.manual_seed(0)
+    module = torch.nn.ModuleDict({"a": torch.nn.Linear(3, width)})
+    params = list(module.parameters())
+    return TrainingState(module, torch.optim.AdamW(params, lr=0.1), params, None, None, 1, {})
+
+
+def test_a_checkpoint_of_another_shape_is_a_one_line_error(tmp_path):
+    # DCP raises its CheckpointException, a BaseException that no `except Exception` sees: it must still be one line
+    save_checkpoint(_linear_state(3), tmp_path, "{}\n")
+    with pytest.raises(CheckpointError, match="does not fit this trainer .*Size mismatch") as err:
+        ck.load_checkpoint(_linear_state(4), step_dir(tmp_path, 1))
+    assert "\n" not in str(err.value)
+
+
+def test_a_failed_shard_write_is_the_os_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from torch.distributed.checkpoint import filesystem
+
+    def full(transforms, stream, *args, **kwargs):
+        stream.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    trainer = trained_run(tmp_path, 1)
+    trainer.step()
+    monkeypatch.setattr(filesystem, "_write_item", full)
+    with pytest.raises(ck.CheckpointWriteError) as err:
+        save_checkpoint(trainer.state(), tmp_path, config_to_yaml(trainer.cfg))
+    assert str(err.value) == (f"cannot write checkpoint {step_dir(tmp_path, 2)} (No space left on device); its partial "
+                              "files were removed and the checkpoints written before are intact")
+    cause = err.value.__cause__
+    assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC and cause.filename.endswith(".step_000002.tmp/dcp")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000001"]
+    assert choose_checkpoint(tmp_path).notes == ()

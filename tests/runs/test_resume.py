@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -178,6 +179,52 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, m
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     assert choose_checkpoint(run).state.iteration == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.undo()
+    runner.resume(run)
+    assert _rows(run) == _rows(reference) and _summary(run) == _summary(reference)
+
+
+def _disk_full_in(monkeypatch, step: int) -> list[Path]:
+    """Checkpoint ``step``'s shard file runs out of space after its first 4 KiB, inside torch's DCP writer (the
+    error DCP wraps in its CheckpointException); returns the shard file it left."""
+    from torch.distributed.checkpoint import filesystem
+
+    from flowgrove.runs.checkpoint import checkpoint_name
+
+    real, partial = filesystem._write_item, []
+
+    def write(transforms, stream, *args, **kwargs):
+        if checkpoint_name(step) not in str(stream.name):
+            return real(transforms, stream, *args, **kwargs)
+        stream.write(b"\0" * 4096)
+        stream.flush()
+        partial.append(Path(stream.name))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(filesystem, "_write_item", write)
+    return partial
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_last_checkpoint_resumes(tmp_path, monkeypatch, capsys,
+                                                                                       reference):
+    from flowgrove.cli import main
+    from flowgrove.recipes import train as runner
+    from flowgrove.runs.checkpoint import checkpoint_folders, verify_checkpoint
+
+    run = tmp_path / "full"
+    partial = _disk_full_in(monkeypatch, 4)  # checkpoints after step 1, 2 and 4: the last one fails
+    assert main(["train", "--steps", "4", "--out", str(run), *SMALL, "run.checkpoint_every=2"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    root = run / "checkpoints"
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert lines[0].startswith(f"flowgrove: error: cannot write checkpoint {root / 'step_000004'} (No space left on "
+                               "device); its partial files were removed")
+    assert f"the last checkpoint is {root / 'step_000002'}; free disk space there" in lines[0]
+    assert lines[0].endswith(f"train --resume {run}`")
+    assert partial and partial[0].parent.parent == root / ".step_000004.tmp"  # it was there, half written
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000001", "step_000002"]
+    assert (root / "latest").read_text() == "step_000002"
+    verify_checkpoint(checkpoint_folders(run)[0])
     monkeypatch.undo()
     runner.resume(run)
     assert _rows(run) == _rows(reference) and _summary(run) == _summary(reference)

@@ -7,9 +7,10 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -20,8 +21,8 @@ from flowgrove.evaluation.monitor import Monitor
 from flowgrove.messages import program
 from flowgrove.parallel import distributed, faults
 from flowgrove.runs import rundir
-from flowgrove.runs.checkpoint import (CheckpointError, Choice, checkpoint_folders, choose_checkpoint, discard_after,
-                                  load_checkpoint, save_checkpoint)
+from flowgrove.runs.checkpoint import (CheckpointError, CheckpointWriteError, Choice, checkpoint_folders,
+                                       choose_checkpoint, discard_after, load_checkpoint, save_checkpoint)
 from flowgrove.runs.metrics import MetricsLogger, plot_reward_curves, read_metrics, save_grid
 from flowgrove.training.setup import build_trainer
 from flowgrove.training.trainer import EvalResult, GRPOTrainer, TrainingHalted
@@ -46,6 +47,11 @@ class _ResumePlan:
     choice: Choice
     cfg: Config
     saved_yaml: str  # the checkpoint's config.yaml as written
+
+
+class RunStopped(ValueError):
+    """The run stopped on a fault the user can fix (a full disk, a reward server that failed) after keeping what it
+    could: the message names the fault, the last checkpoint and the resume command (one line; the CLI exits with 2)."""
 
 
 def _note(text: str) -> None:
@@ -256,7 +262,7 @@ def _train_steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None
     bar = tqdm(total=cfg.train.steps, initial=trainer.iteration, disable=not (cfg.run.progress and save.main), unit="step")
     finished = False
     try:
-        with faults.peers_checked(beat):
+        with faults.peers_checked(beat), _write_failures_stop(save, resume_hint):
             try:
                 _steps(cfg, trainer, logger, save, monitor, stop, bar)
             except TrainingHalted as err:
@@ -273,9 +279,20 @@ def _train_steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None
     finally:
         bar.close()
         stop.restore()
-        if beat:  # a rank that fails on its own stays silent, so the others name it
-            beat.stop(finished=finished or sys.exc_info()[0] is SystemExit)
+        if beat:  # a rank that fails on its own stays silent, so the others name it; these stops every rank agreed on
+            beat.stop(finished=finished or sys.exc_info()[0] in (SystemExit, RunStopped))
     return path
+
+
+@contextmanager
+def _write_failures_stop(save: _Saver, resume_hint: str) -> Iterator[None]:
+    """A checkpoint that cannot be written (every rank raises) stops the run with the last one that was and how to
+    go on from it."""
+    try:
+        yield
+    except CheckpointWriteError as err:
+        raise RunStopped(f"{err}; {faults.last_checkpoint(save.saved_path)}; free disk space there (or fix what the "
+                         f"error names), then {resume_hint}") from err
 
 
 def _steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None, save: _Saver, monitor: Monitor | None,

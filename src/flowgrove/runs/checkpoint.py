@@ -6,7 +6,9 @@ A checkpoint is the folder ``checkpoints/step_NNNNNN``. Every rank writes its sh
 temporary folder (rank 0 the DCP ``.metadata`` once all shards are written) and hashes the shards it wrote;
 then rank 0 writes the RNG and the config, and last ``state.json`` with the sha256 of every other file (every
 shard and the metadata included), and renames the folder into place. So a checkpoint is complete exactly when
-it has that name, its checksums verify and every file the DCP metadata names is among them.
+it has that name, its checksums verify and every file the DCP metadata names is among them; ``state.json`` holds
+the sha256 of its own other fields too, and a ``step_N`` folder's iteration must be N (an edited one is refused). A
+write that fails (a full disk) removes what it left and raises :class:`CheckpointWriteError`.
 ``checkpoints/latest`` is only a hint: resume takes the newest intact checkpoint and says so when that is not
 the one ``latest`` names. A step already on disk is never written again, and a folder is only removed once a
 newer intact one is in place. The saving functions are collective under torchrun: every rank calls them (rank
@@ -27,13 +29,15 @@ import os
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from flowgrove.messages import one_line
 from flowgrove.parallel import distributed
 from flowgrove.runs import sharded
 from flowgrove.runs.rundir import atomic_write_text
@@ -50,6 +54,11 @@ _PICK = "pick another with `--checkpoint step_N` or resume without it to take th
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, truncated or corrupt; the message names the file and the fix (one line)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a read-only folder); what the write left was removed and the
+    checkpoints written before are as they were. The message names the checkpoint and the OS error (one line)."""
 
 
 @dataclass(frozen=True)
@@ -144,9 +153,29 @@ def _finish_folder(training: TrainingState, folder: Path, config_yaml: str, wall
     write_state(folder, asdict(state))
 
 
+def _temporary(final: Path) -> Path:
+    """The folder a checkpoint is written into before it is renamed to ``final``."""
+    return final.with_name(f".{final.name}.tmp")
+
+
+@contextmanager
+def _writing(final: Path) -> Iterator[None]:
+    """Turn a failed write of checkpoint ``final`` (on any rank: each raises) into :class:`CheckpointWriteError`,
+    once rank 0 removed what it left: the temporary folder and a half-written ``latest``."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001  (OSError, and the errors safetensors and DCP wrap it in)
+        if distributed.is_main():
+            shutil.rmtree(_temporary(final), ignore_errors=True)
+            (final.parent / f"{LATEST}.tmp").unlink(missing_ok=True)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)[:200]
+        raise CheckpointWriteError(f"cannot write checkpoint {final} ({reason}); its partial files were removed and "
+                                   "the checkpoints written before are intact") from err
+
+
 def _write_checkpoint(training: TrainingState, final: Path, config_yaml: str, wall_seconds: float) -> None:
     """Every rank's shard, then rank 0's files, into a temporary folder renamed to ``final`` once complete."""
-    tmp = final.with_name(f".{final.name}.tmp")
+    tmp = _temporary(final)
     _on_main(lambda: _fresh_folder(tmp))
     _write(tmp, SHARDS, lambda p: sharded.save(training, p))  # collective: returns once the metadata is written
     shards = _shard_digests(tmp)
@@ -182,9 +211,10 @@ def save_checkpoint(training: TrainingState, run_dir: Path | None, config_yaml: 
     """
     root = _shared_root(run_dir)
     final = root / checkpoint_name(training.iteration)
-    if distributed.any_rank(distributed.is_main() and not (final.is_dir() and _intact(final))):
-        _write_checkpoint(training, final, config_yaml, wall_seconds)
-    _on_main(lambda: (atomic_write_text(root / LATEST, final.name), _prune(root, keep, final)))
+    with _writing(final):
+        if distributed.any_rank(distributed.is_main() and not (final.is_dir() and _intact(final))):
+            _write_checkpoint(training, final, config_yaml, wall_seconds)
+        _on_main(lambda: (atomic_write_text(root / LATEST, final.name), _prune(root, keep, final)))
     return final
 
 
@@ -193,7 +223,8 @@ def save_named_checkpoint(training: TrainingState, run_dir: Path | None, name: s
     """Write (or replace) the checkpoint ``checkpoints/<name>`` (e.g. ``best``), atomically as :func:`save_checkpoint`
     does and on every rank as it; never pruned or resumed from by default, and ``--checkpoint <name>`` takes it."""
     final = _shared_root(run_dir) / name
-    _write_checkpoint(training, final, config_yaml, wall_seconds)
+    with _writing(final):
+        _write_checkpoint(training, final, config_yaml, wall_seconds)
     return final
 
 
