@@ -25,7 +25,7 @@ from flowgrove.runs.checkpoint import (CheckpointError, CheckpointWriteError, Ch
                                        choose_checkpoint, discard_after, load_checkpoint, save_checkpoint)
 from flowgrove.runs.metrics import MetricsLogger, plot_reward_curves, read_metrics, save_grid
 from flowgrove.training.setup import build_trainer
-from flowgrove.training.trainer import EvalResult, GRPOTrainer, TrainingHalted
+from flowgrove.training.trainer import EvalResult, GRPOTrainer, RewardFailedError, TrainingHalted
 
 T = TypeVar("T")
 
@@ -251,9 +251,11 @@ def _train_steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None
     """Train to ``train.steps``, checkpointing after step 1, every ``run.checkpoint_every`` steps and at the end.
 
     Returns the final checkpoint. A signal on any rank (agreed on by all at the end of the step), or a
-    :class:`TrainingHalted` from the trainer (raised before any weight changed), ends in one checkpoint of the last
-    good state and ``SystemExit``. A peer that dies or hangs ends this rank within ``run.collective_timeout`` with a
-    message naming it, without a checkpoint (writing one needs every rank).
+    :class:`TrainingHalted` from the trainer (raised before any weight changed: a NaN reward, a reward that raised),
+    ends in one checkpoint of the last good state and ``SystemExit``, or :class:`RunStopped` for a reward that
+    raised. A checkpoint that cannot be written (a full disk) ends in :class:`RunStopped` naming the last one that
+    was. A peer that dies or hangs ends this rank within ``run.collective_timeout`` with a message naming it, without
+    a checkpoint (writing one needs every rank).
     """
 
     resume_hint = f"resume with `{program()} train --resume {save.run_dir}`"
@@ -268,9 +270,7 @@ def _train_steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None
             except TrainingHalted as err:
                 if logger and err.metrics:  # the step completed (every optimizer step of it skipped): log it
                     logger.log(err.metrics)
-                path = _save_everywhere(save, trainer)
-                raise SystemExit(f"flowgrove: {str(err).rstrip('.')}; the last good state is checkpoint "
-                                 f"{_where(path)}; {resume_hint}") from None
+                raise _halted(err, _save_everywhere(save, trainer), resume_hint) from None
             path = _save_everywhere(save, trainer)
         finished = True
         if trainer.iteration < cfg.train.steps:
@@ -282,6 +282,16 @@ def _train_steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None
         if beat:  # a rank that fails on its own stays silent, so the others name it; these stops every rank agreed on
             beat.stop(finished=finished or sys.exc_info()[0] in (SystemExit, RunStopped))
     return path
+
+
+def _halted(err: TrainingHalted, path: Path | None, resume_hint: str) -> BaseException:
+    """The exit of a halted run: :class:`RunStopped` (exit code 2) for a reward that failed, which the user can fix
+    (a server that died or moved), ``SystemExit`` for the others."""
+    line = f"{str(err).rstrip('.')}; the last good state is checkpoint {_where(path)}; {resume_hint}"
+    if isinstance(err, RewardFailedError):
+        name = err.reward or "NAME"
+        return RunStopped(f"{line} (for a reward server that moved, add reward_options.{name}.url=URL to it)")
+    return SystemExit(f"flowgrove: {line}")
 
 
 @contextmanager
@@ -299,7 +309,13 @@ def _steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None, save
            stop: _Stop, bar: tqdm) -> None:
     """The loop of :func:`_train_steps`: until ``train.steps`` or a stop request on any rank."""
     while trainer.iteration < cfg.train.steps and not distributed.any_rank(stop.requested):
-        metrics = trainer.step()
+        rng = torch.get_rng_state()  # as after the last completed step: its checkpoint's, should this step halt
+        try:
+            metrics = trainer.step()
+        except TrainingHalted as err:
+            if err.metrics is None:  # halted before it completed: what its rollout and rewards drew is undone
+                torch.set_rng_state(rng)
+            raise
         if monitor:  # periodic evaluation and guard: eval/* join this step's row; GuardStop halts
             monitor.after_step(trainer, metrics)
         if logger:

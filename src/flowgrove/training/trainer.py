@@ -20,7 +20,7 @@ from flowgrove.grpo.losses import ema_decay, kl_std, loss_weight, ppo_clip_loss,
 from flowgrove.parallel import distributed, engine, rank_share
 from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, PromptRows
 from flowgrove.rewards.base import RewardFn
-from flowgrove.rewards.scoring import score_rewards
+from flowgrove.rewards.scoring import RewardFailure, score_rewards
 from flowgrove.training import credit, method
 from flowgrove.training.heldout import EvalResult, HeldOut, evaluate_policy, ode_images  # noqa: F401 (ode_images: re-exported)
 from flowgrove.training.parts import TrainerParts, TrainingState, build_parts
@@ -38,6 +38,15 @@ class TrainingHalted(RuntimeError):
 
 class NonFiniteRewardError(TrainingHalted):
     """A reward model returned NaN or inf; the step is abandoned before any weight changes."""
+
+
+class RewardFailedError(TrainingHalted):
+    """A reward raised (a server that died or answers errors) on some rank; the step is abandoned before any weight
+    changes. ``reward`` names it (None on the ranks where it did not fail)."""
+
+    def __init__(self, message: str, reward: str | None = None):
+        super().__init__(message)
+        self.reward = reward
 
 
 class NonFiniteUpdatesError(TrainingHalted):
@@ -169,21 +178,37 @@ class GRPOTrainer:
 
     def score(self, ro: Rollout, cond_prompts: Sequence[str] | None = None) -> Tensor:
         """Rewards [K, N_leaves] of the decoded leaves, whose ``leaf_cond_index`` indexes ``cond_prompts`` (default:
-        the training prompts); NaN or inf stops the step with a clear message."""
+        the training prompts). A reward that raises, or NaN or inf, on any rank stops the step on every rank with a
+        clear message (:class:`RewardFailedError`, :class:`NonFiniteRewardError`), before any weight changes."""
         cond_prompts = self.prompts if cond_prompts is None else cond_prompts
+        raw, failure = None, None
         with torch.no_grad():
             images = decode_batched(self.policy, ro.leaves, self.cfg.rollout.decode_batch)  # [N, 3, H, W] in [0, 1]
             prompts = [cond_prompts[i] for i in ro.leaf_cond_index.tolist()]
-            raw = torch.stack([r.to(self.device) for r in score_rewards(self.rewards, images, prompts)])  # [K, N]
-        bad = ~torch.isfinite(raw)
-        if distributed.any_rank(bool(bad.any())):  # every rank raises, so no collective is left waiting
+            try:
+                raw = torch.stack([r.to(self.device) for r in score_rewards(self.rewards, images, prompts)])  # [K, N]
+            except RewardFailure as err:
+                failure = err
+        self._halt_on_bad_rewards(raw, failure, prompts)
+        return raw
+
+    def _halt_on_bad_rewards(self, raw: Tensor | None, failure: RewardFailure | None, prompts: list[str]) -> None:
+        """Raise on every rank when a reward raised (``failure``) or a score of ``raw`` [K, N] is NaN/inf on any rank."""
+        bad = ~torch.isfinite(raw) if raw is not None else None  # [K, N]
+        # 2: a reward raised, 1: NaN/inf, 0: fine; every rank raises the worst, so no collective is left waiting
+        worst = distributed.max_over_ranks(2.0 if failure is not None else float(bool(bad.any())))
+        step = self.iteration + 1
+        if worst == 2.0:
+            what = f"reward {failure.name!r} failed ({failure.detail})" if failure else "a reward failed on another rank"
+            raise RewardFailedError(f"{what} at step {step}; the step was skipped and no weights changed",
+                                    failure.name if failure else None)
+        if worst == 1.0:
             names = [name for k, name in enumerate(self.rewards) if bad[k].any()]
             where = f" (e.g. for prompt {prompts[int(bad.any(0).nonzero()[0])]!r})" if bad.any() else " on another rank"
             raise NonFiniteRewardError(
-                f"reward(s) {names} returned NaN/inf at step {self.iteration + 1}{where}; the step was "
+                f"reward(s) {names} returned NaN/inf at step {step}{where}; the step was "
                 "skipped and no weights changed. Check the reward model and its inputs, then resume from the last checkpoint."
             )
-        return raw
 
     @staticmethod
     def _gather(rows: Tensor, share: rank_share.RankShare) -> Tensor:
