@@ -182,17 +182,24 @@ def reward_server():
     instead (call 0 is the evaluation before training, call k training step k)."""
     from test_rewards_http import serving
 
-    from flowgrove.rewards import build_reward
     from flowgrove.rewards.server import make_server
 
-    brightness, state = build_reward("brightness"), {"calls": 0, "at": None, "answer": None}
+    state = {"calls": 0, "at": None, "answer": None}
+    with serving(make_server(_served_brightness(state), "brightness")) as url:
+        yield url, state
+
+
+def _served_brightness(state: dict):
+    """Brightness, except that call number ``state["at"]`` answers ``state["answer"](images)``."""
+    from flowgrove.rewards import build_reward
+
+    brightness = build_reward("brightness")
 
     def served(images, prompts):
         call, state["calls"] = state["calls"], state["calls"] + 1
         return state["answer"](images) if call == state["at"] else brightness(images, prompts)
 
-    with serving(make_server(served, "brightness")) as url:
-        yield url, state
+    return served
 
 
 def _remote(url: str) -> list[str]:
@@ -232,6 +239,28 @@ def test_a_reward_server_failing_mid_run_is_one_line_exit_2_and_resumes(tmp_path
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000001", "step_000002"]
     assert main(["train", "--resume", str(run)]) == 0  # the server answers again
     assert _rows(run) == _rows(remote_reference) and _summary(run) == _summary(remote_reference)
+
+
+def test_a_resume_continues_against_a_reward_server_that_moved(tmp_path, capsys, reward_server, remote_reference):
+    from test_rewards_http import serving
+
+    from flowgrove.cli import main
+    from flowgrove.config.load import config_from_yaml_text
+    from flowgrove.rewards.server import make_server
+
+    moved, state = reward_server
+    state.update(calls=0, at=3, answer=_out_of_memory)
+    run = tmp_path / "run"
+    with serving(make_server(_served_brightness(state), "brightness")) as first:  # fails at step 3, then goes away
+        assert main(["train", "--steps", "4", "--out", str(run), *SMALL, *_remote(first)]) == 2
+    assert "reward_options.remote.url=URL" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run)]) == 2  # the old URL: nothing answers there any more
+    assert f"no reward server answers at {first}/health" in capsys.readouterr().err
+    state.update(at=None)
+    assert main(["train", "--resume", str(run), f"reward_options.remote.url={moved}"]) == 0
+    assert _rows(run) == _rows(remote_reference) and _summary(run) == _summary(remote_reference)
+    for config in (run / "config.yaml", run / "checkpoints" / "step_000004" / "config.yaml"):
+        assert config_from_yaml_text(config.read_text()).reward_options["remote"]["url"] == moved
 
 
 def test_a_nan_from_a_reward_server_takes_the_nan_reward_path(tmp_path, reward_server, remote_reference):

@@ -127,6 +127,40 @@ def test_an_edited_run_config_is_reported_and_the_checkpoint_config_resumes(run,
     assert "edited" not in capsys.readouterr().err
 
 
+def test_a_resume_changes_the_keys_it_may_and_the_folder_keeps_them(run, capsys):
+    from flowgrove.config.load import config_from_yaml_text
+
+    def keep_of(path):
+        return config_from_yaml_text(path.read_text()).run.keep_checkpoints
+
+    runner.resume(run, steps=3, overrides=["run.keep_checkpoints=5"])
+    root = run / "checkpoints"
+    assert [p.name for p in checkpoint_folders(run)] == ["step_000003", "step_000002", "step_000001"]  # keep 5, not 2
+    assert keep_of(run / "config.yaml") == keep_of(root / "step_000003" / "config.yaml") == 5
+    assert "edited" not in capsys.readouterr().err
+    # the folder's config is what the next resume takes these keys from (an earlier resume's value, or an edit)
+    path = run / "config.yaml"
+    path.write_text(path.read_text().replace("keep_checkpoints: 5", "keep_checkpoints: 1").replace("lr: 0.0001", "lr: 0.5"))
+    runner.resume(run, steps=4)
+    err = capsys.readouterr().err
+    assert f"taking run.keep_checkpoints from {path} (a resume may change them)" in err
+    assert "edited after the run started (train.lr)" in err  # not a key a resume changes: ignored, as before
+    assert [p.name for p in checkpoint_folders(run)] == ["step_000004"]
+    resumed = config_from_yaml_text((root / "step_000004" / "config.yaml").read_text())
+    assert resumed.run.keep_checkpoints == 1 and resumed.train.lr == 0.0001
+    assert steps_of(run) == [1, 2, 3, 4]
+
+
+def test_a_resume_refuses_keys_that_change_what_it_trains(run, capsys):
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    assert main(["train", "--resume", str(run), "run.progress=false", "train.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flowgrove: config error: train.lr cannot change when a run resumes: it changes what the run "
+                          "trains; start a new run with another --out for that (a resume may change: "
+                          "reward_options.*.url, ") and err.count("\n") == 1
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # refused before anything was touched
+
+
 def test_resuming_with_another_world_size_is_a_note(run, capsys):
     state = run / "checkpoints" / "step_000002" / "state.json"
     data = json.loads(state.read_text())

@@ -15,7 +15,9 @@ from typing import Callable, Iterator, TypeVar
 import torch
 from tqdm import tqdm
 
-from flowgrove.config.load import Config, config_from_yaml_text, config_to_yaml
+from flowgrove.config.files import parse_yaml
+from flowgrove.config.load import Config, ConfigError, build_config, config_to_yaml
+from flowgrove.config.resume import carried, flat_keys, resume_overrides
 from flowgrove.evaluation.evaluate import snapshot
 from flowgrove.evaluation.monitor import Monitor
 from flowgrove.messages import program
@@ -159,8 +161,10 @@ def train(cfg: Config, run_dir: Path | None = None, overwrite: bool = False) -> 
             claim.lock.release()
 
 
-def _resume_plan(run_dir: Path, checkpoint: str | None) -> _ResumePlan:
-    """The checkpoint to resume and its config; a note when it was written on another number of ranks."""
+def _resume_plan(run_dir: Path, checkpoint: str | None, changes: dict) -> _ResumePlan:
+    """The checkpoint to resume and its config, with the keys a resume may change taken from the run folder's
+    ``config.yaml`` (an earlier resume's or an edit) and then from ``changes`` (this resume's ``key=value``); a note
+    when it was written on another number of ranks, and one naming the keys taken from the folder."""
     choice = choose_checkpoint(run_dir, checkpoint)
     if choice is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint to resume (expected {run_dir}/checkpoints/step_N); "
@@ -174,11 +178,27 @@ def _resume_plan(run_dir: Path, checkpoint: str | None) -> _ResumePlan:
     file = choice.path / "config.yaml"
     saved_yaml = file.read_text()
     try:
-        cfg = config_from_yaml_text(saved_yaml, source=str(file))
+        saved = parse_yaml(saved_yaml, str(file))
+        cfg = build_config([saved])
     except Exception as err:  # noqa: BLE001  (YAML or schema errors of a config from another version)
         raise CheckpointError(f"checkpoint file {file} is not a valid config ({str(err).splitlines()[0]}); "
                               "pick another checkpoint with `--checkpoint step_N`") from None
+    kept = _folder_settings(run_dir, saved)
+    if kept:
+        choice = replace(choice, notes=(*choice.notes, f"taking {', '.join(sorted(flat_keys(kept)))} from "
+                                                       f"{run_dir / 'config.yaml'} (a resume may change them)"))
+    if kept or changes:
+        cfg = build_config([saved, kept, changes])
     return _ResumePlan(choice, cfg, saved_yaml)
+
+
+def _folder_settings(run_dir: Path, saved: dict) -> dict:
+    """The layer of resumable keys the run folder's ``config.yaml`` changed from the checkpoint's config ``saved``;
+    nothing when the file is missing or unreadable (:func:`rundir.reconcile_config` reports that)."""
+    try:
+        return carried(saved, parse_yaml((run_dir / "config.yaml").read_text(), "config.yaml"))
+    except (OSError, ConfigError):
+        return {}
 
 
 def _lock_run(run_dir: Path) -> rundir.RunLock:
@@ -187,15 +207,19 @@ def _lock_run(run_dir: Path) -> rundir.RunLock:
     return rundir.RunLock(run_dir)
 
 
-def resume(run_dir: Path, steps: int | None = None, checkpoint: str | None = None) -> RunResult:
+def resume(run_dir: Path, steps: int | None = None, checkpoint: str | None = None,
+           overrides: list[str] | tuple[str, ...] = ()) -> RunResult:
     """Continue a run from its newest intact checkpoint, or from ``checkpoint`` (``step_N``), optionally with a
-    new total step count. Checkpoints newer than the one taken are removed: the run continues from there."""
+    new total step count and ``key=value`` overrides of the keys a resume may change
+    (:data:`flowgrove.config.resume.RESUME_KEYS`; others are a :class:`ConfigError`). Checkpoints newer than the one
+    taken are removed: the run continues from there."""
     run_dir = Path(run_dir)
+    changes = resume_overrides(list(overrides))  # before anything is touched
     distributed.init_from_env()
     lock = _agreed(lambda: _lock_run(run_dir))
     try:
         # rank 0 verifies every checksum (each shard once, not once per rank) and hands the plan to the others
-        plan = distributed.from_main(_agreed(lambda: _resume_plan(run_dir, checkpoint)))
+        plan = distributed.from_main(_agreed(lambda: _resume_plan(run_dir, checkpoint, changes)))
         if distributed.is_main():
             for note in plan.choice.notes:
                 _note(note)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from flowgrove.config.resume import flat_keys, resumable
+
 LOCK = ".lock"
 # Everything a run writes into its folder; a fresh run refuses a folder holding any of these.
 RUN_FILES = ("checkpoints", "config.yaml", "metrics.jsonl", "eval_before.json", "samples_before.png",
@@ -99,30 +101,21 @@ def clear_for_fresh_run(run_dir: Path, overwrite: bool, has_checkpoint: bool) ->
     return found
 
 
-def _flat(node: object, prefix: str = "") -> dict[str, object]:
-    if not isinstance(node, dict):
-        return {prefix: node}
-    out: dict[str, object] = {}
-    for key, value in node.items():
-        out.update(_flat(value, f"{prefix}{key}."))
-    return {k.rstrip("."): v for k, v in out.items()}
-
-
 def changed_keys(saved_yaml: str, edited_yaml: str, ignore: tuple[str, ...] = ("train.steps",)) -> list[str]:
     """Dotted keys whose values differ between two config texts (``ignore`` may change on resume)."""
-    a = _flat(OmegaConf.to_container(OmegaConf.create(saved_yaml)))
-    b = _flat(OmegaConf.to_container(OmegaConf.create(edited_yaml)))
+    a = flat_keys(OmegaConf.to_container(OmegaConf.create(saved_yaml)))
+    b = flat_keys(OmegaConf.to_container(OmegaConf.create(edited_yaml)))
     return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k, "<unset>") != b.get(k, "<unset>"))
 
 
 def reconcile_config(run_dir: Path, checkpoint_yaml: str, resumed_yaml: str) -> str | None:
     """Make ``run_dir/config.yaml`` the config that resumes (``resumed_yaml``: the checkpoint's, with a new
-    ``--steps``). One line to report when the file had been edited after the start; the edit is kept as
-    ``config.edited.yaml``."""
+    ``--steps`` and the keys a resume may change, see :mod:`flowgrove.config.resume`). One line to report when the
+    file had been edited after the start in other keys; the edit is kept as ``config.edited.yaml``."""
     path = Path(run_dir) / "config.yaml"
     text = path.read_text(errors="replace") if path.is_file() else checkpoint_yaml
     try:
-        keys = changed_keys(checkpoint_yaml, text)
+        keys = [key for key in changed_keys(checkpoint_yaml, text) if not resumable(key)]
     except Exception:  # noqa: BLE001  (an edit that is not valid YAML any more)
         keys = ["not valid YAML"]
     if keys:
@@ -132,8 +125,8 @@ def reconcile_config(run_dir: Path, checkpoint_yaml: str, resumed_yaml: str) -> 
         return None
     shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
     return (f"{path} was edited after the run started ({shown}); the run resumes with its checkpoint's config, "
-            "the edit is ignored and kept as config.edited.yaml (start a new run to change settings; only --steps "
-            "may change on resume)")
+            "the edit is ignored and kept as config.edited.yaml (start a new run to change settings; a resume "
+            "changes only --steps and the keys `flowgrove train --help` lists under --resume)")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
