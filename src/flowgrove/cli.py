@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint; "
                    f"key=value may change only {', '.join(RESUME_KEYS)} (where and how it runs, not what it trains)")
     p.add_argument("--checkpoint", metavar="step_N", help="with --resume: continue from this checkpoint instead of the latest")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that holds a partial run without a checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that holds an earlier run: "
+                   "every file that run wrote is removed (checkpoints included), other files stay")
     p.set_defaults(fn=_train)
     sub.add_parser("methods", parents=[common], help="list the method presets").set_defaults(fn=_methods)
     sub.add_parser("tasks", parents=[common], help="list the embedded tasks (train task=NAME)").set_defaults(fn=_tasks)

@@ -107,10 +107,43 @@ def test_a_partial_run_without_a_checkpoint_needs_overwrite(tmp_path, capsys):
     assert (folder / "notes.txt").read_text() == "mine"  # only the files a run writes are removed
 
 
-def test_a_folder_with_checkpoints_is_refused_even_with_overwrite(run):
-    with pytest.raises(FileExistsError, match="--resume"):
-        runner.train(cfg(1), run, overwrite=True)
+def test_overwrite_removes_every_file_the_earlier_run_wrote_and_nothing_else(run, capsys):
+    assert {p.name for p in run.iterdir()} == set(rundir.RUN_FILES) - {"config.edited.yaml"}  # all a run writes
+    (run / "notes.txt").write_text("mine")
+    assert main(["train", "--steps", "1", "--out", str(run), *SMALL]) == 2  # not without --overwrite
+    err = capsys.readouterr().err
+    assert "already holds a run with checkpoints" in err and "--resume" in err and "--overwrite" in err
     assert steps_of(run) == [1, 2]
+    assert main(["train", "--steps", "1", "--out", str(run), "--overwrite", *SMALL]) == 0
+    assert "--overwrite: removed checkpoints, config.yaml, metrics.jsonl" in capsys.readouterr().err
+    assert steps_of(run) == [1]
+    assert [json.loads(line)["step"] for line in (run / "eval.jsonl").read_text().splitlines()] == [0, 1]  # not appended
+    assert sorted(p.name for p in (run / "eval_grids").iterdir()) == ["step_000000.png", "step_000001.png"]
+    assert json.loads((run / "best.json").read_text())["step"] in (0, 1)
+    assert [p.name for p in checkpoint_folders(run)] == ["step_000001"]
+    assert (run / "notes.txt").read_text() == "mine"  # only the files a run writes are removed
+
+
+def test_what_a_killed_run_left_half_written_is_removed_when_it_resumes(run, capsys):
+    root = run / "checkpoints"
+    shard = root / ".step_000003.tmp" / "dcp" / "__0_0.distcp"  # killed inside a checkpoint write
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(b"\0" * 1000)
+    (root / ".best.tmp").mkdir()
+    (root / ".step_000002.damaged").mkdir()
+    for name in ("latest.tmp", "../config.yaml.tmp", "../metrics.jsonl.tmp", "../summary.json.tmp"):
+        (root / name).write_text("half")
+    (run / "mine.tmp").write_text("not a file a run writes")
+    (run / rundir.LOCK).write_text("999999999\n")  # the lock file of a killed run: no process holds its flock
+    runner.resume(run, steps=3)
+    err = capsys.readouterr().err
+    assert f"{run / rundir.LOCK} was left by PID 999999999, which is no longer running; taking it over" in err
+    removed = [root / ".best.tmp", root / ".step_000002.damaged", root / ".step_000003.tmp", root / "latest.tmp",
+               run / "config.yaml.tmp", run / "metrics.jsonl.tmp", run / "summary.json.tmp"]
+    assert f"removed {', '.join(map(str, removed))}: left half-written by a run that was killed or failed" in err
+    assert not any(p.exists() for p in removed) and not (run / rundir.LOCK).exists()
+    assert (run / "mine.tmp").read_text() == "not a file a run writes"
+    assert steps_of(run) == [1, 2, 3] and (root / "latest").read_text() == "step_000003"
 
 
 def test_an_edited_run_config_is_reported_and_the_checkpoint_config_resumes(run, capsys):

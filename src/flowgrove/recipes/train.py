@@ -24,7 +24,8 @@ from flowgrove.messages import program
 from flowgrove.parallel import distributed, faults
 from flowgrove.runs import rundir
 from flowgrove.runs.checkpoint import (CheckpointError, CheckpointWriteError, Choice, checkpoint_folders,
-                                       choose_checkpoint, discard_after, load_checkpoint, save_checkpoint)
+                                       choose_checkpoint, discard_after, load_checkpoint, remove_leftovers,
+                                       save_checkpoint)
 from flowgrove.runs.metrics import MetricsLogger, plot_reward_curves, read_metrics, save_grid
 from flowgrove.training.setup import build_trainer
 from flowgrove.training.trainer import EvalResult, GRPOTrainer, RewardFailedError, TrainingHalted
@@ -128,26 +129,41 @@ def _agreed(setup: Callable[[], T], everywhere: bool = False) -> T | None:
     return result
 
 
+def _take_folder(run_dir: Path, ready: Callable[[], None] = lambda: None) -> rundir.RunLock:
+    """Lock ``run_dir``, remove what a killed or failed run left half-written there (a note each), then
+    ``ready()``; the lock is released again when any of it fails."""
+    lock = rundir.RunLock(run_dir)
+    try:
+        if lock.stale_owner:
+            _note(f"{lock.path} was left by PID {lock.stale_owner}, which is no longer running; taking it over")
+        removed = remove_leftovers(run_dir)
+        if removed:
+            _note(f"removed {', '.join(map(str, removed))}: left half-written by a run that was killed or failed")
+        ready()
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def _claim_fresh(cfg: Config, target: str | Path | None, overwrite: bool) -> _Claim:
     """Create or check the folder of a fresh run, lock it and write its config."""
     run_dir = Path(target) if target else rundir.default_run_dir(cfg.method)
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = rundir.RunLock(run_dir)
-    try:
+
+    def ready() -> None:
         removed = rundir.clear_for_fresh_run(run_dir, overwrite, has_checkpoint=bool(checkpoint_folders(run_dir)))
         if removed:
-            _note(f"--overwrite: removed {', '.join(removed)} of an earlier partial run in {run_dir}")
+            _note(f"--overwrite: removed {', '.join(removed)} of an earlier run in {run_dir}")
         rundir.atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
-    except BaseException:
-        lock.release()
-        raise
-    return _Claim(run_dir, lock)
+
+    return _Claim(run_dir, _take_folder(run_dir, ready))
 
 
 def train(cfg: Config, run_dir: Path | None = None, overwrite: bool = False) -> RunResult:
     """A fresh run into ``run_dir`` (or ``run.out``, or a new ``runs/<method>-<time>-<hex>``).
 
-    A folder that holds a partial run without a checkpoint is only reused with ``overwrite``.
+    A folder that holds an earlier run is only reused with ``overwrite``, which removes every file that run wrote.
     """
     distributed.init_from_env(timeout=cfg.run.collective_timeout)
     target = run_dir or cfg.run.out or None
@@ -204,7 +220,7 @@ def _folder_settings(run_dir: Path, saved: dict) -> dict:
 def _lock_run(run_dir: Path) -> rundir.RunLock:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} does not exist; pass the folder of an earlier `flowgrove train` to --resume")
-    return rundir.RunLock(run_dir)
+    return _take_folder(run_dir)
 
 
 def resume(run_dir: Path, steps: int | None = None, checkpoint: str | None = None,

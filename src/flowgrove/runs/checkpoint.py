@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from flowgrove.messages import one_line
 from flowgrove.parallel import distributed
 from flowgrove.runs import sharded
-from flowgrove.runs.rundir import atomic_write_text
+from flowgrove.runs.rundir import atomic_write_text, partial_writes
 from flowgrove.training.parts import TrainingState
 
 T = TypeVar("T")
@@ -228,9 +228,25 @@ def save_named_checkpoint(training: TrainingState, run_dir: Path | None, name: s
     return final
 
 
+def _interrupted(root: Path) -> list[Path]:
+    """Folders of checkpoint writes (``.NAME.tmp``) or replacements (``.NAME.damaged``) that did not finish."""
+    return sorted(p for pattern in (".*.tmp", ".*.damaged") for p in root.glob(pattern) if p.is_dir())
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Remove what writes cut short by a kill or a fault left in a run folder: unfinished checkpoint folders, a
+    half-written ``checkpoints/latest`` and the temporary files of ``atomic_write_text``. Rank 0 calls it under
+    the run's lock, before the run starts or resumes; returns what it removed."""
+    root = Path(run_dir) / "checkpoints"
+    found = [*_interrupted(root), *[p for p in [root / f"{LATEST}.tmp"] if p.is_file()], *partial_writes(run_dir)]
+    for path in found:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return found
+
+
 def _prune(root: Path, keep: int, current: Path) -> None:
     """Remove leftovers of interrupted writes and all but the newest ``keep`` checkpoints (never ``current``)."""
-    for leftover in root.glob(".step_*"):
+    for leftover in _interrupted(root):
         shutil.rmtree(leftover, ignore_errors=True)
     for old in checkpoint_folders(root.parent)[keep:]:
         if old != current:
