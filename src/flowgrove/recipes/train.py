@@ -8,25 +8,24 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 import torch
 from tqdm import tqdm
 
-from flowgrove.config.files import parse_yaml
-from flowgrove.config.load import Config, ConfigError, build_config, config_to_yaml
-from flowgrove.config.resume import carried, flat_keys, resume_overrides
+from flowgrove.config.load import Config, config_to_yaml
+from flowgrove.config.resume import resume_overrides
 from flowgrove.evaluation.evaluate import snapshot
 from flowgrove.evaluation.monitor import Monitor
 from flowgrove.messages import program
 from flowgrove.parallel import distributed, faults
 from flowgrove.runs import rundir
-from flowgrove.runs.checkpoint import (CheckpointError, CheckpointWriteError, Choice, checkpoint_folders,
-                                       choose_checkpoint, discard_after, load_checkpoint, remove_leftovers,
-                                       save_checkpoint)
+from flowgrove.runs.checkpoint import (CheckpointWriteError, Choice, checkpoint_folders, load_checkpoint,
+                                       remove_leftovers, save_checkpoint)
 from flowgrove.runs.metrics import MetricsLogger, plot_reward_curves, read_metrics, save_grid
+from flowgrove.runs.resume import resume_plan, settle_run_dir
 from flowgrove.training.setup import build_trainer
 from flowgrove.training.trainer import EvalResult, GRPOTrainer, RewardFailedError, TrainingHalted
 
@@ -43,13 +42,6 @@ class RunResult:
 class _Claim:
     run_dir: Path
     lock: rundir.RunLock
-
-
-@dataclass
-class _ResumePlan:
-    choice: Choice
-    cfg: Config
-    saved_yaml: str  # the checkpoint's config.yaml as written
 
 
 class RunStopped(ValueError):
@@ -177,46 +169,6 @@ def train(cfg: Config, run_dir: Path | None = None, overwrite: bool = False) -> 
             claim.lock.release()
 
 
-def _resume_plan(run_dir: Path, checkpoint: str | None, changes: dict) -> _ResumePlan:
-    """The checkpoint to resume and its config, with the keys a resume may change taken from the run folder's
-    ``config.yaml`` (an earlier resume's or an edit) and then from ``changes`` (this resume's ``key=value``); a note
-    when it was written on another number of ranks, and one naming the keys taken from the folder."""
-    choice = choose_checkpoint(run_dir, checkpoint)
-    if choice is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint to resume (expected {run_dir}/checkpoints/step_N); "
-                                f"start afresh with `flowgrove train --out {run_dir} --overwrite`")
-    world, _ = distributed.world_size_and_rank()
-    if choice.state.world_size != world:
-        choice = replace(choice, notes=(*choice.notes, (
-            f"{choice.path.name} was written on {choice.state.world_size} process(es), this resume has {world}: "
-            "its sharded weights and optimizer state are resharded on load, and rollout.prompts_per_step is the "
-            "global batch, so the run continues with the same one")))
-    file = choice.path / "config.yaml"
-    saved_yaml = file.read_text()
-    try:
-        saved = parse_yaml(saved_yaml, str(file))
-        cfg = build_config([saved])
-    except Exception as err:  # noqa: BLE001  (YAML or schema errors of a config from another version)
-        raise CheckpointError(f"checkpoint file {file} is not a valid config ({str(err).splitlines()[0]}); "
-                              "pick another checkpoint with `--checkpoint step_N`") from None
-    kept = _folder_settings(run_dir, saved)
-    if kept:
-        choice = replace(choice, notes=(*choice.notes, f"taking {', '.join(sorted(flat_keys(kept)))} from "
-                                                       f"{run_dir / 'config.yaml'} (a resume may change them)"))
-    if kept or changes:
-        cfg = build_config([saved, kept, changes])
-    return _ResumePlan(choice, cfg, saved_yaml)
-
-
-def _folder_settings(run_dir: Path, saved: dict) -> dict:
-    """The layer of resumable keys the run folder's ``config.yaml`` changed from the checkpoint's config ``saved``;
-    nothing when the file is missing or unreadable (:func:`rundir.reconcile_config` reports that)."""
-    try:
-        return carried(saved, parse_yaml((run_dir / "config.yaml").read_text(), "config.yaml"))
-    except (OSError, ConfigError):
-        return {}
-
-
 def _lock_run(run_dir: Path) -> rundir.RunLock:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} does not exist; pass the folder of an earlier `flowgrove train` to --resume")
@@ -235,7 +187,7 @@ def resume(run_dir: Path, steps: int | None = None, checkpoint: str | None = Non
     lock = _agreed(lambda: _lock_run(run_dir))
     try:
         # rank 0 verifies every checksum (each shard once, not once per rank) and hands the plan to the others
-        plan = distributed.from_main(_agreed(lambda: _resume_plan(run_dir, checkpoint, changes)))
+        plan = distributed.from_main(_agreed(lambda: resume_plan(run_dir, checkpoint, changes)))
         if distributed.is_main():
             for note in plan.choice.notes:
                 _note(note)
@@ -246,20 +198,12 @@ def resume(run_dir: Path, steps: int | None = None, checkpoint: str | None = Non
         loaded = load_checkpoint(trainer.state(), plan.choice.path, plan.choice.state)
         trainer.restore(loaded.iteration, loaded.trainer)
         if distributed.is_main():
-            _settle_run_dir(run_dir, plan)
+            for note in settle_run_dir(run_dir, plan):
+                _note(note)
         return _run(plan.cfg, run_dir, trainer, resumed=plan.choice, base=base)
     finally:
         if lock:
             lock.release()
-
-
-def _settle_run_dir(run_dir: Path, plan: _ResumePlan) -> None:
-    """Drop checkpoints after the resumed one, point ``latest`` at it, and sync ``config.yaml`` with it."""
-    for path in discard_after(run_dir, plan.choice.path):
-        _note(f"removed {path}: the run continues from {plan.choice.path.name}")
-    note = rundir.reconcile_config(run_dir, plan.saved_yaml, config_to_yaml(plan.cfg))
-    if note:
-        _note(note)
 
 
 def _base_weights(trainer: GRPOTrainer) -> list[torch.Tensor] | None:

@@ -6,9 +6,9 @@ A checkpoint is the folder ``checkpoints/step_NNNNNN``. Every rank writes its sh
 temporary folder (rank 0 the DCP ``.metadata`` once all shards are written) and hashes the shards it wrote;
 then rank 0 writes the RNG and the config, and last ``state.json`` with the sha256 of every other file (every
 shard and the metadata included), and renames the folder into place. So a checkpoint is complete exactly when
-it has that name, its checksums verify and every file the DCP metadata names is among them; ``state.json`` holds
-the sha256 of its own other fields too, and a ``step_N`` folder's iteration must be N (an edited one is refused). A
-write that fails (a full disk) removes what it left and raises :class:`CheckpointWriteError`.
+it has that name, its checksums verify and every file the DCP metadata names is among them (``state.json`` seals
+itself too, see :mod:`flowgrove.runs.state`). A write that fails (a full disk) removes what it left and raises
+:class:`CheckpointWriteError`.
 ``checkpoints/latest`` is only a hint: resume takes the newest intact checkpoint and says so when that is not
 the one ``latest`` names. A step already on disk is never written again, and a folder is only removed once a
 newer intact one is in place. The saving functions are collective under torchrun: every rank calls them (rank
@@ -24,13 +24,11 @@ iteration number restores them exactly; the global torch RNG (rank 0's) is saved
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import shutil
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -41,36 +39,14 @@ from flowgrove.messages import one_line
 from flowgrove.parallel import distributed
 from flowgrove.runs import sharded
 from flowgrove.runs.rundir import atomic_write_text, partial_writes
+from flowgrove.runs.state import (PICK, STATE, STEP_NAME, CheckpointError, CheckpointState,  # noqa: F401 (re-exported)
+                                  CheckpointWriteError, read_state, state_checksum, write_state)
 from flowgrove.training.parts import TrainingState
 
 T = TypeVar("T")
 LATEST = "latest"
-STATE = "state.json"
 SHARDS = "dcp"  # the DCP folder of a checkpoint
 REQUIRED = (f"{SHARDS}/{sharded.METADATA}", "rng.safetensors", "config.yaml")
-_NAME = re.compile(r"step_(\d+)")
-_PICK = "pick another with `--checkpoint step_N` or resume without it to take the newest intact one"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, truncated or corrupt; the message names the file and the fix (one line)."""
-
-
-class CheckpointWriteError(CheckpointError):
-    """A checkpoint could not be written (a full disk, a read-only folder); what the write left was removed and the
-    checkpoints written before are as they were. The message names the checkpoint and the OS error (one line)."""
-
-
-@dataclass(frozen=True)
-class CheckpointState:
-    """What ``state.json`` records besides the weights."""
-
-    iteration: int
-    world_size: int  # processes of the run that wrote it (DCP reshards for another number on load)
-    wall_seconds: float  # training wall time of the whole run up to this checkpoint, over all resumes
-    files: dict  # file name -> sha256 hex digest of every other file in the folder
-    trainer: dict = field(default_factory=dict)  # TrainingState.counters: counters that last across steps
-    checksum: str = ""  # sha256 of state.json's other fields (see state_checksum); "" in an older flowgrove's
 
 
 @dataclass(frozen=True)
@@ -92,17 +68,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def state_checksum(data: dict) -> str:
-    """sha256 of ``state.json``'s fields other than ``checksum``, as canonical JSON (sorted keys, no spaces)."""
-    body = {key: value for key, value in data.items() if key != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def write_state(folder: Path, data: dict) -> None:
-    """Write ``folder/state.json``: ``data`` and the checksum of its own content."""
-    (Path(folder) / STATE).write_text(json.dumps({**data, "checksum": state_checksum(data)}, indent=1))
 
 
 def _write(folder: Path, name: str, writer: Callable[[Path], None]) -> None:
@@ -254,43 +219,14 @@ def _prune(root: Path, keep: int, current: Path) -> None:
 
 
 def _step(path: Path) -> int:
-    return int(_NAME.fullmatch(path.name).group(1))
+    return int(STEP_NAME.fullmatch(path.name).group(1))
 
 
 def checkpoint_folders(run_dir: Path) -> list[Path]:
     """``checkpoints/step_*`` folders of a run, newest first (complete by name, not yet verified)."""
     root = Path(run_dir) / "checkpoints"
-    found = [p for p in root.glob("step_*") if p.is_dir() and _NAME.fullmatch(p.name)] if root.is_dir() else []
+    found = [p for p in root.glob("step_*") if p.is_dir() and STEP_NAME.fullmatch(p.name)] if root.is_dir() else []
     return sorted(found, key=_step, reverse=True)
-
-
-def read_state(path: Path) -> CheckpointState:
-    """``state.json`` of a checkpoint folder, checked for shape, against its own checksum and, in a ``step_N``
-    folder, against the folder's step (not yet the checksums of the other files)."""
-    file = Path(path) / STATE
-    try:
-        data = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {file} is missing; the checkpoint is incomplete: {_PICK}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"checkpoint file {file} is truncated or not JSON; {_PICK}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
-        raise CheckpointError(f"checkpoint file {file} lists no file checksums (written by an older flowgrove or "
-                              f"damaged); {_PICK}, or start a new run")
-    try:
-        state = CheckpointState(int(data["iteration"]), int(data.get("world_size", 1)),
-                                float(data.get("wall_seconds", 0.0)), dict(data["files"]), dict(data.get("trainer", {})),
-                                str(data.get("checksum", "")))
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"checkpoint file {file} has no valid iteration; {_PICK}") from None
-    if state.checksum and state.checksum != state_checksum(data):
-        raise CheckpointError(f"checkpoint file {file} does not match its own checksum (edited or damaged after it "
-                              f"was written); {_PICK}")
-    named = _NAME.fullmatch(Path(path).name)
-    if named and int(named.group(1)) != state.iteration:
-        raise CheckpointError(f"checkpoint file {file} says iteration {state.iteration}, but its folder is "
-                              f"{Path(path).name}; {_PICK}")
-    return state
 
 
 def verify_checkpoint(path: Path) -> CheckpointState:
@@ -300,15 +236,15 @@ def verify_checkpoint(path: Path) -> CheckpointState:
     missing = sorted(set(REQUIRED) - set(state.files))
     if missing and "trainable.safetensors" in state.files:
         raise CheckpointError(f"checkpoint {path} is in the single-file format of an older flowgrove (no {SHARDS}/); "
-                              f"{_PICK}, or resume it with the flowgrove version that wrote it")
+                              f"{PICK}, or resume it with the flowgrove version that wrote it")
     if missing:
-        raise CheckpointError(f"checkpoint {path} has no {missing[0]} in {STATE}; the checkpoint is incomplete: {_PICK}")
+        raise CheckpointError(f"checkpoint {path} has no {missing[0]} in {STATE}; the checkpoint is incomplete: {PICK}")
     for name, digest in sorted(state.files.items()):
         file = path / name
         if not file.is_file():
-            raise CheckpointError(f"checkpoint file {file} is missing; {_PICK}")
+            raise CheckpointError(f"checkpoint file {file} is missing; {PICK}")
         if _sha256(file) != digest:
-            raise CheckpointError(f"checkpoint file {file} is truncated or corrupt (its sha256 differs from {STATE}); {_PICK}")
+            raise CheckpointError(f"checkpoint file {file} is truncated or corrupt (its sha256 differs from {STATE}); {PICK}")
     _check_shards(path, state)
     return state
 
@@ -320,7 +256,7 @@ def _check_shards(path: Path, state: CheckpointState) -> None:
     absent = sorted(n for n in names if f"{SHARDS}/{n}" not in state.files)
     if absent:
         raise CheckpointError(f"checkpoint file {folder / absent[0]} is missing (its DCP metadata names it); "
-                              f"the checkpoint is incomplete: {_PICK}")
+                              f"the checkpoint is incomplete: {PICK}")
 
 
 def _intact(path: Path) -> bool:
@@ -333,7 +269,7 @@ def _intact(path: Path) -> bool:
 
 def _named(run_dir: Path, name: str) -> Path:
     """The folder of an explicit ``--checkpoint step_N`` (any zero padding)."""
-    match = _NAME.fullmatch(name.strip())
+    match = STEP_NAME.fullmatch(name.strip())
     path = Path(run_dir) / "checkpoints" / (checkpoint_name(int(match.group(1))) if match else name)
     if not path.is_dir():
         have = ", ".join(p.name for p in checkpoint_folders(run_dir)) or "none"
@@ -349,7 +285,7 @@ def _pointer_note(root: Path, chosen: Path) -> str | None:
     named = pointer.read_text(errors="replace").strip()
     if named == chosen.name:
         return None
-    if not (root / named).is_dir() or not _NAME.fullmatch(named):
+    if not (root / named).is_dir() or not STEP_NAME.fullmatch(named):
         return f"{pointer} names {named!r}, which does not exist"
     return f"{pointer} names {named}, but {chosen.name} is newer"
 
@@ -391,7 +327,7 @@ def _unsealed_note(path: Path, state: CheckpointState) -> tuple[str, ...]:
 def discard_after(run_dir: Path, chosen: Path) -> list[Path]:
     """Remove the checkpoints newer than ``chosen`` (damaged, or of a future the run is going back from) and
     point ``latest`` at ``chosen``. Returns what was removed."""
-    limit = _step(chosen) if _NAME.fullmatch(chosen.name) else read_state(chosen).iteration  # e.g. ``best``
+    limit = _step(chosen) if STEP_NAME.fullmatch(chosen.name) else read_state(chosen).iteration  # e.g. ``best``
     newer = [p for p in checkpoint_folders(run_dir) if _step(p) > limit]
     atomic_write_text(Path(run_dir) / "checkpoints" / LATEST, chosen.name)
     for path in newer:
@@ -413,7 +349,7 @@ def _read(file: Path, loader: Callable[[Path], object]) -> object:
     try:
         return loader(file)
     except Exception as err:  # noqa: BLE001  (safetensors, pickle and zip errors of a damaged file)
-        raise CheckpointError(f"checkpoint file {file} cannot be read ({type(err).__name__}); {_PICK}") from None
+        raise CheckpointError(f"checkpoint file {file} cannot be read ({type(err).__name__}); {PICK}") from None
 
 
 def load_checkpoint(training: TrainingState, path: Path, state: CheckpointState | None = None) -> CheckpointState:
@@ -427,6 +363,6 @@ def load_checkpoint(training: TrainingState, path: Path, state: CheckpointState 
         sharded.load(training, path / SHARDS)
     except sharded.ShardedError as err:
         raise CheckpointError(f"checkpoint {path} does not fit this trainer ({err}); was it written with another "
-                              f"policy or LoRA setting? {_PICK}") from None
+                              f"policy or LoRA setting? {PICK}") from None
     torch.set_rng_state(_read(path / "rng.safetensors", lambda f: load_file(str(f)))["torch_rng"])
     return state

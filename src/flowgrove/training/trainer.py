@@ -22,35 +22,11 @@ from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, Pr
 from flowgrove.rewards.base import RewardFn
 from flowgrove.rewards.scoring import RewardFailure, score_rewards
 from flowgrove.training import credit, method
+from flowgrove.training.halts import (NonFiniteRewardError, NonFiniteUpdatesError, RewardFailedError,  # noqa: F401
+                                      TrainingHalted, halt_on_bad_rewards)
 from flowgrove.training.heldout import EvalResult, HeldOut, evaluate_policy, ode_images  # noqa: F401 (ode_images: re-exported)
 from flowgrove.training.parts import TrainerParts, TrainingState, build_parts
 from flowgrove.training.rollout import NoiseSource, Rollout, Transitions, decode_batched, rescore, rescore_step, rollout
-
-
-class TrainingHalted(RuntimeError):
-    """The run cannot go on; the trainer still holds the last good state, which the runner checkpoints.
-    ``metrics`` holds the metrics of the step that ended it, when it completed (None otherwise)."""
-
-    def __init__(self, message: str, metrics: dict[str, float] | None = None):
-        super().__init__(message)
-        self.metrics = metrics
-
-
-class NonFiniteRewardError(TrainingHalted):
-    """A reward model returned NaN or inf; the step is abandoned before any weight changes."""
-
-
-class RewardFailedError(TrainingHalted):
-    """A reward raised (a server that died or answers errors) on some rank; the step is abandoned before any weight
-    changes. ``reward`` names it (None on the ranks where it did not fail)."""
-
-    def __init__(self, message: str, reward: str | None = None):
-        super().__init__(message)
-        self.reward = reward
-
-
-class NonFiniteUpdatesError(TrainingHalted):
-    """Too many consecutive optimizer steps were skipped for a NaN/inf loss or gradient norm."""
 
 
 @dataclass
@@ -189,26 +165,8 @@ class GRPOTrainer:
                 raw = torch.stack([r.to(self.device) for r in score_rewards(self.rewards, images, prompts)])  # [K, N]
             except RewardFailure as err:
                 failure = err
-        self._halt_on_bad_rewards(raw, failure, prompts)
+        halt_on_bad_rewards(raw, failure, list(self.rewards), prompts, self.iteration + 1)
         return raw
-
-    def _halt_on_bad_rewards(self, raw: Tensor | None, failure: RewardFailure | None, prompts: list[str]) -> None:
-        """Raise on every rank when a reward raised (``failure``) or a score of ``raw`` [K, N] is NaN/inf on any rank."""
-        bad = ~torch.isfinite(raw) if raw is not None else None  # [K, N]
-        # 2: a reward raised, 1: NaN/inf, 0: fine; every rank raises the worst, so no collective is left waiting
-        worst = distributed.max_over_ranks(2.0 if failure is not None else float(bool(bad.any())))
-        step = self.iteration + 1
-        if worst == 2.0:
-            what = f"reward {failure.name!r} failed ({failure.detail})" if failure else "a reward failed on another rank"
-            raise RewardFailedError(f"{what} at step {step}; the step was skipped and no weights changed",
-                                    failure.name if failure else None)
-        if worst == 1.0:
-            names = [name for k, name in enumerate(self.rewards) if bad[k].any()]
-            where = f" (e.g. for prompt {prompts[int(bad.any(0).nonzero()[0])]!r})" if bad.any() else " on another rank"
-            raise NonFiniteRewardError(
-                f"reward(s) {names} returned NaN/inf at step {step}{where}; the step was "
-                "skipped and no weights changed. Check the reward model and its inputs, then resume from the last checkpoint."
-            )
 
     @staticmethod
     def _gather(rows: Tensor, share: rank_share.RankShare) -> Tensor:
