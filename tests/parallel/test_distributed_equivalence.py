@@ -103,7 +103,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     results["joined_again"] = distributed.init_from_env()  # a second call keeps the group
     results.update({case: _run(case) for case in CASES})
     results["reductions"] = [_ddp_reductions(micro_batch) for micro_batch in (100000, 3)]
-    results["nan"] = _nan_on_rank_one(rank)
+    results["nan"] = _bad_reward_on_rank_one(rank, "nan")
+    results["raises"] = _bad_reward_on_rank_one(rank, "raises")
     torch.save(results, f"{out}/rank{rank}.pt")
     from conftest import end_worker
 
@@ -127,13 +128,16 @@ def _ddp_reductions(micro_batch: int) -> tuple[int, int]:
     return len(calls), trainer.optimizer_steps()
 
 
-def _nan_on_rank_one(rank: int) -> dict:
-    """A reward that is NaN on rank 1 only: both ranks must stop the step (no rank left waiting in a collective)."""
+def _bad_reward_on_rank_one(rank: int, kind: str) -> dict:
+    """A reward that is NaN (``kind`` "nan") or raises ("raises") on rank 1 only: both ranks must stop the step (no
+    rank left waiting in a collective), each with its own message."""
     from conftest import TinyPolicy, brightness
 
-    from flowgrove.training.trainer import GRPOTrainer, NonFiniteRewardError
+    from flowgrove.training.trainer import GRPOTrainer, TrainingHalted
 
     def reward(images, prompts):
+        if rank == 1 and kind == "raises":
+            raise RuntimeError("the reward server is gone")
         return brightness(images, prompts) * (float("nan") if rank == 1 else 1.0)
 
     cfg = load_config(None, COMMON + ["rollout.prompts_per_step=2", "rollout.group_size=4"], method="dancegrpo")
@@ -142,12 +146,12 @@ def _nan_on_rank_one(rank: int) -> dict:
     before = [engine.full_value(p.detach()).clone() for p in trainer.params]
     try:
         trainer.step()
-    except NonFiniteRewardError as err:
-        message = str(err)
+    except TrainingHalted as err:
+        message, error = str(err), type(err).__name__
     else:
-        message = ""
+        message, error = "", ""
     unchanged = all(torch.equal(b, engine.full_value(p.detach())) for b, p in zip(before, trainer.params))
-    return {"message": message, "unchanged": unchanged, "iteration": trainer.iteration}
+    return {"message": message, "error": error, "unchanged": unchanged, "iteration": trainer.iteration}
 
 
 def _free_port() -> int:
@@ -212,6 +216,15 @@ def test_fsdp2_shards_the_weights_and_ddp_replicates_them(ranks):
 def test_a_nan_reward_on_one_rank_stops_every_rank(ranks):
     r0, r1 = ranks[0]["nan"], ranks[1]["nan"]
     assert "on another rank" in r0["message"] and "for prompt" in r1["message"]
+    assert r0["error"] == r1["error"] == "NonFiniteRewardError"
+    assert r0["unchanged"] and r1["unchanged"] and r0["iteration"] == r1["iteration"] == 0
+
+
+def test_a_reward_that_raises_on_one_rank_stops_every_rank(ranks):
+    r0, r1 = ranks[0]["raises"], ranks[1]["raises"]
+    assert r0["message"].startswith("a reward failed on another rank at step 1; the step was skipped")
+    assert r1["message"].startswith("reward 'brightness' failed (RuntimeError: the reward server is gone) at step 1")
+    assert r0["error"] == r1["error"] == "RewardFailedError"
     assert r0["unchanged"] and r1["unchanged"] and r0["iteration"] == r1["iteration"] == 0
 
 

@@ -18,9 +18,8 @@ from pathlib import Path
 import yaml
 
 from flowgrove.runs.metrics import read_metrics
-from flowgrove.runs.rundir import atomic_write_text
+from flowgrove.runs.rundir import BEST_FILE, EVAL_FILE, GRIDS, REPORT, atomic_write_text
 
-REPORT = "report.html"
 _PHASES = ("eval_start", "eval_best", "eval_end")  # summary.json's evaluations, shown side by side
 HYBRID = "eval/hybrid/"  # as flowgrove.evaluation.evaluate.HYBRID (not imported: the report needs no torch)
 _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
@@ -101,7 +100,7 @@ def _before_after_grids(run_dir: Path) -> str:
 
 def _grids(run_dir: Path) -> str:
     """Each evaluation's grid, with the hybrid-inference grid of the same step beside it when there is one."""
-    grids = run_dir / "eval_grids"
+    grids = run_dir / GRIDS
     files = sorted(grids.glob("step_*.png")) if grids.is_dir() else []
     rows = []
     for p in files:
@@ -193,8 +192,8 @@ def _evaluations(evals: list[dict]) -> list[str]:
 def render_report(run_dir: Path) -> str:
     """The HTML text of the report of ``run_dir``."""
     run_dir = Path(run_dir)
-    train, evals = read_metrics(run_dir / "metrics.jsonl"), read_metrics(run_dir / "eval.jsonl")
-    best = _read_json(run_dir / "best.json")
+    train, evals = read_metrics(run_dir / "metrics.jsonl"), read_metrics(run_dir / EVAL_FILE)
+    best = _read_json(run_dir / BEST_FILE)
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
     periodic = bool(evals) or _eval_every(config) != 0
     best_line = (f"<p>checkpoints/best: step {best['step']} ({best['criterion']} score {best['score']:.4f})</p>"

@@ -19,28 +19,15 @@ from flowgrove.grpo.losses import ema_decay, kl_std, loss_weight, ppo_clip_loss,
 from flowgrove.parallel import distributed, engine, rank_share
 from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, PromptRows
 from flowgrove.rewards.base import RewardFn
-from flowgrove.rewards.scoring import score_rewards
+from flowgrove.rewards.scoring import RewardFailure, score_rewards
 from flowgrove.training import credit, method
+from flowgrove.training.halts import (NonFiniteRewardError, NonFiniteUpdatesError, RewardFailedError,  # noqa: F401
+                                      TrainingHalted, halt_on_bad_rewards)
 from flowgrove.training.heldout import EvalResult, HeldOut, evaluate_policy, ode_images  # noqa: F401 (ode_images: re-exported)
 from flowgrove.training.parts import TrainerParts, TrainingState, UpdateStats, build_parts
 from flowgrove.training.rollout import NoiseSource, Rollout, Transitions, decode_batched, rescore, rescore_step, rollout
 
 
-class TrainingHalted(RuntimeError):
-    """The run cannot go on; the trainer still holds the last good state, which the runner checkpoints.
-    ``metrics`` holds the metrics of the step that ended it, when it completed (None otherwise)."""
-
-    def __init__(self, message: str, metrics: dict[str, float] | None = None):
-        super().__init__(message)
-        self.metrics = metrics
-
-
-class NonFiniteRewardError(TrainingHalted):
-    """A reward model returned NaN or inf; the step is abandoned before any weight changes."""
-
-
-class NonFiniteUpdatesError(TrainingHalted):
-    """Too many consecutive optimizer steps were skipped for a NaN/inf loss or gradient norm."""
 
 
 def step_generator(seed: int, iteration: int, stream: int, rank: int = 0) -> torch.Generator:
@@ -155,20 +142,18 @@ class GRPOTrainer:
 
     def score(self, ro: Rollout, cond_prompts: Sequence[str] | None = None) -> Tensor:
         """Rewards [K, N_leaves] of the decoded leaves, whose ``leaf_cond_index`` indexes ``cond_prompts`` (default:
-        the training prompts); NaN or inf stops the step with a clear message."""
+        the training prompts). A reward that raises, or NaN or inf, on any rank stops the step on every rank with a
+        clear message (:class:`RewardFailedError`, :class:`NonFiniteRewardError`), before any weight changes."""
         cond_prompts = self.prompts if cond_prompts is None else cond_prompts
+        raw, failure = None, None
         with torch.no_grad():
             images = decode_batched(self.policy, ro.leaves, self.cfg.rollout.decode_batch)  # [N, 3, H, W] in [0, 1]
             prompts = [cond_prompts[i] for i in ro.leaf_cond_index.tolist()]
-            raw = torch.stack([r.to(self.device) for r in score_rewards(self.rewards, images, prompts)])  # [K, N]
-        bad = ~torch.isfinite(raw)
-        if distributed.any_rank(bool(bad.any())):  # every rank raises, so no collective is left waiting
-            names = [name for k, name in enumerate(self.rewards) if bad[k].any()]
-            where = f" (e.g. for prompt {prompts[int(bad.any(0).nonzero()[0])]!r})" if bad.any() else " on another rank"
-            raise NonFiniteRewardError(
-                f"reward(s) {names} returned NaN/inf at step {self.iteration + 1}{where}; the step was "
-                "skipped and no weights changed. Check the reward model and its inputs, then resume from the last checkpoint."
-            )
+            try:
+                raw = torch.stack([r.to(self.device) for r in score_rewards(self.rewards, images, prompts)])  # [K, N]
+            except RewardFailure as err:
+                failure = err
+        halt_on_bad_rewards(raw, failure, list(self.rewards), prompts, self.iteration + 1)
         return raw
 
     @staticmethod
