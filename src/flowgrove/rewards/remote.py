@@ -9,6 +9,7 @@ be split into chunks of ``batch_size`` that are sent ``concurrency`` at a time.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
