@@ -127,6 +127,17 @@ def _check_train(cfg: Config) -> None:
                           "(0 = all of them)")
     if not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas={list(t.betas)} must both be in [0, 1); for example train.betas=[0.9,0.999]")
+    if t.trust_region == "clip" and t.clip_range <= 0:
+        raise ConfigError(f"train.clip_range={t.clip_range} must be > 0 with train.trust_region=clip (PPO's clip of the "
+                          "importance ratio); or set train.trust_region=dppo")
+    if t.trust_region == "dppo" and t.trust_region_kl <= 0:
+        raise ConfigError(f"train.trust_region_kl={t.trust_region_kl} must be > 0 with train.trust_region=dppo (the bound on "
+                          "the exact KL to the rollout step; Flow-DPPO uses 1e-5)")
+    std_keys = [key for key, on in (("train.ratio_norm", t.ratio_norm != "none"), ("train.step_weight", t.step_weight == "tempflow"),
+                                    ("train.trust_region", t.trust_region == "dppo")) if on]
+    if std_keys and cfg.sampler.noise_level <= 0:
+        raise ConfigError(f"{', '.join(std_keys)} need{'s' * (len(std_keys) == 1)} SDE steps with noise, but "
+                          f"sampler.noise_level={cfg.sampler.noise_level}; set sampler.noise_level > 0")
 
 
 def _check_reward_names(cfg: Config) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowgrove.grpo.losses import EMA_SCHEDULES
+from flowgrove.grpo.losses import EMA_SCHEDULES, RATIO_NORMS, STEP_WEIGHTS, TRUST_REGIONS
 from flowgrove.grpo.plans import STRATEGIES, TAILS
 from flowgrove.grpo.tree import FUSION_MODES
 from flowgrove.samplers.schedules import TAIL_SPACINGS
@@ -131,6 +131,10 @@ class TrainConfig:
     kl_scale: str = _f("exact", "KL term: exact transition KL, or reference (Flow-GRPO: ||dmu||^2 / 2g^2 = exact KL * dsigma).", ("exact", "reference"))
     loss_scale: str = _f("mean", "Loss per optimizer step: mean over its transitions, or reference (BranchGRPO: sum / (G * edges per tree)).", ("mean", "reference"))
     ema_schedule: str = _f("update", "EMA: every optimizer step (update), once per rollout (dancegrpo), or Flow-GRPO's min((1+s)/(10+s), decay) every 8 steps (flowgrpo).", tuple(EMA_SCHEDULES))
+    ratio_norm: str = _f("none", "Importance ratio: none (exp of the log-prob difference) or grpo_guard (GRPO-Guard's RatioNorm: the log-ratio plus the exact KL to the rollout step, times the transition std: centred on 1, one scale at every step).", tuple(RATIO_NORMS))
+    step_weight: str = _f("none", "Per-step weight of the policy loss: none, grpo_guard (GRPO-Guard: 1 / (sigma - sigma_next)) or tempflow (TempFlow-GRPO: the step's transition std over its mean on the trainable steps).", tuple(STEP_WEIGHTS))
+    trust_region: str = _f("clip", "clip (PPO's ratio clip, train.clip_range) or dppo (Flow-DPPO: no clip; a transition whose exact KL to the rollout step reaches train.trust_region_kl while the update pushes it further gets no gradient).", tuple(TRUST_REGIONS))
+    trust_region_kl: float = _f(1e-5, "dppo: bound on the exact per-dimension Gaussian KL between the current and the rollout policy's step.", low=0)
 
 
 @dataclass

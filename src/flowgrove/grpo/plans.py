@@ -293,6 +293,7 @@ class RolloutSpec:
     split_noise_scale: float = 1.0
     split_logprob_std: str = "drawn"  # split children scored with the std they were drawn with, or "reference" (unscaled)
     chunk_size: int = 0  # rows per model call; 0 = everything at once
+    keep_mean: bool = False  # store each trained transition's mean (the rollout policy's step, for a drift KL)
 
     def children(self, step: int) -> int:
         return self.branching[step] if self.branching else 1

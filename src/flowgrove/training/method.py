@@ -12,6 +12,8 @@ from flowgrove.config.checks import split_steps, trainable_positions, window_pos
 from flowgrove.config.schema import Config
 from flowgrove.grpo import plans, selection, tree
 from flowgrove.samplers import schedules
+from flowgrove.samplers.family import StepFamily
+from flowgrove.samplers.steps import noise_g
 
 
 def base_sigmas(cfg: Config, num_steps: int | None = None) -> Tensor:
@@ -67,7 +69,27 @@ def rollout_spec(cfg: Config, plan: plans.StepPlan) -> plans.RolloutSpec:
     return plans.RolloutSpec(plan=plan, noise=cfg.sampler.noise, noise_level=cfg.sampler.noise_level,
                        reward_image=cfg.sampler.reward_image, branching=branching,
                        split_noise_scale=cfg.tree.split_noise_scale, split_logprob_std=cfg.tree.split_logprob_std,
-                       chunk_size=cfg.sampler.chunk_size)
+                       chunk_size=cfg.sampler.chunk_size, keep_mean=needs_rollout_mean(cfg))
+
+
+def needs_rollout_mean(cfg: Config) -> bool:
+    """Whether the loss reads the drift KL to the rollout policy's step, so rollouts store their transition means
+    (``train.ratio_norm=grpo_guard``, ``train.trust_region=dppo``); otherwise they are not kept."""
+    return cfg.train.ratio_norm != "none" or cfg.train.trust_region == "dppo"
+
+
+def mean_trained_std(cfg: Config, family: StepFamily) -> float:
+    """Mean transition std (split scale excluded) of the steps a run may train, on the configured grid: the first
+    ``train.first_k`` under ``train.timesteps=first_k``, the window positions of a window, else every trainable
+    position (TempFlow-GRPO's normaliser)."""
+    n = window_positions(cfg) if cfg.window.enabled else trainable_positions(cfg)
+    if cfg.train.timesteps == "first_k" and cfg.train.first_k:
+        n = cfg.train.first_k
+    sigmas = base_sigmas(cfg)
+    sigma, sigma_next = sigmas[:n], sigmas[1:n + 1]  # [n] each
+    g = noise_g(cfg.sampler.noise, cfg.sampler.noise_level, sigma, sigma_next)  # [n]
+    zeros = torch.zeros(n, 1)  # a step's std depends on its sigmas and g alone, not on the latent or the model output
+    return family.sde(zeros, zeros, sigma, sigma_next, g, x_next=zeros).std.mean().item()
 
 
 def store_mask(cfg: Config, plan: plans.StepPlan, num_chains: int, generator: torch.Generator) -> Tensor | None:

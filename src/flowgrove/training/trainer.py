@@ -16,11 +16,12 @@ from torch import Tensor
 from flowgrove.config.load import Config
 from flowgrove.grpo import selection, tree
 from flowgrove.grpo.advantages import aggregate_rewards
-from flowgrove.grpo.losses import ema_decay, kl_std, loss_weight, ppo_clip_loss, transition_kl
+from flowgrove.grpo.losses import TrustRegion, ema_decay, kl_std, loss_weight, policy_loss, step_weights, transition_kl
 from flowgrove.parallel import distributed, engine, rank_share
 from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, PromptRows
 from flowgrove.rewards.base import RewardFn
 from flowgrove.rewards.scoring import score_rewards
+from flowgrove.samplers.family import step_family
 from flowgrove.training import credit, method
 from flowgrove.training.heldout import EvalResult, HeldOut, evaluate_policy, ode_images  # noqa: F401 (ode_images: re-exported)
 from flowgrove.training.parts import TrainerParts, TrainingState, build_parts
@@ -86,6 +87,7 @@ class GRPOTrainer:
         t = cfg.train
         self.ema = [p.detach().clone() for p in self.params] if t.ema_decay > 0 else None  # sharded as the weights
         self.reference = [p.detach().clone() for p in self.params] if t.kl_beta > 0 else None
+        self.mean_std = method.mean_trained_std(cfg, step_family(policy))  # train.step_weight=tempflow's normaliser
         with torch.no_grad():  # text encoders run once per prompt
             self.cond = None if rows is not None else policy.encode_prompts(self.prompts).to(self.device)  # [P_all, ...]
             same = self.test_prompts is self.prompts and self.cond is not None
@@ -298,7 +300,11 @@ class GRPOTrainer:
                 _, ref_mean = rescore(self.policy, batch, cond)
         step = self.engine.forward(lambda: rescore_step(self.policy, batch, cond))  # DDP sees the training forward
         log_prob, mean = step.log_prob, step.mean
-        out = ppo_clip_loss(log_prob, batch.old_log_prob, adv, t.clip_range, self.cfg.advantage.clip)
+        drift = None if batch.old_mean is None else transition_kl(mean, batch.old_mean, step.std)  # [E] to the rollout step
+        weights = step_weights(t.step_weight, batch.sigma, batch.sigma_next, step.std / batch.noise_scale, self.mean_std)
+        region = TrustRegion(t.trust_region, t.clip_range, t.trust_region_kl)
+        out = policy_loss(log_prob, batch.old_log_prob, adv, self.cfg.advantage.clip, region, ratio_norm=t.ratio_norm,
+                          drift_kl=drift, std=step.std, weights=weights)
         loss, logs = out.loss, {"loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
                                 "approx_kl": out.approx_kl.item(), "ratio_dev": (out.ratio - 1).abs().max().item()}
         if ref_mean is not None:
