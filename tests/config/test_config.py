@@ -68,3 +68,10 @@ def test_loss_terms_that_need_noise_or_a_bound_are_refused_before_any_model_load
     cfg = load_config(None, ["train.trust_region=dppo", "train.clip_range=0.0"])  # dppo has no clip
     assert cfg.train.trust_region == "dppo"
 
+
+def test_guard_and_tempflow_presets_set_their_terms():
+    guard, tempflow = load_config(method="grpo-guard"), load_config(method="tempflow-grpo")
+    assert (guard.train.ratio_norm, guard.train.step_weight, guard.train.trust_region) == ("grpo_guard", "grpo_guard", "clip")
+    assert tempflow.train.step_weight == "tempflow" and tempflow.train.ratio_norm == "none"
+    assert tempflow.window.enabled and tempflow.window.size == 1 and tempflow.rollout.same_noise_in_group
+    assert load_config().train.trust_region == "clip" and load_config().train.ratio_norm == "none"

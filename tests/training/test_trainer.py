@@ -20,7 +20,8 @@ def make(method_name: str, *extra: str, reward=brightness) -> GRPOTrainer:
     return GRPOTrainer(cfg, TinyPolicy(), {"brightness": reward}, ["zero", "one", "two"])
 
 
-@pytest.mark.parametrize("name", ["dancegrpo", "flowgrpo", "mixgrpo", "mixgrpo-flash-star", "branchgrpo", "branchgrpo-mix"])
+@pytest.mark.parametrize("name", ["dancegrpo", "flowgrpo", "mixgrpo", "mixgrpo-flash-star", "branchgrpo", "branchgrpo-mix",
+                                  "grpo-guard", "tempflow-grpo"])
 def test_first_ratio_is_one_and_weights_move(name):
     trainer = make(name, "rollout.prompts_per_step=1" if name.startswith("branch") else "train.seed=0")
     before = [p.detach().clone() for p in trainer.params]
@@ -158,7 +159,7 @@ def test_tempflow_normaliser_is_the_references_constant_on_flow_grpos_grid():
     from flowgrove.samplers.family import FLOW_STEPS
 
     assert 1 / method.mean_trained_std(load_config(method="flowgrpo"), FLOW_STEPS) == pytest.approx(2.25, abs=0.005)
-    cfg = load_config(None, ["sampler.num_steps=10"], method="mixgrpo")  # a window: the mean over the positions it visits (0..7 of 10)
+    cfg = load_config(method="tempflow-grpo")  # a window: the mean over the positions it visits (0..7 of 10)
     sigmas = method.base_sigmas(cfg)[:9]
     g = 0.7 * torch.sqrt(sigmas[:-1] / (1 - torch.where(sigmas[:-1] >= 1, sigmas[1:], sigmas[:-1])))
     want = (g * (sigmas[:-1] - sigmas[1:]).sqrt()).mean().item()
