@@ -88,13 +88,20 @@ def observe(trainer: GRPOTrainer, advantages=None) -> dict:
     return seen
 
 
-@pytest.mark.parametrize("name", ["dancegrpo", "flowgrpo", "mixgrpo", "branchgrpo", "branchgrpo-mix"])
-def test_one_update_moves_log_probs_with_the_sign_of_the_advantage(name):
+GUARD_TEMPFLOW_DPPO = ("train.ratio_norm=grpo_guard", "train.step_weight=tempflow", "train.trust_region=dppo")
+
+
+@pytest.mark.parametrize(("name", "terms"), [(n, ()) for n in ("dancegrpo", "flowgrpo", "mixgrpo", "branchgrpo", "branchgrpo-mix",
+                                                                "grpo-guard", "tempflow-grpo")]
+                         + [("flowgrpo", GUARD_TEMPFLOW_DPPO), ("branchgrpo", GUARD_TEMPFLOW_DPPO)])
+def test_one_update_moves_log_probs_with_the_sign_of_the_advantage(name, terms):
     # Advantages +1 / -1 by node parity (in a tree, siblings get opposite signs). After one AdamW step on
     # -mean(A * ratio) the log-prob of the +1 transitions rises and that of the -1 transitions falls, on average
-    # and for most transitions (measured: 61-88 % agree; a flipped loss sign gives the complement).
+    # and for most transitions (measured: 61-88 % agree; a flipped loss sign gives the complement). The same holds
+    # with GRPO-Guard's re-centred ratio, TempFlow's weights and Flow-DPPO's trust region (a flipped re-centring or
+    # a mask on the wrong side would not).
     extra = ["rollout.prompts_per_step=1"] if name.startswith("branch") else []
-    trainer = make(name, *ONE_STEP, *extra)
+    trainer = make(name, *ONE_STEP, *extra, *terms)
     seen = observe(trainer, advantages=lambda tr: torch.where(tr.node % 2 == 0, 1.0, -1.0))
     metrics = trainer.step()
     assert metrics["updates"] == 1
