@@ -107,7 +107,7 @@ def test_one_update_moves_log_probs_with_the_sign_of_the_advantage(name, terms):
     assert metrics["updates"] == 1
     tr, adv = seen["transitions"], seen["adv"]
     with torch.no_grad():
-        delta = rescore(trainer.policy, tr, trainer.step_cond)[0] - tr.old_log_prob  # [E]
+        delta = rescore(trainer.policy, tr, trainer.step_cond, trainer.cfg.sampler.noise)[0] - tr.old_log_prob  # [E]
     assert delta[adv > 0].mean() > 0 > delta[adv < 0].mean()
     assert ((delta * adv) > 0).float().mean() > 0.55
 
@@ -219,9 +219,9 @@ def test_kl_penalty_uses_the_transition_std(name):
 
     def kl(weights):
         with torch.no_grad(), trainer.weights_swapped(weights):
-            mean = rescore(trainer.policy, tr, trainer.step_cond)[1]
+            mean = rescore(trainer.policy, tr, trainer.step_cond, trainer.cfg.sampler.noise)[1]
             with trainer.weights_swapped(trainer.reference):
-                ref_mean = rescore(trainer.policy, tr, trainer.step_cond)[1]
+                ref_mean = rescore(trainer.policy, tr, trainer.step_cond, trainer.cfg.sampler.noise)[1]
         return ((mean - ref_mean) ** 2 / (2 * std[:, None, None, None] ** 2)).mean().item()  # mean over E and dims
 
     before = kl(seen["params_before"])
@@ -302,7 +302,7 @@ def test_first_ratio_deviation_is_measured_before_the_update():
     assert trainer.step()["first_ratio_max_dev"] < 1e-5
     tr = seen["transitions"]
     with torch.no_grad():
-        want = (torch.exp(rescore(trainer.policy, tr, trainer.step_cond)[0] - tr.old_log_prob) - 1).abs().max().item()
+        want = (torch.exp(rescore(trainer.policy, tr, trainer.step_cond, trainer.cfg.sampler.noise)[0] - tr.old_log_prob) - 1).abs().max().item()
     stats = trainer.update(tr, seen["adv"], seen["n_samples"], torch.Generator().manual_seed(0))
     assert want > 1e-4
     assert stats.first_ratio_max_dev == pytest.approx(want, rel=1e-3)

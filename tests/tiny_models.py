@@ -44,11 +44,33 @@ def tiny_tokenizers():
     return clip_tok, t5_tok
 
 
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json as shipped (with the PNDM settings it
+# carries over: set_alpha_to_one, skip_prk_steps; EulerDiscreteScheduler itself takes neither).
+SDXL_BASE_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+
+def sdxl_scheduler(prediction_type: str = "epsilon"):
+    """SDXL base's ``EulerDiscreteScheduler`` (:data:`SDXL_BASE_SCHEDULER`'s settings) as diffusers builds and saves
+    it today: without the carried-over PNDM keys (a folder from ``from_single_file`` has none)."""
+    from diffusers import EulerDiscreteScheduler
+
+    keys = ("beta_start", "beta_end", "beta_schedule", "interpolation_type", "num_train_timesteps", "steps_offset",
+            "timestep_spacing", "use_karras_sigmas")
+    return EulerDiscreteScheduler(**{k: SDXL_BASE_SCHEDULER[k] for k in keys}, prediction_type=prediction_type)
+
+
 def tiny_sdxl_pipeline(prediction_type: str = "epsilon", size: int = 16):
     """``StableDiffusionXLPipeline`` of diffusers' SDXL pipeline tests (UNet with ``text_time`` added conditioning,
-    two width-32 CLIP encoders, the second with a projection), the one-block VAE and SDXL's DDIM schedule."""
+    two width-32 CLIP encoders, the second with a projection), the one-block VAE and SDXL's shipped scheduler
+    (:func:`sdxl_scheduler`)."""
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
@@ -58,12 +80,11 @@ def tiny_sdxl_pipeline(prediction_type: str = "epsilon", size: int = 16):
                                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
                                 projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64,
                                 norm_num_groups=2)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
     tokenizer = tiny_tokenizers()[0]
     return StableDiffusionXLPipeline(vae=tiny_vae(4), text_encoder=CLIPTextModel(tiny_clip_config()),
                                      text_encoder_2=CLIPTextModelWithProjection(tiny_clip_config()),
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                     scheduler=sdxl_scheduler(prediction_type),
                                      force_zeros_for_empty_prompt=True, add_watermarker=False)
 
 

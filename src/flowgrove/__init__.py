@@ -8,7 +8,8 @@ Conventions, fixed once for the whole package:
   sigmas are fed, never quantised.
 - One SDE step family: ``mean = x + dt * (v - g**2 / 2 * score)``, ``std = g * sqrt(sigma - sigma_next)``
   with ``g = eta`` (DanceGRPO, BranchGRPO), ``g = a * sqrt(sigma / (1 - sigma))`` (Flow-GRPO, MixGRPO)
-  or ``g = 0`` (ODE).
+  or ``g = 0`` (ODE); and its coefficient-preserving type (CPS, ``sampler.noise=cps``): ``std = g * sigma_next``
+  with ``g = sin(eta * pi / 2)``, ``mean = (1 - sigma_next) * x0_pred + sqrt(sigma_next**2 - std**2) * eps_pred``.
 - A transition log-probability is a per-sample scalar ``[B]``: the Gaussian log-density averaged over
   every non-batch dimension, always under the std the sample was drawn with.
 - Shapes: ``B`` images in a batch, ``G`` images per prompt, ``T`` denoising steps, latents ``[B, *latent_shape]``

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from flowgrove.config.load import ConfigError, load_config, preset_names, preset_summary
+from flowgrove.config.resume import RESUME_KEYS
 from flowgrove.messages import error_message, one_line, program, user_fixable  # noqa: F401 (error_message: tests)
 
 # Exit code of every error the user can fix (argparse uses it for usage errors too).
@@ -24,9 +25,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.overwrite and args.resume:
         raise ConfigError("--overwrite starts a run afresh and --resume continues one; drop one of the two")
     if args.resume:
-        if args.config or args.overrides or args.method:
-            raise ConfigError("--resume continues a run with its saved config; drop CONFIG, --method and key=value overrides")
-        result = runner.resume(Path(args.resume), steps=args.steps, checkpoint=args.checkpoint)
+        if args.config or args.method:
+            raise ConfigError("--resume continues a run with its saved config; drop CONFIG and --method (key=value "
+                              "may change only the keys `flowgrove train --help` lists under --resume)")
+        result = runner.resume(Path(args.resume), steps=args.steps, checkpoint=args.checkpoint, overrides=args.overrides)
     else:
         overrides = list(args.overrides)
         if args.steps is not None:
@@ -242,9 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="method preset (see `flowgrove methods`)")
     p.add_argument("--steps", type=int, help="training steps (train.steps)")
     p.add_argument("--out", help="run directory (run.out)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint; "
+                   f"key=value may change only {', '.join(RESUME_KEYS)} (where and how it runs, not what it trains)")
     p.add_argument("--checkpoint", metavar="step_N", help="with --resume: continue from this checkpoint instead of the latest")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that holds a partial run without a checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that holds an earlier run: "
+                   "every file that run wrote is removed (checkpoints included), other files stay")
     p.set_defaults(fn=_train)
     sub.add_parser("methods", parents=[common], help="list the method presets").set_defaults(fn=_methods)
     sub.add_parser("tasks", parents=[common], help="list the embedded tasks (train task=NAME)").set_defaults(fn=_tasks)

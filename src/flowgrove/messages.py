@@ -21,6 +21,11 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def note(text: object) -> None:
+    """``flowgrove: text`` as one line on stderr: what flowgrove chose or changed for the user, and why."""
+    print(f"flowgrove: {one_line(text)}", file=sys.stderr)
+
+
 class ConfigError(ValueError):
     """A config key or value is invalid; the message says which and how to fix it."""
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from flowgrove.cli import main
+from flowgrove.config.load import load_config
 from flowgrove.runs.metrics import read_metrics
+from flowgrove.training import method
 
 TINY = ["rollout.prompts_per_step=1", "rollout.group_size=2", "sampler.num_steps=3", "eval.num_steps=3",
         "eval.samples_per_prompt=2", "run.progress=false", "run.checkpoint_every=1", "rewards={boldness: 1.0}",
@@ -140,3 +143,28 @@ def test_resume_from_the_best_checkpoint_drops_later_evaluations(run, tmp_path):
     assert main(["train", "--resume", str(copy), "--checkpoint", "best", "--steps", "5"]) == 0
     steps = [e["step"] for e in read_metrics(copy / "eval.jsonl")]
     assert steps == [s for s in (0, 2, 4) if s <= best] + [s for s in (2, 4, 5) if s > best]
+
+
+
+def test_kl_to_base_uses_the_cps_step_and_leaves_out_the_step_without_noise(tmp_path, monkeypatch):
+    # With sampler.noise=cps the KL to the base is taken between CPS transitions (std g * sigma_next); the step onto
+    # sigma 0 draws no noise and has no KL (it was ||dmu||^2 / 0 = inf), so 2 of the 3 evaluation steps count.
+    import math
+
+    from flowgrove.evaluation import evaluate
+
+    stds, real = [], evaluate.transition_kl
+
+    def recording(mean, ref_mean, std, **kwargs):
+        stds.append(std.detach().clone())
+        return real(mean, ref_mean, std, **kwargs)
+
+    monkeypatch.setattr(evaluate, "transition_kl", recording)
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "2", "--out", str(out), *TINY, "sampler.noise=cps", "sampler.noise_level=0.8"]) == 0
+    evals = read_metrics(out / "eval.jsonl")
+    assert evals[0]["eval/kl"] == 0.0 and 0 < evals[-1]["eval/kl"] < float("inf")
+    sigmas = method.base_sigmas(load_config(None, TINY), 3)
+    want = [math.sin(0.4 * math.pi) * float(s) for s in sigmas[1:3]]  # the two noisy steps' CPS std
+    assert len(stds) == 2 * len(evals) and all(torch.allclose(std, torch.full_like(std, w))
+                                               for i, std in enumerate(stds) for w in [want[i % 2]])

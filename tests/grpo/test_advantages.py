@@ -64,3 +64,17 @@ def test_clamp_and_validation() -> None:
         clamp_advantages(torch.zeros(2), 0.0)
     with pytest.raises(ValueError, match="group_ids"):
         group_zscore(REWARDS, torch.tensor([0, 0, 1]))
+
+
+@pytest.mark.parametrize("value", [0.1, 0.3, 0.7, 0.9])
+@pytest.mark.parametrize("size", [12, 24])
+def test_a_tied_group_gets_exactly_zero(value, size) -> None:
+    # sum / count of twelve float32 0.1s is not 0.1: the residue (~1e-8) over std ~1e-8 + eps 1e-8 gave +-0.6.
+    tied = torch.full((size,), value)
+    other = torch.linspace(0, 1, size)
+    rewards, groups = torch.cat([tied, other]), torch.arange(2 * size) // size
+    for advantages in (group_zscore(rewards, groups), group_mean_global_std(rewards, groups)):
+        assert torch.equal(advantages[:size], torch.zeros(size))
+        assert advantages[size:].abs().min() > 0  # the other group is normalised as before
+    torch.testing.assert_close(group_zscore(other, torch.zeros(size, dtype=torch.long)),
+                               (other - other.mean()) / (other.std() + 1e-8))

@@ -48,9 +48,25 @@ CASES = {
     # one prompt's group of 6 is split 3 + 3 over the two ranks: its statistics still cover all six
     "group_spans_ranks": ("dancegrpo", "tiny", ["rollout.prompts_per_step=1", "rollout.group_size=6",
                                                 "train.micro_batch=100000"], "fsdp"),
+    # Flow-GRPO's filter: "zero" and "one" tie (TIED), so in every step one rank's group is dropped; that rank pads
+    # with its dead rows (forwards, zero backwards), and the loss divides by the live rows of both ranks, the
+    # KL included, as one process does
+    "drop_zero_advantage": ("flowgrpo", "tied", ["rollout.prompts_per_step=2", "rollout.group_size=4",
+                                                 "train.drop_zero_advantage=true", "train.first_k=0",
+                                                 "train.kl_beta=0.5", *DIGITS], "fsdp"),
 }
+TIED = ("zero", "one")  # the prompts drawn: step 0 four | zero, step 1 one | three, step 2 zero | four
 PROMPTS = ["zero", "one", "two", "three", "four"]
-METRICS = ("reward_mean", "reward_std", "loss", "clip_fraction", "approx_kl", "grad_norm", "updates", "transitions")
+METRICS = ("reward_mean", "reward_std", "loss", "clip_fraction", "approx_kl", "grad_norm", "updates", "transitions",
+           "dropped_transitions", "kl")
+
+
+def _tied(images, prompts):
+    """Brightness, but every image of a TIED prompt scores 0.5: that group's advantages are exactly 0."""
+    from conftest import brightness
+
+    tie = torch.tensor([p in TIED for p in prompts])
+    return torch.where(tie, torch.full((len(prompts),), 0.5), brightness(images, prompts))
 
 
 def _trainer(case: str):
@@ -64,7 +80,7 @@ def _trainer(case: str):
     cfg.rewards = {"brightness": 1.0}
     if policy == "digits":
         return build_trainer(cfg)
-    return GRPOTrainer(cfg, TinyPolicy(), {"brightness": brightness}, PROMPTS)
+    return GRPOTrainer(cfg, TinyPolicy(), {"brightness": _tied if policy == "tied" else brightness}, PROMPTS)
 
 
 def _run(case: str) -> dict:
@@ -87,7 +103,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     results["joined_again"] = distributed.init_from_env()  # a second call keeps the group
     results.update({case: _run(case) for case in CASES})
     results["reductions"] = [_ddp_reductions(micro_batch) for micro_batch in (100000, 3)]
-    results["nan"] = _nan_on_rank_one(rank)
+    results["nan"] = _bad_reward_on_rank_one(rank, "nan")
+    results["raises"] = _bad_reward_on_rank_one(rank, "raises")
     torch.save(results, f"{out}/rank{rank}.pt")
     from conftest import end_worker
 
@@ -111,13 +128,16 @@ def _ddp_reductions(micro_batch: int) -> tuple[int, int]:
     return len(calls), trainer.optimizer_steps()
 
 
-def _nan_on_rank_one(rank: int) -> dict:
-    """A reward that is NaN on rank 1 only: both ranks must stop the step (no rank left waiting in a collective)."""
+def _bad_reward_on_rank_one(rank: int, kind: str) -> dict:
+    """A reward that is NaN (``kind`` "nan") or raises ("raises") on rank 1 only: both ranks must stop the step (no
+    rank left waiting in a collective), each with its own message."""
     from conftest import TinyPolicy, brightness
 
-    from flowgrove.training.trainer import GRPOTrainer, NonFiniteRewardError
+    from flowgrove.training.trainer import GRPOTrainer, TrainingHalted
 
     def reward(images, prompts):
+        if rank == 1 and kind == "raises":
+            raise RuntimeError("the reward server is gone")
         return brightness(images, prompts) * (float("nan") if rank == 1 else 1.0)
 
     cfg = load_config(None, COMMON + ["rollout.prompts_per_step=2", "rollout.group_size=4"], method="dancegrpo")
@@ -126,12 +146,12 @@ def _nan_on_rank_one(rank: int) -> dict:
     before = [engine.full_value(p.detach()).clone() for p in trainer.params]
     try:
         trainer.step()
-    except NonFiniteRewardError as err:
-        message = str(err)
+    except TrainingHalted as err:
+        message, error = str(err), type(err).__name__
     else:
-        message = ""
+        message, error = "", ""
     unchanged = all(torch.equal(b, engine.full_value(p.detach())) for b, p in zip(before, trainer.params))
-    return {"message": message, "unchanged": unchanged, "iteration": trainer.iteration}
+    return {"message": message, "error": error, "unchanged": unchanged, "iteration": trainer.iteration}
 
 
 def _free_port() -> int:
@@ -196,4 +216,20 @@ def test_fsdp2_shards_the_weights_and_ddp_replicates_them(ranks):
 def test_a_nan_reward_on_one_rank_stops_every_rank(ranks):
     r0, r1 = ranks[0]["nan"], ranks[1]["nan"]
     assert "on another rank" in r0["message"] and "for prompt" in r1["message"]
+    assert r0["error"] == r1["error"] == "NonFiniteRewardError"
     assert r0["unchanged"] and r1["unchanged"] and r0["iteration"] == r1["iteration"] == 0
+
+
+def test_a_reward_that_raises_on_one_rank_stops_every_rank(ranks):
+    r0, r1 = ranks[0]["raises"], ranks[1]["raises"]
+    assert r0["message"].startswith("a reward failed on another rank at step 1; the step was skipped")
+    assert r1["message"].startswith("reward 'brightness' failed (RuntimeError: the reward server is gone) at step 1")
+    assert r0["error"] == r1["error"] == "RewardFailedError"
+    assert r0["unchanged"] and r1["unchanged"] and r0["iteration"] == r1["iteration"] == 0
+
+
+def test_each_rank_drops_its_own_tied_group(ranks):
+    # every step draws one tied and one untied prompt (TIED): 4 images x 4 steps dropped on one rank, trained on the other
+    for r in ranks:
+        assert [m["dropped_transitions"] for m in r["drop_zero_advantage"]["metrics"]] == [16] * STEPS
+        assert [m["transitions"] for m in r["drop_zero_advantage"]["metrics"]] == [16] * STEPS

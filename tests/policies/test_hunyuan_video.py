@@ -70,10 +70,14 @@ def test_hunyuan_video_passes_the_shared_adapter_contract(hv_dir):
 
 
 def test_hunyuan_video_errors_say_what_to_fix(hv_dir, tmp_path):
+    from flowgrove.messages import ConfigError
+
     with pytest.raises(FileNotFoundError, match="hf download hunyuanvideo-community/HunyuanVideo"):
         build_policy("hunyuan_video", path=str(tmp_path / "nowhere"))
-    with pytest.raises(ValueError, match="divisible by 16"):
+    with pytest.raises(ConfigError, match=r"^policy.options.height=24 is not a multiple of 16 .*height=16 or 32$"):
         _policy(hv_dir, height=24)
+    with pytest.raises(ConfigError, match=r"^policy.options.num_frames=4 is not 1 \+ 4 \* k .*num_frames=1 or 5$"):
+        _policy(hv_dir, num_frames=4)
     with pytest.raises(ValueError, match="guidance"):
         _policy(hv_dir, guidance=None)
 

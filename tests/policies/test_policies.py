@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowgrove.policies import Conditioning, build_policy, policy_names, register_policy
+from flowgrove.policies import Conditioning, build_policy, policy_family, policy_names, register_policy
 from flowgrove.policies.digits import (
     DigitsPolicy,
     build_digits_policy,
@@ -156,6 +156,14 @@ def test_policy_registry():
         build_policy("flux")
     with pytest.raises(ValueError, match="already registered"):
         register_policy("digits")(lambda: None)
+    with pytest.raises(ValueError, match="already registered"):
+        register_policy("sd15", family="flow")(lambda: None)
+    # the step family each policy declares, known before it loads (the config checks read it)
+    assert {name: policy_family(name) for name in policy_names() if policy_family(name) != "flow"} == {
+        "sd15": "diffusion", "sdxl": "diffusion"}
+    assert not hasattr(build_policy("digits"), "step_family")  # flows step with FLOW_STEPS
+    with pytest.raises(ValueError, match="family='ddim' is not one of"):
+        register_policy("other", family="ddim")
 
 
 def test_conditioning_select():

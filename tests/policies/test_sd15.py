@@ -20,8 +20,9 @@ SIZE = 16  # pixels = latent side (the tiny VAE does not downsample)
 
 
 def _save_tiny_sd_pipeline(path, prediction_type: str = "epsilon") -> None:
-    """diffusers' StableDiffusionPipeline test UNet, a tiny CLIP and VAE, SD1.5's DDIM schedule."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    """diffusers' StableDiffusionPipeline test UNet, a tiny CLIP and VAE, and the scheduler SD1.5 ships
+    (``PNDMScheduler``, scheduler_config.json of stable-diffusion-v1-5)."""
+    from diffusers import PNDMScheduler, UNet2DConditionModel
     from tiny_models import tiny_clip_config, tiny_tokenizers, tiny_vae
     from transformers import CLIPTextModel
 
@@ -30,8 +31,8 @@ def _save_tiny_sd_pipeline(path, prediction_type: str = "epsilon") -> None:
                                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
                                 norm_num_groups=2)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
+                              skip_prk_steps=True, steps_offset=1, prediction_type=prediction_type)
     pipe = diffusers.StableDiffusionPipeline(unet=unet, scheduler=scheduler, vae=tiny_vae(4),
                                              text_encoder=CLIPTextModel(tiny_clip_config()),
                                              tokenizer=tiny_tokenizers()[0], safety_checker=None,
@@ -55,7 +56,10 @@ def test_sd15_policy_reproduces_the_pipelines_ddim_sampling(tmp_path, prediction
     _save_tiny_sd_pipeline(tmp_path, prediction_type)
     policy = _policy(str(tmp_path), guidance_scale)
     assert policy.latent_shape == (4, SIZE, SIZE) and policy.schedule.prediction_type == prediction_type
-    policy.pipe.scheduler = diffusers.DDIMScheduler.from_config(policy.pipe.scheduler.config, timestep_spacing="trailing")
+    # the policy's steps: DDIM on the folder's noise table, the trailing grid linspace(1, 0, N + 1), ending at abar[0],
+    # x0 unclipped
+    policy.pipe.scheduler = diffusers.DDIMScheduler.from_config(
+        policy.pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=False, clip_sample=False)
     x1 = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = policy.pipe(prompt=PROMPTS, negative_prompt=None, height=SIZE, width=SIZE,
@@ -79,6 +83,23 @@ def test_sd15_model_output_equals_the_unet_call(tiny_sd):
         ours = policy.velocity(x, torch.tensor([0.75, 0.5]), cond)
         ref = policy.unet(x, torch.tensor([749, 499]), encoder_hidden_states=cond.prompt_embeds).sample
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+
+
+def test_sd15_steps_on_the_shipped_pndm_noise_table_and_says_how_they_differ(tiny_sd):
+    from flowgrove.policies.sd15 import ddim_schedule, schedule_note
+
+    pndm = _policy(tiny_sd, 1.0).pipe.scheduler  # SD1.5's scheduler as shipped
+    schedule = ddim_schedule(dict(pndm.config))
+    assert torch.equal(schedule.alphas_cumprod, pndm.alphas_cumprod)
+    assert schedule.final_alpha_cumprod == float(pndm.final_alpha_cumprod) == float(pndm.alphas_cumprod[0])
+    pndm_note = "sd15: rollouts take DDIM steps on the noise table of the folder's PNDMScheduler (scaled_linear betas"
+    assert schedule_note("sd15", dict(pndm.config)).startswith(pndm_note)
+    ddim = diffusers.DDIMScheduler.from_config(pndm.config)
+    assert schedule_note("sd15", dict(ddim.config)) is None  # set_alpha_to_one=False: DDIM as the policy steps
+    ddim_to_one = dict(diffusers.DDIMScheduler.from_config(pndm.config, set_alpha_to_one=True).config)
+    assert "set_alpha_to_one=true; rollouts end at alphas_cumprod[0] instead" in schedule_note("sd15", ddim_to_one)
+    # not 1: the last step draws noise
+    assert ddim_schedule(ddim_to_one).final_alpha_cumprod == float(pndm.alphas_cumprod[0])
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
@@ -138,3 +159,31 @@ def _check_export_round_trip(tiny_sd, run, out) -> None:
         loaded = pipe.unet(x, t, encoder_hidden_states=cond.prompt_embeds).sample
     assert (ours - base).abs().max() > 1e-6  # the LoRA moved
     torch.testing.assert_close(loaded, ours, atol=1e-5, rtol=0)
+
+
+def test_the_kl_on_sd15_is_the_exact_kl_of_the_ddim_transitions(tiny_sd, tmp_path, monkeypatch):
+    """``train.kl_beta > 0`` on a diffusion policy: each stored transition's KL divides by its own DDIM std
+    ``sigma_t`` (Flow-GRPO's ``kl_scale=reference`` would divide by eta^2 and is refused for these policies)."""
+    from flowgrove.config.load import load_config
+    from flowgrove.samplers.diffusion import ddim_std
+    from flowgrove.training import trainer as trainer_mod
+    from flowgrove.training.setup import build_trainer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    cfg = load_config(None, [f"policy.path={tiny_sd}", f"data.train={prompts}", "policy.dtype=float32",
+                             "policy.lora_rank=2", "policy.lora_alpha=2", "sampler.num_steps=4", "train.kl_beta=0.1",
+                             f"policy.options={{guidance_scale: 5.0, height: {SIZE}, width: {SIZE}}}", "eval.num_steps=2",
+                             "rollout.prompts_per_step=1", "rollout.group_size=2", "rewards={brightness: 1.0}",
+                             "run.device=cpu"], method="dancegrpo-sd")
+    trainer = build_trainer(cfg)
+    seen, stored, real_kl, real_update = {}, {}, trainer_mod.transition_kl, trainer.update
+    monkeypatch.setattr(trainer_mod, "transition_kl", lambda mean, ref, std: seen.setdefault("std", []).append(std.detach())
+                        or real_kl(mean, ref, std))
+    trainer.update = lambda tr, *args, **kwargs: stored.update(tr=tr) or real_update(tr, *args, **kwargs)
+    assert trainer.step()["kl"] >= 0
+    tr, ab = stored["tr"], trainer.policy.schedule.alpha_bar
+    want = ddim_std(ab(tr.sigma), ab(tr.sigma_next), tr.g, tr.x).float()  # [E]: eta 1.0, no split scale
+    got = torch.cat(seen["std"])
+    assert got.shape == want.shape == (2 * 3,) and not torch.allclose(got, tr.g)
+    torch.testing.assert_close(torch.sort(got).values, torch.sort(want).values)

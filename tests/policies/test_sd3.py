@@ -135,6 +135,7 @@ def test_flowgrpo_sd3_preset_trains_two_steps(tiny_sd3, tmp_path):
     assert (cfg.policy.name, cfg.sampler.num_steps, cfg.eval.num_steps, cfg.sampler.schedule) == ("sd3", 10, 40, "sd3")
     assert cfg.policy.options["guidance_scale"] == 4.5 and (cfg.policy.lora_rank, cfg.policy.lora_alpha) == (32, 64)
     assert (cfg.train.kl_beta, cfg.train.kl_scale, cfg.sampler.noise_level) == (0.04, "reference", 0.7)
+    assert cfg.train.drop_zero_advantage and not load_config(method="flowgrpo").train.drop_zero_advantage
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
     out = tmp_path / "run"

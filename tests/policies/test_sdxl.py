@@ -43,8 +43,12 @@ def test_sdxl_policy_reproduces_the_pipelines_ddim_sampling(tmp_path, prediction
     _save(tmp_path, prediction_type)
     policy = _policy(str(tmp_path), guidance_scale, **micro)
     assert policy.latent_shape == (4, SIZE, SIZE) and policy.schedule.prediction_type == prediction_type
-    ddim = diffusers.DDIMScheduler.from_config(policy.pipe.scheduler.config, timestep_spacing="trailing")
-    policy.pipe.scheduler = ddim  # the policy's grid linspace(1, 0, N + 1) is the trailing DDIM grid
+    # the policy's steps: DDIM on the folder's (Euler) noise table, on the trailing grid linspace(1, 0, N + 1), ending
+    # at alphas_cumprod[0] (set_alpha_to_one=False), x0 unclipped (Euler's config has no clip_sample: DDIM's default
+    # would clip)
+    ddim = diffusers.DDIMScheduler.from_config(policy.pipe.scheduler.config, timestep_spacing="trailing",
+                                               set_alpha_to_one=False, clip_sample=False)
+    policy.pipe.scheduler = ddim
     x1 = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
     pipe_micro = {k: tuple(v) for k, v in micro.items()}
     with torch.no_grad():
@@ -74,6 +78,39 @@ def test_sdxl_model_output_equals_the_unet_call_of_the_pipeline(tiny_sdxl):
         ours = policy.velocity(x, torch.tensor([0.75, 0.5]), policy.encode_prompts(PROMPTS))
     assert embeds.shape == (2, 77, 64) and pooled.shape == (2, 32)  # both encoders' states, the projected pooled
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+
+
+def test_sdxl_steps_on_the_noise_table_of_the_shipped_euler_scheduler(tiny_sdxl, capfd):
+    from tiny_models import SDXL_BASE_SCHEDULER
+
+    from flowgrove.policies.sd15 import ddim_schedule
+
+    capfd.readouterr()
+    policy = _policy(tiny_sdxl, 1.0)
+    notes = [line for line in capfd.readouterr().err.splitlines() if line.startswith("flowgrove:")]
+    assert notes == ["flowgrove: sdxl: rollouts take DDIM steps on the noise table of the folder's "
+                     "EulerDiscreteScheduler (scaled_linear betas, epsilon), ending at alphas_cumprod[0]; the "
+                     "pipeline's own sampler is not used"]
+    euler = policy.pipe.scheduler  # the folder's scheduler as diffusers writes it: no set_alpha_to_one
+    assert type(euler).__name__ == "EulerDiscreteScheduler" and "set_alpha_to_one" not in euler.config
+    assert torch.equal(policy.schedule.alphas_cumprod, euler.alphas_cumprod)
+    assert policy.schedule.final_alpha_cumprod == float(euler.alphas_cumprod[0])
+    shipped = ddim_schedule(SDXL_BASE_SCHEDULER)  # SDXL base's own file, with its carried-over PNDM keys
+    assert torch.equal(shipped.alphas_cumprod, euler.alphas_cumprod)
+    assert shipped.final_alpha_cumprod == policy.schedule.final_alpha_cumprod
+    # every step draws noise, the last one included: a last step to alphas_cumprod = 1 drew none and had no log-prob
+    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(2))
+    out = policy.step_family.sde(x, torch.zeros_like(x), 0.25, 0.0, 1.0)
+    assert bool((out.std > 0).all()) and out.log_prob is not None
+
+
+def test_sdxl_refuses_a_scheduler_without_a_noise_table_before_any_weights_load(tmp_path):
+    from test_sizes import config_only_folder
+
+    folder = config_only_folder(tmp_path, "sdxl")  # configs only: a check after loading would fail on the weights
+    diffusers.EDMEulerScheduler().save_pretrained(str(folder / "scheduler"))  # an EDM schedule (sigmas, no betas)
+    with pytest.raises(ValueError, match=r"the folder's EDMEulerScheduler has no DDPM noise table \(beta_schedule\)"):
+        build_policy("sdxl", path=str(folder), height=16, width=16)
 
 
 def test_sdxl_passes_the_shared_adapter_contract(tiny_sdxl):

@@ -101,9 +101,15 @@ def test_save_grid_writes_a_frame_strip_and_a_gif(tmp_path):
         assert gif.n_frames == 10 and gif.size == ((3 * 9 + 1) * 8, (1 * 9 + 1) * 8)
 
 
-def test_wan_rounds_frames_and_sides_as_the_pipeline(wan_dir):
-    assert _policy(wan_dir, num_frames=11, height=40, width=24).latent_shape == (16, 3, 4, 2)  # 9 frames, 32x16 px
+def test_wan_refuses_sizes_the_pipeline_would_round(wan_dir):
+    from flowgrove.messages import ConfigError
+
+    assert _policy(wan_dir, num_frames=9, height=32, width=16).latent_shape == (16, 3, 4, 2)
     assert _policy(wan_dir, num_frames=1).latent_shape == (16, 1, 2, 2)  # a single frame: an image as a video
+    with pytest.raises(ConfigError, match=r"^policy.options.num_frames=11 is not 1 \+ 4 \* k .*num_frames=9 or 13$"):
+        _policy(wan_dir, num_frames=11)
+    with pytest.raises(ConfigError, match=r"^policy.options.height=40 is not a multiple of 16 .*height=32 or 48$"):
+        _policy(wan_dir, height=40)
 
 
 def test_wan_missing_folder_says_what_to_download(tmp_path):

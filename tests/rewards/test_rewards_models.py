@@ -27,10 +27,15 @@ from torch import nn
 import reward_references as refs
 from flowgrove.rewards import build_reward
 from flowgrove.rewards.base import check_reward_inputs
-from flowgrove.rewards.preprocess import OPENAI_MEAN, OPENAI_STD, ImageTransform, clean_prompt, preprocess
+from flowgrove.rewards.preprocess import ImageTransform, clean_prompt, preprocess
 
 transformers = pytest.importorskip("transformers")
 PROMPTS = ["A photo of a Chinese temple &amp; trees", "a flower\u2019s   close-up,   in SUNLIGHT"]
+# The references' pixel normalisation, typed from open_clip 3.3.0 constants.py (OPENAI_DATASET_MEAN / _STD; the same
+# numbers are ImageReward.py's Normalize and the CLIP processors' image_mean / image_std), not imported from flowgrove:
+# a wrong constant there must fail these tests.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +54,8 @@ def pil_images(images: torch.Tensor) -> list[Image.Image]:
 
 
 def normalize_ref(x: torch.Tensor) -> torch.Tensor:
-    """torchvision ``Normalize(OPENAI_MEAN, OPENAI_STD)``."""
-    return (x - torch.tensor(OPENAI_MEAN).view(-1, 1, 1)) / torch.tensor(OPENAI_STD).view(-1, 1, 1)
+    """torchvision ``Normalize(CLIP_MEAN, CLIP_STD)``."""
+    return (x - torch.tensor(CLIP_MEAN).view(-1, 1, 1)) / torch.tensor(CLIP_STD).view(-1, 1, 1)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +177,7 @@ def save_tiny_clip(path: Path, tokenizer_dir: Path, crop: int = 28, projection_d
     model.save_pretrained(path)
     image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": crop},
                                                       crop_size={"height": crop, "width": crop}, resample=3,
-                                                      image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD))
+                                                      image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return path
@@ -191,7 +196,7 @@ def features(model, processor, images: torch.Tensor, prompts: list[str]) -> tupl
 
 def test_crop_matches_the_transformers_processor_pixel_for_pixel(photos):
     processor = transformers.CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                                                resample=3, image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD))
+                                                resample=3, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
     expected = processor(images=pil_images(photos), return_tensors="pt")["pixel_values"]
     ours = preprocess(photos, ImageTransform("crop", 224, "pil"))
     assert ours.shape == expected.shape == (2, 3, 224, 224)

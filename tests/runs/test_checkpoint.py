@@ -128,7 +128,7 @@ def test_only_the_newest_checkpoints_and_no_leftovers_stay(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000003", "step_000004"]
 
 
-class _Crash(Exception):
+class _Crash(BaseException):  # a kill: nothing of flowgrove runs after it
     pass
 
 
@@ -187,9 +187,61 @@ def test_a_shard_the_metadata_names_must_be_listed_in_state_json(tmp_path):
     folder = step_dir(tmp_path, 2)
     state = json.loads((folder / "state.json").read_text())
     del state["files"]["dcp/__0_0.distcp"]  # as if rank 0 had listed the folder before a shard was complete
-    (folder / "state.json").write_text(json.dumps(state))
+    ck.write_state(folder, state)
     with pytest.raises(CheckpointError, match="__0_0.distcp is missing .its DCP metadata names it"):
         verify_checkpoint(folder)
+    assert choose_checkpoint(tmp_path).path == step_dir(tmp_path, 1)
+
+
+def _edit_state(folder, reseal: bool, **changes) -> None:
+    """Change fields of ``folder/state.json``; ``reseal``: recompute its own checksum (as a tool that knows it would)."""
+    data = json.loads((folder / "state.json").read_text())
+    data.update(changes)
+    if reseal:
+        ck.write_state(folder, data)
+    else:
+        (folder / "state.json").write_text(json.dumps(data, indent=1))
+
+
+@pytest.mark.parametrize("reseal, words", [(False, "does not match its own checksum"),
+                                           (True, "says iteration 5, but its folder is step_000002")])
+def test_an_edited_iteration_is_refused_not_taken(tmp_path, reseal, words):
+    trained_run(tmp_path, 2)
+    folder = step_dir(tmp_path, 2)
+    _edit_state(folder, reseal, iteration=5)  # resumed, it would skip steps 3 to 5
+    with pytest.raises(CheckpointError, match=words) as err:
+        choose_checkpoint(tmp_path, "step_2")
+    message = str(err.value)
+    assert str(folder / "state.json") in message and "--checkpoint step_N" in message and "\n" not in message
+    choice = choose_checkpoint(tmp_path)  # without --checkpoint: skipped, and the note says why
+    assert choice.path == step_dir(tmp_path, 1) and choice.state.iteration == 1
+    assert choice.notes[0].startswith("skipping step_000002: checkpoint file") and words in choice.notes[0]
+
+
+def test_any_edit_of_state_json_breaks_its_checksum(tmp_path):
+    trained_run(tmp_path, 1)
+    folder = step_dir(tmp_path, 1)
+    data = json.loads((folder / "state.json").read_text())
+    assert data["checksum"] == ck.state_checksum(data) and len(data["checksum"]) == 64
+    _edit_state(folder, False, trainer={"nonfinite_streak": 2})
+    with pytest.raises(CheckpointError, match="does not match its own checksum"):
+        verify_checkpoint(folder)
+
+
+def test_a_state_json_without_a_checksum_of_an_older_flowgrove_loads_with_a_note(tmp_path):
+    trainer = trained_run(tmp_path, 2)
+    for n in (1, 2):
+        data = json.loads((step_dir(tmp_path, n) / "state.json").read_text())
+        del data["checksum"]
+        (step_dir(tmp_path, n) / "state.json").write_text(json.dumps(data))
+    choice = choose_checkpoint(tmp_path)
+    assert choice.path == step_dir(tmp_path, 2)
+    assert choice.notes == (f"{step_dir(tmp_path, 2) / 'state.json'} has no checksum of its own (an older flowgrove "
+                            "wrote it); only its iteration was checked, against the folder name",)
+    fresh = make()
+    restore_checkpoint(fresh, choice.path, choice.state)
+    assert fresh.iteration == 2 and all(torch.equal(a, b) for a, b in zip(fresh.params, trainer.params))
+    _edit_state(step_dir(tmp_path, 2), False, iteration=1)  # the folder name still catches an edited iteration
     assert choose_checkpoint(tmp_path).path == step_dir(tmp_path, 1)
 
 
@@ -216,6 +268,7 @@ def test_a_checkpoint_of_the_old_single_file_format_is_a_one_line_error(tmp_path
     folder = step_dir(tmp_path, 1)
     state = json.loads((folder / "state.json").read_text())
     state["files"] = {"trainable.safetensors": "0" * 64, "optimizer.pt": "0" * 64}
+    del state["checksum"]  # that format had none
     (folder / "state.json").write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match="single-file format of an older flowgrove") as err:
         verify_checkpoint(folder)
@@ -255,3 +308,42 @@ def test_parameters_without_adam_state_stay_without_after_a_load(tmp_path):
     assert set(fresh.optimizer.state) == set(fresh.module["a"].parameters())
     for p, q in zip(fresh.module["a"].parameters(), saved.module["a"].parameters()):
         assert torch.equal(fresh.optimizer.state[p]["exp_avg"], saved.optimizer.state[q]["exp_avg"])
+
+
+def _linear_state(width: int):
+    from flowgrove.training.parts import TrainingState
+
+    torch.manual_seed(0)
+    module = torch.nn.ModuleDict({"a": torch.nn.Linear(3, width)})
+    params = list(module.parameters())
+    return TrainingState(module, torch.optim.AdamW(params, lr=0.1), params, None, None, 1, {})
+
+
+def test_a_checkpoint_of_another_shape_is_a_one_line_error(tmp_path):
+    # DCP raises its CheckpointException, a BaseException that no `except Exception` sees: it must still be one line
+    save_checkpoint(_linear_state(3), tmp_path, "{}\n")
+    with pytest.raises(CheckpointError, match="does not fit this trainer .*Size mismatch") as err:
+        ck.load_checkpoint(_linear_state(4), step_dir(tmp_path, 1))
+    assert "\n" not in str(err.value)
+
+
+def test_a_failed_shard_write_is_the_os_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from torch.distributed.checkpoint import filesystem
+
+    def full(transforms, stream, *args, **kwargs):
+        stream.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    trainer = trained_run(tmp_path, 1)
+    trainer.step()
+    monkeypatch.setattr(filesystem, "_write_item", full)
+    with pytest.raises(ck.CheckpointWriteError) as err:
+        save_checkpoint(trainer.state(), tmp_path, config_to_yaml(trainer.cfg))
+    assert str(err.value) == (f"cannot write checkpoint {step_dir(tmp_path, 2)} (No space left on device); its partial "
+                              "files were removed and the checkpoints written before are intact")
+    cause = err.value.__cause__
+    assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC and cause.filename.endswith(".step_000002.tmp/dcp")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000001"]
+    assert choose_checkpoint(tmp_path).notes == ()

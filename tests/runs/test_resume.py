@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from flowgrove.messages import program
 from flowgrove.training import setup as trainer_setup
 
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "eval.samples_per_prompt=1", "run.progress=false",
@@ -144,6 +146,139 @@ def test_a_nan_reward_halts_with_a_checkpoint_of_the_last_good_state(tmp_path, m
     assert _rows(run) == _rows(reference) and _summary(run) == _summary(reference)
 
 
+@pytest.mark.parametrize("every", [100, 1])
+def test_a_reward_that_raises_checkpoints_the_last_completed_step_and_resumes(tmp_path, monkeypatch, reference, every):
+    import torch
+    from safetensors.torch import load_file
+
+    from flowgrove.recipes import train as runner
+
+    run, rng = tmp_path / "failed", []
+
+    def crash(r):  # a reward that draws from the global RNG, then fails: the draw must not reach the checkpoint
+        rng.append(torch.get_rng_state())
+        torch.rand(1000)
+        raise RuntimeError("the reward model ran out of memory.")
+
+    saved = _saved_steps(monkeypatch)
+    _boldness_hook(monkeypatch, 3, crash)
+    with pytest.raises(runner.RunStopped) as err:
+        runner.train(_cfg(4, f"run.checkpoint_every={every}"), run)
+    ckpt = run / "checkpoints" / "step_000002"
+    assert str(err.value) == (
+        "reward 'boldness' failed (RuntimeError: the reward model ran out of memory) at step 3; the step was skipped "
+        f"and no weights changed; the last good state is checkpoint {ckpt}; resume with `{program()} train --resume "
+        f"{run}` (for a reward server that moved, add reward_options.boldness.url=URL to it)")
+    assert saved == [1, 2] and (run / "checkpoints" / "latest").read_text() == "step_000002"
+    assert torch.equal(load_file(str(ckpt / "rng.safetensors"))["torch_rng"], rng[0])
+    monkeypatch.undo()
+    runner.resume(run)
+    assert _rows(run) == _rows(reference) and _summary(run) == _summary(reference)
+
+
+@pytest.fixture(scope="module")
+def reward_server():
+    """A real `serve-reward` server of brightness whose call number ``state["at"]`` answers ``state["answer"]``
+    instead (call 0 is the evaluation before training, call k training step k)."""
+    from test_rewards_http import serving
+
+    from flowgrove.rewards.server import make_server
+
+    state = {"calls": 0, "at": None, "answer": None}
+    with serving(make_server(_served_brightness(state), "brightness")) as url:
+        yield url, state
+
+
+def _served_brightness(state: dict):
+    """Brightness, except that call number ``state["at"]`` answers ``state["answer"](images)``."""
+    from flowgrove.rewards import build_reward
+
+    brightness = build_reward("brightness")
+
+    def served(images, prompts):
+        call, state["calls"] = state["calls"], state["calls"] + 1
+        return state["answer"](images) if call == state["at"] else brightness(images, prompts)
+
+    return served
+
+
+def _remote(url: str) -> list[str]:
+    return ["rewards={remote: 1.0}", f"reward_options.remote.url={url}", "reward_options.remote.retries=0"]
+
+
+@pytest.fixture(scope="module")
+def remote_reference(tmp_path_factory, reward_server) -> Path:
+    """An uninterrupted 4-step run scored by the reward server."""
+    from flowgrove.recipes import train as runner
+
+    url, state = reward_server
+    state.update(calls=0, at=None)
+    run = tmp_path_factory.mktemp("remote") / "full"
+    runner.train(_cfg(4, *_remote(url)), run)
+    return run
+
+
+def _out_of_memory(images):
+    raise RuntimeError("CUDA out of memory")
+
+
+def test_a_reward_server_failing_mid_run_is_one_line_exit_2_and_resumes(tmp_path, capsys, reward_server,
+                                                                       remote_reference):
+    from flowgrove.cli import main
+
+    url, state = reward_server
+    state.update(calls=0, at=3, answer=_out_of_memory)  # HTTP 500 at training step 3
+    run = tmp_path / "run"
+    assert main(["train", "--steps", "4", "--out", str(run), *SMALL, *_remote(url)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"flowgrove: error: reward 'remote' failed (RewardServerError: {url}/score gave HTTP 500: "
+                               "reward 'brightness' raised RuntimeError: CUDA out of memory after 1 attempt(s)")
+    assert (f"at step 3; the step was skipped and no weights changed; the last good state is checkpoint "
+            f"{run / 'checkpoints' / 'step_000002'}; resume with `{program()} train --resume {run}`") in lines[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000001", "step_000002"]
+    assert main(["train", "--resume", str(run)]) == 0  # the server answers again
+    assert _rows(run) == _rows(remote_reference) and _summary(run) == _summary(remote_reference)
+
+
+def test_a_resume_continues_against_a_reward_server_that_moved(tmp_path, capsys, reward_server, remote_reference):
+    from test_rewards_http import serving
+
+    from flowgrove.cli import main
+    from flowgrove.config.load import config_from_yaml_text
+    from flowgrove.rewards.server import make_server
+
+    moved, state = reward_server
+    state.update(calls=0, at=3, answer=_out_of_memory)
+    run = tmp_path / "run"
+    with serving(make_server(_served_brightness(state), "brightness")) as first:  # fails at step 3, then goes away
+        assert main(["train", "--steps", "4", "--out", str(run), *SMALL, *_remote(first)]) == 2
+    assert "reward_options.remote.url=URL" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run)]) == 2  # the old URL: nothing answers there any more
+    assert f"no reward server answers at {first}/health" in capsys.readouterr().err
+    state.update(at=None)
+    assert main(["train", "--resume", str(run), f"reward_options.remote.url={moved}"]) == 0
+    assert _rows(run) == _rows(remote_reference) and _summary(run) == _summary(remote_reference)
+    for config in (run / "config.yaml", run / "checkpoints" / "step_000004" / "config.yaml"):
+        assert config_from_yaml_text(config.read_text()).reward_options["remote"]["url"] == moved
+
+
+def test_a_nan_from_a_reward_server_takes_the_nan_reward_path(tmp_path, reward_server, remote_reference):
+    import torch
+
+    from flowgrove.recipes import train as runner
+
+    url, state = reward_server
+    state.update(calls=0, at=3, answer=lambda images: torch.full((images.shape[0],), float("nan")))
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as err:
+        runner.train(_cfg(4, *_remote(url)), run)
+    assert str(err.value).startswith("flowgrove: reward(s) ['remote'] returned NaN/inf at step 3")
+    assert f"the last good state is checkpoint {run / 'checkpoints' / 'step_000002'}" in str(err.value)
+    runner.resume(run)
+    assert _rows(run) == _rows(remote_reference) and _summary(run) == _summary(remote_reference)
+
+
 def test_ctrl_c_finishes_the_step_checkpoints_and_resumes(tmp_path, monkeypatch, capfd, reference):
     from flowgrove.recipes import train as runner
 
@@ -178,6 +313,52 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, m
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     assert choose_checkpoint(run).state.iteration == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.undo()
+    runner.resume(run)
+    assert _rows(run) == _rows(reference) and _summary(run) == _summary(reference)
+
+
+def _disk_full_in(monkeypatch, step: int) -> list[Path]:
+    """Checkpoint ``step``'s shard file runs out of space after its first 4 KiB, inside torch's DCP writer (the
+    error DCP wraps in its CheckpointException); returns the shard file it left."""
+    from torch.distributed.checkpoint import filesystem
+
+    from flowgrove.runs.checkpoint import checkpoint_name
+
+    real, partial = filesystem._write_item, []
+
+    def write(transforms, stream, *args, **kwargs):
+        if checkpoint_name(step) not in str(stream.name):
+            return real(transforms, stream, *args, **kwargs)
+        stream.write(b"\0" * 4096)
+        stream.flush()
+        partial.append(Path(stream.name))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(filesystem, "_write_item", write)
+    return partial
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_last_checkpoint_resumes(tmp_path, monkeypatch, capsys,
+                                                                                       reference):
+    from flowgrove.cli import main
+    from flowgrove.recipes import train as runner
+    from flowgrove.runs.checkpoint import checkpoint_folders, verify_checkpoint
+
+    run = tmp_path / "full"
+    partial = _disk_full_in(monkeypatch, 4)  # checkpoints after step 1, 2 and 4: the last one fails
+    assert main(["train", "--steps", "4", "--out", str(run), *SMALL, "run.checkpoint_every=2"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    root = run / "checkpoints"
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert lines[0].startswith(f"flowgrove: error: cannot write checkpoint {root / 'step_000004'} (No space left on "
+                               "device); its partial files were removed")
+    assert f"the last checkpoint is {root / 'step_000002'}; free disk space there" in lines[0]
+    assert lines[0].endswith(f"train --resume {run}`")
+    assert partial and partial[0].parent.parent == root / ".step_000004.tmp"  # it was there, half written
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000001", "step_000002"]
+    assert (root / "latest").read_text() == "step_000002"
+    verify_checkpoint(checkpoint_folders(run)[0])
     monkeypatch.undo()
     runner.resume(run)
     assert _rows(run) == _rows(reference) and _summary(run) == _summary(reference)

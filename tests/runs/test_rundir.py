@@ -15,7 +15,7 @@ from flowgrove.cli import main
 from flowgrove.config.load import load_config
 from flowgrove.recipes import train as runner
 from flowgrove.runs import rundir
-from flowgrove.runs.checkpoint import checkpoint_folders
+from flowgrove.runs.checkpoint import checkpoint_folders, write_state
 
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "eval.samples_per_prompt=1", "run.progress=false"]
 
@@ -107,10 +107,43 @@ def test_a_partial_run_without_a_checkpoint_needs_overwrite(tmp_path, capsys):
     assert (folder / "notes.txt").read_text() == "mine"  # only the files a run writes are removed
 
 
-def test_a_folder_with_checkpoints_is_refused_even_with_overwrite(run):
-    with pytest.raises(FileExistsError, match="--resume"):
-        runner.train(cfg(1), run, overwrite=True)
+def test_overwrite_removes_every_file_the_earlier_run_wrote_and_nothing_else(run, capsys):
+    assert {p.name for p in run.iterdir()} == set(rundir.RUN_FILES) - {"config.edited.yaml"}  # all a run writes
+    (run / "notes.txt").write_text("mine")
+    assert main(["train", "--steps", "1", "--out", str(run), *SMALL]) == 2  # not without --overwrite
+    err = capsys.readouterr().err
+    assert "already holds a run with checkpoints" in err and "--resume" in err and "--overwrite" in err
     assert steps_of(run) == [1, 2]
+    assert main(["train", "--steps", "1", "--out", str(run), "--overwrite", *SMALL]) == 0
+    assert "--overwrite: removed checkpoints, config.yaml, metrics.jsonl" in capsys.readouterr().err
+    assert steps_of(run) == [1]
+    assert [json.loads(line)["step"] for line in (run / "eval.jsonl").read_text().splitlines()] == [0, 1]  # not appended
+    assert sorted(p.name for p in (run / "eval_grids").iterdir()) == ["step_000000.png", "step_000001.png"]
+    assert json.loads((run / "best.json").read_text())["step"] in (0, 1)
+    assert [p.name for p in checkpoint_folders(run)] == ["step_000001"]
+    assert (run / "notes.txt").read_text() == "mine"  # only the files a run writes are removed
+
+
+def test_what_a_killed_run_left_half_written_is_removed_when_it_resumes(run, capsys):
+    root = run / "checkpoints"
+    shard = root / ".step_000003.tmp" / "dcp" / "__0_0.distcp"  # killed inside a checkpoint write
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(b"\0" * 1000)
+    (root / ".best.tmp").mkdir()
+    (root / ".step_000002.damaged").mkdir()
+    for name in ("latest.tmp", "../config.yaml.tmp", "../metrics.jsonl.tmp", "../summary.json.tmp"):
+        (root / name).write_text("half")
+    (run / "mine.tmp").write_text("not a file a run writes")
+    (run / rundir.LOCK).write_text("999999999\n")  # the lock file of a killed run: no process holds its flock
+    runner.resume(run, steps=3)
+    err = capsys.readouterr().err
+    assert f"{run / rundir.LOCK} was left by PID 999999999, which is no longer running; taking it over" in err
+    removed = [root / ".best.tmp", root / ".step_000002.damaged", root / ".step_000003.tmp", root / "latest.tmp",
+               run / "config.yaml.tmp", run / "metrics.jsonl.tmp", run / "summary.json.tmp"]
+    assert f"removed {', '.join(map(str, removed))}: left half-written by a run that was killed or failed" in err
+    assert not any(p.exists() for p in removed) and not (run / rundir.LOCK).exists()
+    assert (run / "mine.tmp").read_text() == "not a file a run writes"
+    assert steps_of(run) == [1, 2, 3] and (root / "latest").read_text() == "step_000003"
 
 
 def test_an_edited_run_config_is_reported_and_the_checkpoint_config_resumes(run, capsys):
@@ -127,11 +160,45 @@ def test_an_edited_run_config_is_reported_and_the_checkpoint_config_resumes(run,
     assert "edited" not in capsys.readouterr().err
 
 
+def test_a_resume_changes_the_keys_it_may_and_the_folder_keeps_them(run, capsys):
+    from flowgrove.config.load import config_from_yaml_text
+
+    def keep_of(path):
+        return config_from_yaml_text(path.read_text()).run.keep_checkpoints
+
+    runner.resume(run, steps=3, overrides=["run.keep_checkpoints=5"])
+    root = run / "checkpoints"
+    assert [p.name for p in checkpoint_folders(run)] == ["step_000003", "step_000002", "step_000001"]  # keep 5, not 2
+    assert keep_of(run / "config.yaml") == keep_of(root / "step_000003" / "config.yaml") == 5
+    assert "edited" not in capsys.readouterr().err
+    # the folder's config is what the next resume takes these keys from (an earlier resume's value, or an edit)
+    path = run / "config.yaml"
+    path.write_text(path.read_text().replace("keep_checkpoints: 5", "keep_checkpoints: 1").replace("lr: 0.0001", "lr: 0.5"))
+    runner.resume(run, steps=4)
+    err = capsys.readouterr().err
+    assert f"taking run.keep_checkpoints from {path} (a resume may change them)" in err
+    assert "edited after the run started (train.lr)" in err  # not a key a resume changes: ignored, as before
+    assert [p.name for p in checkpoint_folders(run)] == ["step_000004"]
+    resumed = config_from_yaml_text((root / "step_000004" / "config.yaml").read_text())
+    assert resumed.run.keep_checkpoints == 1 and resumed.train.lr == 0.0001
+    assert steps_of(run) == [1, 2, 3, 4]
+
+
+def test_a_resume_refuses_keys_that_change_what_it_trains(run, capsys):
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    assert main(["train", "--resume", str(run), "run.progress=false", "train.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flowgrove: config error: train.lr cannot change when a run resumes: it changes what the run "
+                          "trains; start a new run with another --out for that (a resume may change: "
+                          "reward_options.*.url, ") and err.count("\n") == 1
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # refused before anything was touched
+
+
 def test_resuming_with_another_world_size_is_a_note(run, capsys):
     state = run / "checkpoints" / "step_000002" / "state.json"
     data = json.loads(state.read_text())
-    data["world_size"] = 2  # state.json is not among its own checksums
-    state.write_text(json.dumps(data))
+    data["world_size"] = 2  # as if written by a run on two processes
+    write_state(state.parent, data)
     runner.resume(run, steps=3)
     assert "step_000002 was written on 2 process(es), this resume has 1" in capsys.readouterr().err
 
@@ -141,7 +208,7 @@ def test_wall_seconds_count_the_whole_run_over_resumes(run):
     data = json.loads(state.read_text())
     assert 0 < data["wall_seconds"] < 600
     data["wall_seconds"] = 1000.0  # as if the run had trained for 1000 s before this resume
-    state.write_text(json.dumps(data))
+    write_state(state.parent, data)
     result = runner.resume(run, steps=3)
     assert 1000 < result.summary["wall_seconds"] < 1600
     assert json.loads((run / "summary.json").read_text())["wall_seconds"] == result.summary["wall_seconds"]

@@ -78,6 +78,32 @@ def test_ddim_log_prob_is_normal_mean_over_dims_under_the_drawn_std():
     torch.testing.assert_close(sum_.log_prob, normal.log_prob(step.x_next).sum(dim=(1, 2, 3)))
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_split_step_draws_and_scores_with_the_split_noise_multiplier(prediction_type):
+    """A tree split step (BranchGRPO) scales the DDIM noise: ``x_prev = mean + k sigma_t z``. That is diffusers'
+    DDIMScheduler step with ``variance_noise = k z``; the mean is the unsplit step's, the std ``k sigma_t``, and the
+    log-prob (and its re-score) is under that std. Per-sample multipliers: row 0 splits (k = 4), row 1 does not."""
+    sched = _ddim(prediction_type)
+    family = diffusion_steps(DiffusionSchedule(sched.alphas_cumprod, float(sched.final_alpha_cumprod), prediction_type))
+    sigmas = torch.linspace(1, 0, 11)
+    gen = torch.Generator().manual_seed(4)
+    scale = torch.tensor([4.0, 1.0])
+    for i, t in enumerate(sched.timesteps):
+        x, out, z = (torch.randn(2, 4, 3, 3, generator=gen) for _ in range(3))
+        plain = family.sde(x, out, sigmas[i], sigmas[i + 1], 1.0, noise=z)
+        split = family.sde(x, out, sigmas[i], sigmas[i + 1], 1.0, noise_scale=scale, noise=z)
+        ref = sched.step(out, t, x, eta=1.0, variance_noise=scale.view(-1, 1, 1, 1) * z).prev_sample
+        torch.testing.assert_close(split.x_next, ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(split.mean, plain.mean, atol=0, rtol=0)
+        torch.testing.assert_close(split.std, scale * plain.std, atol=0, rtol=0)
+        assert float(plain.std[0]) > 0 and not torch.allclose(split.x_next[0], plain.x_next[0])
+        torch.testing.assert_close(split.x_next[1], plain.x_next[1], atol=0, rtol=0)
+        normal = torch.distributions.Normal(split.mean, split.std.view(-1, 1, 1, 1))
+        torch.testing.assert_close(split.log_prob, normal.log_prob(split.x_next).mean(dim=(1, 2, 3)))
+        rescored = family.sde(x, out, sigmas[i], sigmas[i + 1], 1.0, noise_scale=scale, x_next=split.x_next)
+        assert torch.equal(rescored.log_prob, split.log_prob)
+
+
 def test_x0_eps_and_score_invert_the_forward_process():
     ab = torch.tensor([0.9, 0.3, 0.05], dtype=torch.float64)
     gen = torch.Generator().manual_seed(2)
@@ -178,3 +204,32 @@ def test_ddim_ode_step_equals_eta_zero():
     x, out = torch.randn(2, 3, generator=gen), torch.randn(2, 3, generator=gen)
     torch.testing.assert_close(ddim_ode_step(x, out, ab[500], ab[300]), ddim_step(x, out, ab[500], ab[300], 0.0).x_next,
                                atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("level", [0.3, 0.8, 1.0])
+def test_ddim_cps_step_keeps_the_marginal_of_a_point_mass(level):
+    """sde_type="cps" in diffusion variables: from x = a c + s eps with the exact eps prediction (x - a c) / s, one
+    step gives a' c + sqrt(1 - abar' - std^2) eps + std z with std = sin(level pi/2) sqrt(1 - abar'), i.e. exactly
+    N(a' c, 1 - abar') (read off three evaluations of the affine map (eps, z) -> x'), and its log-prob is the
+    Gaussian one under that std."""
+    from flowgrove.samplers.steps import noise_g
+
+    schedule = DiffusionSchedule(scaled_linear_alphas_cumprod(dtype=torch.float64), 1.0)
+    family, c = diffusion_steps(schedule), 0.7
+    for sigma, sigma_next in ((1.0, 0.9), (0.6, 0.3), (0.2, 0.1)):
+        ab, ab_next = schedule.alpha_bar(sigma), schedule.alpha_bar(sigma_next)
+        eps = torch.tensor([[0.0], [1.0], [0.0]], dtype=torch.float64)
+        z = torch.tensor([[0.0], [0.0], [1.0]], dtype=torch.float64)
+        x = ab.sqrt() * c + (1 - ab).sqrt() * eps  # [3, 1]
+        g = noise_g("cps", level, sigma, sigma_next)
+        step = family.sde(x, (x - ab.sqrt() * c) / (1 - ab).sqrt(), sigma, sigma_next, g, sde_type="cps", noise=z)
+        out = step.x_next.flatten()
+        a, b, w = out[0], out[1] - out[0], out[2] - out[0]
+        torch.testing.assert_close(a, ab_next.sqrt() * c, rtol=0, atol=1e-12)
+        torch.testing.assert_close(b**2 + w**2, 1 - ab_next, rtol=0, atol=1e-12)
+        torch.testing.assert_close(step.std, math.sin(level * math.pi / 2) * (1 - ab_next).sqrt().expand(3))
+    normal = torch.distributions.Normal(step.mean, step.std.view(-1, 1))
+    torch.testing.assert_close(step.log_prob, normal.log_prob(step.x_next).mean(dim=1))
+    # the last step onto the data (final abar 1) draws no noise
+    last = family.sde(x, x, 0.1, 0.0, g, sde_type="cps", noise=z)
+    assert (last.std == 0).all() and last.log_prob is None

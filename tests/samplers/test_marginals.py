@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowgrove.samplers import euler_step, noise_g, sde_step
+from flowgrove.samplers import euler_step, noise_g, sde_step, sde_type_of
 from flowgrove.samplers.schedules import flux_sigmas
 
 M, S = 0.7, 0.4
@@ -89,3 +89,44 @@ def test_sde_keeps_ode_marginals(kind: str | None, level: float, shift: float) -
     assert abs(mid.mean().item() - (1 - sigma_mid) * M) < TOL
     expected_std = ((1 - sigma_mid) ** 2 * S**2 + sigma_mid**2) ** 0.5
     assert abs(mid.std().item() - expected_std) < TOL
+
+
+# ---------------------------------------------------------------- one step from an exact flow sample
+# A point mass x0 = c: then x = (1 - s) c + s eps exactly and the exact velocity is v*(x) = eps - c = (x - c) / s.
+# A step is affine in (eps, z): x' = A + B eps + C z with eps, z independent N(0, 1), so x' ~ N(A, B^2 + C^2); the
+# flow's marginal at s' is N((1 - s') c, s'^2). A, B and C are read off three exact evaluations (float64).
+
+C0 = 0.7
+
+
+def _one_step(kind: str, level: float, sigma: float, sigma_next: float) -> tuple[float, float]:
+    """(mean, variance) of x' after one step of noise ``kind`` from x = (1 - sigma) c + sigma eps."""
+    eps = torch.tensor([[0.0], [1.0], [0.0]], dtype=torch.float64)  # rows: (eps, z) = (0, 0), (1, 0), (0, 1)
+    z = torch.tensor([[0.0], [0.0], [1.0]], dtype=torch.float64)
+    x = (1 - sigma) * C0 + sigma * eps  # [3, 1]
+    velocity = (x - C0) / sigma  # exact for the point mass
+    g = noise_g(kind, level, sigma, sigma_next)
+    out = sde_step(x, velocity, sigma, sigma_next, g, sde_type=sde_type_of(kind), noise=z).x_next.flatten()
+    a, b, c = out[0].item(), (out[1] - out[0]).item(), (out[2] - out[0]).item()
+    return a, b**2 + c**2
+
+
+@pytest.mark.parametrize("level", [0.0, 0.3, 0.5, 0.8, 1.0])
+@pytest.mark.parametrize("sigma, sigma_next", [(1.0, 0.97), (0.9, 0.6), (0.6, 0.5), (0.2, 0.05)])
+def test_cps_step_keeps_the_flow_marginal_for_any_level(level: float, sigma: float, sigma_next: float) -> None:
+    mean, var = _one_step("cps", level, sigma, sigma_next)
+    assert abs(mean - (1 - sigma_next) * C0) < 1e-12
+    assert abs(var - sigma_next**2) < 1e-12
+
+
+@pytest.mark.parametrize("kind, level, sigma, sigma_next, at_least",
+                         [("constant", 0.3, 0.6, 0.5, 1e-3),  # DanceGRPO: c^2 + std^2 = 0.25156 instead of 0.25
+                          ("constant", 1.0, 0.9, 0.6, 0.02),
+                          ("flow", 0.7, 0.9, 0.6, 0.5)])  # Flow-GRPO's big early steps: 1.341 instead of 0.36
+def test_euler_maruyama_step_does_not_keep_it(kind: str, level: float, sigma: float, sigma_next: float,
+                                              at_least: float) -> None:
+    # The mean is right ((1 - s') c: the score term only moves the noise part); the variance is not, because the
+    # step keeps s' - std^2 / (2 s) of the old noise where CPS keeps sqrt(s'^2 - std^2).
+    mean, var = _one_step(kind, level, sigma, sigma_next)
+    assert abs(mean - (1 - sigma_next) * C0) < 1e-12
+    assert abs(var - sigma_next**2) > at_least

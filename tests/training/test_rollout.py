@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from flowgrove.grpo import plans, tree
 from flowgrove.samplers import schedules
-from flowgrove.samplers.steps import euler_step, noise_g, sde_step
+from flowgrove.samplers.steps import euler_step, noise_g, sde_step, sde_type_of
 from flowgrove.training.rollout import RolloutSpec, rescore, rollout
 
 
-def _tree_spec(num_steps: int, splits: tuple[int, ...], reward_image: str = "final", sde=None) -> RolloutSpec:
+# (noise kind, level, split noise scale): BranchGRPO's, and CPS with split children drawing 2 x sin(0.15 pi) = 0.91
+# of the next noise level afresh
+NOISES = {"constant": ("constant", 0.3, 4.0), "cps": ("cps", 0.3, 2.0)}
+
+
+def _tree_spec(num_steps: int, splits: tuple[int, ...], reward_image: str = "final", sde=None,
+               noise: str = "constant") -> RolloutSpec:
     sigmas = schedules.flux_sigmas(num_steps, 3.0)
     sde = set(range(num_steps)) if sde is None else sde
     plan = plans.sde_mask_plan(sigmas, sde, sde)
     branching = tuple(2 if i in splits else 1 for i in range(num_steps))
-    return RolloutSpec(plan, "constant", 0.3, reward_image=reward_image, branching=branching, split_noise_scale=4.0)
+    kind, level, scale = NOISES[noise]
+    return RolloutSpec(plan, kind, level, reward_image=reward_image, branching=branching, split_noise_scale=scale)
 
 
 def test_tree_counts_match_the_forest(tiny_policy):
@@ -44,10 +54,12 @@ def test_x0_pred_image_skips_the_last_transition(tiny_policy):
     assert set(ro.transitions.depth.tolist()) == {1, 2, 3, 4, 5}
 
 
-def test_batched_tree_equals_unbatched_traversal(tiny_policy):
+@pytest.mark.parametrize("noise", list(NOISES))
+def test_batched_tree_equals_unbatched_traversal(tiny_policy, noise):
     # Same tree, same noise: the reference visits one node at a time, depth first, with batch-1 model calls.
     num_steps, splits = 5, (0, 2)
-    spec = _tree_spec(num_steps, splits, sde={0, 1, 2, 4})  # step 3 is an ODE step
+    spec = _tree_spec(num_steps, splits, sde={0, 1, 2, 4}, noise=noise)  # step 3 is an ODE step
+    kind, level, scale = NOISES[noise]
     sigmas = spec.plan.sigmas
     cond = tiny_policy.encode_prompts(["zero", "two"])
     x_init = torch.randn(2, 1, 4, 4)
@@ -68,8 +80,9 @@ def test_batched_tree_equals_unbatched_traversal(tiny_policy):
         for c in range(k):
             child = node * k + c
             if spec.plan.kinds[step] == "sde":
-                g = noise_g("constant", 0.3, torch.tensor(s), torch.tensor(s_next))
-                out = sde_step(x, v, s, s_next, g, noise_scale=4.0 if k > 1 else 1.0, noise=noises[step][child : child + 1])
+                g = noise_g(kind, level, torch.tensor(s), torch.tensor(s_next))
+                out = sde_step(x, v, s, s_next, g, sde_type=sde_type_of(kind), noise_scale=scale if k > 1 else 1.0,
+                               noise=noises[step][child : child + 1])
                 nxt = out.x_next
             else:
                 nxt = euler_step(x, v, s, s_next)
@@ -82,19 +95,20 @@ def test_batched_tree_equals_unbatched_traversal(tiny_policy):
     torch.testing.assert_close(ro.leaves, reference, rtol=1e-5, atol=1e-6)
 
 
-def test_rescoring_the_stored_transitions_gives_ratio_one(tiny_policy):
+@pytest.mark.parametrize("noise", list(NOISES))
+def test_rescoring_the_stored_transitions_gives_ratio_one(tiny_policy, noise):
     # The old log-prob is computed on the stored float32 tensors, so re-scoring with unchanged weights gives
     # exactly the same numbers (ratio exp(0) = 1) for every stored transition, split children included.
-    spec = _tree_spec(6, (0, 2))
+    spec = _tree_spec(6, (0, 2), noise=noise)
     cond = tiny_policy.encode_prompts(["zero", "one"])
     ro = rollout(tiny_policy, cond, torch.tensor([0, 1]), torch.randn(2, 1, 4, 4), spec, torch.Generator().manual_seed(1))
     tr = ro.transitions
     with torch.no_grad():
         for depth in tr.depth.unique():
             rows = (tr.depth == depth).nonzero().flatten()
-            log_prob, _ = rescore(tiny_policy, tr.select(rows), cond)
+            log_prob, _ = rescore(tiny_policy, tr.select(rows), cond, spec.noise)
             assert torch.equal(log_prob, tr.old_log_prob[rows])
-        log_prob, _ = rescore(tiny_policy, tr, cond)  # mixed steps in one batch: equal up to float rounding
+        log_prob, _ = rescore(tiny_policy, tr, cond, spec.noise)  # mixed steps in one batch: equal up to float rounding
     torch.testing.assert_close(log_prob, tr.old_log_prob, rtol=0, atol=1e-5)
 
 
@@ -111,6 +125,24 @@ def test_split_children_are_scored_with_their_own_std(tiny_policy):
     std = 4.0 * 0.3 * (s0 - s1) ** 0.5
     expected = torch.distributions.Normal(mean, std).log_prob(first.x_next).mean(dim=(1, 2, 3))
     torch.testing.assert_close(first.old_log_prob, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cps_split_children_are_cps_steps_with_the_scaled_fraction(tiny_policy):
+    # A CPS split child draws noise_scale * g * sigma_next around the CPS mean of that std (the coefficients stay the
+    # flow's), is scored under it, and re-scoring as an "sde" step would give another density.
+    spec = _tree_spec(3, (0,), noise="cps")
+    cond = tiny_policy.encode_prompts(["zero"])
+    ro = rollout(tiny_policy, cond, torch.tensor([0]), torch.randn(1, 1, 4, 4), spec, torch.Generator().manual_seed(0))
+    first = ro.transitions.select((ro.transitions.depth == 1).nonzero().flatten())
+    s0, s1 = spec.plan.sigmas[0].item(), spec.plan.sigmas[1].item()
+    fraction = 2.0 * math.sin(0.3 * math.pi / 2)
+    v = tiny_policy.velocity(first.x, first.sigma, cond.select(first.cond_index)).detach()
+    x0 = first.x - s0 * v
+    mean = (1 - s1) * x0 + math.sqrt(s1**2 - (fraction * s1) ** 2) * (x0 + v)
+    expected = torch.distributions.Normal(mean, fraction * s1).log_prob(first.x_next).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(first.old_log_prob, expected, rtol=1e-5, atol=1e-6)
+    other, _ = rescore(tiny_policy, first, cond, "constant")
+    assert not torch.allclose(other, first.old_log_prob)
 
 
 def test_dpm_tail_uses_x0_history(tiny_policy):

@@ -11,7 +11,7 @@ import torch
 from flowgrove.config.load import AdvantageConfig, load_config
 from flowgrove.grpo import advantages, selection
 from flowgrove.grpo.losses import ema_decay, kl_std, loss_weight
-from flowgrove.training import credit, trainer as trainer_mod
+from flowgrove.training import credit, method, trainer as trainer_mod
 from flowgrove.training.rollout import Transitions
 from flowgrove.training.trainer import GRPOTrainer, NonFiniteUpdatesError
 
@@ -64,8 +64,8 @@ def _nan_from_step(monkeypatch, first_bad_call: int) -> None:
     calls = {"n": 0}
     real = trainer_mod.rescore_step
 
-    def rescore_step(policy, batch, cond):
-        out = real(policy, batch, cond)
+    def rescore_step(policy, batch, cond, *args):
+        out = real(policy, batch, cond, *args)
         calls["n"] += 1
         return out._replace(log_prob=out.log_prob * float("nan")) if calls["n"] >= first_bad_call else out
 
@@ -101,8 +101,8 @@ def test_a_good_step_resets_the_skip_streak(monkeypatch):
     calls = {"n": 0}
     real = trainer_mod.rescore_step
 
-    def rescore_step(policy, batch, cond):  # the first optimizer step of each rollout is NaN, the second is fine
-        out = real(policy, batch, cond)
+    def rescore_step(policy, batch, cond, *args):  # the first optimizer step of each rollout is NaN, the second is fine
+        out = real(policy, batch, cond, *args)
         calls["n"] += 1
         return out._replace(log_prob=out.log_prob * float("nan")) if calls["n"] % 2 == 1 else out
 
@@ -181,10 +181,12 @@ def test_kl_scale_reference_is_exact_kl_times_dsigma():
 
 
 def test_loss_scale_reference_divides_the_group_sum_by_g_times_edges_per_root():
-    assert loss_weight("mean", 3, 12, 12, 218) == pytest.approx(0.25)
-    assert loss_weight("reference", 3, 12, 12, 218) == pytest.approx(3 / (12 * 218))
+    assert loss_weight("mean", 3, 12, 1, 12, 218) == pytest.approx(0.25)
+    assert loss_weight("reference", 3, 12, 1, 12, 218) == pytest.approx(3 / (12 * 218))
     # chains with G samples of K transitions each: the reference scale equals the mean (DanceGRPO's 1/(G*K))
-    assert loss_weight("reference", 9, 36, 4, 9) == pytest.approx(loss_weight("mean", 9, 36, 4, 9))
+    assert loss_weight("reference", 9, 36, 1, 4, 9) == pytest.approx(loss_weight("mean", 9, 36, 1, 4, 9))
+    # two ranks, 3 of the group's 10 live transitions here: 3 * 2 / 10, halved again by the data-parallel mean
+    assert loss_weight("mean", 3, 10, 2, 6, 9) == pytest.approx(0.6)
 
 
 def test_split_logprob_std_reference_scores_split_children_with_the_unscaled_std():
@@ -306,3 +308,130 @@ def test_the_kl_term_uses_the_transition_std_of_each_stored_step(monkeypatch):
     want = tr.noise_scale * tr.g * (tr.sigma - tr.sigma_next).sqrt()  # [E] in the update's shuffled order
     assert seen["std"].shape == want.shape and (tr.noise_scale > 1).any()
     assert torch.allclose(torch.sort(seen["std"]).values, torch.sort(want).values)
+
+
+# ---- Flow-GRPO's zero-advantage filter (train.drop_zero_advantage) -------------------------------------------------
+def _one_ties(images, prompts):
+    """Brightness, except that every image of "one" scores 0.3: that prompt's group ties, as an OCR group that all
+    misreads its text does, so its advantages are exactly 0."""
+    tie = torch.tensor([p == "one" for p in prompts])
+    return torch.where(tie, torch.full((len(prompts),), 0.3), brightness(images, prompts))
+
+
+def _gradients(t: GRPOTrainer, start: list[torch.Tensor], tr: Transitions, adv: torch.Tensor, drop: bool) -> list:
+    """The gradient of one update (a single accumulation group) of ``tr`` at the weights ``start``."""
+    t.cfg.train.drop_zero_advantage = drop
+    with torch.no_grad():
+        for p, s in zip(t.params, start):
+            p.copy_(s)
+    t.update(tr, adv, 8, torch.Generator().manual_seed(5), cond=t.step_cond)
+    return [p.grad.clone() for p in t.params]
+
+
+def test_drop_zero_advantage_leaves_a_tied_group_out_of_the_gradient_and_the_mean():
+    t = make("flowgrpo", "train.drop_zero_advantage=true", "train.accumulate=transitions", "train.accumulate_size=100000",
+             rewards={"tied": (_one_ties, 1.0)}, prompts=("zero", "one"))
+    stored, real_update = {}, t.update
+    t.update = lambda tr, adv, *args, **kwargs: stored.update(tr=tr, adv=adv) or real_update(tr, adv, *args, **kwargs)
+    start = [p.detach().clone() for p in t.params]
+    metrics = t.step()
+    tr, adv = stored["tr"], stored["adv"]
+    live = adv != 0  # [E]: the group of "zero"; the 4 images of "one" x 9 trained steps tie
+    assert int((~live).sum()) == 4 * 9 and int(live.sum()) == 4 * 9
+    assert metrics["dropped_transitions"] == 36 and metrics["transitions"] == 36 and metrics["nfe_new"] == 36 / 8
+    t.update = real_update
+    on = _gradients(t, start, tr, adv, drop=True)
+    alone = _gradients(t, start, tr.select(live.nonzero().flatten()), adv[live], drop=False)  # the live group only
+    off = _gradients(t, start, tr, adv, drop=False)
+    for g_on, g_alone, g_off in zip(on, alone, off):
+        torch.testing.assert_close(g_on, g_alone)  # the tied rows add no gradient and are not counted in the mean
+        torch.testing.assert_close(g_off, g_alone * 36 / 72)  # off: they count in the mean with a zero policy loss
+    assert any(g.abs().max() > 0 for g in on)
+
+
+def test_drop_zero_advantage_with_every_group_tied_takes_no_step():
+    constant = lambda images, prompts: torch.full((len(prompts),), 0.3)  # noqa: E731
+    t = make("flowgrpo", "train.drop_zero_advantage=true", rewards={"tied": (constant, 1.0)})
+    before = [p.detach().clone() for p in t.params]
+    metrics = t.step()
+    assert metrics["updates"] == 0 and metrics["transitions"] == 0 and metrics["dropped_transitions"] == 8 * 9
+    assert all(torch.equal(b, p) for b, p in zip(before, t.params))
+    off = make("flowgrpo", rewards={"tied": (constant, 1.0)}).step()  # off: the steps run (zero policy loss)
+    assert off["updates"] >= 1 and off["dropped_transitions"] == 0 and off["transitions"] == 8 * 9
+
+
+# ---- train.exclude_last_step -------------------------------------------------------------------------------------
+def test_exclude_last_step_never_selects_the_last_step_with_the_final_sample_scored():
+    final = ["sampler.reward_image=final", "sampler.num_steps=6"]
+    for method_name, extra in (("dancegrpo", ["train.timestep_fraction=1.0"]), ("dancegrpo", []),
+                               ("flowgrpo", ["train.first_k=0"]), ("branchgrpo", ["tree.split_steps=[0, 5]"])):
+        for exclude in (True, False):
+            cfg = load_config(None, [*final, *extra, f"train.exclude_last_step={exclude}"], method=method_name)
+            plan = method.step_plan(cfg, 0)
+            mask = method.store_mask(cfg, plan, 64, torch.Generator().manual_seed(0))  # [64, 6] or None (tree)
+            last = plan.trained[-1] if mask is None else bool(mask[:, -1].any())
+            assert last is not exclude, (method_name, extra, exclude)
+    cfg = load_config(None, [*final, "train.timestep_fraction=1.0", "train.exclude_last_step=true"], method="dancegrpo")
+    assert bool(method.store_mask(cfg, method.step_plan(cfg, 0), 4, torch.Generator())[:, :-1].all())  # the other 5
+
+
+def test_exclude_last_step_in_a_training_step_and_the_dancegrpo_sd_preset():
+    # 8 samples x 15 of 16 steps: the stored transitions never end at sigma 0 (the last step's end)
+    t = make("dancegrpo", "sampler.reward_image=final", "train.exclude_last_step=true", "train.timestep_fraction=1.0")
+    stored, real_update = {}, t.update
+    t.update = lambda tr, *args, **kwargs: stored.update(tr=tr) or real_update(tr, *args, **kwargs)
+    assert t.step()["transitions"] == 8 * 15 and bool((stored["tr"].sigma_next > 0).all())
+    cfg = load_config(method="dancegrpo-sd")  # train_grpo_sd.py: timestep_fraction 1.0 over timesteps[:-1]
+    assert (cfg.train.timesteps, cfg.train.timestep_fraction, cfg.train.exclude_last_step) == ("random_fraction", 1.0, True)
+    assert cfg.sampler.reward_image == "final" and method.trainable_positions(cfg) == 49
+
+
+def test_exclude_last_step_on_a_one_step_sampler_is_a_config_error():
+    from flowgrove.messages import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sampler.num_steps=1 with train.exclude_last_step=true leaves no trainable"):
+        load_config(None, ["sampler.num_steps=1", "sampler.reward_image=final", "train.exclude_last_step=true"])
+
+
+# ---- CPS through the trainer -------------------------------------------------------------------------------------
+def _stored_transitions(t: GRPOTrainer) -> dict:
+    stored, real = {}, t.update
+
+    def update(tr, adv, n, gen, **kwargs):
+        stored["tr"] = tr
+        return real(tr, adv, n, gen, **kwargs)
+
+    t.update = update
+    return stored
+
+
+@pytest.mark.parametrize("extra", [("train.timesteps=random_fraction", "train.timestep_fraction=1.0"),
+                                   ("train.timesteps=first_k", "train.first_k=0"), ("train.timesteps=plan",)])
+def test_cps_chains_train_every_noisy_step_under_the_cps_density(extra):
+    # flowgrpo-cps (final sample as the image): the last step lands on sigma 0 with no noise, so however the trained
+    # steps are chosen it is never stored; every stored edge is re-scored with the CPS step, so the first importance
+    # ratio is exactly 1, and an "sde" re-score of the same edges is another density.
+    t = make("flowgrpo-cps", *extra)
+    stored = _stored_transitions(t)
+    metrics = t.step()
+    tr = stored["tr"]
+    assert (tr.sigma_next > 0).all() and set(tr.depth.tolist()) == set(range(1, 10))
+    assert metrics["first_ratio_max_dev"] == 0.0
+    with torch.no_grad():
+        cps = trainer_mod.rescore_step(t.policy, tr, t.step_cond, "cps")
+        sde = trainer_mod.rescore_step(t.policy, tr, t.step_cond, "constant")
+    assert torch.equal(cps.std, tr.g * tr.sigma_next) and not torch.allclose(sde.log_prob, cps.log_prob)
+
+
+def test_cps_trees_split_with_the_cps_step_and_skip_the_noiseless_last_step():
+    t = make("branchgrpo", "rollout.prompts_per_step=1", "sampler.noise=cps", "sampler.noise_level=0.5",
+             "tree.split_noise_scale=1.4")
+    stored = _stored_transitions(t)
+    metrics = t.step()
+    tr = stored["tr"]
+    assert metrics["first_ratio_max_dev"] == 0.0 and (tr.sigma_next > 0).all()
+    split = tr.noise_scale > 1
+    assert split.any() and torch.allclose(tr.g, torch.full_like(tr.g, math.sin(math.pi / 4)))  # g = sin(0.5 pi / 2)
+    with torch.no_grad():
+        std = trainer_mod.rescore_step(t.policy, tr, t.step_cond, "cps").std
+    assert torch.allclose(std, tr.noise_scale * tr.g * tr.sigma_next) and torch.allclose(tr.noise_scale[split], torch.tensor(1.4))

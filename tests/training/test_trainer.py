@@ -188,7 +188,7 @@ def test_rollouts_keep_the_means_only_for_a_loss_term_that_reads_them():
     ro = rollout(fresh.policy, cond, torch.zeros(3, dtype=torch.long), torch.randn(3, 1, 4, 4), method.rollout_spec(fresh.cfg, plan),
                  torch.Generator().manual_seed(0))
     with torch.no_grad():
-        mean = rescore(fresh.policy, ro.transitions, cond)[1]
+        mean = rescore(fresh.policy, ro.transitions, cond, fresh.cfg.sampler.noise)[1]
     torch.testing.assert_close(mean, ro.transitions.old_mean, rtol=1e-5, atol=1e-6)
 
 

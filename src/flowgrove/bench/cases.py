@@ -33,6 +33,7 @@ from flowgrove.training.prepare import apply_lora, enable_gradient_checkpointing
 from flowgrove.training.rollout import Transitions, rescore
 
 SIGMA, SIGMA_NEXT, ETA = 0.5, 0.45, 0.3  # one mid-trajectory step, DanceGRPO's constant g
+NOISE = "constant"  # the noise kind of that g (sampler.noise)
 CLIP_RANGE, ADV_CLIP, LR = 1e-4, 5.0, 1e-5
 
 
@@ -87,7 +88,7 @@ class Row:
 def sde_transition(policy: BenchPolicy, x: Tensor, cond: Conditioning, generator: torch.Generator) -> StepOutput:
     """One denoising step as ``rollout`` takes it: a batched velocity call, then an SDE step with its log-prob."""
     velocity = policy.velocity(x, x.new_full((x.shape[0],), SIGMA), cond).float()  # [B, C, H, W]
-    g = noise_g("constant", ETA, SIGMA, SIGMA_NEXT)
+    g = noise_g(NOISE, ETA, SIGMA, SIGMA_NEXT)
     return sde_step(x, velocity, SIGMA, SIGMA_NEXT, g, generator=generator)
 
 
@@ -104,7 +105,7 @@ def stored_transitions(policy: BenchPolicy, x: Tensor, cond: Conditioning, gener
     out = sde_transition(policy, x, cond, generator)
     full = lambda value: x.new_full((e,), float(value))  # noqa: E731
     index = torch.arange(e, device=x.device)  # [E]
-    g = noise_g("constant", ETA, SIGMA, SIGMA_NEXT)
+    g = noise_g(NOISE, ETA, SIGMA, SIGMA_NEXT)
     return Transitions(x, out.x_next, full(SIGMA), full(SIGMA_NEXT), full(g), full(1.0), out.log_prob, index,
                        torch.ones_like(index), index)
 
@@ -112,7 +113,7 @@ def stored_transitions(policy: BenchPolicy, x: Tensor, cond: Conditioning, gener
 def train_step(policy: BenchPolicy, batch: Transitions, cond: Conditioning, advantages: Tensor,
                optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> Tensor:
     """The trainer's micro-step and update: ``rescore``, PPO-clip loss, backward, clip to norm 1, AdamW step."""
-    log_prob, _ = rescore(policy, batch, cond)  # [E]
+    log_prob, _ = rescore(policy, batch, cond, NOISE)  # [E]
     loss = ppo_clip_loss(log_prob, batch.old_log_prob, advantages, CLIP_RANGE, ADV_CLIP).loss  # []
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -264,7 +265,7 @@ def _without_recompute(row: Row, plain_flops: int | None, policy: BenchPolicy, b
     counted forward, which is the recompute up to the embedders and the output layer outside the blocks."""
     if plain_flops is not None:
         return dataclasses.replace(row, model_flops=plain_flops)
-    forward = count_flops(torch.no_grad()(lambda: rescore(policy, batch, cond)))
+    forward = count_flops(torch.no_grad()(lambda: rescore(policy, batch, cond, NOISE)))
     return dataclasses.replace(row, model_flops=row.flops - forward,
                                note=row.note + "; model FLOPs = executed - one counted forward")
 

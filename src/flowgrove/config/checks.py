@@ -15,11 +15,20 @@ import torch
 from flowgrove.config.schema import Config
 from flowgrove.grpo import tree
 from flowgrove.messages import ConfigError, did_you_mean, one_line
+from flowgrove.samplers.steps import noise_g, sde_type_of
+
+
+
+def last_step_excluded(cfg: Config) -> bool:
+    """The last transition is never trained: the reward image is its x0 prediction (so it is never sampled), CPS
+    draws no noise onto sigma 0 (its std ``g * sigma_next`` is 0, so it has no log-prob), or
+    ``train.exclude_last_step`` keeps it out with the final sample scored (DanceGRPO's SD recipe)."""
+    return cfg.sampler.reward_image == "x0_pred" or sde_type_of(cfg.sampler.noise) == "cps" or cfg.train.exclude_last_step
 
 
 def trainable_positions(cfg: Config) -> int:
-    """Transitions that can be trained: the last one is excluded when the reward image is its x0 prediction."""
-    return cfg.sampler.num_steps - (cfg.sampler.reward_image == "x0_pred")
+    """Transitions that can be trained: all but the last one when :func:`last_step_excluded`."""
+    return cfg.sampler.num_steps - last_step_excluded(cfg)
 
 
 def window_positions(cfg: Config) -> int:
@@ -41,7 +50,7 @@ def check_method(cfg: Config) -> None:
 
     ``build_config`` runs them, so a bad combination is reported before any model or weight is loaded.
     """
-    for check in (_check_mode, _check_steps, _check_window, _check_tree, _check_train):
+    for check in (_check_mode, _check_steps, _check_window, _check_tree, _check_train, _check_cps):
         check(cfg)
 
 
@@ -73,9 +82,11 @@ def _check_mode(cfg: Config) -> None:
 
 def _check_steps(cfg: Config) -> None:
     if trainable_positions(cfg) < 1:
-        raise ConfigError(f"sampler.num_steps={cfg.sampler.num_steps} with sampler.reward_image=x0_pred leaves no trainable "
-                          "step (the last transition is not trained when the reward scores its x0 prediction); set "
-                          "sampler.num_steps>=2 or sampler.reward_image=final")
+        s = cfg.sampler
+        why = (f"sampler.reward_image={s.reward_image}" if s.reward_image == "x0_pred" else
+               f"sampler.noise={s.noise}" if sde_type_of(s.noise) == "cps" else "train.exclude_last_step=true")
+        raise ConfigError(f"sampler.num_steps={s.num_steps} with {why} leaves no trainable step (the last "
+                          "transition is never trained then); set sampler.num_steps>=2")
 
 
 def _check_window(cfg: Config) -> None:
@@ -123,8 +134,12 @@ def _check_train(cfg: Config) -> None:
                           "per sample; DanceGRPO uses 0.6)")
     if t.timesteps == "first_k" and t.first_k > last:
         raise ConfigError(f"train.first_k={t.first_k} is larger than the {last} trainable steps (sampler.num_steps="
-                          f"{cfg.sampler.num_steps}, reward_image={cfg.sampler.reward_image}); lower train.first_k "
-                          "(0 = all of them)")
+                          f"{cfg.sampler.num_steps}, reward_image={cfg.sampler.reward_image}, noise={cfg.sampler.noise}); "
+                          "lower train.first_k (0 = all of them)")
+    if t.kl_beta > 0 and t.kl_scale == "reference" and _policy_family(cfg.policy.name) == "diffusion":
+        raise ConfigError(f"train.kl_scale=reference divides the KL by eta^2, Flow-GRPO's flow scale; on the DDIM steps of "
+                          f"policy {cfg.policy.name} that weighs the last step's KL about 0.0008x the exact one (50 SD steps); "
+                          "set train.kl_scale=exact (the KL of the DDIM transitions)")
     if not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas={list(t.betas)} must both be in [0, 1); for example train.betas=[0.9,0.999]")
     if t.trust_region == "clip" and t.clip_range <= 0:
@@ -138,6 +153,36 @@ def _check_train(cfg: Config) -> None:
     if std_keys and cfg.sampler.noise_level <= 0:
         raise ConfigError(f"{', '.join(std_keys)} need{'s' * (len(std_keys) == 1)} SDE steps with noise, but "
                           f"sampler.noise_level={cfg.sampler.noise_level}; set sampler.noise_level > 0")
+
+
+def _policy_family(name: str) -> str:
+    from flowgrove.policies import policy_family  # registers every policy (light: no model library loads)
+
+    return policy_family(name)
+
+
+def _check_cps(cfg: Config) -> None:
+    """CPS draws ``std = g * sigma_next`` with the noise fraction ``g = sin(level * pi / 2)``: the level lies in [0, 1],
+    a split child's fraction ``split_noise_scale * g`` is at most 1 and the last step (std 0) does not split; its
+    transition std is the std Flow-GRPO's KL divides by, so ``train.kl_scale=reference`` has nothing to rescale."""
+    s, t = cfg.sampler, cfg.tree
+    if sde_type_of(s.noise) != "cps":
+        return
+    if s.noise_level > 1:
+        raise ConfigError(f"sampler.noise_level={s.noise_level} with sampler.noise=cps must be in [0, 1] (the step keeps "
+                          "sin(level * pi / 2) of the next noise level as fresh noise; 1 = all of it); Flow-GRPO uses 0.8")
+    fraction = float(noise_g(s.noise, s.noise_level, 0.5, 0.5))
+    if t.enabled and t.split_noise_scale * fraction > 1 + 1e-9:  # fraction > 0 here
+        raise ConfigError(f"tree.split_noise_scale={t.split_noise_scale} with sampler.noise=cps at sampler.noise_level="
+                          f"{s.noise_level} asks split children for {t.split_noise_scale * fraction:.3g} times the next "
+                          f"noise level as fresh noise (at most 1); lower tree.split_noise_scale to "
+                          f"<= {1 / fraction:.3g} or sampler.noise_level")
+    if t.enabled and s.num_steps - 1 in split_steps(cfg):
+        raise ConfigError(f"tree splits at the last step ({s.num_steps - 1}) with sampler.noise=cps, which draws no "
+                          "noise onto sigma 0, so its children would be equal; list earlier tree.split_steps")
+    if cfg.train.kl_beta > 0 and cfg.train.kl_scale == "reference":
+        raise ConfigError("train.kl_scale=reference with sampler.noise=cps: Flow-GRPO's CPS KL divides by the CPS "
+                          "transition std, which is the exact KL; set train.kl_scale=exact")
 
 
 def _check_reward_names(cfg: Config) -> None:

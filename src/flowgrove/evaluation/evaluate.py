@@ -27,11 +27,12 @@ from flowgrove.policies.base import Conditioning
 from flowgrove.rewards import build_reward
 from flowgrove.rewards.base import RewardFn
 from flowgrove.samplers.family import step_family
-from flowgrove.samplers.steps import noise_g
+from flowgrove.samplers.steps import noise_g, sde_type_of
 from flowgrove.training import method
 from flowgrove.training.heldout import HeldOut, Share, eval_rows, gather_rows, sample_share, score_share
 from flowgrove.training.rollout import batched_velocity
 from flowgrove.training.parts import TrainingState
+from flowgrove.training.setup import rewards_for
 
 HYBRID = "eval/hybrid/"  # prefix of the hybrid-inference numbers (eval.hybrid_steps > 0)
 
@@ -94,7 +95,8 @@ def eval_share(held: HeldOut, *, keep_states: bool = False, then: AbstractContex
 def kl_to_base(held: HeldOut, share: Share, base: list[Tensor]) -> float:
     """Mean over samples of the summed KL of the policy's SDE transitions (the training sampler's ``g``) to the
     base model's, at the states of the policy's evaluation rollout ``share`` (kept states; every rank its own rows,
-    the totals gathered). NaN when the sampler's noise level is 0."""
+    the totals gathered); a step that draws no noise (CPS's or DDIM's last step onto the data) has no KL and is left
+    out. NaN when the sampler's noise level is 0."""
     s, policy = held.cfg.sampler, held.policy
     if s.noise_level <= 0:
         return math.nan
@@ -107,11 +109,12 @@ def kl_to_base(held: HeldOut, share: Share, base: list[Tensor]) -> float:
             sigma, sigma_next = float(share.sigmas[i]), float(share.sigmas[i + 1])
             x = x.to(device)
             v_base = batched_velocity(policy, x, x.new_full((x.shape[0],), sigma), cond_rows, s.chunk_size)
-            g = noise_g(s.noise, s.noise_level, sigma, sigma_next)
+            g, kind = noise_g(s.noise, s.noise_level, sigma, sigma_next), sde_type_of(s.noise)
             zeros = torch.zeros_like(x)
-            mine = family.sde(x, v.to(device), sigma, sigma_next, g, noise=zeros)
-            theirs = family.sde(x, v_base, sigma, sigma_next, g, noise=zeros)
-            total += transition_kl(mine.mean, theirs.mean, mine.std).double()  # [M]
+            mine = family.sde(x, v.to(device), sigma, sigma_next, g, sde_type=kind, noise=zeros)
+            theirs = family.sde(x, v_base, sigma, sigma_next, g, sde_type=kind, noise=zeros)
+            if bool((mine.std > 0).all()):  # the step's std is the same for every row
+                total += transition_kl(mine.mean, theirs.mean, mine.std).double()  # [M]
     return gather_rows(total, rows.shape[0]).mean().item()
 
 
@@ -141,7 +144,7 @@ def build_setup(held: HeldOut, base: list[Tensor] | None) -> EvalSetup:
     if e.hybrid_steps > e.num_steps:
         raise ValueError(f"eval.hybrid_steps={e.hybrid_steps} is more than eval.num_steps={e.num_steps}: hybrid "
                          f"inference runs the policy for the first k steps; e.g. eval.hybrid_steps={e.num_steps // 2}")
-    setup = EvalSetup(build_judges(held.cfg, held.device), base)
+    setup = EvalSetup(rewards_for(held.policy, build_judges(held.cfg, held.device)), base)
     if base is not None:
         with held.swapped(base):
             share = eval_share(held)

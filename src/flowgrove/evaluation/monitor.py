@@ -24,10 +24,10 @@ from flowgrove.evaluation.evaluate import EvalRecord, build_setup, evaluate_step
 from flowgrove.parallel import distributed
 from flowgrove.runs.checkpoint import checkpoint_name, save_named_checkpoint
 from flowgrove.runs.metrics import read_metrics, save_grid, truncate_metrics
-from flowgrove.runs.rundir import atomic_write_text
+from flowgrove.runs.rundir import BEST_FILE, EVAL_FILE, GRIDS, atomic_write_text
 from flowgrove.training.trainer import GRPOTrainer, TrainingHalted
 
-EVAL_FILE, GRIDS, HYBRID_GRIDS, BEST = "eval.jsonl", "eval_grids", "hybrid", "best"
+HYBRID_GRIDS, BEST = "hybrid", "best"
 
 
 class GuardStop(TrainingHalted):
@@ -99,7 +99,7 @@ class Monitor:
         if distributed.any_rank(self.main):  # rank 0 has the run folder; every rank writes its shard
             save_named_checkpoint(trainer.state(), self.run_dir, BEST, self.config_yaml, self.wall())
         if self.main:
-            atomic_write_text(self.run_dir / "best.json", json.dumps(
+            atomic_write_text(self.run_dir / BEST_FILE, json.dumps(
                 {"step": trainer.iteration, "criterion": self.cfg.eval.best, "score": score, **record.metrics}, indent=1))
 
     def _best_note(self) -> str:

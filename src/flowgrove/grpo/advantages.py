@@ -19,14 +19,20 @@ def _check(rewards: Tensor, group_ids: Tensor) -> Tensor:
 
 
 def _group_mean_var(rewards: Tensor, group_ids: Tensor, ddof: int) -> tuple[Tensor, Tensor]:
-    """Per-sample mean ``[B]`` and variance ``[B]`` of its group (variance 0 for groups of <= ddof)."""
+    """Per-sample mean ``[B]`` and variance ``[B]`` of its group (variance 0 for groups of <= ddof).
+
+    The mean is taken relative to the group's largest reward, so a group whose rewards all tie has exactly that
+    reward as its mean: ``r - mean`` is exactly 0 there. (``sum / count`` rounds: twelve rewards of 0.1 in float32
+    leave a residue of ~1e-8, which ``eps = 1e-8`` would turn into advantages of about +-0.6.)
+    """
     _, inverse = torch.unique(group_ids, return_inverse=True)  # [B] group index 0..G-1
     num_groups = int(inverse.max()) + 1
     counts = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device).index_add_(
         0, inverse, torch.ones_like(rewards)
     )  # [G]
-    sums = torch.zeros_like(counts).index_add_(0, inverse, rewards)  # [G]
-    mean = (sums / counts)[inverse]  # [B]
+    top = torch.zeros_like(counts).scatter_reduce_(0, inverse, rewards, "amax", include_self=False)[inverse]  # [B]
+    offsets = torch.zeros_like(counts).index_add_(0, inverse, rewards - top)  # [G] sums of r - top (<= 0)
+    mean = top + (offsets / counts)[inverse]  # [B]
     sq = torch.zeros_like(counts).index_add_(0, inverse, (rewards - mean) ** 2)  # [G]
     dof = counts - ddof  # [G]
     var = torch.where(dof > 0, sq / dof.clamp(min=1), torch.zeros_like(sq))  # [G]

@@ -234,11 +234,14 @@ def transition_kl(mean: Tensor, ref_mean: Tensor, std: Tensor | float, reduce: s
     return kl.mean(dim=dims) if reduce == "mean" else kl.sum(dim=dims)  # [E]
 
 
-def loss_weight(scale: str, rows: int, chunk: int, accumulate_size: int, per_root: int) -> float:
-    """Factor of a micro-batch's mean loss. ``mean``: its share of the accumulation group (the group's loss is the
-    mean over its transitions). ``reference``: BranchGRPO's sum over the group's transitions / (G * N-bar), with
-    G = ``train.accumulate_size`` and N-bar the stored transitions per chain or tree (DanceGRPO's 1/(G*K))."""
-    return rows / chunk if scale == "mean" else rows / (accumulate_size * per_root)
+def loss_weight(scale: str, live: int, group_live: int, world: int, accumulate_size: float, per_root: int) -> float:
+    """Factor of a micro-batch's mean loss over its ``live`` transitions (those that enter the loss), such that the
+    accumulation group's loss, after the data-parallel mean over ``world`` ranks, is ``mean``: the sum over its
+    transitions divided by ``group_live``, the group's transitions that enter the loss on all ranks (with
+    ``train.drop_zero_advantage`` the rows it leaves out are counted by neither); ``reference``: BranchGRPO's sum
+    over the group's transitions / (G * N-bar), with ``accumulate_size`` = G / world (this rank's share of
+    ``train.accumulate_size``) and N-bar the stored transitions per chain or tree (DanceGRPO's 1/(G*K))."""
+    return live * world / group_live if scale == "mean" else live / (accumulate_size * per_root)
 
 
 def kl_std(scale: str, transition_std: Tensor, g: Tensor) -> Tensor:

@@ -21,8 +21,9 @@ def random_fraction_mask(
     """Per sample, a random ``fraction`` of the eligible steps (DanceGRPO ``train_one_step``).
 
     Each sample draws an independent permutation of the eligible steps (all ``T``, or the first
-    ``T - 1`` when ``exclude_last``, i.e. when the reward image is the x0 prediction at the last step)
-    and keeps the first ``max(int(eligible * fraction), 1)``. FLUX: T=16, 0.6 -> 9 of 15.
+    ``T - 1`` when ``exclude_last``: the reward image is the x0 prediction at the last step, or DanceGRPO's SD
+    recipe, which trains ``timesteps[:-1]``) and keeps the first ``max(int(eligible * fraction), 1)``. FLUX: T=16,
+    0.6 -> 9 of 15; SD: T=50, 1.0 -> all 49 of 49.
 
     Args:
         num_samples: Number of samples ``B``.
@@ -92,3 +93,42 @@ def epoch_draws(num_items: int, step: int, per_step: int, seed: int) -> Tensor:
     epochs = positions // num_items
     perms = {int(e): _epoch_permutation(num_items, seed, int(e)) for e in epochs.unique()}
     return torch.stack([perms[int(e)][int(p)] for e, p in zip(epochs, positions % num_items)])  # [per_step]
+
+
+def live_order(live: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """The rows of one update in training order: the live rows shuffled, then dead rows up to ``size`` rows.
+
+    A live row enters the loss; a dead one (``train.drop_zero_advantage``: its advantage is 0, Flow-GRPO's
+    filter) does not. Data-parallel ranks train equally many rows, so that their forward passes stay in step;
+    ``size`` is the most live rows any rank holds, and a rank with fewer pads with its dead rows, whose forward
+    passes enter no loss. With every row live and ``size = E`` this is ``randperm(E)``.
+
+    Args:
+        live: Bool ``[E]``, True where the row enters the loss.
+        size: Rows to return, ``live.sum() <= size <= E``.
+        generator: CPU generator of the shuffle.
+
+    Returns:
+        Row indices ``[size]`` (long): the live ones first.
+    """
+    kept, dead = live.nonzero().flatten(), (~live).nonzero().flatten()  # [E_live], [E - E_live]
+    if not kept.numel() <= size <= live.numel():
+        raise ValueError(f"size={size} must lie between the {kept.numel()} live rows and all {live.numel()} rows.")
+    shuffled = kept[torch.randperm(kept.numel(), generator=generator)]  # [E_live]
+    return torch.cat([shuffled, dead[:size - kept.numel()]])  # [size]
+
+
+def accumulation_groups(order: Tensor, accumulate: str, accumulate_size: int, n_samples: int,
+                        world: int) -> tuple[Tensor, ...]:
+    """Cut a rank's training order ``[E]`` into accumulation groups, one optimizer step each.
+
+    ``samples``: ``ceil(n_samples * world / accumulate_size)`` groups of near-equal size (at most E), so
+    ``accumulate_size`` counts the global batch and every world size takes the same steps; ``transitions``:
+    groups of ``accumulate_size // world`` rows of this rank.
+
+    Returns:
+        The groups, each a slice of ``order``.
+    """
+    if accumulate == "samples":
+        return order.tensor_split(max(1, min(order.numel(), -(-n_samples * world // accumulate_size))))
+    return order.split(max(1, accumulate_size // world))

@@ -112,6 +112,20 @@ def mean_over_ranks(values: list[float]) -> list[float]:
     return [v / world for v in _all_reduce(values, dist.ReduceOp.SUM)]
 
 
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """The sum over ranks of each number; unchanged on one process."""
+    return _all_reduce(values, dist.ReduceOp.SUM)
+
+
+def weighted_mean_over_ranks(values: list[float], weight: float) -> list[float]:
+    """The mean over ranks of each number, rank r weighted by its ``weight`` (metrics of unequal per-rank batches:
+    ``sum_r weight_r * v_r / sum_r weight_r``, 0 where every weight is 0); unchanged on one process."""
+    if world_size_and_rank()[0] == 1:
+        return list(values)
+    *sums, total = _all_reduce([weight * v for v in values] + [weight], dist.ReduceOp.SUM)
+    return [s / total if total else 0.0 for s in sums]
+
+
 def max_over_ranks(value: float) -> float:
     return _all_reduce([value], dist.ReduceOp.MAX)[0]
 

@@ -189,8 +189,12 @@ def failure_message(failure: PeerFailure, checkpoint: Path | None, resume_hint: 
     else:
         head = (f"a collective failed while every rank's heartbeat is alive: a rank is stuck outside the collectives "
                 f"(raise run.collective_timeout if a step legitimately waits that long) ({cause})")
-    last = f"the last checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
-    return f"flowgrove: rank {failure.rank}: {head}; {last}; {resume_hint}"
+    return f"flowgrove: rank {failure.rank}: {head}; {last_checkpoint(checkpoint)}; {resume_hint}"
+
+
+def last_checkpoint(checkpoint: Path | None) -> str:
+    """What a stop message says about the checkpoint a resume would start from."""
+    return f"the last checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
 
 
 @contextmanager

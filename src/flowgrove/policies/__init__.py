@@ -9,7 +9,7 @@ FLUX.1 folder), ``sd3`` (SD3 / SD3.5 with classifier-free guidance), ``wan`` (Wa
 Importing this package is light; diffusers and transformers load inside the factories.
 """
 
-from flowgrove.policies.base import Conditioning, FlowPolicy, build_policy, policy_names, register_policy
+from flowgrove.policies.base import Conditioning, FlowPolicy, build_policy, policy_family, policy_names, register_policy
 from flowgrove.policies.digits import build_digits_policy, digit_of_prompt, digit_prompts
 from flowgrove.policies.flux import FluxAdapter, build_flux1_policy, pack_latents, unpack_latents
 from flowgrove.policies.numbers import build_numbers_policy  # noqa: F401 (registers "numbers")
@@ -34,6 +34,7 @@ __all__ = [
     "digit_of_prompt",
     "digit_prompts",
     "pack_latents",
+    "policy_family",
     "policy_names",
     "register_policy",
     "unpack_latents",

@@ -110,10 +110,18 @@ class FlowPolicy(Protocol):
         ...
 
 
+def makes_videos(policy: FlowPolicy) -> bool:
+    """Whether the policy decodes videos ``[B, F, 3, H', W']``: its latents are ``(C, F, H, W)`` (the protocol's
+    declared rank), not images' ``(C, H, W)``."""
+    return len(policy.latent_shape) == 4
+
+
 PolicyFactory = Callable[..., FlowPolicy]
+
+
 @dataclass(frozen=True)
-class PipelineFolder:
-    """The local diffusers folder a family loads from, as its errors describe it."""
+class LocalFolder:
+    """The local diffusers folder a family loads from (``policy.path``), as its errors describe it."""
 
     family: str  # the policy name (``flux1``)
     folder: str  # what the folder holds (``FLUX.1``)
@@ -138,15 +146,37 @@ class PipelineFolder:
 
 
 _POLICIES: Registry[PolicyFactory] = Registry("policy", "policies")
-_FOLDERS: dict[str, PipelineFolder] = {}
+STEP_FAMILIES = ("flow", "diffusion")  # rectified flows (velocity), DDPM / DDIM models (eps or v): samplers.family
+_FAMILIES: dict[str, str] = {}  # policy name -> the step family it declared at registration
+_FOLDERS: dict[str, LocalFolder] = {}  # policy name -> the diffusers folder it needs in policy.path
 
 
-def register_policy(name: str, folder: PipelineFolder | None = None) -> Callable[[PolicyFactory], PolicyFactory]:
-    """Register a policy factory under ``name`` (a different factory under a used name raises ``ValueError``);
-    ``folder``: the diffusers folder it needs in ``policy.path``, checked before any model loads."""
-    if folder is not None:
-        _FOLDERS[name] = folder
-    return _POLICIES.register(name)
+def register_policy(name: str, folder: LocalFolder | None = None,
+                    family: str = "flow") -> Callable[[PolicyFactory], PolicyFactory]:
+    """Register a policy factory under ``name`` (a different factory under a used name raises ``ValueError``).
+
+    ``folder``: the diffusers folder it needs in ``policy.path``, checked before any model loads
+    (:func:`check_policy_folder`). ``family`` (one of ``STEP_FAMILIES``) declares the step family of the policies it
+    builds (a ``diffusion`` policy carries a ``step_family`` of :func:`flowgrove.samplers.family.diffusion_steps`),
+    so that config checks know it before any model loads.
+    """
+    if family not in STEP_FAMILIES:
+        raise ValueError(f"family={family!r} is not one of {STEP_FAMILIES}.")
+    register = _POLICIES.register(name)
+
+    def decorator(factory: PolicyFactory) -> PolicyFactory:
+        register(factory)  # raises for a different factory under a used name, before anything is recorded
+        _FAMILIES[name] = family
+        if folder is not None:
+            _FOLDERS[name] = folder
+        return factory
+
+    return decorator
+
+
+def policy_family(name: str) -> str:
+    """The step family the policy ``name`` declared (``"flow"`` for an unregistered name, which building reports)."""
+    return _FAMILIES.get(name, "flow")
 
 
 def check_policy_folder(name: str, path: str | Path) -> None:

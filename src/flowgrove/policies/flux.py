@@ -9,13 +9,15 @@ feeds the exact float ``sigma`` as ``timestep``: the same value, without the rou
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from flowgrove.policies.base import Conditioning, PipelineFolder, register_policy
-from flowgrove.policies.pipelines import DTYPES, load_local_pipeline, save_pipeline_folder, save_pipeline_lora
+from flowgrove.policies.base import Conditioning, register_policy
+from flowgrove.policies.pipelines import (DTYPES, LocalFolder, SizeRule, check_folder_size, check_size,
+                                         load_local_pipeline, local_folder, save_pipeline_folder, save_pipeline_lora,
+                                         vae_scale)
 
 if TYPE_CHECKING:
     from diffusers import FluxPipeline
@@ -157,6 +159,13 @@ def vae_decode(vae: nn.Module, x: Tensor) -> Tensor:
     return (image / 2 + 0.5).clamp(0, 1).to(x.dtype)  # [B, 3, H*f, W*f]
 
 
+def flux_size_rule(configs: Mapping[str, Mapping]) -> SizeRule:
+    """FLUX.1 (``configs["vae"]``): sides are multiples of twice the VAE scale, as the latent's 2x2 patches are
+    packed into tokens (``FluxPipeline._unpack_latents``; the pipeline rounds other sizes down)."""
+    scale = vae_scale(configs["vae"])
+    return SizeRule(2 * scale, f"VAE scale {scale} x 2x2 latent patches")
+
+
 class Flux1Policy:
     """A diffusers FLUX.1 pipeline as a ``FlowPolicy`` (black-forest-labs FLUX.1 dev / schnell)."""
 
@@ -165,13 +174,9 @@ class Flux1Policy:
         self.pipe = pipe
         self.adapter = FluxAdapter(pipe.transformer, guidance, compute_dtype)
         self.max_sequence_length = max_sequence_length
-        vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        # FluxPipeline._unpack_latents: the latent side is a multiple of 2 after the VAE's compression.
-        self.latent_shape = (
-            pipe.transformer.config.in_channels // 4,
-            2 * (int(height) // (vae_scale * 2)),
-            2 * (int(width) // (vae_scale * 2)),
-        )
+        check_size("flux1", flux_size_rule({"vae": pipe.vae.config}), height, width)
+        scale = vae_scale(pipe.vae.config)
+        self.latent_shape = (pipe.transformer.config.in_channels // 4, int(height) // scale, int(width) // scale)
 
     @property
     def module(self) -> nn.Module:
@@ -214,13 +219,12 @@ class Flux1Policy:
         save_pipeline_folder(self.pipe, self.module, out)
 
 
-FOLDER = PipelineFolder(  # policy.path of this family
-    "flux1", "FLUX.1",
-    "`hf download black-forest-labs/FLUX.1-dev --local-dir /models/FLUX.1-dev` (or FLUX.1-schnell; "
-    "accept the licence on huggingface.co and log in first)")
+FLUX1_FOLDER = LocalFolder("flux1", "FLUX.1", "`hf download black-forest-labs/FLUX.1-dev --local-dir "
+                           "/models/FLUX.1-dev` (or FLUX.1-schnell; accept the licence on huggingface.co and log in "
+                           "first)")
 
 
-@register_policy("flux1", FOLDER)
+@register_policy("flux1", FLUX1_FOLDER)
 def build_flux1_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "bfloat16",
                        guidance: float | None = 3.5, height: int = 512, width: int = 512,
                        max_sequence_length: int = 512) -> Flux1Policy:
@@ -232,8 +236,8 @@ def build_flux1_policy(path: str = "", *, device: str | torch.device = "cpu", dt
         dtype: ``float32``, ``bfloat16`` or ``float16`` for all components.
         guidance: Distilled guidance scale (FLUX.1-dev 3.5); ignored when the transformer has no guidance
             embedding (FLUX.1-schnell).
-        height: Image height in pixels (sets ``latent_shape``).
-        width: Image width in pixels.
+        height: Image height in pixels, a multiple of 16 (:func:`flux_size_rule`); sets ``latent_shape``.
+        width: Image width in pixels, likewise.
         max_sequence_length: T5 tokens per prompt (512 dev, 256 schnell).
 
     Returns:
@@ -241,10 +245,10 @@ def build_flux1_policy(path: str = "", *, device: str | torch.device = "cpu", dt
     """
     from diffusers import FluxPipeline
 
-    pipe = load_local_pipeline(
-        FluxPipeline, path, FOLDER, dtype=dtype, device=device,
-        frozen=("vae", "text_encoder", "text_encoder_2"),
-    )
+    folder = local_folder(path, FLUX1_FOLDER, dtype)
+    check_folder_size(folder, "flux1", flux_size_rule, ("vae",), height, width)  # before any weights load
+    pipe = load_local_pipeline(FluxPipeline, path, FLUX1_FOLDER, dtype=dtype, device=device,
+                               frozen=("vae", "text_encoder", "text_encoder_2"))
     if not pipe.transformer.config.guidance_embeds:
         guidance = None
     return Flux1Policy(pipe, guidance, height, width, max_sequence_length, compute_dtype=DTYPES[dtype])

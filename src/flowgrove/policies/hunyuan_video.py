@@ -1,8 +1,8 @@
 """HunyuanVideo adapter: text-to-video through diffusers ``HunyuanVideoPipeline`` components (Tencent HunyuanVideo).
 
-A rectified flow on 5-D latents ``[B, C, F', H', W']`` with ``F' = (F - 1) // 4 + 1`` latent frames
-(``vae_scale_factor_temporal``) and ``H' = H / 8`` (``vae_scale_factor_spatial``), as ``prepare_latents``;
-``decode`` returns videos ``[B, 4 (F' - 1) + 1, 3, H, W]`` in [0, 1].
+A rectified flow on 5-D latents ``[B, C, F', H', W']`` with ``F' = (F - 1) / 4 + 1`` latent frames
+(``vae_scale_factor_temporal``; ``F = 4k + 1``, others are refused) and ``H' = H / 8`` (``vae_scale_factor_spatial``),
+as ``prepare_latents``; ``decode`` returns videos ``[B, F, 3, H, W]`` in [0, 1].
 Timestep convention: ``HunyuanVideoPipeline.__call__`` passes the scheduler's ``t = sigma * 1000`` unchanged to
 ``HunyuanVideoTransformer3DModel``, so the adapter feeds the exact float ``1000 * sigma`` (DanceGRPO feeds
 ``floor(1000 sigma)``; flowgrove never quantises). The transformer predicts ``noise - x0`` (the scheduler's Euler
@@ -20,18 +20,25 @@ masked tokens, so this is the pipeline's call exactly.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from flowgrove.policies.base import Conditioning, PipelineFolder, register_policy
+from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import per_sample_sigma
-from flowgrove.policies.pipelines import (DTYPES, load_local_pipeline, pad_text_states, save_pipeline_folder,
+from flowgrove.policies.pipelines import (DTYPES, LocalFolder, SizeRule, check_folder_size, check_size,
+                                         load_local_pipeline, local_folder, pad_text_states, save_pipeline_folder,
                                          save_pipeline_lora, text_mask)
 
 if TYPE_CHECKING:
     from diffusers import HunyuanVideoPipeline
+
+
+def hunyuan_size_rule(configs: Mapping[str, Mapping]) -> SizeRule:
+    """HunyuanVideo (``configs["vae"]``): sides are multiples of 16 (the pipeline's ``check_inputs``), frames
+    ``1 + temporal_compression_ratio * k`` (others would decode to another number of frames)."""
+    return SizeRule(16, "the pipeline's check_inputs", int(configs["vae"]["temporal_compression_ratio"]))
 
 
 def hunyuan_latent_shape(pipe: HunyuanVideoPipeline, num_frames: int, height: int,
@@ -39,11 +46,9 @@ def hunyuan_latent_shape(pipe: HunyuanVideoPipeline, num_frames: int, height: in
     """``(C, F', H', W')`` of one latent, as ``HunyuanVideoPipeline.prepare_latents``.
 
     Raises:
-        ValueError: ``height`` or ``width`` is not a multiple of 16 (the pipeline's ``check_inputs``), or no frame.
+        ConfigError: a size the pipeline refuses or would decode to another size (:func:`hunyuan_size_rule`).
     """
-    if int(height) % 16 or int(width) % 16 or int(num_frames) < 1:
-        raise ValueError(f"hunyuan_video needs height and width divisible by 16 and at least one frame, got "
-                         f"{num_frames} frames of {height}x{width}.")
+    check_size("hunyuan_video", hunyuan_size_rule({"vae": pipe.vae.config}), height, width, num_frames)
     temporal, spatial = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
     return (int(pipe.transformer.config.in_channels), (int(num_frames) - 1) // temporal + 1, int(height) // spatial,
             int(width) // spatial)
@@ -130,12 +135,11 @@ class HunyuanVideoPolicy:
         save_pipeline_folder(self.pipe, self.module, out)
 
 
-FOLDER = PipelineFolder(  # policy.path of this family
-    "hunyuan_video", "HunyuanVideo",
-    "`hf download hunyuanvideo-community/HunyuanVideo --local-dir /models/HunyuanVideo`")
+HUNYUAN_VIDEO_FOLDER = LocalFolder("hunyuan_video", "HunyuanVideo",
+                                   "`hf download hunyuanvideo-community/HunyuanVideo --local-dir /models/HunyuanVideo`")
 
 
-@register_policy("hunyuan_video", FOLDER)
+@register_policy("hunyuan_video", HUNYUAN_VIDEO_FOLDER)
 def build_hunyuan_video_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "bfloat16",
                                num_frames: int = 53, height: int = 480, width: int = 480,
                                max_sequence_length: int = 256, guidance: float | None = 6.0,
@@ -146,7 +150,7 @@ def build_hunyuan_video_policy(path: str = "", *, device: str | torch.device = "
         path: The diffusers folder (``model_index.json``, transformer, vae, text_encoder(_2), tokenizer(_2)).
         device: Where every component goes.
         dtype: ``float32``, ``bfloat16`` or ``float16`` for the transformer and text encoders; the VAE stays float32.
-        num_frames: Video frames ``F`` (``4k + 1`` decode back to ``F``; DanceGRPO trains 53).
+        num_frames: Video frames ``F``, ``4k + 1`` (they decode back to ``F``; DanceGRPO trains 53).
         height: Pixels, a multiple of 16 (DanceGRPO 480).
         width: Pixels, a multiple of 16 (DanceGRPO 480).
         max_sequence_length: Llama tokens per prompt after the template (the pipeline's 256).
@@ -160,10 +164,10 @@ def build_hunyuan_video_policy(path: str = "", *, device: str | torch.device = "
     """
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoPipeline
 
-    pipe = load_local_pipeline(
-        HunyuanVideoPipeline, path, FOLDER, dtype=dtype, device=device,
-        frozen=("vae", "text_encoder", "text_encoder_2"), float32_vae=AutoencoderKLHunyuanVideo,
-    )
+    folder = local_folder(path, HUNYUAN_VIDEO_FOLDER, dtype)
+    check_folder_size(folder, "hunyuan_video", hunyuan_size_rule, ("vae",), height, width, num_frames)
+    pipe = load_local_pipeline(HunyuanVideoPipeline, path, HUNYUAN_VIDEO_FOLDER, dtype=dtype, device=device,
+                               frozen=("vae", "text_encoder", "text_encoder_2"), float32_vae=AutoencoderKLHunyuanVideo)
     if vae_tiling:
         pipe.vae.enable_tiling()
     return HunyuanVideoPolicy(pipe, num_frames, height, width, max_sequence_length, guidance, prompt_template,

@@ -6,28 +6,120 @@ Light to import: diffusers is imported by the caller, which passes its pipeline 
 
 from __future__ import annotations
 
+import inspect
+import json
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from flowgrove.policies.base import PipelineFolder
+from flowgrove.messages import ConfigError
+from flowgrove.policies.base import LocalFolder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_local_pipeline(pipeline_cls: Any, path: str, folder: PipelineFolder, *, dtype: str,
-                        device: str | torch.device, frozen: Sequence[str], float32_vae: Any = None) -> Any:
+def local_folder(path: str, spec: LocalFolder, dtype: str) -> Path:
+    """The family's diffusers folder ``path``, once ``dtype`` is a known dtype and the folder holds
+    ``model_index.json`` (the first checks of every factory, before any weights load).
+
+    Raises:
+        ValueError: an unknown ``dtype``.
+        FileNotFoundError: ``path`` is not a diffusers folder; the message says what to download.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    spec.check(path)
+    return Path(path)
+
+
+def component_configs(folder: Path, names: Sequence[str]) -> dict[str, dict]:
+    """The settings of the folder's diffusers components ``names`` as their classes read them (``config.json`` over
+    the class's ``__init__`` defaults), from the folder's files alone: no weights load. A component the folder does
+    not have (``model_index.json`` lists None, or no config file) is left out."""
+    import diffusers
+
+    index = json.loads((folder / "model_index.json").read_text())
+    configs = {}
+    for name in names:
+        library, class_name = (index.get(name) or [None, None])[:2]
+        file = folder / name / "config.json"
+        if library != "diffusers" or not class_name or not file.is_file():
+            continue
+        params = inspect.signature(getattr(diffusers, class_name).__init__).parameters.values()
+        defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        configs[name] = {**defaults, **json.loads(file.read_text())}
+    return configs
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    """The sizes a family's pipeline takes as they are (anything else it rounds or refuses)."""
+
+    side: int  # height and width in pixels are multiples of this
+    why: str  # where ``side`` comes from, e.g. "VAE scale 8 x patch 2"
+    frames: int = 0  # video frames are 1 + frames * k (the VAE's temporal compression); 0: no frame option
+
+
+def nearest_valid(value: int, step: int, first: int) -> list[int]:
+    """The valid values ``first + step * k`` (``k >= 0``) nearest ``value``: the one below it (when there is one)
+    and the one above."""
+    below = first + (value - first) // step * step
+    return [below, below + step] if below >= first else [first]
+
+
+def check_size(family: str, rule: SizeRule, height: int, width: int, num_frames: int | None = None) -> None:
+    """Refuse (never round) a size the pipeline would change: ``policy.options.height`` / ``width`` not a multiple
+    of ``rule.side``, ``num_frames`` not ``1 + rule.frames * k``.
+
+    Raises:
+        ConfigError: naming the option, why, and the nearest valid values.
+    """
+    for key, value in (("height", height), ("width", width)):
+        if int(value) < rule.side or int(value) % rule.side:
+            near = " or ".join(map(str, nearest_valid(int(value), rule.side, rule.side)))
+            raise ConfigError(f"policy.options.{key}={value} is not a multiple of {rule.side} ({family}: {rule.why}); "
+                              f"set policy.options.{key}={near}")
+    if num_frames is not None and rule.frames and (int(num_frames) < 1 or (int(num_frames) - 1) % rule.frames):
+        near = " or ".join(map(str, nearest_valid(int(num_frames), rule.frames, 1)))
+        raise ConfigError(f"policy.options.num_frames={num_frames} is not 1 + {rule.frames} * k ({family}: the VAE "
+                          f"compresses {rule.frames} frames into one after the first); "
+                          f"set policy.options.num_frames={near}")
+
+
+def check_folder_size(folder: Path, family: str, rule_of: Callable[[Mapping[str, Mapping]], SizeRule],
+                      names: Sequence[str], height: int, width: int, num_frames: int | None = None) -> None:
+    """:func:`check_size` from the folder's component configs ``names`` (:func:`component_configs`), before any
+    weights load; ``rule_of`` is the family's size rule over them (the same one the policy applies to the loaded
+    pipeline's configs). A folder without those configs is left to the loader's error.
+
+    Raises:
+        ConfigError: a size the pipeline would round.
+    """
+    configs = component_configs(folder, names)
+    if all(name in configs for name in names):
+        check_size(family, rule_of(configs), height, width, num_frames)
+
+
+def vae_scale(vae_config: Mapping) -> int:
+    """The spatial scale of an ``AutoencoderKL`` from its config, as the pipelines compute ``vae_scale_factor``:
+    ``2 ** (len(block_out_channels) - 1)``."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def load_local_pipeline(pipeline_cls: Any, path: str, spec: LocalFolder, *, dtype: str, device: str | torch.device,
+                        frozen: Sequence[str], float32_vae: Any = None) -> Any:
     """``pipeline_cls.from_pretrained(path, local_files_only=True)`` in ``dtype`` on ``device``, ``frozen``
     components in eval mode without gradients.
 
     Args:
         pipeline_cls: The diffusers pipeline class (``FluxPipeline``, ``StableDiffusion3Pipeline``, ...).
         path: The folder with ``model_index.json``.
-        folder: The family's folder record (its name, what the folder holds, how to download it), for the errors.
+        spec: The family and its folder, for the errors.
         dtype: ``float32``, ``bfloat16`` or ``float16`` for all components.
         device: Where every component goes.
         frozen: Names of the components to freeze (text encoders, VAE); absent or None ones are skipped.
@@ -37,9 +129,7 @@ def load_local_pipeline(pipeline_cls: Any, path: str, folder: PipelineFolder, *,
         ValueError: an unknown ``dtype``.
         FileNotFoundError: ``path`` is not a diffusers folder; the message says what to download.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-    folder.check(path)
+    local_folder(path, spec, dtype)
     with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         extra = {}
@@ -97,15 +187,20 @@ def decode_sd_vae(vae: nn.Module, latents: Tensor) -> Tensor:
     return (image / 2 + 0.5).clamp(0, 1).to(latents.dtype)
 
 
+def unet_size_rule(configs: Mapping[str, Mapping]) -> SizeRule:
+    """SD1.x / SDXL (``configs["vae"]``): sides are multiples of the VAE scale (the pipelines' ``check_inputs``)."""
+    scale = vae_scale(configs["vae"])
+    return SizeRule(scale, f"VAE scale {scale}")
+
+
 def unet_latent_shape(pipe: Any, height: int, width: int, family: str) -> tuple[int, int, int]:
     """``(C, H / f, W / f)`` of an SD1.x / SDXL latent, ``f`` the VAE scale ``2 ** (len(block_out_channels) - 1)``.
 
     Raises:
-        ValueError: ``height`` or ``width`` is not a multiple of ``f``.
+        ConfigError: ``height`` or ``width`` is not a multiple of ``f`` (:func:`check_size`).
     """
-    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    if int(height) % scale or int(width) % scale:
-        raise ValueError(f"{family}: height and width must be multiples of the VAE scale {scale}, got {height}x{width}.")
+    check_size(family, unet_size_rule({"vae": pipe.vae.config}), height, width)
+    scale = vae_scale(pipe.vae.config)
     return (int(pipe.unet.config.in_channels), int(height) // scale, int(width) // scale)
 
 

@@ -1,9 +1,10 @@
 """Qwen-Image adapter: text-to-image through diffusers ``QwenImagePipeline`` components (Qwen/Qwen-Image).
 
-The policy works on unpacked latents ``[B, C, H', W']`` (``H' = 2 * (H // (2 * vae_scale_factor))``); the adapter packs
-them 2x2 into tokens as ``QwenImagePipeline._pack_latents`` (the FLUX packing, so ``flux.pack_latents`` is reused)
-and adds the VAE's frame axis only to decode. Timestep convention: ``QwenImagePipeline.__call__`` passes
-``timestep = t / 1000`` with the scheduler's ``t = sigma * 1000``, so the adapter feeds the exact float ``sigma``.
+The policy works on unpacked latents ``[B, C, H', W']`` (``H' = H / vae_scale_factor``, ``H`` a multiple of twice
+it); the adapter packs them 2x2 into tokens as ``QwenImagePipeline._pack_latents`` (the FLUX packing, so
+``flux.pack_latents`` is reused) and adds the VAE's frame axis only to decode. Timestep convention:
+``QwenImagePipeline.__call__`` passes ``timestep = t / 1000`` with the scheduler's ``t = sigma * 1000``, so the
+adapter feeds the exact float ``sigma``.
 The transformer predicts ``noise - x0`` (the scheduler's Euler step ``x + (sigma_next - sigma) * v``).
 
 Text conditioning is the last hidden state of the Qwen2.5-VL text encoder over the pipeline's prompt template
@@ -18,18 +19,26 @@ token's prediction to the norm of the conditional one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from flowgrove.policies.base import Conditioning, PipelineFolder, register_policy
+from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import DTYPES, per_sample_sigma, pack_latents, unpack_latents
-from flowgrove.policies.pipelines import (decode_wan_vae, load_local_pipeline, pad_text_states, save_pipeline_folder,
+from flowgrove.policies.pipelines import (LocalFolder, SizeRule, check_folder_size, check_size, decode_wan_vae,
+                                         load_local_pipeline, local_folder, pad_text_states, save_pipeline_folder,
                                          save_pipeline_lora, text_mask)
 
 if TYPE_CHECKING:
     from diffusers import QwenImagePipeline
+
+
+def qwen_size_rule(configs: Mapping[str, Mapping]) -> SizeRule:
+    """Qwen-Image (``configs["vae"]``): sides are multiples of twice the VAE scale ``2 ** len(temperal_downsample)``,
+    as the latent's 2x2 patches are packed into tokens (the pipeline rounds other sizes down)."""
+    scale = 2 ** len(configs["vae"]["temperal_downsample"])
+    return SizeRule(2 * scale, f"VAE scale {scale} x 2x2 latent patches")
 
 
 class QwenImagePolicy:
@@ -43,11 +52,9 @@ class QwenImagePolicy:
                              f"(guidance_embeds={pipe.transformer.config.guidance_embeds}).")
         self.pipe = pipe
         self.module = pipe.transformer
+        check_size("qwen_image", qwen_size_rule({"vae": pipe.vae.config}), height, width)
         vsf = pipe.vae_scale_factor
-        self.latent_shape = (pipe.transformer.config.in_channels // 4, 2 * (int(height) // (vsf * 2)),
-                             2 * (int(width) // (vsf * 2)))
-        if min(self.latent_shape[1:]) < 2:
-            raise ValueError(f"qwen_image needs height and width of at least {2 * vsf} pixels.")
+        self.latent_shape = (pipe.transformer.config.in_channels // 4, int(height) // vsf, int(width) // vsf)
         self.max_sequence_length = max_sequence_length
         self.guidance_scale = float(guidance_scale)
         self.negative_prompt = negative_prompt
@@ -130,12 +137,11 @@ class QwenImagePolicy:
         save_pipeline_folder(self.pipe, self.module, out)
 
 
-FOLDER = PipelineFolder(  # policy.path of this family
-    "qwen_image", "Qwen-Image",
-    "`hf download Qwen/Qwen-Image --local-dir /models/Qwen-Image`")
+QWEN_IMAGE_FOLDER = LocalFolder("qwen_image", "Qwen-Image",
+                                "`hf download Qwen/Qwen-Image --local-dir /models/Qwen-Image`")
 
 
-@register_policy("qwen_image", FOLDER)
+@register_policy("qwen_image", QWEN_IMAGE_FOLDER)
 def build_qwen_image_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "bfloat16",
                             height: int = 1024, width: int = 1024, max_sequence_length: int = 512,
                             guidance_scale: float = 1.0, negative_prompt: str = " ",
@@ -146,8 +152,8 @@ def build_qwen_image_policy(path: str = "", *, device: str | torch.device = "cpu
         path: The diffusers folder (``model_index.json``, transformer, vae, text_encoder, tokenizer).
         device: Where every component goes.
         dtype: ``float32``, ``bfloat16`` or ``float16`` for the transformer and text encoder; the VAE stays float32.
-        height: Image height in pixels (sets ``latent_shape``).
-        width: Image width in pixels.
+        height: Image height in pixels, a multiple of 16 (:func:`qwen_size_rule`); sets ``latent_shape``.
+        width: Image width in pixels, likewise.
         max_sequence_length: Text tokens per prompt after the template (the pipeline's 512).
         guidance_scale: The pipeline's ``true_cfg_scale`` (its examples use 4.0); 1 or less turns CFG off.
         negative_prompt: The CFG negative prompt (the pipeline's examples use " ").
@@ -158,8 +164,9 @@ def build_qwen_image_policy(path: str = "", *, device: str | torch.device = "cpu
     """
     from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
 
-    pipe = load_local_pipeline(
-        QwenImagePipeline, path, FOLDER, dtype=dtype, device=device,
-        frozen=("vae", "text_encoder"), float32_vae=AutoencoderKLQwenImage)
+    folder = local_folder(path, QWEN_IMAGE_FOLDER, dtype)
+    check_folder_size(folder, "qwen_image", qwen_size_rule, ("vae",), height, width)  # before any weights load
+    pipe = load_local_pipeline(QwenImagePipeline, path, QWEN_IMAGE_FOLDER, dtype=dtype, device=device,
+                               frozen=("vae", "text_encoder"), float32_vae=AutoencoderKLQwenImage)
     return QwenImagePolicy(pipe, height, width, max_sequence_length, guidance_scale, negative_prompt, guidance,
                            compute_dtype=DTYPES[dtype])

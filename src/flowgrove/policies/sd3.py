@@ -18,17 +18,26 @@ detaches the unconditional branch). ``guidance_scale <= 1`` is the no-CFG mode (
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from flowgrove.policies.base import Conditioning, PipelineFolder, register_policy
+from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import per_sample_sigma, vae_decode
-from flowgrove.policies.pipelines import DTYPES, load_local_pipeline, save_pipeline_folder, save_pipeline_lora
+from flowgrove.policies.pipelines import (DTYPES, LocalFolder, SizeRule, check_folder_size, check_size,
+                                         load_local_pipeline, local_folder, save_pipeline_folder, save_pipeline_lora,
+                                         vae_scale)
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
+
+
+def sd3_size_rule(configs: Mapping[str, Mapping]) -> SizeRule:
+    """SD3 (``configs["vae"]``, ``configs["transformer"]``): sides are multiples of the VAE scale times the
+    transformer's patch size (the pipeline's ``check_inputs``)."""
+    scale, patch = vae_scale(configs["vae"]), int(configs["transformer"]["patch_size"])
+    return SizeRule(scale * patch, f"VAE scale {scale} x patch size {patch}")
 
 
 class SD3Policy:
@@ -51,12 +60,10 @@ class SD3Policy:
         self.max_sequence_length = int(max_sequence_length)
         self.compute_dtype = compute_dtype  # bf16/fp16: the forward runs under autocast over float32 master weights
         self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
-        vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        patch = int(pipe.transformer.config.patch_size)
-        if int(height) % (vae_scale * patch) or int(width) % (vae_scale * patch):
-            raise ValueError(f"sd3: height and width must be multiples of {vae_scale * patch} (VAE scale {vae_scale} x "
-                             f"patch size {patch}), got {height}x{width}; e.g. policy.options.height=512.")
-        self.latent_shape = (int(pipe.transformer.config.in_channels), int(height) // vae_scale, int(width) // vae_scale)
+        rule = sd3_size_rule({"vae": pipe.vae.config, "transformer": pipe.transformer.config})
+        check_size("sd3", rule, height, width)
+        scale = vae_scale(pipe.vae.config)
+        self.latent_shape = (int(pipe.transformer.config.in_channels), int(height) // scale, int(width) // scale)
         self.negative = self._encode(["" if negative_prompt is None else str(negative_prompt)]) if self.cfg else None
 
     @property
@@ -166,13 +173,11 @@ class SD3Policy:
         save_pipeline_folder(self.pipe, self.module, out)
 
 
-FOLDER = PipelineFolder(  # policy.path of this family
-    "sd3", "SD3/SD3.5",
-    "`hf download stabilityai/stable-diffusion-3.5-medium --local-dir /models/sd3.5-medium` (accept the "
-    "licence on huggingface.co and log in first)")
+SD3_FOLDER = LocalFolder("sd3", "SD3/SD3.5", "`hf download stabilityai/stable-diffusion-3.5-medium --local-dir "
+                         "/models/sd3.5-medium` (accept the licence on huggingface.co and log in first)")
 
 
-@register_policy("sd3", FOLDER)
+@register_policy("sd3", SD3_FOLDER)
 def build_sd3_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "bfloat16",
                      guidance_scale: float = 4.5, negative_prompt: str = "", detach_uncond: bool = False,
                      height: int = 512, width: int = 512, max_sequence_length: int = 256) -> SD3Policy:
@@ -185,8 +190,8 @@ def build_sd3_policy(path: str = "", *, device: str | torch.device = "cpu", dtyp
         guidance_scale: CFG scale in rollouts and training (Flow-GRPO 4.5); ``<= 1`` turns CFG off.
         negative_prompt: The unconditional branch's prompt (Flow-GRPO: the empty string).
         detach_uncond: No gradients through the unconditional branch (Flow-GRPO's training forward).
-        height: Image height in pixels (sets ``latent_shape``).
-        width: Image width in pixels.
+        height: Image height in pixels, a multiple of 16 (:func:`sd3_size_rule`); sets ``latent_shape``.
+        width: Image width in pixels, likewise.
         max_sequence_length: T5 tokens per prompt (diffusers 256; Flow-GRPO 128).
 
     Returns:
@@ -194,9 +199,9 @@ def build_sd3_policy(path: str = "", *, device: str | torch.device = "cpu", dtyp
     """
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = load_local_pipeline(
-        StableDiffusion3Pipeline, path, FOLDER, dtype=dtype, device=device,
-        frozen=("vae", "text_encoder", "text_encoder_2", "text_encoder_3"),
-    )
+    folder = local_folder(path, SD3_FOLDER, dtype)
+    check_folder_size(folder, "sd3", sd3_size_rule, ("vae", "transformer"), height, width)  # before any weights load
+    pipe = load_local_pipeline(StableDiffusion3Pipeline, path, SD3_FOLDER, dtype=dtype, device=device,
+                               frozen=("vae", "text_encoder", "text_encoder_2", "text_encoder_3"))
     return SD3Policy(pipe, guidance_scale, height, width, max_sequence_length, negative_prompt, detach_uncond,
                      compute_dtype=DTYPES[dtype])

@@ -1,9 +1,10 @@
 """SDXL adapter: Stable Diffusion XL through ``StableDiffusionXLPipeline``'s parts (a diffusion model, as ``sd15``).
 
 Like :mod:`flowgrove.policies.sd15`: ``velocity`` returns the UNet's output (``eps`` or ``v``), the policy's
-``step_family`` is DDIM with eta (and DPM-Solver++(2M) tails) on the noise table of
-``DDIMScheduler.from_config(pipe.scheduler.config)``, and the UNet sees ``tau = sigma * T - 1`` (the trailing
-DDIM grid). What SDXL adds, as ``StableDiffusionXLPipeline.__call__`` builds it:
+``step_family`` is DDIM with eta (and DPM-Solver++(2M) tails) on the noise table of the folder's scheduler
+config (SDXL base ships ``EulerDiscreteScheduler``; :func:`~flowgrove.policies.sd15.ddim_schedule`, ending at
+``alphas_cumprod[0]``), and the UNet sees ``tau = sigma * T - 1`` (the trailing DDIM grid). What SDXL adds, as
+``StableDiffusionXLPipeline.__call__`` builds it:
 
 - two text encoders: ``encode_prompt`` concatenates the penultimate hidden states of ``CLIPTextModel`` and
   ``CLIPTextModelWithProjection`` (``prompt_embeds [B, 77, D1 + D2]``) and takes the projected pooled embedding
@@ -25,12 +26,12 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor, nn
 
-from flowgrove.policies.base import Conditioning, PipelineFolder, register_policy
+from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import per_sample_sigma
-from flowgrove.policies.pipelines import (DTYPES, decode_sd_vae, load_local_pipeline, save_pipeline_folder,
-                                         save_pipeline_lora, unet_latent_shape)
-from flowgrove.policies.sd15 import ddim_schedule
-from flowgrove.samplers.family import diffusion_steps
+from flowgrove.policies.pipelines import (DTYPES, LocalFolder, decode_sd_vae, load_local_pipeline,
+                                         save_pipeline_folder, save_pipeline_lora, unet_latent_shape)
+from flowgrove.policies.sd15 import ddim_schedule, folder_schedule
+from flowgrove.samplers.family import DiffusionSchedule, diffusion_steps
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
@@ -51,7 +52,7 @@ class SDXLPolicy:
     """A diffusers ``StableDiffusionXLPipeline`` as a policy of the diffusion step family, with CFG in ``velocity``.
 
     Attributes:
-        step_family: DDIM-with-eta steps on the pipeline's schedule (what rollouts and re-scores use).
+        step_family: DDIM-with-eta steps on the folder's noise table (what rollouts and re-scores use).
         schedule: The noise table and prediction type.
         guidance_scale: CFG scale ``s``.
         cfg: Whether ``velocity`` guides (``s > 1``).
@@ -62,13 +63,13 @@ class SDXLPolicy:
 
     def __init__(self, pipe: StableDiffusionXLPipeline, guidance_scale: float, height: int, width: int,
                  negative_prompt: str | None = None, time_ids: Tensor | None = None,
-                 compute_dtype: torch.dtype = torch.float32) -> None:
+                 compute_dtype: torch.dtype = torch.float32, schedule: DiffusionSchedule | None = None) -> None:
         self.pipe = pipe
         self.module = pipe.unet  # what velocity calls and the trainer trains
         self.guidance_scale = float(guidance_scale)
         self.cfg = self.guidance_scale > 1  # as diffusers decides
         self.compute_dtype = compute_dtype
-        self.schedule = ddim_schedule(dict(pipe.scheduler.config))
+        self.schedule = ddim_schedule(dict(pipe.scheduler.config)) if schedule is None else schedule
         self.step_family = diffusion_steps(self.schedule)
         self.latent_shape = unet_latent_shape(pipe, height, width, "sdxl")
         self.time_ids = sdxl_time_ids(pipe, height, width) if time_ids is None else time_ids  # [1, 6]
@@ -152,12 +153,11 @@ class SDXLPolicy:
         self.pipe.text_encoder_2.to("cpu")
 
 
-FOLDER = PipelineFolder(  # policy.path of this family
-    "sdxl", "Stable Diffusion XL",
-    "`hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir /models/sdxl`")
+SDXL_FOLDER = LocalFolder("sdxl", "Stable Diffusion XL",
+                           "`hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir /models/sdxl`")
 
 
-@register_policy("sdxl", FOLDER)
+@register_policy("sdxl", SDXL_FOLDER, family="diffusion")
 def build_sdxl_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "float32",
                       guidance_scale: float = 5.0, negative_prompt: str | None = None, height: int = 1024,
                       width: int = 1024, original_size: list[int] | None = None,
@@ -171,7 +171,8 @@ def build_sdxl_policy(path: str = "", *, device: str | torch.device = "cpu", dty
             (SDXL's VAE overflows in float16; the pipeline upcasts it, ``force_upcast``).
         guidance_scale: CFG scale in rollouts and training (the pipeline's 5.0); ``<= 1`` turns CFG off.
         negative_prompt: The unconditional branch's prompt; None: zeros (``force_zeros_for_empty_prompt``).
-        height: Image height in pixels (sets ``latent_shape`` and the target size of the time ids).
+        height: Image height in pixels, a multiple of the VAE scale (8); sets ``latent_shape`` and the time
+            ids' target size.
         width: Image width in pixels.
         original_size: The time ids' original size ``[h, w]``; None: ``[height, width]``, as the pipeline.
         crops_coords_top_left: The time ids' crop ``[top, left]`` (the pipeline's ``(0, 0)``).
@@ -181,9 +182,9 @@ def build_sdxl_policy(path: str = "", *, device: str | torch.device = "cpu", dty
     """
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-    pipe = load_local_pipeline(
-        StableDiffusionXLPipeline, path, FOLDER, dtype=dtype, device=device,
-        frozen=("vae", "text_encoder", "text_encoder_2"), float32_vae=AutoencoderKL,
-    )
+    schedule = folder_schedule(path, SDXL_FOLDER, dtype, height, width)  # before any weights load
+    pipe = load_local_pipeline(StableDiffusionXLPipeline, path, SDXL_FOLDER, dtype=dtype, device=device,
+                               frozen=("vae", "text_encoder", "text_encoder_2"), float32_vae=AutoencoderKL)
     time_ids = sdxl_time_ids(pipe, height, width, original_size, crops_coords_top_left)
-    return SDXLPolicy(pipe, guidance_scale, height, width, negative_prompt, time_ids, compute_dtype=DTYPES[dtype])
+    return SDXLPolicy(pipe, guidance_scale, height, width, negative_prompt, time_ids, compute_dtype=DTYPES[dtype],
+                      schedule=schedule)

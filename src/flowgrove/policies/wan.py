@@ -1,7 +1,8 @@
 """Wan adapter: text-to-video through diffusers ``WanPipeline`` components (Wan 2.1, Wan 2.2 T2V / TI2V).
 
-Latents are 5-D ``[B, C, F', H', W']`` with ``F' = 1 + (F - 1) // 4`` latent frames
-(``vae.config.scale_factor_temporal``) and ``H' = H / 8`` (``scale_factor_spatial``);
+Latents are 5-D ``[B, C, F', H', W']`` with ``F' = 1 + (F - 1) / 4`` latent frames
+(``vae.config.scale_factor_temporal``) and ``H' = H / 8`` (``scale_factor_spatial``); ``F`` must be ``4k + 1`` and
+``H``, ``W`` multiples of 16 (:func:`wan_size_rule`: sizes the pipeline would round are refused);
 ``decode`` returns videos ``[B, F, 3, H, W]`` in [0, 1].
 Timestep convention: ``WanPipeline.__call__`` passes the scheduler's ``t = sigma * 1000`` unchanged to
 ``WanTransformer3DModel`` (0-1000 scale; per token when ``expand_timesteps``, Wan 2.2 TI2V), so the adapter feeds
@@ -15,40 +16,41 @@ and the others to ``transformer_2``, as the pipeline does; ``expert`` picks whic
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from flowgrove.policies.base import Conditioning, PipelineFolder, register_policy
+from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import DTYPES, per_sample_sigma
-from flowgrove.policies.pipelines import decode_wan_vae, load_local_pipeline, save_pipeline_folder, save_pipeline_lora
+from flowgrove.policies.pipelines import (LocalFolder, SizeRule, check_folder_size, check_size, decode_wan_vae,
+                                         load_local_pipeline, local_folder, save_pipeline_folder, save_pipeline_lora)
 
 if TYPE_CHECKING:
     from diffusers import WanPipeline
 
 
+def wan_size_rule(configs: Mapping[str, Mapping]) -> SizeRule:
+    """Wan (``configs["vae"]``, ``configs["transformer"]``): sides are multiples of the VAE's ``scale_factor_spatial``
+    times the transformer's patch, frames ``1 + scale_factor_temporal * k`` (``WanPipeline.__call__`` rounds
+    others)."""
+    vae, (_, patch_h, patch_w) = configs["vae"], configs["transformer"]["patch_size"]
+    spatial, patch = int(vae["scale_factor_spatial"]), max(int(patch_h), int(patch_w))
+    return SizeRule(spatial * patch, f"VAE scale {spatial} x patch {patch}", int(vae["scale_factor_temporal"]))
+
+
 def wan_latent_shape(pipe: WanPipeline, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """``(C, F', H', W')`` of one latent, with ``WanPipeline.__call__``'s rounding of frames and sides.
+    """``(C, F', H', W')`` of one latent of ``num_frames`` frames of ``height`` x ``width`` pixels.
 
-    Args:
-        pipe: The pipeline (its VAE scale factors and the transformer's patch size are read).
-        num_frames: Video frames ``F``; rounded down to ``4k + 1`` as the pipeline does.
-        height: Pixels; rounded down to a multiple of ``scale_factor_spatial * patch``.
-        width: Pixels, likewise.
-
-    Returns:
-        The latent shape.
+    Raises:
+        ConfigError: a size the pipeline would round (:func:`wan_size_rule`).
     """
     transformer = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
+    check_size("wan", wan_size_rule({"vae": pipe.vae.config, "transformer": transformer.config}), height, width,
+               num_frames)
     temporal, spatial = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
-    _, patch_h, patch_w = transformer.config.patch_size
-    num_frames = max(int(num_frames) // temporal * temporal + 1, 1)
-    height = int(height) // (spatial * patch_h) * spatial * patch_h
-    width = int(width) // (spatial * patch_w) * spatial * patch_w
-    if height < 1 or width < 1:
-        raise ValueError(f"wan needs height and width of at least {spatial * patch_h} pixels.")
-    return (transformer.config.in_channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
+    return (transformer.config.in_channels, (int(num_frames) - 1) // temporal + 1, int(height) // spatial,
+            int(width) // spatial)
 
 
 class WanPolicy:
@@ -155,13 +157,11 @@ class WanPolicy:
         save_pipeline_folder(self.pipe, self.module, out, "transformer_2" if self.trained else "transformer")
 
 
-FOLDER = PipelineFolder(  # policy.path of this family
-    "wan", "Wan",
-    "`hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir /models/Wan2.1-T2V-1.3B` "
-    "(or Wan-AI/Wan2.2-T2V-A14B-Diffusers)")
+WAN_FOLDER = LocalFolder("wan", "Wan", "`hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir "
+                         "/models/Wan2.1-T2V-1.3B` (or Wan-AI/Wan2.2-T2V-A14B-Diffusers)")
 
 
-@register_policy("wan", FOLDER)
+@register_policy("wan", WAN_FOLDER)
 def build_wan_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "bfloat16",
                      num_frames: int = 81, height: int = 480, width: int = 832, max_sequence_length: int = 512,
                      guidance_scale: float = 5.0, negative_prompt: str = "", expert: str = "high") -> WanPolicy:
@@ -171,9 +171,9 @@ def build_wan_policy(path: str = "", *, device: str | torch.device = "cpu", dtyp
         path: The diffusers folder (``model_index.json``, transformer(s), vae, text_encoder, tokenizer).
         device: Where every component goes.
         dtype: ``float32``, ``bfloat16`` or ``float16`` for the transformer(s) and UMT5; the VAE stays float32.
-        num_frames: Video frames (``4k + 1``; others are rounded down as the pipeline does). 1 gives images.
-        height: Pixels (a multiple of 16).
-        width: Pixels (a multiple of 16).
+        num_frames: Video frames, ``4k + 1`` (others are refused, not rounded as the pipeline does). 1 gives images.
+        height: Pixels, a multiple of 16 (:func:`wan_size_rule`).
+        width: Pixels, likewise.
         max_sequence_length: UMT5 tokens per prompt (the pipeline's 512).
         guidance_scale: Classifier-free guidance scale (the pipeline's 5.0); 1 or less turns CFG off.
         negative_prompt: The CFG negative prompt.
@@ -184,9 +184,10 @@ def build_wan_policy(path: str = "", *, device: str | torch.device = "cpu", dtyp
     """
     from diffusers import AutoencoderKLWan, WanPipeline
 
-    pipe = load_local_pipeline(
-        WanPipeline, path, FOLDER, dtype=dtype, device=device,
-        frozen=("vae", "text_encoder"), float32_vae=AutoencoderKLWan)
+    folder = local_folder(path, WAN_FOLDER, dtype)
+    check_folder_size(folder, "wan", wan_size_rule, ("vae", "transformer"), height, width, num_frames)
+    pipe = load_local_pipeline(WanPipeline, path, WAN_FOLDER, dtype=dtype, device=device,
+                               frozen=("vae", "text_encoder"), float32_vae=AutoencoderKLWan)
     policy = WanPolicy(pipe, num_frames, height, width, max_sequence_length, guidance_scale, negative_prompt, expert,
                        compute_dtype=DTYPES[dtype])
     for frozen in (m for m in policy.experts if m is not policy.module):  # the expert that is not trained

@@ -7,25 +7,28 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from tqdm import tqdm
 
-from flowgrove.config.load import Config, config_from_yaml_text, config_to_yaml
+from flowgrove.config.load import Config, config_to_yaml
+from flowgrove.config.resume import resume_overrides
 from flowgrove.evaluation.evaluate import snapshot
 from flowgrove.evaluation.monitor import Monitor
-from flowgrove.messages import program
+from flowgrove.messages import note, program
 from flowgrove.parallel import distributed, faults
 from flowgrove.runs import rundir
-from flowgrove.runs.checkpoint import (CheckpointError, Choice, checkpoint_folders, choose_checkpoint, discard_after,
-                                  load_checkpoint, save_checkpoint)
+from flowgrove.runs.checkpoint import (CheckpointWriteError, Choice, checkpoint_folders, load_checkpoint,
+                                       remove_leftovers, save_checkpoint)
 from flowgrove.runs.metrics import MetricsLogger, plot_reward_curves, read_metrics, save_grid
+from flowgrove.runs.resume import resume_plan, settle_run_dir
 from flowgrove.training.preflight import preflight
 from flowgrove.training.setup import build_trainer
-from flowgrove.training.trainer import EvalResult, GRPOTrainer, TrainingHalted
+from flowgrove.training.trainer import EvalResult, GRPOTrainer, RewardFailedError, TrainingHalted
 
 T = TypeVar("T")
 
@@ -50,15 +53,10 @@ class _Claim:
             self.run_dir.rmdir()
 
 
-@dataclass
-class _ResumePlan:
-    choice: Choice
-    cfg: Config
-    saved_yaml: str  # the checkpoint's config.yaml as written
+class RunStopped(ValueError):
+    """The run stopped on a fault the user can fix (a full disk, a reward server that failed) after keeping what it
+    could: the message names the fault, the last checkpoint and the resume command (one line; the CLI exits with 2)."""
 
-
-def _note(text: str) -> None:
-    print(f"flowgrove: {text}", file=sys.stderr)
 
 
 class _Stop:
@@ -129,6 +127,23 @@ def _agreed(setup: Callable[[], T], everywhere: bool = False) -> T | None:
     return result
 
 
+def _take_folder(run_dir: Path, ready: Callable[[], None] = lambda: None) -> rundir.RunLock:
+    """Lock ``run_dir``, remove what a killed or failed run left half-written there (a note each), then
+    ``ready()``; the lock is released again when any of it fails."""
+    lock = rundir.RunLock(run_dir)
+    try:
+        if lock.stale_owner:
+            note(f"{lock.path} was left by PID {lock.stale_owner}, which is no longer running; taking it over")
+        removed = remove_leftovers(run_dir)
+        if removed:
+            note(f"removed {', '.join(map(str, removed))}: left half-written by a run that was killed or failed")
+        ready()
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def _claim_fresh(cfg: Config, target: str | Path | None, overwrite: bool) -> _Claim:
     """Create or check the folder of a fresh run, lock it and write its config."""
     run_dir = Path(target) if target else rundir.default_run_dir(cfg.method)
@@ -137,22 +152,20 @@ def _claim_fresh(cfg: Config, target: str | Path | None, overwrite: bool) -> _Cl
                               "an earlier run")
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = rundir.RunLock(run_dir)
-    try:
+
+    def ready() -> None:
         removed = rundir.clear_for_fresh_run(run_dir, overwrite, has_checkpoint=bool(checkpoint_folders(run_dir)))
         if removed:
-            _note(f"--overwrite: removed {', '.join(removed)} of an earlier partial run in {run_dir}")
+            note(f"--overwrite: removed {', '.join(removed)} of an earlier run in {run_dir}")
         rundir.atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
-    except BaseException:
-        lock.release()
-        raise
-    return _Claim(run_dir, lock, created)
+
+    return _Claim(run_dir, _take_folder(run_dir, ready), created)
 
 
 def train(cfg: Config, run_dir: Path | None = None, overwrite: bool = False) -> RunResult:
     """A fresh run into ``run_dir`` (or ``run.out``, or a new ``runs/<method>-<time>-<hex>``).
 
-    A folder that holds a partial run without a checkpoint is only reused with ``overwrite``.
+    A folder that holds an earlier run is only reused with ``overwrite``, which removes every file that run wrote.
     """
     distributed.init_from_env(timeout=cfg.run.collective_timeout)
     files = _agreed(lambda: preflight(cfg), everywhere=True)  # before the run folder is claimed: a fixed command starts cleanly
@@ -171,46 +184,28 @@ def train(cfg: Config, run_dir: Path | None = None, overwrite: bool = False) -> 
                 claim.undo()
 
 
-def _resume_plan(run_dir: Path, checkpoint: str | None) -> _ResumePlan:
-    """The checkpoint to resume and its config; a note when it was written on another number of ranks."""
-    choice = choose_checkpoint(run_dir, checkpoint)
-    if choice is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint to resume (expected {run_dir}/checkpoints/step_N); "
-                                f"start afresh with `flowgrove train --out {run_dir} --overwrite`")
-    world, _ = distributed.world_size_and_rank()
-    if choice.state.world_size != world:
-        choice = replace(choice, notes=(*choice.notes, (
-            f"{choice.path.name} was written on {choice.state.world_size} process(es), this resume has {world}: "
-            "its sharded weights and optimizer state are resharded on load, and rollout.prompts_per_step is the "
-            "global batch, so the run continues with the same one")))
-    file = choice.path / "config.yaml"
-    saved_yaml = file.read_text()
-    try:
-        cfg = config_from_yaml_text(saved_yaml, source=str(file))
-    except Exception as err:  # noqa: BLE001  (YAML or schema errors of a config from another version)
-        raise CheckpointError(f"checkpoint file {file} is not a valid config ({str(err).splitlines()[0]}); "
-                              "pick another checkpoint with `--checkpoint step_N`") from None
-    return _ResumePlan(choice, cfg, saved_yaml)
-
-
 def _lock_run(run_dir: Path) -> rundir.RunLock:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} does not exist; pass the folder of an earlier `flowgrove train` to --resume")
-    return rundir.RunLock(run_dir)
+    return _take_folder(run_dir)
 
 
-def resume(run_dir: Path, steps: int | None = None, checkpoint: str | None = None) -> RunResult:
+def resume(run_dir: Path, steps: int | None = None, checkpoint: str | None = None,
+           overrides: list[str] | tuple[str, ...] = ()) -> RunResult:
     """Continue a run from its newest intact checkpoint, or from ``checkpoint`` (``step_N``), optionally with a
-    new total step count. Checkpoints newer than the one taken are removed: the run continues from there."""
+    new total step count and ``key=value`` overrides of the keys a resume may change
+    (:data:`flowgrove.config.resume.RESUME_KEYS`; others are a :class:`ConfigError`). Checkpoints newer than the one
+    taken are removed: the run continues from there."""
     run_dir = Path(run_dir)
+    changes = resume_overrides(list(overrides))  # before anything is touched
     distributed.init_from_env()
     lock = _agreed(lambda: _lock_run(run_dir))
     try:
         # rank 0 verifies every checksum (each shard once, not once per rank) and hands the plan to the others
-        plan = distributed.from_main(_agreed(lambda: _resume_plan(run_dir, checkpoint)))
+        plan = distributed.from_main(_agreed(lambda: resume_plan(run_dir, checkpoint, changes)))
         if distributed.is_main():
-            for note in plan.choice.notes:
-                _note(note)
+            for line in plan.choice.notes:
+                note(line)
         if steps is not None:
             plan.cfg.train.steps = steps
         trainer = build_trainer(plan.cfg)
@@ -218,20 +213,12 @@ def resume(run_dir: Path, steps: int | None = None, checkpoint: str | None = Non
         loaded = load_checkpoint(trainer.state(), plan.choice.path, plan.choice.state)
         trainer.restore(loaded.iteration, loaded.trainer)
         if distributed.is_main():
-            _settle_run_dir(run_dir, plan)
+            for line in settle_run_dir(run_dir, plan):
+                note(line)
         return _run(plan.cfg, run_dir, trainer, resumed=plan.choice, base=base)
     finally:
         if lock:
             lock.release()
-
-
-def _settle_run_dir(run_dir: Path, plan: _ResumePlan) -> None:
-    """Drop checkpoints after the resumed one, point ``latest`` at it, and sync ``config.yaml`` with it."""
-    for path in discard_after(run_dir, plan.choice.path):
-        _note(f"removed {path}: the run continues from {plan.choice.path.name}")
-    note = rundir.reconcile_config(run_dir, plan.saved_yaml, config_to_yaml(plan.cfg))
-    if note:
-        _note(note)
 
 
 def _base_weights(trainer: GRPOTrainer) -> list[torch.Tensor] | None:
@@ -263,9 +250,11 @@ def _train_steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None
     """Train to ``train.steps``, checkpointing after step 1, every ``run.checkpoint_every`` steps and at the end.
 
     Returns the final checkpoint. A signal on any rank (agreed on by all at the end of the step), or a
-    :class:`TrainingHalted` from the trainer (raised before any weight changed), ends in one checkpoint of the last
-    good state and ``SystemExit``. A peer that dies or hangs ends this rank within ``run.collective_timeout`` with a
-    message naming it, without a checkpoint (writing one needs every rank).
+    :class:`TrainingHalted` from the trainer (raised before any weight changed: a NaN reward, a reward that raised),
+    ends in one checkpoint of the last good state and ``SystemExit``, or :class:`RunStopped` for a reward that
+    raised. A checkpoint that cannot be written (a full disk) ends in :class:`RunStopped` naming the last one that
+    was. A peer that dies or hangs ends this rank within ``run.collective_timeout`` with a message naming it, without
+    a checkpoint (writing one needs every rank).
     """
 
     resume_hint = f"resume with `{program()} train --resume {save.run_dir}`"
@@ -274,15 +263,13 @@ def _train_steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None
     bar = tqdm(total=cfg.train.steps, initial=trainer.iteration, disable=not (cfg.run.progress and save.main), unit="step")
     finished = False
     try:
-        with faults.peers_checked(beat):
+        with faults.peers_checked(beat), _write_failures_stop(save, resume_hint):
             try:
                 _steps(cfg, trainer, logger, save, monitor, stop, bar)
             except TrainingHalted as err:
                 if logger and err.metrics:  # the step completed (every optimizer step of it skipped): log it
                     logger.log(err.metrics)
-                path = _save_everywhere(save, trainer)
-                raise SystemExit(f"flowgrove: {str(err).rstrip('.')}; the last good state is checkpoint "
-                                 f"{_where(path)}; {resume_hint}") from None
+                raise _halted(err, _save_everywhere(save, trainer), resume_hint) from None
             path = _save_everywhere(save, trainer)
         finished = True
         if trainer.iteration < cfg.train.steps:
@@ -291,16 +278,43 @@ def _train_steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None
     finally:
         bar.close()
         stop.restore()
-        if beat:  # a rank that fails on its own stays silent, so the others name it
-            beat.stop(finished=finished or sys.exc_info()[0] is SystemExit)
+        if beat:  # a rank that fails on its own stays silent, so the others name it; these stops every rank agreed on
+            beat.stop(finished=finished or sys.exc_info()[0] in (SystemExit, RunStopped))
     return path
+
+
+def _halted(err: TrainingHalted, path: Path | None, resume_hint: str) -> BaseException:
+    """The exit of a halted run: :class:`RunStopped` (exit code 2) for a reward that failed, which the user can fix
+    (a server that died or moved), ``SystemExit`` for the others."""
+    line = f"{str(err).rstrip('.')}; the last good state is checkpoint {_where(path)}; {resume_hint}"
+    if isinstance(err, RewardFailedError):
+        name = err.reward or "NAME"
+        return RunStopped(f"{line} (for a reward server that moved, add reward_options.{name}.url=URL to it)")
+    return SystemExit(f"flowgrove: {line}")
+
+
+@contextmanager
+def _write_failures_stop(save: _Saver, resume_hint: str) -> Iterator[None]:
+    """A checkpoint that cannot be written (every rank raises) stops the run with the last one that was and how to
+    go on from it."""
+    try:
+        yield
+    except CheckpointWriteError as err:
+        raise RunStopped(f"{err}; {faults.last_checkpoint(save.saved_path)}; free disk space there (or fix what the "
+                         f"error names), then {resume_hint}") from err
 
 
 def _steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None, save: _Saver, monitor: Monitor | None,
            stop: _Stop, bar: tqdm) -> None:
     """The loop of :func:`_train_steps`: until ``train.steps`` or a stop request on any rank."""
     while trainer.iteration < cfg.train.steps and not distributed.any_rank(stop.requested):
-        metrics = trainer.step()
+        rng = torch.get_rng_state()  # as after the last completed step: its checkpoint's, should this step halt
+        try:
+            metrics = trainer.step()
+        except TrainingHalted as err:
+            if err.metrics is None:  # halted before it completed: what its rollout and rewards drew is undone
+                torch.set_rng_state(rng)
+            raise
         if monitor:  # periodic evaluation and guard: eval/* join this step's row; GuardStop halts
             monitor.after_step(trainer, metrics)
         if logger:

@@ -124,6 +124,9 @@ def _example(default: object) -> str:
 
 def check_reward_inputs(images: Tensor, prompts: Sequence[str]) -> None:
     """Raise ``ValueError`` unless ``images`` is ``[B, 3, H, W]`` floating point in [0, 1] with ``B`` prompts."""
+    if images.ndim == 5:
+        raise ValueError(f"rewards take float images [B, 3, H, W] in [0, 1], got videos {tuple(images.shape)}; score "
+                         "their frames with flowgrove.rewards.video.VideoReward(reward) (the `video` reward).")
     if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
         raise ValueError(f"rewards take float images [B, 3, H, W] in [0, 1], got {images.dtype} {tuple(images.shape)}.")
     if len(prompts) != images.shape[0]:

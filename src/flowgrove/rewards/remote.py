@@ -9,7 +9,6 @@ be split into chunks of ``batch_size`` that are sent ``concurrency`` at a time.
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -144,14 +143,16 @@ def read_request(stream: BinaryIO, size: int) -> ScoreRequest:
 
 
 def parse_scores(body: bytes, count: int) -> list[float]:
-    """The ``count`` finite scores of a server answer, or :class:`GarbageAnswer`."""
+    """The ``count`` scores of a server answer, or :class:`GarbageAnswer`. NaN and inf (the server's JSON writes
+    them as ``NaN`` / ``Infinity``) are scores: the trainer's non-finite-reward check stops on them, as on a local
+    reward's, instead of the client retrying and failing."""
     try:
         scores = json.loads(body)["scores"]
         values = [float(s) for s in scores]
     except (ValueError, KeyError, TypeError):
         raise GarbageAnswer(f"expected JSON {{\"scores\": [{count} numbers]}}, got {body[:80]!r}") from None
-    if len(values) != count or not all(math.isfinite(v) for v in values):
-        raise GarbageAnswer(f"expected {count} finite scores, got {scores[:8]!r}")
+    if len(values) != count:
+        raise GarbageAnswer(f"expected {count} scores, got {scores[:8]!r}")
     return values
 
 

@@ -3,6 +3,9 @@
 All sampled frames of a batch go through the image reward in one call (``[B * frames, 3, H, W]``, each with its
 video's prompt); ``reduce`` is ``mean`` (GenRL's video OCR) or ``min`` (the worst frame decides). Image batches
 ``[B, 3, H, W]`` pass straight through, so a video reward also scores single frames.
+
+A reward declares that it takes videos with ``takes_videos = True`` (:func:`takes_videos`); the training setup wraps
+every other reward of a video policy in :class:`VideoReward` with the defaults below.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import torch
 from torch import Tensor
 
 from flowgrove.rewards.base import RewardFn, build_reward, register_reward
+
+FRAMES = 4  # frames scored per video by default
+REDUCE = "mean"  # how their scores make the video's by default
 
 REDUCERS: dict[str, Callable[[Tensor], Tensor]] = {
     "mean": lambda s: s.mean(dim=1),
@@ -40,10 +46,18 @@ def reduce_frames(scores: Tensor, how: str = "mean") -> Tensor:
     return REDUCERS[how](scores)
 
 
+def takes_videos(reward: RewardFn) -> bool:
+    """Whether ``reward`` declares that it scores videos ``[B, F, 3, H, W]`` itself (``takes_videos = True``);
+    other rewards take images ``[B, 3, H, W]``."""
+    return bool(getattr(reward, "takes_videos", False))
+
+
 class VideoReward:
     """An image reward applied to sampled frames of each video, reduced per video."""
 
-    def __init__(self, image_reward: RewardFn, frames: int = 4, reduce: str = "mean") -> None:
+    takes_videos = True
+
+    def __init__(self, image_reward: RewardFn, frames: int = FRAMES, reduce: str = REDUCE) -> None:
         reduce_frames(torch.zeros(1, 1), reduce)  # an unknown reducer fails when the reward is built
         self.image_reward, self.frames, self.reduce = image_reward, frames, reduce
 
@@ -64,7 +78,7 @@ class VideoReward:
 
 
 @register_reward("video")
-def video(reward: str = "ocr", frames: int = 4, reduce: str = "mean", options: dict | None = None,
+def video(reward: str = "ocr", frames: int = FRAMES, reduce: str = REDUCE, options: dict | None = None,
           device: str | torch.device | None = None) -> VideoReward:
     """Any image reward on videos [B, F, 3, H, W]: ``reward`` built with ``options`` scores sampled frames, reduced by mean or min."""
     kwargs = dict(options or {})

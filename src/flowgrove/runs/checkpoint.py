@@ -6,7 +6,9 @@ A checkpoint is the folder ``checkpoints/step_NNNNNN``. Every rank writes its sh
 temporary folder (rank 0 the DCP ``.metadata`` once all shards are written) and hashes the shards it wrote;
 then rank 0 writes the RNG and the config, and last ``state.json`` with the sha256 of every other file (every
 shard and the metadata included), and renames the folder into place. So a checkpoint is complete exactly when
-it has that name, its checksums verify and every file the DCP metadata names is among them.
+it has that name, its checksums verify and every file the DCP metadata names is among them (``state.json`` seals
+itself too, see :mod:`flowgrove.runs.state`). A write that fails (a full disk) removes what it left and raises
+:class:`CheckpointWriteError`.
 ``checkpoints/latest`` is only a hint: resume takes the newest intact checkpoint and says so when that is not
 the one ``latest`` names. A step already on disk is never written again, and a folder is only removed once a
 newer intact one is in place. The saving functions are collective under torchrun: every rank calls them (rank
@@ -22,45 +24,29 @@ iteration number restores them exactly; the global torch RNG (rank 0's) is saved
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from flowgrove.messages import one_line
 from flowgrove.parallel import distributed
 from flowgrove.runs import sharded
-from flowgrove.runs.rundir import atomic_write_text
+from flowgrove.runs.rundir import atomic_write_text, partial_writes
+from flowgrove.runs.state import (PICK, STATE, STEP_NAME, CheckpointError, CheckpointState,  # noqa: F401 (re-exported)
+                                  CheckpointWriteError, read_state, state_checksum, write_state)
 from flowgrove.training.parts import TrainingState
 
 T = TypeVar("T")
 LATEST = "latest"
-STATE = "state.json"
 SHARDS = "dcp"  # the DCP folder of a checkpoint
 REQUIRED = (f"{SHARDS}/{sharded.METADATA}", "rng.safetensors", "config.yaml")
-_NAME = re.compile(r"step_(\d+)")
-_PICK = "pick another with `--checkpoint step_N` or resume without it to take the newest intact one"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, truncated or corrupt; the message names the file and the fix (one line)."""
-
-
-@dataclass(frozen=True)
-class CheckpointState:
-    """What ``state.json`` records besides the weights."""
-
-    iteration: int
-    world_size: int  # processes of the run that wrote it (DCP reshards for another number on load)
-    wall_seconds: float  # training wall time of the whole run up to this checkpoint, over all resumes
-    files: dict  # file name -> sha256 hex digest of every other file in the folder
-    trainer: dict = field(default_factory=dict)  # TrainingState.counters: counters that last across steps
 
 
 @dataclass(frozen=True)
@@ -129,12 +115,32 @@ def _finish_folder(training: TrainingState, folder: Path, config_yaml: str, wall
     world, _ = distributed.world_size_and_rank()
     state = CheckpointState(training.iteration, world, round(wall_seconds, 3), _digests(folder, shards),
                             training.counters)
-    (folder / STATE).write_text(json.dumps(asdict(state), indent=1))
+    write_state(folder, asdict(state))
+
+
+def _temporary(final: Path) -> Path:
+    """The folder a checkpoint is written into before it is renamed to ``final``."""
+    return final.with_name(f".{final.name}.tmp")
+
+
+@contextmanager
+def _writing(final: Path) -> Iterator[None]:
+    """Turn a failed write of checkpoint ``final`` (on any rank: each raises) into :class:`CheckpointWriteError`,
+    once rank 0 removed what it left: the temporary folder and a half-written ``latest``."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001  (OSError, and the errors safetensors and DCP wrap it in)
+        if distributed.is_main():
+            shutil.rmtree(_temporary(final), ignore_errors=True)
+            (final.parent / f"{LATEST}.tmp").unlink(missing_ok=True)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)[:200]
+        raise CheckpointWriteError(f"cannot write checkpoint {final} ({reason}); its partial files were removed and "
+                                   "the checkpoints written before are intact") from err
 
 
 def _write_checkpoint(training: TrainingState, final: Path, config_yaml: str, wall_seconds: float) -> None:
     """Every rank's shard, then rank 0's files, into a temporary folder renamed to ``final`` once complete."""
-    tmp = final.with_name(f".{final.name}.tmp")
+    tmp = _temporary(final)
     _on_main(lambda: _fresh_folder(tmp))
     _write(tmp, SHARDS, lambda p: sharded.save(training, p))  # collective: returns once the metadata is written
     shards = _shard_digests(tmp)
@@ -170,9 +176,10 @@ def save_checkpoint(training: TrainingState, run_dir: Path | None, config_yaml: 
     """
     root = _shared_root(run_dir)
     final = root / checkpoint_name(training.iteration)
-    if distributed.any_rank(distributed.is_main() and not (final.is_dir() and _intact(final))):
-        _write_checkpoint(training, final, config_yaml, wall_seconds)
-    _on_main(lambda: (atomic_write_text(root / LATEST, final.name), _prune(root, keep, final)))
+    with _writing(final):
+        if distributed.any_rank(distributed.is_main() and not (final.is_dir() and _intact(final))):
+            _write_checkpoint(training, final, config_yaml, wall_seconds)
+        _on_main(lambda: (atomic_write_text(root / LATEST, final.name), _prune(root, keep, final)))
     return final
 
 
@@ -181,13 +188,30 @@ def save_named_checkpoint(training: TrainingState, run_dir: Path | None, name: s
     """Write (or replace) the checkpoint ``checkpoints/<name>`` (e.g. ``best``), atomically as :func:`save_checkpoint`
     does and on every rank as it; never pruned or resumed from by default, and ``--checkpoint <name>`` takes it."""
     final = _shared_root(run_dir) / name
-    _write_checkpoint(training, final, config_yaml, wall_seconds)
+    with _writing(final):
+        _write_checkpoint(training, final, config_yaml, wall_seconds)
     return final
+
+
+def _interrupted(root: Path) -> list[Path]:
+    """Folders of checkpoint writes (``.NAME.tmp``) or replacements (``.NAME.damaged``) that did not finish."""
+    return sorted(p for pattern in (".*.tmp", ".*.damaged") for p in root.glob(pattern) if p.is_dir())
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Remove what writes cut short by a kill or a fault left in a run folder: unfinished checkpoint folders, a
+    half-written ``checkpoints/latest`` and the temporary files of ``atomic_write_text``. Rank 0 calls it under
+    the run's lock, before the run starts or resumes; returns what it removed."""
+    root = Path(run_dir) / "checkpoints"
+    found = [*_interrupted(root), *[p for p in [root / f"{LATEST}.tmp"] if p.is_file()], *partial_writes(run_dir)]
+    for path in found:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return found
 
 
 def _prune(root: Path, keep: int, current: Path) -> None:
     """Remove leftovers of interrupted writes and all but the newest ``keep`` checkpoints (never ``current``)."""
-    for leftover in root.glob(".step_*"):
+    for leftover in _interrupted(root):
         shutil.rmtree(leftover, ignore_errors=True)
     for old in checkpoint_folders(root.parent)[keep:]:
         if old != current:
@@ -195,33 +219,14 @@ def _prune(root: Path, keep: int, current: Path) -> None:
 
 
 def _step(path: Path) -> int:
-    return int(_NAME.fullmatch(path.name).group(1))
+    return int(STEP_NAME.fullmatch(path.name).group(1))
 
 
 def checkpoint_folders(run_dir: Path) -> list[Path]:
     """``checkpoints/step_*`` folders of a run, newest first (complete by name, not yet verified)."""
     root = Path(run_dir) / "checkpoints"
-    found = [p for p in root.glob("step_*") if p.is_dir() and _NAME.fullmatch(p.name)] if root.is_dir() else []
+    found = [p for p in root.glob("step_*") if p.is_dir() and STEP_NAME.fullmatch(p.name)] if root.is_dir() else []
     return sorted(found, key=_step, reverse=True)
-
-
-def read_state(path: Path) -> CheckpointState:
-    """``state.json`` of a checkpoint folder, checked for shape (not yet the checksums)."""
-    file = Path(path) / STATE
-    try:
-        data = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {file} is missing; the checkpoint is incomplete: {_PICK}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"checkpoint file {file} is truncated or not JSON; {_PICK}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
-        raise CheckpointError(f"checkpoint file {file} lists no file checksums (written by an older flowgrove or "
-                              f"damaged); {_PICK}, or start a new run")
-    try:
-        return CheckpointState(int(data["iteration"]), int(data.get("world_size", 1)),
-                               float(data.get("wall_seconds", 0.0)), dict(data["files"]), dict(data.get("trainer", {})))
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"checkpoint file {file} has no valid iteration; {_PICK}") from None
 
 
 def verify_checkpoint(path: Path) -> CheckpointState:
@@ -231,15 +236,15 @@ def verify_checkpoint(path: Path) -> CheckpointState:
     missing = sorted(set(REQUIRED) - set(state.files))
     if missing and "trainable.safetensors" in state.files:
         raise CheckpointError(f"checkpoint {path} is in the single-file format of an older flowgrove (no {SHARDS}/); "
-                              f"{_PICK}, or resume it with the flowgrove version that wrote it")
+                              f"{PICK}, or resume it with the flowgrove version that wrote it")
     if missing:
-        raise CheckpointError(f"checkpoint {path} has no {missing[0]} in {STATE}; the checkpoint is incomplete: {_PICK}")
+        raise CheckpointError(f"checkpoint {path} has no {missing[0]} in {STATE}; the checkpoint is incomplete: {PICK}")
     for name, digest in sorted(state.files.items()):
         file = path / name
         if not file.is_file():
-            raise CheckpointError(f"checkpoint file {file} is missing; {_PICK}")
+            raise CheckpointError(f"checkpoint file {file} is missing; {PICK}")
         if _sha256(file) != digest:
-            raise CheckpointError(f"checkpoint file {file} is truncated or corrupt (its sha256 differs from {STATE}); {_PICK}")
+            raise CheckpointError(f"checkpoint file {file} is truncated or corrupt (its sha256 differs from {STATE}); {PICK}")
     _check_shards(path, state)
     return state
 
@@ -251,7 +256,7 @@ def _check_shards(path: Path, state: CheckpointState) -> None:
     absent = sorted(n for n in names if f"{SHARDS}/{n}" not in state.files)
     if absent:
         raise CheckpointError(f"checkpoint file {folder / absent[0]} is missing (its DCP metadata names it); "
-                              f"the checkpoint is incomplete: {_PICK}")
+                              f"the checkpoint is incomplete: {PICK}")
 
 
 def _intact(path: Path) -> bool:
@@ -264,7 +269,7 @@ def _intact(path: Path) -> bool:
 
 def _named(run_dir: Path, name: str) -> Path:
     """The folder of an explicit ``--checkpoint step_N`` (any zero padding)."""
-    match = _NAME.fullmatch(name.strip())
+    match = STEP_NAME.fullmatch(name.strip())
     path = Path(run_dir) / "checkpoints" / (checkpoint_name(int(match.group(1))) if match else name)
     if not path.is_dir():
         have = ", ".join(p.name for p in checkpoint_folders(run_dir)) or "none"
@@ -280,7 +285,7 @@ def _pointer_note(root: Path, chosen: Path) -> str | None:
     named = pointer.read_text(errors="replace").strip()
     if named == chosen.name:
         return None
-    if not (root / named).is_dir() or not _NAME.fullmatch(named):
+    if not (root / named).is_dir() or not STEP_NAME.fullmatch(named):
         return f"{pointer} names {named!r}, which does not exist"
     return f"{pointer} names {named}, but {chosen.name} is newer"
 
@@ -289,7 +294,8 @@ def choose_checkpoint(run_dir: Path, name: str | None = None) -> Choice | None:
     """The checkpoint to resume: ``name`` (must verify), else the newest intact one. None when there is none."""
     if name:
         path = _named(run_dir, name)
-        return Choice(path, verify_checkpoint(path), ())
+        state = verify_checkpoint(path)
+        return Choice(path, state, _unsealed_note(path, state))
     folders = checkpoint_folders(run_dir)
     notes: list[str] = []
     for path in folders:
@@ -303,17 +309,25 @@ def choose_checkpoint(run_dir: Path, name: str | None = None) -> Choice | None:
             notes.append(pointer)
         if notes:
             notes.append(f"taking {path}, the newest intact checkpoint")
-        return Choice(path, state, tuple(notes))
+        return Choice(path, state, (*notes, *_unsealed_note(path, state)))
     if folders:
         reason = "; ".join(notes)
         raise CheckpointError(f"{run_dir} has no intact checkpoint ({reason}); start a new run with another --out")
     return None
 
 
+def _unsealed_note(path: Path, state: CheckpointState) -> tuple[str, ...]:
+    """A note for a ``state.json`` without its own checksum (written by an older flowgrove), else none."""
+    if state.checksum:
+        return ()
+    return (f"{path / STATE} has no checksum of its own (an older flowgrove wrote it); only its iteration was checked, "
+            "against the folder name",)
+
+
 def discard_after(run_dir: Path, chosen: Path) -> list[Path]:
     """Remove the checkpoints newer than ``chosen`` (damaged, or of a future the run is going back from) and
     point ``latest`` at ``chosen``. Returns what was removed."""
-    limit = _step(chosen) if _NAME.fullmatch(chosen.name) else read_state(chosen).iteration  # e.g. ``best``
+    limit = _step(chosen) if STEP_NAME.fullmatch(chosen.name) else read_state(chosen).iteration  # e.g. ``best``
     newer = [p for p in checkpoint_folders(run_dir) if _step(p) > limit]
     atomic_write_text(Path(run_dir) / "checkpoints" / LATEST, chosen.name)
     for path in newer:
@@ -335,7 +349,7 @@ def _read(file: Path, loader: Callable[[Path], object]) -> object:
     try:
         return loader(file)
     except Exception as err:  # noqa: BLE001  (safetensors, pickle and zip errors of a damaged file)
-        raise CheckpointError(f"checkpoint file {file} cannot be read ({type(err).__name__}); {_PICK}") from None
+        raise CheckpointError(f"checkpoint file {file} cannot be read ({type(err).__name__}); {PICK}") from None
 
 
 def load_checkpoint(training: TrainingState, path: Path, state: CheckpointState | None = None) -> CheckpointState:
@@ -349,6 +363,6 @@ def load_checkpoint(training: TrainingState, path: Path, state: CheckpointState 
         sharded.load(training, path / SHARDS)
     except sharded.ShardedError as err:
         raise CheckpointError(f"checkpoint {path} does not fit this trainer ({err}); was it written with another "
-                              f"policy or LoRA setting? {_PICK}") from None
+                              f"policy or LoRA setting? {PICK}") from None
     torch.set_rng_state(_read(path / "rng.safetensors", lambda f: load_file(str(f)))["torch_rng"])
     return state

@@ -1,8 +1,10 @@
 """``report.html``: one self-contained page per run (images inline as base64, curves drawn with matplotlib):
 reward curves (training and held-out, per reward and judge; hybrid inference's beside them when evaluated),
 diversity, MMD^2 and KL curves, the evaluation grids over time (with the hybrid-inference grids), the guard's
-alarms, the best checkpoint, the summary and the config. Rebuilt at every evaluation and at the end of a run;
-``write_report(run_dir)`` rebuilds it from the files alone.
+alarms, the best checkpoint, the summary (the held-out reward before and after training side by side) and the
+config. A run without periodic evaluation (``eval.every=0``) has none of the evaluation sections: its report says
+so, and shows the held-out samples before and after training instead. Rebuilt at every evaluation and at the end
+of a run; ``write_report(run_dir)`` rebuilds it from the files alone.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import io
 import json
 from pathlib import Path
 
-from flowgrove.runs.metrics import read_metrics
-from flowgrove.runs.rundir import atomic_write_text
+import yaml
 
-REPORT = "report.html"
+from flowgrove.runs.metrics import read_metrics
+from flowgrove.runs.rundir import BEST_FILE, EVAL_FILE, GRIDS, REPORT, atomic_write_text
+
 _PHASES = ("eval_start", "eval_best", "eval_end")  # summary.json's evaluations, shown side by side
 HYBRID = "eval/hybrid/"  # as flowgrove.evaluation.evaluate.HYBRID (not imported: the report needs no torch)
 _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
@@ -89,9 +92,15 @@ def _figure(path: Path, caption: str) -> str:
     return f'<figure><img alt="{caption}" src="{_png_uri(path.read_bytes())}"><figcaption>{caption}</figcaption></figure>'
 
 
+def _before_after_grids(run_dir: Path) -> str:
+    """``samples_before.png`` and ``samples_after.png`` side by side (empty when neither exists yet)."""
+    pairs = [(run_dir / f"samples_{when}.png", f"{when} training") for when in ("before", "after")]
+    return "".join(_figure(path, caption) for path, caption in pairs if path.is_file())
+
+
 def _grids(run_dir: Path) -> str:
     """Each evaluation's grid, with the hybrid-inference grid of the same step beside it when there is one."""
-    grids = run_dir / "eval_grids"
+    grids = run_dir / GRIDS
     files = sorted(grids.glob("step_*.png")) if grids.is_dir() else []
     rows = []
     for p in files:
@@ -101,20 +110,36 @@ def _grids(run_dir: Path) -> str:
     return "".join(rows) or "<p>No evaluation grids (set eval.every &gt; 0).</p>"
 
 
+def _held_out(summary: dict) -> dict[str, dict]:
+    """summary.json's ``heldout_<name>_before`` / ``_after`` -> {"before": {name: value}, "after": {name: value}}."""
+    split = {"before": {}, "after": {}}
+    for key, value in summary.items():
+        for when, names in split.items():
+            if key.startswith("heldout_") and key.endswith("_" + when):
+                names[key[len("heldout_"):-len(when) - 1]] = value
+    return {when: names for when, names in split.items() if names}
+
+
+def _columns(columns: list[tuple[str, dict]]) -> str:
+    """A table with one column per (name, {row: value}), rows in first-seen order."""
+    keys = list(dict.fromkeys(key for _, column in columns for key in column))
+    head = "<tr><th></th>" + "".join(f"<th>{name}</th>" for name, _ in columns) + "</tr>"
+    rows = "".join(f"<tr><th>{html.escape(k)}</th>" + "".join(f"<td>{_fmt(c.get(k, ''))}</td>" for _, c in columns)
+                   + "</tr>" for k in keys)
+    return f"<table>{head}{rows}</table>"
+
+
 def _summary(summary: dict) -> str:
-    """The run's figures beside its evaluations at the start, at the best checkpoint and at the end (one column
-    each)."""
+    """The run's figures; beside them the held-out reward before and after training, and the evaluations at the
+    start, at the best checkpoint and at the end (one column each) when the run evaluated periodically."""
     if not summary:
         return "<p>Running.</p>"
-    plain = {k: v for k, v in summary.items() if k not in _PHASES}
+    held_out = _held_out(summary)
+    plain = {k: v for k, v in summary.items() if k not in _PHASES and not (k.startswith("heldout_") and k.endswith(
+        ("_before", "_after")))}
     phases = [(k[len("eval_"):], summary[k]) for k in _PHASES if isinstance(summary.get(k), dict)]
-    if not phases:
-        return _table(plain)
-    keys = list(dict.fromkeys(key for _, phase in phases for key in phase))
-    head = "<tr><th></th>" + "".join(f"<th>{name}</th>" for name, _ in phases) + "</tr>"
-    rows = "".join(f"<tr><th>{html.escape(k)}</th>" + "".join(f"<td>{_fmt(p.get(k, ''))}</td>" for _, p in phases)
-                   + "</tr>" for k in keys)
-    return f'<div class="row">{_table(plain)}<table>{head}{rows}</table></div>'
+    tables = [_table(plain)] + [_columns(list(cols)) for cols in (held_out.items(), phases) if cols]
+    return f'<div class="row">{"".join(tables)}</div>'
 
 
 def _table(data: dict) -> str:
@@ -139,26 +164,50 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _eval_every(config: str) -> int | None:
+    """``eval.every`` of the run's config.yaml text (None when the text does not say)."""
+    try:
+        data = yaml.safe_load(config)
+    except yaml.YAMLError:
+        return None
+    every = data.get("eval", {}).get("every") if isinstance(data, dict) and isinstance(data.get("eval"), dict) else None
+    return every if isinstance(every, int) else None
+
+
+_NO_PERIODIC = ("<p>Periodic evaluation was off (eval.every=0): the held-out prompts were sampled only before and after "
+                "training, so there is no best checkpoint, no guard and no diversity, MMD&sup2; or KL curve. Set "
+                "eval.every=N to evaluate every N steps.</p>")
+
+
+def _evaluations(evals: list[dict]) -> list[str]:
+    """The sections of the periodic evaluations: the guard's alarms and the diversity and drift curves (each only
+    when there is something to draw)."""
+    drift = [_plot(_drift_curves(evals, "diversity_ratio", "diversity / base"), "within-prompt diversity over the base's",
+                   "half"),
+             _plot(_drift_curves(evals, "mmd2", "MMD^2 to base"), "MMD^2 (unbiased, RBF, median bandwidth)", "half"),
+             _plot({"KL to base": _series(evals, "eval/kl")}, "KL of the transitions to the base model", "half")]
+    return ["<h2>Guard alarms</h2>", _alarms(evals)] + (["<h2>Diversity and drift</h2>", *drift] if any(drift) else [])
+
+
 def render_report(run_dir: Path) -> str:
     """The HTML text of the report of ``run_dir``."""
     run_dir = Path(run_dir)
-    train, evals = read_metrics(run_dir / "metrics.jsonl"), read_metrics(run_dir / "eval.jsonl")
-    best = _read_json(run_dir / "best.json")
+    train, evals = read_metrics(run_dir / "metrics.jsonl"), read_metrics(run_dir / EVAL_FILE)
+    best = _read_json(run_dir / BEST_FILE)
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    periodic = bool(evals) or _eval_every(config) != 0
     best_line = (f"<p>checkpoints/best: step {best['step']} ({best['criterion']} score {best['score']:.4f})</p>"
-                 if best else "<p>No best checkpoint yet.</p>")
+                 if best else "<p>No best checkpoint yet.</p>" if periodic else _NO_PERIODIC)
+    grids = (["<h2>Evaluation grids (same prompts and seeds; one row per prompt; hybrid inference beside)</h2>",
+              _grids(run_dir)] if periodic else
+             ["<h2>Held-out samples before and after training (same prompts and seeds; one row per prompt)</h2>",
+              _before_after_grids(run_dir) or "<p>Not written yet.</p>"])
     sections = [
         f"<h1>flowgrove run {html.escape(run_dir.name)}</h1>",
         "<h2>Summary</h2>", _summary(_read_json(run_dir / "summary.json")), best_line,
-        "<h2>Guard alarms</h2>", _alarms(evals),
+        *(_evaluations(evals) if periodic else []),
         "<h2>Rewards</h2>", _plot(_reward_curves(train, evals), "reward (train and held-out) and judges"),
-        "<h2>Diversity and drift</h2>",
-        _plot(_drift_curves(evals, "diversity_ratio", "diversity / base"), "within-prompt diversity over the base's",
-              "half"),
-        _plot(_drift_curves(evals, "mmd2", "MMD^2 to base"), "MMD^2 (unbiased, RBF, median bandwidth)", "half"),
-        _plot({"KL to base": _series(evals, "eval/kl")}, "KL of the transitions to the base model", "half"),
-        "<h2>Evaluation grids (same prompts and seeds; one row per prompt; hybrid inference beside)</h2>",
-        _grids(run_dir),
+        *grids,
         "<h2>Config</h2>", f"<pre>{html.escape(config)}</pre>",
     ]
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>flowgrove {html.escape(run_dir.name)}</title>"

@@ -24,6 +24,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
@@ -119,19 +120,36 @@ def _quiet() -> Iterator[None]:
 
 
 def save(training: TrainingState, folder: Path) -> None:
-    """Write the trainer's tensors into ``folder`` (collective: every rank calls it with the same folder)."""
+    """Write the trainer's tensors into ``folder`` (collective: every rank calls it with the same folder).
+
+    DCP reports a failed write on any rank to every rank as a ``CheckpointException``, which is no ``Exception``
+    (a ``BaseException``, so it would pass every handler); it is raised here as the lowest failed rank's own error:
+    an ``OSError`` keeps its errno (a full disk stays ENOSPC) and names ``folder``, anything else is a
+    :class:`ShardedError`."""
     state = training_state(training, with_optimizer=bool(training.optimizer.state))
-    with _quiet():
-        dcp.save(state, storage_writer=FileSystemWriter(str(folder)))
+    try:
+        with _quiet():
+            dcp.save(state, storage_writer=FileSystemWriter(str(folder)))
+    except CheckpointException as err:
+        rank = min(err.failures, default=0)
+        cause = err.failures[rank][0] if err.failures else err
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, cause.strerror or str(cause), str(folder)) from cause
+        raise ShardedError(f"rank {rank}: {_last_line(cause)}") from cause
+
+
+def _last_line(err: BaseException) -> str:
+    """``Type: message`` of an error, its last non-empty line (DCP joins every rank's traceback into one text)."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}".strip()
 
 
 def _load(state: dict, folder: Path) -> None:
     try:
         with _quiet():
             dcp.load(state, storage_reader=_Reader(str(folder)), planner=_Planner())
-    except Exception as err:  # noqa: BLE001  (DCP wraps every rank's failure; one line for the user)
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        raise ShardedError(f"{type(err).__name__}: {lines[-1] if lines else ''}".strip()) from None
+    except (Exception, CheckpointException) as err:  # noqa: BLE001  (DCP wraps every rank's failure; one line)
+        raise ShardedError(_last_line(err)) from None
 
 
 def load(training: TrainingState, folder: Path) -> None:

@@ -8,10 +8,12 @@ from flowgrove.samplers.gaussian import gaussian_log_prob
 from flowgrove.samplers.steps import (
     NOISE_LEVELS,
     constant_g,
+    cps_g,
     euler_step,
     flow_grpo_g,
     noise_g,
     sde_step,
+    sde_type_of,
     x0_from_velocity,
 )
 
@@ -28,6 +30,7 @@ __all__ = [
     "sample_ode",
     "step_family",
     "constant_g",
+    "cps_g",
     "dpmpp_2m_step",
     "euler_step",
     "flow_grpo_g",
@@ -36,5 +39,6 @@ __all__ = [
     "sample_dpmpp_2m",
     "sample_euler",
     "sde_step",
+    "sde_type_of",
     "x0_from_velocity",
 ]

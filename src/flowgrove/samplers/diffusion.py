@@ -113,6 +113,7 @@ def ddim_step(
     eta: Scalar,
     prediction_type: str = "epsilon",
     *,
+    sde_type: str = "sde",
     noise_scale: Scalar = 1.0,
     x_next: Tensor | None = None,
     noise: Tensor | None = None,
@@ -124,14 +125,18 @@ def ddim_step(
     ``x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma_t^2) eps + noise_scale * sigma_t * z`` with
     ``sigma_t`` of :func:`ddim_std`. The log-prob is taken under the std the sample was drawn with,
     ``noise_scale * sigma_t`` (as the flow SDE step). Computed in float32 or wider.
+    ``sde_type="cps"`` (the flow family's coefficient-preserving step in diffusion variables) draws
+    ``std = noise_scale * eta * sqrt(1 - abar_prev)``, a fraction ``eta`` of the next step's noise coefficient, and
+    the mean above uses that std, so the sample keeps the marginal's coefficients (see :func:`ddim_cps_moments`).
 
     Args:
         x: Latents ``[B, ...]`` at ``alpha_bar``.
         model_output: The network's ``eps`` or ``v`` ``[B, ...]``.
         alpha_bar: ``abar_t``, scalar or ``[B]``.
         alpha_bar_prev: ``abar`` of the next (less noisy) step, scalar or ``[B]``.
-        eta: DDIM eta (0: ODE, 1: ancestral), scalar or ``[B]``.
+        eta: DDIM eta (0: ODE, 1: ancestral), scalar or ``[B]``; the noise fraction ``g`` under ``"cps"``.
         prediction_type: ``"epsilon"`` or ``"v_prediction"``.
+        sde_type: ``"sde"`` (DDIM with eta) or ``"cps"``.
         noise_scale: Extra std multiplier (BranchGRPO split steps), scalar or ``[B]``.
         x_next: A stored sample ``[B, ...]`` to re-score instead of sampling.
         noise: Standard normal noise ``[B, ...]`` (diffusers' ``variance_noise``).
@@ -141,13 +146,35 @@ def ddim_step(
     Returns:
         ``StepOutput(x_next, log_prob [B] or None when eta = 0, mean, std [B])``.
     """
+    if sde_type not in DDIM_SDE_TYPES:
+        raise ValueError(f"unknown sde_type {sde_type!r}; use one of {sorted(DDIM_SDE_TYPES)}.")
     dtype = torch.promote_types(torch.promote_types(x.dtype, model_output.dtype), torch.float32)
     x, model_output = x.to(dtype), model_output.to(dtype)
     x0_pred, eps_pred = predict_x0_eps(x, model_output, alpha_bar, prediction_type)  # [B, ...] each
-    std = ddim_std(alpha_bar, alpha_bar_prev, eta, x)  # [B]
-    mean = ddim_mean(x0_pred, eps_pred, alpha_bar_prev, std)  # [B, ...]
-    std = _per_sample(noise_scale, x) * std  # [B] the std the sample is drawn with
+    mean, std = DDIM_SDE_TYPES[sde_type](x0_pred, eps_pred, alpha_bar, alpha_bar_prev, eta, noise_scale)
     return gaussian_transition(mean, std, x_next=x_next, noise=noise, generator=generator, reduce=reduce)
+
+
+def ddim_moments(x0_pred: Tensor, eps_pred: Tensor, alpha_bar: Scalar, alpha_bar_prev: Scalar, eta: Scalar,
+                 noise_scale: Scalar = 1.0) -> tuple[Tensor, Tensor]:
+    """Mean ``[B, ...]`` and drawn std ``[B]`` of DDIM with eta: the mean under :func:`ddim_std`, the std times
+    ``noise_scale``."""
+    std = ddim_std(alpha_bar, alpha_bar_prev, eta, x0_pred)  # [B]
+    return ddim_mean(x0_pred, eps_pred, alpha_bar_prev, std), _per_sample(noise_scale, x0_pred) * std
+
+
+def ddim_cps_moments(x0_pred: Tensor, eps_pred: Tensor, alpha_bar: Scalar, alpha_bar_prev: Scalar, g: Scalar,
+                     noise_scale: Scalar = 1.0) -> tuple[Tensor, Tensor]:
+    """Mean ``[B, ...]`` and std ``[B]`` of the coefficient-preserving step in diffusion variables: ``std =
+    noise_scale * g * sqrt(1 - abar_prev)`` and DDIM's mean under that std (``alpha_bar`` unused: the step needs only
+    the next coefficients)."""
+    ab_prev = _per_sample(alpha_bar_prev, x0_pred)  # [B]
+    std = _per_sample(noise_scale, x0_pred) * _per_sample(g, x0_pred) * (1 - ab_prev).clamp(min=0).sqrt()  # [B]
+    return ddim_mean(x0_pred, eps_pred, alpha_bar_prev, std), std
+
+
+# sde_type -> (x0_pred, eps_pred, abar, abar_prev, g, noise_scale) -> (mean [B, ...], std [B]), as the flow SDE_TYPES.
+DDIM_SDE_TYPES = {"sde": ddim_moments, "cps": ddim_cps_moments}
 
 
 def ddim_ode_step(x: Tensor, model_output: Tensor, alpha_bar: Scalar, alpha_bar_prev: Scalar,

@@ -7,7 +7,8 @@ and one policy output (``policy.velocity``); a :class:`StepFamily` says what bot
 - :func:`diffusion_steps` (DDPM / DDIM models): the output is ``eps`` or ``v``, and ``sigma`` is a continuous
   timestep fraction, ``tau = sigma * T - 1`` on the model's ``T`` training timesteps, with ``tau < 0`` (sigma 0)
   the scheduler's final ``alphas_cumprod``. The grid ``linspace(1, 0, N + 1)`` is exactly diffusers'
-  ``timestep_spacing="trailing"`` DDIM grid; SDE steps are DDIM with ``eta = g``.
+  ``timestep_spacing="trailing"`` DDIM grid; SDE steps are DDIM with ``eta = g`` (``sde_type="cps"``: DDIM's mean
+  under the coefficient-preserving std ``g * sqrt(1 - abar_next)``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class StepFamily(NamedTuple):
 
     name: str
     x0: Callable[[Tensor, Tensor, Scalar], Tensor]  # (x, out, sigma) -> x0_pred [B, ...]
-    sde: Callable[..., StepOutput]  # (x, out, sigma, sigma_next, g, *, noise_scale, x_next, noise, generator, reduce)
+    sde: Callable[..., StepOutput]  # (x, out, sigma, sigma_next, g, *, sde_type, noise_scale, x_next, noise, generator, reduce)
     ode: Callable[[Tensor, Tensor, Scalar, Scalar], Tensor]  # (x, out, sigma, sigma_next) -> x_next [B, ...]
     dpm: Callable[..., Tensor]  # (x, x0_pred, sigma, sigma_next, prev_x0_pred, prev_sigma, *, monotone) -> x_next
 
@@ -80,7 +81,7 @@ class DiffusionSchedule:
 
 
 def diffusion_steps(schedule: DiffusionSchedule) -> StepFamily:
-    """The DDIM family on ``schedule``: SDE = DDIM with ``eta = g``, ODE = DDIM eta 0, DPM-Solver++(2M) tails."""
+    """The DDIM family on ``schedule``: SDE = DDIM with ``eta = g`` (or CPS), ODE = DDIM eta 0, DPM-Solver++(2M) tails."""
     ab, kind = schedule.alpha_bar, schedule.prediction_type
 
     def x0(x: Tensor, out: Tensor, sigma: Scalar) -> Tensor:

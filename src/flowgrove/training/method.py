@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowgrove.config.checks import split_steps, trainable_positions, window_positions  # noqa: F401 (re-exported)
+from flowgrove.config.checks import last_step_excluded, split_steps, trainable_positions, window_positions  # noqa: F401 (re-exported)
 from flowgrove.config.schema import Config
 from flowgrove.grpo import plans, selection, tree
 from flowgrove.samplers import schedules
@@ -49,7 +49,7 @@ def step_plan(cfg: Config, iteration: int) -> plans.StepPlan:
         start = plans.window_start(iteration, window_positions(cfg), window_schedule(cfg))
         return plans.window_plan(cfg.sampler.num_steps, cfg.sampler.shift, start, cfg.window.size,
                                  tail=cfg.window.tail, ratio=cfg.window.compress_ratio, spacing=cfg.window.tail_spacing)
-    return plans.all_sde_plan(base_sigmas(cfg))
+    return plans.all_sde_plan(base_sigmas(cfg), range(last))  # the last step only where it has a log-prob
 
 
 def compressed_tree_plan(cfg: Config, sde: set[int], trained: set[int]) -> plans.StepPlan:
@@ -96,11 +96,11 @@ def store_mask(cfg: Config, plan: plans.StepPlan, num_chains: int, generator: to
     """Per-chain trained steps [N, S] for the all-SDE methods; None when the plan decides (windows, trees)."""
     if cfg.tree.enabled or cfg.window.enabled or cfg.train.timesteps == "plan":
         return None
-    exclude_last = cfg.sampler.reward_image == "x0_pred"
     if cfg.train.timesteps == "first_k":
         k = cfg.train.first_k or trainable_positions(cfg)
         return selection.first_k_mask(num_chains, plan.num_steps, k)
-    return selection.random_fraction_mask(num_chains, plan.num_steps, cfg.train.timestep_fraction, exclude_last, generator)
+    return selection.random_fraction_mask(num_chains, plan.num_steps, cfg.train.timestep_fraction, last_step_excluded(cfg),
+                                          generator)
 
 
 def forest(cfg: Config, n_trees: int, num_steps: int | None = None) -> tree.Forest:

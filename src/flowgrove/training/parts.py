@@ -1,6 +1,7 @@
 """The parts a recipe builds and hands to the trainer (torchtune's recipe/component split): the device, the data-parallel
 engine (DDP or FSDP2, which shards the policy in place), the trainable parameters and the optimizer over them; and the
-trainer's state as a checkpoint takes it and gives it back (:class:`TrainingState`)."""
+trainer's state as a checkpoint takes it and gives it back (:class:`TrainingState`); the numbers of one update
+(:class:`UpdateStats`)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,17 @@ class TrainingState:
     reference: list[Tensor] | None  # the KL reference weights, or None (train.kl_beta = 0)
     iteration: int  # completed training steps
     counters: dict  # JSON counters (the non-finite streak)
+
+
+@dataclass
+class UpdateStats:
+    loss: float = 0.0
+    clip_fraction: float = 0.0
+    approx_kl: float = 0.0
+    kl: float = 0.0
+    grad_norm: float = 0.0
+    first_ratio_max_dev: float = 0.0  # max |ratio - 1| in the first micro-batch, before any weight change
+    updates: int = 0
+    skipped_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient norm
+    transitions: int = 0  # stored transitions trained, over all ranks
+    dropped_transitions: int = 0  # left out of the loss for a zero advantage (train.drop_zero_advantage), all ranks

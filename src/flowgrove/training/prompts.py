@@ -15,13 +15,13 @@ import csv
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
+from flowgrove.messages import note
 from flowgrove.parallel import distributed
 from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, PromptRows  # noqa: F401 (re-exported)
 
@@ -221,8 +221,8 @@ def load_prompt_sets(cfg: Config, policy: FlowPolicy, files: PromptFiles | None 
             raise ValueError(f"policy {cfg.policy.name!r} has no built-in prompts; set data.train=PROMPTS.txt|jsonl|csv")
         train = [Prompt(p) for p in default()]
     if cfg.rollout.prompts_per_step > len(train) and distributed.is_main():
-        print(f"flowgrove: rollout.prompts_per_step={cfg.rollout.prompts_per_step} is more than the {len(train)} "
-              "training prompts: every step repeats some of them (each repeat is its own group)", file=sys.stderr)
+        note(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} is more than the {len(train)} training prompts: "
+             "every step repeats some of them (each repeat is its own group)")
     heldout = getattr(policy, "heldout_prompts", None)  # the numbers task's unseen numbers
     own = heldout() if heldout is not None else None
     test = files.test or ([Prompt(p) for p in own] if own else None)

@@ -17,7 +17,7 @@ from torch import Tensor
 from flowgrove.grpo.plans import RolloutSpec, StepKind, StepPlan  # noqa: F401 (RolloutSpec re-exported)
 from flowgrove.policies.base import Conditioning, FlowPolicy
 from flowgrove.samplers.family import StepFamily, step_family
-from flowgrove.samplers.steps import noise_g
+from flowgrove.samplers.steps import noise_g, sde_type_of
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
             call are computed once per group.
 
     Returns:
-        A :class:`Rollout`; the transitions hold only steps with ``plan.trained`` (and ``store_mask``).
+        A :class:`Rollout`; the transitions hold only steps with ``plan.trained`` (and ``store_mask``) that drew noise.
     """
     plan, family = spec.plan, step_family(policy)  # the policy's steps: rectified flow, or DDIM for diffusion models
     _check_store_mask(store_mask, spec)
@@ -150,7 +150,7 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
         move = STEP_KINDS[kind](family, spec, Node(x, velocity, x0_pred, sigma, sigma_next, prev_x0, prev_sigma), k,
                                 generator)
         keep = _stored_rows(plan.trained[step], store_mask, roots, step)  # only SDE steps are trained (StepPlan)
-        if keep is not None:
+        if keep is not None and move.log_prob is not None:  # a step that drew no noise (CPS onto sigma 0) has no density
             stored.append(_transitions(x, move, rows, keep, step, sigma, sigma_next, spec.keep_mean))
         n_nodes *= k
         edge_log_probs.append(move.log_prob if move.log_prob is not None else x.new_zeros(n_nodes))
@@ -187,13 +187,14 @@ def _sde(family: StepFamily, spec: RolloutSpec, x: Tensor, velocity: Tensor, sig
     the unscaled std under ``split_logprob_std="reference"`` (BranchGRPO's convention, bug B1); the returned scale is
     the one training re-scores with."""
     g = noise_g(spec.noise, spec.noise_level, x.new_tensor(sigma), x.new_tensor(sigma_next))
-    scale = spec.split_noise_scale if k > 1 else 1.0
+    scale, kind = (spec.split_noise_scale if k > 1 else 1.0), sde_type_of(spec.noise)
     source = generator if isinstance(generator, NoiseSource) else NoiseSource(generator)
     noise = source.randn(x.shape)  # [N, ...] this rank's rows of the global draw (None: one rank)
     noise = noise.to(x.device) if noise is not None else None
-    out = family.sde(x, velocity, sigma, sigma_next, g, noise_scale=scale, noise=noise, generator=source.generator)
+    out = family.sde(x, velocity, sigma, sigma_next, g, sde_type=kind, noise_scale=scale, noise=noise,
+                     generator=source.generator)
     if scale != 1.0 and spec.split_logprob_std == "reference":
-        out, scale = family.sde(x, velocity, sigma, sigma_next, g, x_next=out.x_next), 1.0
+        out, scale = family.sde(x, velocity, sigma, sigma_next, g, sde_type=kind, x_next=out.x_next), 1.0
     return out, float(g), scale
 
 
@@ -275,15 +276,16 @@ def _stored_rows(trained: bool, store_mask: Tensor | None, roots: Tensor, step: 
     return keep if keep.numel() else None
 
 
-def rescore_step(policy: FlowPolicy, batch: Transitions, cond: Conditioning):
-    """Re-evaluate stored transitions under the current policy with the policy's step family: the StepOutput
-    (log_prob [E], mean [E, ...], std [E]: the transition std the samples were drawn with)."""
+def rescore_step(policy: FlowPolicy, batch: Transitions, cond: Conditioning, noise: str):
+    """Re-evaluate stored transitions under the current policy with the policy's step family and the SDE type of
+    the rollout's noise kind ``noise`` (``sampler.noise``): the StepOutput (log_prob [E], mean [E, ...], std [E]: the
+    transition std the samples were drawn with)."""
     velocity = policy.velocity(batch.x, batch.sigma, cond.select(batch.cond_index)).float()  # [E, ...]
     return step_family(policy).sde(batch.x, velocity, batch.sigma, batch.sigma_next, batch.g,
-                                   noise_scale=batch.noise_scale, x_next=batch.x_next)
+                                   sde_type=sde_type_of(noise), noise_scale=batch.noise_scale, x_next=batch.x_next)
 
 
-def rescore(policy: FlowPolicy, batch: Transitions, cond: Conditioning) -> tuple[Tensor, Tensor]:
+def rescore(policy: FlowPolicy, batch: Transitions, cond: Conditioning, noise: str) -> tuple[Tensor, Tensor]:
     """Re-evaluate stored transitions under the current policy: (log_prob [E], mean [E, ...])."""
-    out = rescore_step(policy, batch, cond)
+    out = rescore_step(policy, batch, cond, noise)
     return out.log_prob, out.mean

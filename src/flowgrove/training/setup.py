@@ -3,11 +3,16 @@ prompt sets, handed to :class:`~flowgrove.training.trainer.GRPOTrainer`. Shared 
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 
 from flowgrove.config.schema import Config
+from flowgrove.messages import note
 from flowgrove.parallel import distributed, rank_share
-from flowgrove.rewards import build_reward
+from flowgrove.policies.base import FlowPolicy, makes_videos
+from flowgrove.rewards import RewardFn, build_reward
+from flowgrove.rewards.video import FRAMES, REDUCE, VideoReward, takes_videos
 from flowgrove.training.parts import build_parts
 from flowgrove.training.prepare import offload_text_encoders, prepare_policy
 from flowgrove.training.preflight import preflight
@@ -31,9 +36,27 @@ def build_trainer(cfg: Config, files: PromptFiles | None = None) -> GRPOTrainer:
                for name, w in cfg.rewards.items() if float(w) != 0}
     if not rewards:
         raise ValueError("every reward weight is 0; give at least one reward a nonzero weight in `rewards`")
+    rewards = rewards_for(policy, rewards)
     data = load_prompt_sets(cfg, policy, files)
     parts = build_parts(cfg, policy, device)  # the engine (FSDP2 shards the policy in place) and the optimizer
     trainer = GRPOTrainer(cfg, policy, rewards, data.train, data.test, data.rows, parts)  # encodes the prompts once
     if cfg.policy.offload_text_encoders:
         offload_text_encoders(policy)
     return trainer
+
+
+def rewards_for(policy: FlowPolicy, rewards: Mapping[str, RewardFn]) -> dict[str, RewardFn]:
+    """``rewards`` as they score the policy's samples: on a video policy (:func:`makes_videos`) every reward that
+    does not take videos (:func:`takes_videos`) scores evenly spaced frames of each video, as the ``video`` reward
+    does by default, with one note line per reward; image policies' rewards are returned as they are."""
+    if not makes_videos(policy):
+        return dict(rewards)
+    scored = {}
+    for name, reward in rewards.items():
+        if not takes_videos(reward):
+            note(f"reward {name!r} scores {FRAMES} evenly spaced frames of each video, {REDUCE} over them (as reward "
+                 f"'video' does); for others set rewards={{video: W}} and reward_options.video={{reward: {name}, "
+                 "frames: N, reduce: min}")
+            reward = VideoReward(reward)
+        scored[name] = reward
+    return scored

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -20,42 +19,16 @@ from flowgrove.grpo.losses import TrustRegion, ema_decay, kl_std, loss_weight, p
 from flowgrove.parallel import distributed, engine, rank_share
 from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, PromptRows
 from flowgrove.rewards.base import RewardFn
-from flowgrove.rewards.scoring import score_rewards
+from flowgrove.rewards.scoring import RewardFailure, score_rewards
 from flowgrove.samplers.family import step_family
 from flowgrove.training import credit, method
+from flowgrove.training.halts import (NonFiniteRewardError, NonFiniteUpdatesError, RewardFailedError,  # noqa: F401
+                                      TrainingHalted, halt_on_bad_rewards)
 from flowgrove.training.heldout import EvalResult, HeldOut, evaluate_policy, ode_images  # noqa: F401 (ode_images: re-exported)
-from flowgrove.training.parts import TrainerParts, TrainingState, build_parts
+from flowgrove.training.parts import TrainerParts, TrainingState, UpdateStats, build_parts
 from flowgrove.training.rollout import NoiseSource, Rollout, Transitions, decode_batched, rescore, rescore_step, rollout
 
 
-class TrainingHalted(RuntimeError):
-    """The run cannot go on; the trainer still holds the last good state, which the runner checkpoints.
-    ``metrics`` holds the metrics of the step that ended it, when it completed (None otherwise)."""
-
-    def __init__(self, message: str, metrics: dict[str, float] | None = None):
-        super().__init__(message)
-        self.metrics = metrics
-
-
-class NonFiniteRewardError(TrainingHalted):
-    """A reward model returned NaN or inf; the step is abandoned before any weight changes."""
-
-
-class NonFiniteUpdatesError(TrainingHalted):
-    """Too many consecutive optimizer steps were skipped for a NaN/inf loss or gradient norm."""
-
-
-@dataclass
-class UpdateStats:
-    loss: float = 0.0
-    clip_fraction: float = 0.0
-    approx_kl: float = 0.0
-    kl: float = 0.0
-    grad_norm: float = 0.0
-    first_ratio_max_dev: float = 0.0  # max |ratio - 1| in the first micro-batch, before any weight change
-    updates: int = 0
-    skipped_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient norm
-    transitions: int = 0  # stored transitions trained, over all ranks
 
 
 def step_generator(seed: int, iteration: int, stream: int, rank: int = 0) -> torch.Generator:
@@ -171,20 +144,18 @@ class GRPOTrainer:
 
     def score(self, ro: Rollout, cond_prompts: Sequence[str] | None = None) -> Tensor:
         """Rewards [K, N_leaves] of the decoded leaves, whose ``leaf_cond_index`` indexes ``cond_prompts`` (default:
-        the training prompts); NaN or inf stops the step with a clear message."""
+        the training prompts). A reward that raises, or NaN or inf, on any rank stops the step on every rank with a
+        clear message (:class:`RewardFailedError`, :class:`NonFiniteRewardError`), before any weight changes."""
         cond_prompts = self.prompts if cond_prompts is None else cond_prompts
+        raw, failure = None, None
         with torch.no_grad():
             images = decode_batched(self.policy, ro.leaves, self.cfg.rollout.decode_batch)  # [N, 3, H, W] in [0, 1]
             prompts = [cond_prompts[i] for i in ro.leaf_cond_index.tolist()]
-            raw = torch.stack([r.to(self.device) for r in score_rewards(self.rewards, images, prompts)])  # [K, N]
-        bad = ~torch.isfinite(raw)
-        if distributed.any_rank(bool(bad.any())):  # every rank raises, so no collective is left waiting
-            names = [name for k, name in enumerate(self.rewards) if bad[k].any()]
-            where = f" (e.g. for prompt {prompts[int(bad.any(0).nonzero()[0])]!r})" if bad.any() else " on another rank"
-            raise NonFiniteRewardError(
-                f"reward(s) {names} returned NaN/inf at step {self.iteration + 1}{where}; the step was "
-                "skipped and no weights changed. Check the reward model and its inputs, then resume from the last checkpoint."
-            )
+            try:
+                raw = torch.stack([r.to(self.device) for r in score_rewards(self.rewards, images, prompts)])  # [K, N]
+            except RewardFailure as err:
+                failure = err
+        halt_on_bad_rewards(raw, failure, list(self.rewards), prompts, self.iteration + 1)
         return raw
 
     @staticmethod
@@ -235,81 +206,109 @@ class GRPOTrainer:
                n_roots: float | None = None, cond: Conditioning | None = None) -> UpdateStats:
         """PPO-clip updates over the stored transitions, shuffled; an optimizer step per accumulation group.
 
-        A group whose loss or gradient norm is NaN/inf on any rank is skipped on every rank (no weight, optimizer
-        or EMA change); ``train.max_nonfinite_skips`` consecutive skips raise :class:`NonFiniteUpdatesError`
-        at the end of the step. ``n_roots`` (chains or trees on this rank, a fraction of a tree that spans ranks) sets
-        ``train.loss_scale=reference``;
-        ``cond`` is the conditioning the transitions' ``cond_index`` points into (default: the last step's rows).
+        With ``train.drop_zero_advantage`` a transition whose advantage is exactly 0 enters no loss and no mean
+        (each rank drops its own; a group's mean divides by its live transitions over all ranks, and a group with
+        none takes no optimizer step). A group whose loss or gradient norm is NaN/inf on any rank is skipped on every
+        rank (no weight, optimizer or EMA change); ``train.max_nonfinite_skips`` consecutive skips raise
+        :class:`NonFiniteUpdatesError` at the end of the step. ``n_roots`` (chains or trees on this rank, a fraction
+        of a tree that spans ranks) sets ``train.loss_scale=reference``; ``cond`` is the conditioning the
+        transitions' ``cond_index`` points into (default: the last step's rows).
         """
         cond = cond if cond is not None else self.step_cond if self.step_cond is not None else self.cond
         world, _ = distributed.world_size_and_rank()
-        t, stats = self.cfg.train, UpdateStats(transitions=len(tr) * world)  # over all ranks (equal shares)
+        t, stats = self.cfg.train, UpdateStats()
         if not distributed.all_equal(len(tr)):  # equal micro-batches: a rank with fewer would leave others waiting
             raise RuntimeError(f"the ranks stored different numbers of transitions at step {self.iteration + 1} "
                                "(they must match for data-parallel updates); this is a bug, please report it")
-        if len(tr) == 0:
+        live = adv != 0 if t.drop_zero_advantage else torch.ones_like(adv, dtype=torch.bool)  # [E]
+        size = int(distributed.max_over_ranks(float(live.sum())))  # rows every rank trains (padded with dead ones)
+        if size == 0:
+            stats.dropped_transitions = len(tr) * world
             return stats
-        order = torch.randperm(len(tr), generator=generator)  # [E]
-        if t.accumulate == "samples":  # train.accumulate_size counts the global batch: the same steps on any world size
-            chunks = order.tensor_split(max(1, min(len(tr), -(-n_samples * world // t.accumulate_size))))
-        else:
-            chunks = order.split(max(1, t.accumulate_size // world))
+        order = selection.live_order(live.cpu(), size, generator)  # [size]
+        groups = selection.accumulation_groups(order, t.accumulate, t.accumulate_size, n_samples, world)
+        group_live = distributed.sum_over_ranks([float(live[g].sum()) for g in groups])  # per group, all ranks
+        stats.transitions = int(sum(group_live))  # trained, over all ranks
+        stats.dropped_transitions = len(tr) * world - stats.transitions
         per_root = max(1, int(len(tr) // (n_roots or n_samples)))  # N-bar: stored transitions per chain or tree
         totals: dict[str, float] = {}
         norms: list[float] = []
-        for chunk in chunks:
-            self.optimizer.zero_grad(set_to_none=True)
-            chunk_loss = 0.0
-            micro = chunk.split(t.micro_batch)
-            for i, rows in enumerate(micro):
-                weight = loss_weight(t.loss_scale, rows.numel(), chunk.numel(), t.accumulate_size / world, per_root)
-                with self.engine.gradient_sync(i == len(micro) - 1):  # one reduction per accumulation group
-                    part = self._micro_step(tr.select(rows), adv[rows], weight, cond)
-                if stats.updates == 0 and stats.skipped_steps == 0 and not totals:
-                    stats.first_ratio_max_dev = part.pop("ratio_dev")
-                part.pop("ratio_dev", None)
-                chunk_loss += part["loss"]
-                for k, v in part.items():
-                    totals[k] = totals.get(k, 0.0) + v * rows.numel() / len(tr)
-            max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-            norm = engine.full_value(torch.nn.utils.clip_grad_norm_(self.params, max_norm)).item()
-            if distributed.any_rank(not (math.isfinite(chunk_loss) and math.isfinite(norm))):
-                self.optimizer.zero_grad(set_to_none=True)  # skipped on every rank: weights, Adam and EMA untouched
-                stats.skipped_steps += 1
-                self.nonfinite_streak += 1
+        for group, n_live in zip(groups, group_live):
+            if n_live == 0:  # on every rank: nothing to train in this group
                 continue
-            norms.append(norm)
-            self.optimizer.step()
-            self.nonfinite_streak = 0
-            self._ema_update(per_rollout=False)
-            stats.updates += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            parts = self._backward_group(tr, adv, live, cond, per_root, group, int(n_live))
+            for n, part in parts:  # n: the micro-batch's live rows
+                dev = part.pop("ratio_dev", None)
+                if dev is not None and stats.updates == 0 and stats.skipped_steps == 0 and not totals:
+                    stats.first_ratio_max_dev = dev
+                for k, v in part.items():
+                    totals[k] = totals.get(k, 0.0) + v * n / int(live.sum())
+            norm = self._optimizer_step(sum(part.get("loss", 0.0) for _, part in parts), stats)
+            norms += [] if norm is None else [norm]
         if stats.updates:
             self._ema_update(per_rollout=True)
         stats.grad_norm = sum(norms) / len(norms) if norms else float("nan")
-        means = distributed.mean_over_ranks([totals["loss"], totals["clip_fraction"], totals["approx_kl"], totals.get("kl", 0.0)])
-        stats.loss, stats.clip_fraction, stats.approx_kl, stats.kl = means  # over every rank's transitions
+        means = distributed.weighted_mean_over_ranks([totals.get(k, 0.0) for k in ("loss", "clip_fraction", "approx_kl", "kl")],
+                                                     float(live.sum()))
+        stats.loss, stats.clip_fraction, stats.approx_kl, stats.kl = means  # over every rank's live transitions
         stats.first_ratio_max_dev = distributed.max_over_ranks(stats.first_ratio_max_dev)
         return stats
 
-    def _micro_step(self, batch: Transitions, adv: Tensor, weight: float, cond: Conditioning) -> dict[str, float]:
-        """Forward, loss and backward of one micro-batch; ``weight`` scales its loss (see :func:`loss_weight`)."""
+    def _optimizer_step(self, group_loss: float, stats: UpdateStats) -> float | None:
+        """Clip and step once an accumulation group's gradients are in; returns the gradient norm. None: the loss or
+        the norm is NaN/inf on some rank, and the step is skipped on every rank (weights, Adam and EMA untouched)."""
         t = self.cfg.train
+        norm = engine.full_value(torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm or float("inf"))).item()
+        if distributed.any_rank(not (math.isfinite(group_loss) and math.isfinite(norm))):
+            self.optimizer.zero_grad(set_to_none=True)
+            stats.skipped_steps += 1
+            self.nonfinite_streak += 1
+            return None
+        self.optimizer.step()
+        self.nonfinite_streak = 0
+        self._ema_update(per_rollout=False)
+        stats.updates += 1
+        return norm
+
+    def _backward_group(self, tr: Transitions, adv: Tensor, live: Tensor, cond: Conditioning, per_root: int,
+                        group: Tensor, group_live: int) -> list[tuple[int, dict[str, float]]]:
+        """Forward and backward of an accumulation group's micro-batches (``group``: rows of ``tr``; ``group_live``: its
+        live rows on all ranks), gradients reduced at the last; each micro-batch's live rows and numbers, in order."""
+        t, (world, _) = self.cfg.train, distributed.world_size_and_rank()
+        micro, parts = group.split(t.micro_batch), []
+        for i, rows in enumerate(micro):
+            n = int(live[rows].sum())
+            weight = loss_weight(t.loss_scale, n, group_live, world, t.accumulate_size / world, per_root)
+            with self.engine.gradient_sync(i == len(micro) - 1):  # one reduction per accumulation group
+                parts.append((n, self._micro_step(tr.select(rows), adv[rows], live[rows], weight, cond)))
+        return parts
+
+    def _micro_step(self, batch: Transitions, adv: Tensor, live: Tensor, weight: float, cond: Conditioning) -> dict[str, float]:
+        """Forward, loss and backward of one micro-batch; the loss is the mean over its ``live`` rows [E] (bool), scaled
+        by ``weight`` (see :func:`loss_weight`). A micro-batch without live rows (a rank's padding) still runs its
+        forward and a zero backward, so that every rank's collectives stay in step; it returns no numbers."""
+        t, noise = self.cfg.train, self.cfg.sampler.noise  # the noise kind (and SDE type) the transitions were drawn with
         ref_mean = None
         if self.reference is not None:  # before the policy forward: swapping weights in place after it would
             with torch.no_grad(), self.weights_swapped(self.reference):  # corrupt the tensors autograd saved
-                _, ref_mean = rescore(self.policy, batch, cond)
-        step = self.engine.forward(lambda: rescore_step(self.policy, batch, cond))  # DDP sees the training forward
-        log_prob, mean = step.log_prob, step.mean
-        drift = None if batch.old_mean is None else transition_kl(mean, batch.old_mean, step.std)  # [E] to the rollout step
-        weights = step_weights(t.step_weight, batch.sigma, batch.sigma_next, step.std / batch.noise_scale, self.mean_std)
+                _, ref_mean = rescore(self.policy, batch, cond, noise)
+        step = self.engine.forward(lambda: rescore_step(self.policy, batch, cond, noise))  # DDP sees the training forward
+        if not bool(live.any()):
+            (step.log_prob.sum() * 0.0).backward()
+            return {}
+        log_prob, mean, std, adv = step.log_prob[live], step.mean[live], step.std[live], adv[live]  # [E_live]
+        old_mean = None if batch.old_mean is None else batch.old_mean[live]
+        drift = None if old_mean is None else transition_kl(mean, old_mean, std)  # [E_live] to the rollout step
+        weights = step_weights(t.step_weight, batch.sigma[live], batch.sigma_next[live], std / batch.noise_scale[live],
+                               self.mean_std)
         region = TrustRegion(t.trust_region, t.clip_range, t.trust_region_kl)
-        out = policy_loss(log_prob, batch.old_log_prob, adv, self.cfg.advantage.clip, region, ratio_norm=t.ratio_norm,
-                          drift_kl=drift, std=step.std, weights=weights)
+        out = policy_loss(log_prob, batch.old_log_prob[live], adv, self.cfg.advantage.clip, region, ratio_norm=t.ratio_norm,
+                          drift_kl=drift, std=std, weights=weights)
         loss, logs = out.loss, {"loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
                                 "approx_kl": out.approx_kl.item(), "ratio_dev": (out.ratio - 1).abs().max().item()}
         if ref_mean is not None:
-            std = kl_std(t.kl_scale, step.std, batch.g)  # [E]: the step family's own transition std
-            kl = transition_kl(mean, ref_mean, std).mean()
+            kl = transition_kl(mean, ref_mean[live], kl_std(t.kl_scale, std, batch.g[live])).mean()  # [E_live] std: the step family's
             loss = loss + t.kl_beta * kl
             logs["kl"] = kl.item()
         (loss * weight).backward()
