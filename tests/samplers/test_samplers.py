@@ -19,6 +19,7 @@ from flowgrove.samplers import (
     x0_from_velocity,
 )
 from flowgrove.samplers.schedules import flux_sigmas, sd3_sigmas
+from flowgrove.samplers.steps import add_noise, velocity_target
 
 
 def _latents(seed: int, shape=(4, 2, 3, 5), dtype=torch.float32) -> torch.Tensor:
@@ -164,3 +165,16 @@ def test_low_precision_inputs_are_upcast() -> None:
     out = sde_step(x, v, 0.5, 0.4, 0.3, generator=torch.Generator().manual_seed(0))
     assert out.x_next.dtype == out.mean.dtype == out.log_prob.dtype == torch.float32
     assert torch.equal(sde_step(x, v, 0.5, 0.4, 0.3, x_next=out.x_next).log_prob, out.log_prob)
+
+
+def test_flow_forward_process_equals_diffusers_scale_noise() -> None:
+    # x_sigma = (1 - sigma) x0 + sigma noise at every sigma of FlowMatchEulerDiscreteScheduler's grid; target noise - x0
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(10)
+    gen = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(1, 4, 3, 3, generator=gen), torch.randn(1, 4, 3, 3, generator=gen)
+    for i, t in enumerate(sched.timesteps):
+        expected = sched.scale_noise(x0, t[None], noise)  # the sigma of timestep t
+        torch.testing.assert_close(add_noise(x0, noise, sched.sigmas[i]), expected)
+    torch.testing.assert_close(velocity_target(x0, noise, 0.3), noise - x0)
