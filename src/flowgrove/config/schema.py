@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowgrove.grpo.losses import EMA_SCHEDULES
+from flowgrove.grpo.losses import EMA_SCHEDULES, OBJECTIVES
 from flowgrove.grpo.plans import STRATEGIES, TAILS
 from flowgrove.grpo.tree import FUSION_MODES
 from flowgrove.samplers.schedules import TAIL_SPACINGS
@@ -117,7 +117,7 @@ class TrainConfig:
     adam_eps: float = _f(1e-8, "AdamW eps.", low=0)
     clip_range: float = _f(1e-3, "PPO clip range of the importance ratio.", low=0)
     kl_beta: float = _f(0.0, "Weight of the exact Gaussian KL to the initial policy (0 = off).", low=0)
-    timesteps: str = _f("random_fraction", "Trained steps: random_fraction per sample, first_k in order, or plan (window/tree).", ("random_fraction", "first_k", "plan"))
+    timesteps: str = _f("random_fraction", "Trained steps (forward objectives: grid times): random_fraction per sample, first_k in order, or plan (window/tree).", ("random_fraction", "first_k", "plan"))
     timestep_fraction: float = _f(0.6, "random_fraction: share of the eligible steps trained per sample.", low=0)
     first_k: int = _f(0, "first_k: number of leading steps trained.", low=0)
     accumulate: str = _f("samples", "An optimizer step per accumulate_size samples, or per accumulate_size transitions.", ("samples", "transitions"))
@@ -131,6 +131,9 @@ class TrainConfig:
     kl_scale: str = _f("exact", "KL term: exact transition KL, or reference (Flow-GRPO: ||dmu||^2 / 2g^2 = exact KL * dsigma).", ("exact", "reference"))
     loss_scale: str = _f("mean", "Loss per optimizer step: mean over its transitions, or reference (BranchGRPO: sum / (G * edges per tree)).", ("mean", "reference"))
     ema_schedule: str = _f("update", "EMA: every optimizer step (update), once per rollout (dancegrpo), or Flow-GRPO's min((1+s)/(10+s), decay) every 8 steps (flowgrpo).", tuple(EMA_SCHEDULES))
+    objective: str = _f("grpo", "What the update trains: grpo (PPO-clip on the stored SDE transitions' log-probs), or a forward-process objective on the rollout's final samples noised at train.timesteps' grid times, without log-probs (any sampler, sampler.noise_level=0 for ODE rollouts): nft (DiffusionNFT) or awm (Advantage Weighted Matching).", OBJECTIVES)
+    nft_beta: float = _f(1.0, "nft: beta of the implicit policies v+ = beta*v + (1-beta)*v_old, v- = (1+beta)*v_old - beta*v (DiffusionNFT: 1.0; 0.1 for OCR).", low=0)
+    awm_power: float = _f(0.25, "awm: power p of the generalised-Huber weighting sigma * (mse^p) / p of the flow-matching error (AWM: 0.25; 1 = the sigma-weighted mean square).", low=0)
 
 
 @dataclass

@@ -19,6 +19,11 @@ class PolicyLoss(NamedTuple):
     approx_kl: Tensor  # [] 0.5 * mean((log_prob - old_log_prob)^2)
     ratio: Tensor  # [E] importance ratios, detached
 
+    def logs(self) -> dict[str, float]:
+        """The loss and diagnostics as numbers (``ratio_dev``: max |ratio - 1|)."""
+        return {"loss": self.loss.item(), "clip_fraction": self.clip_fraction.item(),
+                "approx_kl": self.approx_kl.item(), "ratio_dev": (self.ratio - 1).abs().max().item()}
+
 
 def ppo_clip_loss(
     log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float, adv_clip_max: float

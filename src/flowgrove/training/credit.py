@@ -9,8 +9,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from flowgrove.config.load import AdvantageConfig, TreeConfig
+from flowgrove.config.load import AdvantageConfig, Config, TreeConfig
 from flowgrove.grpo import advantages, tree
+from flowgrove.parallel.rank_share import RankShare
 from flowgrove.training.rollout import Rollout
 
 
@@ -27,6 +28,13 @@ def chain_advantages(rewards: Tensor, weights: Tensor, group_ids: Tensor, cfg: A
     if cfg.aggregate == "advantage":
         return advantages.aggregate_advantages(rewards, weights, group_ids, normalize)
     return normalize(advantages.aggregate_rewards(rewards, weights), group_ids)
+
+
+def block_chain_advantages(rewards: Tensor, weights: Tensor, cfg: Config, share: RankShare) -> Tensor:
+    """Advantages [N_r] of one rank's block of chains, from the rewards [K, N_total] of every block's final samples
+    (groups of ``rollout.group_size`` consecutive samples)."""
+    group = torch.arange(rewards.shape[1]) // cfg.rollout.group_size  # [N_total]
+    return chain_advantages(rewards, weights, group, cfg.advantage).chunk(share.parts)[share.part]
 
 
 def tree_advantages(

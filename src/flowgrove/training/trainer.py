@@ -21,7 +21,7 @@ from flowgrove.parallel import distributed, engine, rank_share
 from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, PromptRows
 from flowgrove.rewards.base import RewardFn
 from flowgrove.rewards.scoring import score_rewards
-from flowgrove.training import credit, method
+from flowgrove.training import credit, forward, method
 from flowgrove.training.heldout import EvalResult, HeldOut, evaluate_policy, ode_images  # noqa: F401 (ode_images: re-exported)
 from flowgrove.training.parts import TrainerParts, TrainingState, build_parts
 from flowgrove.training.rollout import NoiseSource, Rollout, Transitions, decode_batched, rescore, rescore_step, rollout
@@ -48,7 +48,7 @@ class NonFiniteUpdatesError(TrainingHalted):
 class UpdateStats:
     loss: float = 0.0
     clip_fraction: float = 0.0
-    approx_kl: float = 0.0
+    approx_kl: float = 0.0  # 0.5 * mean((log_prob - old)^2); nft: 0.5 * mean((output - old output)^2)
     kl: float = 0.0
     grad_norm: float = 0.0
     first_ratio_max_dev: float = 0.0  # max |ratio - 1| in the first micro-batch, before any weight change
@@ -125,14 +125,17 @@ class GRPOTrainer:
         gathered = self._gather(raw.T, share).T  # [K, N_all]: every block's leaves in order
         t2 = time.perf_counter()
         forest = method.forest(cfg, share.size, plan.num_steps) if cfg.tree.enabled else None
-        adv = self.edge_advantages(gathered, ro, forest, share)  # [E]
-        total = weighted_total(raw.cpu(), self.weights)  # [N_L] this rank's leaves
-        keep = self.pruning_keep(ro, total, forest)
-        if share.span > 1:  # a tree's ranks all rolled it out; each trains its share of the kept transitions
-            keep = keep[rank_share.member_rows(keep.numel(), share).to(keep.device)]
-        transitions, adv = ro.transitions.select(keep), adv[keep]
+        if cfg.train.objective == "grpo":
+            adv = self.edge_advantages(gathered, ro, forest, share)  # [E]
+            keep = self.pruning_keep(ro, weighted_total(raw.cpu(), self.weights), forest)  # by this rank's leaves' total
+            if share.span > 1:  # a tree's ranks all rolled it out; each trains its share of the kept transitions
+                keep = keep[rank_share.member_rows(keep.numel(), share).to(keep.device)]
+            batch, adv = ro.transitions.select(keep), adv[keep]
+        else:  # a forward objective: this rank's final samples noised at grid times, each with its sample's advantage
+            batch = forward.step_rows(cfg, self.policy, cond, ro, share, shared, noise)
+            adv = credit.block_chain_advantages(gathered, self.weights, cfg, share).to(batch.x0.device)[batch.sample]
         n_leaves = ro.leaves.shape[0]
-        stats = self.update(transitions, adv, n_leaves, shared, n_roots=roots.shape[0] / share.span, cond=cond)
+        stats = self.update(batch, adv, n_leaves, shared, n_roots=roots.shape[0] / share.span, cond=cond)
         t3 = time.perf_counter()
         self.iteration += 1
         total_all = weighted_total(gathered, self.weights)  # [N_all]: the metrics do not depend on the world size
@@ -204,8 +207,7 @@ class GRPOTrainer:
             log_probs = tuple(self._gather(lp, share) for lp in ro.edge_log_probs)
             per_depth = credit.tree_advantages(gathered, self.weights, forest, log_probs, cfg.advantage, cfg.tree)
             return credit.edge_values(tuple(mine(a) for a in per_depth), tr.depth.cpu(), tr.node.cpu()).to(tr.x.device)
-        group = torch.arange(gathered.shape[1]) // cfg.rollout.group_size  # [N_total]
-        sample_adv = mine(credit.chain_advantages(gathered, self.weights, group, cfg.advantage))
+        sample_adv = credit.block_chain_advantages(gathered, self.weights, cfg, share)  # [N_r]
         return credit.chain_edge_advantages(sample_adv.to(tr.x.device), ro)
 
     def pruning_keep(self, ro: Rollout, total: Tensor, forest: tree.Forest | None) -> Tensor:
@@ -229,9 +231,9 @@ class GRPOTrainer:
         return keep_edges.bool().nonzero().flatten().to(tr.depth.device)
 
     # ---- update --------------------------------------------------------------------------------------
-    def update(self, tr: Transitions, adv: Tensor, n_samples: int, generator: torch.Generator,
+    def update(self, tr: Transitions | forward.ForwardSamples, adv: Tensor, n_samples: int, generator: torch.Generator,
                n_roots: float | None = None, cond: Conditioning | None = None) -> UpdateStats:
-        """PPO-clip updates over the stored transitions, shuffled; an optimizer step per accumulation group.
+        """Updates over the stored transitions or a forward objective's rows, shuffled; an optimizer step per group.
 
         A group whose loss or gradient norm is NaN/inf on any rank is skipped on every rank (no weight, optimizer
         or EMA change); ``train.max_nonfinite_skips`` consecutive skips raise :class:`NonFiniteUpdatesError`
@@ -289,8 +291,15 @@ class GRPOTrainer:
         stats.first_ratio_max_dev = distributed.max_over_ranks(stats.first_ratio_max_dev)
         return stats
 
-    def _micro_step(self, batch: Transitions, adv: Tensor, weight: float, cond: Conditioning) -> dict[str, float]:
+    def _micro_step(self, batch: Transitions | forward.ForwardSamples, adv: Tensor, weight: float,
+                    cond: Conditioning) -> dict[str, float]:
         """Forward, loss and backward of one micro-batch; ``weight`` scales its loss (see :func:`loss_weight`)."""
+        loss, logs = (self._transition_loss if self.cfg.train.objective == "grpo" else self._forward_loss)(batch, adv, cond)
+        (loss * weight).backward()
+        return logs
+
+    def _transition_loss(self, batch: Transitions, adv: Tensor, cond: Conditioning) -> tuple[Tensor, dict[str, float]]:
+        """PPO-clip on the re-scored log-probs of stored transitions, plus the transition KL to the reference policy."""
         t = self.cfg.train
         ref_mean = None
         if self.reference is not None:  # before the policy forward: swapping weights in place after it would
@@ -299,15 +308,18 @@ class GRPOTrainer:
         step = self.engine.forward(lambda: rescore_step(self.policy, batch, cond))  # DDP sees the training forward
         log_prob, mean = step.log_prob, step.mean
         out = ppo_clip_loss(log_prob, batch.old_log_prob, adv, t.clip_range, self.cfg.advantage.clip)
-        loss, logs = out.loss, {"loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
-                                "approx_kl": out.approx_kl.item(), "ratio_dev": (out.ratio - 1).abs().max().item()}
+        loss, logs = out.loss, out.logs()
         if ref_mean is not None:
             std = kl_std(t.kl_scale, step.std, batch.g)  # [E]: the step family's own transition std
             kl = transition_kl(mean, ref_mean, std).mean()
             loss = loss + t.kl_beta * kl
             logs["kl"] = kl.item()
-        (loss * weight).backward()
-        return logs
+        return loss, logs
+
+    def _forward_loss(self, batch: forward.ForwardSamples, adv: Tensor, cond: Conditioning) -> tuple[Tensor, dict]:
+        """A forward objective's loss (:func:`flowgrove.training.forward.forward_loss`) through the engine."""
+        swap = self.weights_swapped(self.reference) if self.reference is not None else None
+        return forward.forward_loss(self.cfg, self.policy, batch, adv, cond, self.engine.forward, swap)
 
     def held_out(self) -> HeldOut:
         """The held-out prompts, rewards and weight swaps, as :mod:`flowgrove.evaluation` reads them."""
