@@ -85,6 +85,10 @@ CASES = {
     "GRPO on deterministic steps": (["sampler.noise_level=0"], ["sampler.noise_level=0", "train.objective=nft"]),
     "forward objective on trees": (["--method", "branchgrpo", "train.objective=nft"], ["train.objective=nft", "tree.enabled=false"]),
     "forward objective on the plan's steps": (["--method", "mixgrpo", "train.objective=awm"], ["train.timesteps=plan", "random_fraction"]),
+    "forward objective with the transition KL's scale": (["--method", "diffusionnft", "train.kl_scale=reference"], ["train.kl_scale=reference", "train.kl_beta"]),
+    "nft beta zero": (["--method", "diffusionnft", "train.nft_beta=0"], ["train.nft_beta=0", "> 0"]),
+    "awm clip range zero": (["--method", "awm", "train.clip_range=0"], ["train.clip_range=0", "> 0"]),
+    "ODE rollouts with one noise per group": (["--method", "diffusionnft", "rollout.same_noise_in_group=true"], ["rollout.same_noise_in_group", "identical"]),
 }
 
 

@@ -129,3 +129,14 @@ def test_the_kl_term_is_the_output_difference_to_the_initial_policy():
     with torch.no_grad():
         now = output_kl(trainer.policy.velocity(x, batch.sigma, cond), reference.velocity(x, batch.sigma, cond))
     assert now.mean() > metrics["kl"] > 0  # after both steps the distance is larger than on average during them
+
+
+@pytest.mark.parametrize("name", ["diffusionnft", "awm"])
+def test_the_presets_roll_out_deterministic_dpm_tails(name):
+    cfg = load_config(None, [], method=name)
+    plan = method.step_plan(cfg, 0)
+    assert plan.kinds[0] == "sde" and set(plan.kinds[1:]) == {"dpm"} and plan.trained_steps == ()
+    assert cfg.sampler.noise_level == 0 and plan.nfe_old == cfg.sampler.num_steps
+    assert method.store_mask(cfg, plan, 96, torch.Generator()) is None
+    mask = method.forward_mask(cfg, 96, torch.Generator().manual_seed(0))
+    assert mask.shape == (96, cfg.sampler.num_steps) and set(mask.sum(1).tolist()) == {9 if name == "diffusionnft" else 6}
