@@ -48,6 +48,11 @@ CASES = {
     # one prompt's group of 6 is split 3 + 3 over the two ranks: its statistics still cover all six
     "group_spans_ranks": ("dancegrpo", "tiny", ["rollout.prompts_per_step=1", "rollout.group_size=6",
                                                 "train.micro_batch=100000"], "fsdp"),
+    # forward objectives: each rank noises its samples with its rows of the global draws of times and noise
+    "forward_nft_kl": ("diffusionnft", "tiny", ["rollout.prompts_per_step=2", "rollout.group_size=4", "train.kl_beta=0.5",
+                                                "train.micro_batch=5"], "fsdp"),
+    "forward_awm_group_spans_ranks": ("awm", "tiny", ["rollout.prompts_per_step=1", "rollout.group_size=6",
+                                                      "train.micro_batch=100000"], "fsdp"),
 }
 PROMPTS = ["zero", "one", "two", "three", "four"]
 METRICS = ("reward_mean", "reward_std", "loss", "clip_fraction", "approx_kl", "grad_norm", "updates", "transitions")
