@@ -112,6 +112,25 @@ def test_one_update_moves_log_probs_with_the_sign_of_the_advantage(name, terms):
     assert ((delta * adv) > 0).float().mean() > 0.55
 
 
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+def test_a_forward_objective_update_moves_predictions_with_the_sign_of_the_advantage(objective):
+    # Forward objectives: advantages +1 / -1 by sample parity. After one AdamW step the data prediction at the
+    # trained noised rows moves towards the clean final sample for +1 samples and away from it for -1 samples, on
+    # average and for most rows (measured: 85 % (nft) and 73 % (awm) agree; a flipped sign gives the complement).
+    trainer = make("dancegrpo", *ONE_STEP, f"train.objective={objective}", "train.clip_range=1.0",
+                   "sampler.noise_level=0", "rollout.same_noise_in_group=false")
+    seen = observe(trainer, advantages=lambda rows: torch.where(rows.sample % 2 == 0, 1.0, -1.0))
+    assert trainer.step()["updates"] == 1
+    rows, adv = seen["transitions"], seen["adv"]
+    x = (1 - rows.sigma.view(-1, 1, 1, 1)) * rows.x0 + rows.sigma.view(-1, 1, 1, 1) * rows.noise  # flow forward process
+    with torch.no_grad():
+        v = trainer.policy.velocity(x, rows.sigma, trainer.step_cond.select(rows.cond_index))
+    error = lambda out: (x0_from_velocity(x, out, rows.sigma) - rows.x0).pow(2).mean(dim=(1, 2, 3))  # noqa: E731
+    delta = error(v) - error(rows.old_output)  # [E] < 0: closer to the clean sample
+    assert delta[adv > 0].mean() < 0 < delta[adv < 0].mean()
+    assert ((delta * adv) < 0).float().mean() > 0.75
+
+
 @pytest.mark.parametrize(("kind", "ddof"), [("group", 0), ("group_global_std", 1)])
 def test_chain_advantages_are_normalised_within_each_group_of_leaves(kind, ddof):
     # The rollout lays the chains out prompt-major: leaves g * G ... g * G + G - 1 are the G images of one prompt.

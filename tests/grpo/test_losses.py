@@ -1,4 +1,5 @@
-"""PPO-clip loss and transition KL, worked by hand and against torch.distributions."""
+"""PPO-clip loss and transition KL, worked by hand and against torch.distributions; GRPO-Guard, TempFlow-GRPO's
+weights and Flow-DPPO's trust region against their references."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """GRPO policy loss (PPO-clip on per-transition log-probs, or its GRPO-Guard, TempFlow-GRPO and Flow-DPPO forms) and
-the transition KL penalty."""
+the transition KL penalty. The forward-process objectives (DiffusionNFT, AWM) are in :mod:`flowgrove.grpo.matching`."""
 
 from __future__ import annotations
 
@@ -183,6 +183,11 @@ def policy_loss(
         clip_fraction = outside.to(dtype).mean()  # []
         approx_kl = 0.5 * ((lp - old) ** 2).mean()  # []
     return PolicyLoss(loss=loss, clip_fraction=clip_fraction, approx_kl=approx_kl, ratio=ratio.detach())
+
+    def logs(self) -> dict[str, float]:
+        """The loss and diagnostics as numbers (``ratio_dev``: max |ratio - 1|)."""
+        return {"loss": self.loss.item(), "clip_fraction": self.clip_fraction.item(),
+                "approx_kl": self.approx_kl.item(), "ratio_dev": (self.ratio - 1).abs().max().item()}
 
 
 def ppo_clip_loss(

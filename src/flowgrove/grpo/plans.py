@@ -158,6 +158,12 @@ def all_sde_plan(sigmas: Tensor, trained_steps: Iterable[int] | None = None) -> 
     return sde_mask_plan(sigmas, range(n), range(n) if trained_steps is None else trained_steps)
 
 
+def untrained(plan: StepPlan) -> StepPlan:
+    """The same rollout with no step trained: the forward-process objectives (DiffusionNFT, AWM) train on the final
+    samples, so a rollout stores no transition whatever its steps are."""
+    return StepPlan(plan.sigmas, plan.kinds, (False,) * plan.num_steps)
+
+
 def window_plan(num_steps: int, shift: float, start: int, size: int, tail: str = "euler",
                 ratio: float = 0.4, spacing: str = "shifted") -> StepPlan:
     """SDE window [start, start + size), Euler before it, Euler or DPM-Solver++ after it (MixGRPO, Li et al. 2025).

@@ -34,7 +34,14 @@ def window_schedule(cfg: Config) -> plans.WindowSchedule:
 
 
 def step_plan(cfg: Config, iteration: int) -> plans.StepPlan:
-    """Which steps are SDE, ODE or DPM-compressed and which are trained, for one iteration."""
+    """Which steps are SDE, ODE or DPM-compressed and which are trained, for one iteration (none under a
+    forward-process objective, which trains on the final samples: see :func:`forward_mask`)."""
+    plan = sampling_plan(cfg, iteration)
+    return plan if cfg.train.objective == "grpo" else plans.untrained(plan)
+
+
+def sampling_plan(cfg: Config, iteration: int) -> plans.StepPlan:
+    """The rollout's steps and GRPO's trained ones, for one iteration."""
     last = trainable_positions(cfg)
     if cfg.tree.enabled:
         splits = set(split_steps(cfg))
@@ -93,14 +100,25 @@ def mean_trained_std(cfg: Config, family: StepFamily) -> float:
 
 
 def store_mask(cfg: Config, plan: plans.StepPlan, num_chains: int, generator: torch.Generator) -> Tensor | None:
-    """Per-chain trained steps [N, S] for the all-SDE methods; None when the plan decides (windows, trees)."""
-    if cfg.tree.enabled or cfg.window.enabled or cfg.train.timesteps == "plan":
+    """Per-chain trained steps [N, S] for the all-SDE methods; None when the plan decides (windows, trees) or no
+    transition is trained (forward-process objectives)."""
+    if cfg.tree.enabled or cfg.window.enabled or cfg.train.timesteps == "plan" or cfg.train.objective != "grpo":
         return None
     if cfg.train.timesteps == "first_k":
         k = cfg.train.first_k or trainable_positions(cfg)
         return selection.first_k_mask(num_chains, plan.num_steps, k)
     return selection.random_fraction_mask(num_chains, plan.num_steps, cfg.train.timestep_fraction, last_step_excluded(cfg),
                                           generator)
+
+
+def forward_mask(cfg: Config, num_samples: int, generator: torch.Generator) -> Tensor:
+    """Forward-process objectives: the times of the sigma grid [N, T] at which each final sample is noised and trained
+    (``train.timesteps``: a random ``timestep_fraction`` of the T grid points sigma_0..sigma_{T-1} per sample, as
+    DiffusionNFT draws them, or the first ``first_k``, 0 = all)."""
+    steps = cfg.sampler.num_steps
+    if cfg.train.timesteps == "first_k":
+        return selection.first_k_mask(num_samples, steps, cfg.train.first_k or steps)
+    return selection.random_fraction_mask(num_samples, steps, cfg.train.timestep_fraction, False, generator)
 
 
 def forest(cfg: Config, n_trees: int, num_steps: int | None = None) -> tree.Forest:
