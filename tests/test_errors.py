@@ -95,6 +95,13 @@ CASES = {
     "a value set to a mapping": (["train.lr={a: 1}"], ["train.lr", "one value"]),
     "unknown device": (["run.device=gpu0"], ["run.device='gpu0'"]),
     "std ddof as large as the groups": (["rollout.group_size=2", "advantage.ddof=2"], ["advantage.ddof=2", "rollout.group_size"]),
+    "GRPO on deterministic steps": (["sampler.noise_level=0"], ["sampler.noise_level=0", "train.objective=nft"]),
+    "forward objective on trees": (["--method", "branchgrpo", "train.objective=nft"], ["train.objective=nft", "tree.enabled=false"]),
+    "forward objective on the plan's steps": (["--method", "mixgrpo", "train.objective=awm"], ["train.timesteps=plan", "random_fraction"]),
+    "forward objective with the transition KL's scale": (["--method", "diffusionnft", "train.kl_scale=reference"], ["train.kl_scale=reference", "train.kl_beta"]),
+    "nft beta zero": (["--method", "diffusionnft", "train.nft_beta=0"], ["train.nft_beta=0", "> 0"]),
+    "awm clip range zero": (["--method", "awm", "train.clip_range=0"], ["train.clip_range=0", "> 0"]),
+    "ODE rollouts with one noise per group": (["--method", "diffusionnft", "rollout.same_noise_in_group=true"], ["rollout.same_noise_in_group", "identical"]),
 }
 
 

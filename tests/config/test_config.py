@@ -52,3 +52,26 @@ def test_every_preset_runs_the_guard_by_default():
     for name in preset_names():
         cfg = load_config(method=name)
         assert cfg.eval.every > 0 and cfg.guard.enabled and cfg.guard.action == "warn", name
+
+
+def test_loss_terms_that_need_noise_or_a_bound_are_refused_before_any_model_loads():
+    with pytest.raises(ConfigError, match=r"train.ratio_norm, train.trust_region need SDE steps with noise.*sampler.noise_level=0"):
+        load_config(None, ["train.ratio_norm=grpo_guard", "train.trust_region=dppo", "sampler.noise_level=0"])
+    with pytest.raises(ConfigError, match=r"train.step_weight needs SDE steps"):
+        load_config(None, ["train.step_weight=tempflow", "sampler.noise_level=0"])
+    with pytest.raises(ConfigError, match=r"train.trust_region_kl=0.0 must be > 0 with train.trust_region=dppo"):
+        load_config(None, ["train.trust_region=dppo", "train.trust_region_kl=0.0"])
+    with pytest.raises(ConfigError, match=r"train.clip_range=0.0 must be > 0 with train.trust_region=clip"):
+        load_config(None, ["train.clip_range=0.0"])
+    with pytest.raises(ConfigError, match=r"train.ratio_norm='guard'.*none, grpo_guard.*did you mean 'grpo_guard'"):
+        load_config(None, ["train.ratio_norm=guard"])
+    cfg = load_config(None, ["train.trust_region=dppo", "train.clip_range=0.0"])  # dppo has no clip
+    assert cfg.train.trust_region == "dppo"
+
+
+def test_guard_and_tempflow_presets_set_their_terms():
+    guard, tempflow = load_config(method="grpo-guard"), load_config(method="tempflow-grpo")
+    assert (guard.train.ratio_norm, guard.train.step_weight, guard.train.trust_region) == ("grpo_guard", "grpo_guard", "clip")
+    assert tempflow.train.step_weight == "tempflow" and tempflow.train.ratio_norm == "none"
+    assert tempflow.window.enabled and tempflow.window.size == 1 and tempflow.rollout.same_noise_in_group
+    assert load_config().train.trust_region == "clip" and load_config().train.ratio_norm == "none"

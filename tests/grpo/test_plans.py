@@ -13,6 +13,7 @@ from flowgrove.grpo.plans import (
     all_sde_plan,
     chain_nfe,
     sde_mask_plan,
+    untrained,
     window_plan,
     window_start,
     window_steps,
@@ -266,3 +267,12 @@ def test_step_plan_validation():
         StepPlan(torch.tensor([1.5, 0.5, 0.0]), ("ode", "ode"), (False, False))
     with pytest.raises(ValueError, match="1-D"):
         StepPlan(torch.tensor([0.0]), (), ())
+
+
+def test_untrained_plan_keeps_the_rollout_and_trains_no_step():
+    # forward-process objectives: the same grid and kinds (window 2..4, DPM tail), nothing stored for training
+    plan = window_plan(10, 3.0, start=2, size=3, tail="dpm", ratio=0.5)
+    out = untrained(plan)
+    assert torch.equal(out.sigmas, plan.sigmas) and out.kinds == plan.kinds
+    assert plan.trained_steps == (2, 3, 4) and out.trained_steps == () and out.nfe_new == 0
+    assert out.nfe_old == plan.nfe_old

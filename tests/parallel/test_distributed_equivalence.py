@@ -54,6 +54,11 @@ CASES = {
     "drop_zero_advantage": ("flowgrpo", "tied", ["rollout.prompts_per_step=2", "rollout.group_size=4",
                                                  "train.drop_zero_advantage=true", "train.first_k=0",
                                                  "train.kl_beta=0.5", *DIGITS], "fsdp"),
+    # forward objectives: each rank noises its samples with its rows of the global draws of times and noise
+    "forward_nft_kl": ("diffusionnft", "tiny", ["rollout.prompts_per_step=2", "rollout.group_size=4", "train.kl_beta=0.5",
+                                                "train.micro_batch=5"], "fsdp"),
+    "forward_awm_group_spans_ranks": ("awm", "tiny", ["rollout.prompts_per_step=1", "rollout.group_size=6",
+                                                      "train.micro_batch=100000"], "fsdp"),
 }
 TIED = ("zero", "one")  # the prompts drawn: step 0 four | zero, step 1 one | three, step 2 zero | four
 PROMPTS = ["zero", "one", "two", "three", "four"]

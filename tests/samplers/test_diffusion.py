@@ -194,8 +194,39 @@ def test_ddim_dpm_step_converges_at_order_two():
 
 def test_flow_family_is_the_flow_functions():
     from flowgrove.samplers import dpmpp_2m_step, euler_step, sde_step, x0_from_velocity
+    from flowgrove.samplers.steps import add_noise, velocity_target
 
-    assert FLOW_STEPS[1:] == (x0_from_velocity, sde_step, euler_step, dpmpp_2m_step)
+    assert FLOW_STEPS[1:] == (x0_from_velocity, sde_step, euler_step, dpmpp_2m_step, add_noise, velocity_target)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_forward_process_and_target_equal_diffusers(prediction_type):
+    """At every timestep of a 10-step trailing grid: the noised sample is DDIMScheduler.add_noise and the target is
+    the noise (epsilon) or DDIMScheduler.get_velocity (v_prediction), with the noise levels of a mixed batch."""
+    sched = _ddim(prediction_type)
+    family = diffusion_steps(DiffusionSchedule(sched.alphas_cumprod, float(sched.final_alpha_cumprod), prediction_type))
+    sigmas = torch.linspace(1, 0, 11)[:-1]  # [10] timesteps 999, 899, ..., 99
+    gen = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(10, 4, 3, 3, generator=gen), torch.randn(10, 4, 3, 3, generator=gen)
+    timesteps = sched.timesteps.long()  # [10], the one of each row's sigma
+    torch.testing.assert_close(family.add_noise(x0, noise, sigmas), sched.add_noise(x0, noise, timesteps))
+    expected = noise if prediction_type == "epsilon" else sched.get_velocity(x0, noise, timesteps)
+    torch.testing.assert_close(family.target(x0, noise, sigmas), expected)
+
+
+@pytest.mark.parametrize("prediction_type", ["flow", "epsilon", "v_prediction"])
+def test_the_target_at_the_noised_sample_predicts_the_clean_sample(prediction_type):
+    # The output pretraining regresses is the one whose data prediction at the noised sample is the clean sample.
+    if prediction_type == "flow":
+        family = FLOW_STEPS
+    else:
+        ab = scaled_linear_alphas_cumprod(dtype=torch.float64)
+        family = diffusion_steps(DiffusionSchedule(ab, float(ab[0]), prediction_type))
+    gen = torch.Generator().manual_seed(4)
+    x0, noise = (torch.randn(6, 2, 3, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+    sigma = torch.tensor([1.0, 0.9, 0.5, 0.31, 0.1, 0.02], dtype=torch.float64)
+    x = family.add_noise(x0, noise, sigma)
+    torch.testing.assert_close(family.x0(x, family.target(x0, noise, sigma), sigma), x0, atol=1e-9, rtol=1e-9)
 
 
 def test_ddim_ode_step_equals_eta_zero():

@@ -21,6 +21,7 @@ from flowgrove.samplers import (
     x0_from_velocity,
 )
 from flowgrove.samplers.schedules import flux_sigmas, sd3_sigmas
+from flowgrove.samplers.steps import add_noise, velocity_target
 
 
 def _latents(seed: int, shape=(4, 2, 3, 5), dtype=torch.float32) -> torch.Tensor:
@@ -252,3 +253,16 @@ def test_cps_split_draws_a_larger_fraction_and_keeps_the_coefficients() -> None:
 def test_unknown_sde_type_is_refused() -> None:
     with pytest.raises(ValueError, match="sde_type 'ddim'.*cps"):
         sde_step(_latents(0), _latents(1), 0.5, 0.4, 0.3, sde_type="ddim")
+
+
+def test_flow_forward_process_equals_diffusers_scale_noise() -> None:
+    # x_sigma = (1 - sigma) x0 + sigma noise at every sigma of FlowMatchEulerDiscreteScheduler's grid; target noise - x0
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(10)
+    gen = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(1, 4, 3, 3, generator=gen), torch.randn(1, 4, 3, 3, generator=gen)
+    for i, t in enumerate(sched.timesteps):
+        expected = sched.scale_noise(x0, t[None], noise)  # the sigma of timestep t
+        torch.testing.assert_close(add_noise(x0, noise, sched.sigmas[i]), expected)
+    torch.testing.assert_close(velocity_target(x0, noise, 0.3), noise - x0)

@@ -227,14 +227,14 @@ def _nan_on_one_rank_worker(rank: int, world: int, port: int, out: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    real, calls = tmod.ppo_clip_loss, {"n": 0}
+    real, calls = tmod.policy_loss, {"n": 0}
 
     def loss_inf_on_rank1_first_call(*args, **kwargs):  # a non-finite loss with finite gradients, on rank 1 only
         out = real(*args, **kwargs)
         calls["n"] += 1
         return out._replace(loss=out.loss + float("inf")) if rank == 1 and calls["n"] == 1 else out
 
-    tmod.ppo_clip_loss = loss_inf_on_rank1_first_call
+    tmod.policy_loss = loss_inf_on_rank1_first_call
     t = make("dancegrpo", "train.accumulate_size=4", "run.parallel=ddp", prompts=["zero", "one", "two", "three"])
     metrics = t.step()
     flat = torch.cat([p.detach().flatten() for p in t.params])[None]

@@ -20,7 +20,8 @@ def make(method_name: str, *extra: str, reward=brightness) -> GRPOTrainer:
     return GRPOTrainer(cfg, TinyPolicy(), {"brightness": reward}, ["zero", "one", "two"])
 
 
-@pytest.mark.parametrize("name", ["dancegrpo", "flowgrpo", "mixgrpo", "mixgrpo-flash-star", "branchgrpo", "branchgrpo-mix"])
+@pytest.mark.parametrize("name", ["dancegrpo", "flowgrpo", "mixgrpo", "mixgrpo-flash-star", "branchgrpo", "branchgrpo-mix",
+                                  "grpo-guard", "tempflow-grpo"])
 def test_first_ratio_is_one_and_weights_move(name):
     trainer = make(name, "rollout.prompts_per_step=1" if name.startswith("branch") else "train.seed=0")
     before = [p.detach().clone() for p in trainer.params]
@@ -132,3 +133,111 @@ def test_kl_penalty_and_ema():
     assert second["kl"] > 0
     # EMA moved towards the weights but not onto them
     assert any(not torch.equal(e, p) for e, p in zip(trainer.ema, trainer.params))
+
+
+# ---- GRPO-Guard, TempFlow-GRPO weights and Flow-DPPO's trust region in the trainer ---------------------------------
+ALL_THREE = ["train.ratio_norm=grpo_guard", "train.step_weight=tempflow", "train.trust_region=dppo"]
+
+
+def _recording(monkeypatch):
+    """Record every policy_loss call of the trainer (its tensors and choices)."""
+    from flowgrove.training import trainer as trainer_mod
+
+    calls, real = [], trainer_mod.policy_loss
+
+    def policy_loss(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "policy_loss", policy_loss)
+    return calls
+
+
+def test_tempflow_normaliser_is_the_references_constant_on_flow_grpos_grid():
+    # UniRL's TempFlowGRPO weighs a step by 2.25 * its transition std on Flow-GRPO's SD3 grid (10 steps, a = 0.7):
+    # 2.25 is 1 / the mean std of the 9 trained steps, which is what flowgrove divides by
+    from flowgrove.samplers.family import FLOW_STEPS
+
+    assert 1 / method.mean_trained_std(load_config(method="flowgrpo"), FLOW_STEPS) == pytest.approx(2.25, abs=0.005)
+    cfg = load_config(method="tempflow-grpo")  # a window: the mean over the positions it visits (0..7 of 10)
+    sigmas = method.base_sigmas(cfg)[:9]
+    g = 0.7 * torch.sqrt(sigmas[:-1] / (1 - torch.where(sigmas[:-1] >= 1, sigmas[1:], sigmas[:-1])))
+    want = (g * (sigmas[:-1] - sigmas[1:]).sqrt()).mean().item()
+    assert method.mean_trained_std(cfg, FLOW_STEPS) == pytest.approx(want, rel=1e-6)
+
+
+def test_rollouts_keep_the_means_only_for_a_loss_term_that_reads_them():
+    stored = {}
+    for name, extra in (("plain", []), ("guard", ["train.ratio_norm=grpo_guard"]), ("dppo", ["train.trust_region=dppo"])):
+        trainer = make("flowgrpo", *extra)
+        real = trainer.update
+        trainer.update = lambda tr, *a, _real=real, _name=name, **k: (stored.__setitem__(_name, tr), _real(tr, *a, **k))[1]
+        metrics = trainer.step()
+        assert metrics["first_ratio_max_dev"] < 1e-5
+        stored[name + "_trainer"] = trainer
+    assert stored["plain"].old_mean is None  # no extra latent per transition unless a term reads it
+    for name in ("guard", "dppo"):
+        tr = stored[name]
+        assert tr.old_mean is not None and tr.old_mean.shape == tr.x.shape
+    # the stored mean is the rollout policy's: re-scored at the rollout weights, the means agree
+    fresh = make("flowgrpo", "train.ratio_norm=grpo_guard")
+    plan = method.step_plan(fresh.cfg, 0)
+    from flowgrove.training.rollout import rescore, rollout
+
+    cond = fresh.policy.encode_prompts(["one"])
+    ro = rollout(fresh.policy, cond, torch.zeros(3, dtype=torch.long), torch.randn(3, 1, 4, 4), method.rollout_spec(fresh.cfg, plan),
+                 torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mean = rescore(fresh.policy, ro.transitions, cond, fresh.cfg.sampler.noise)[1]
+    torch.testing.assert_close(mean, ro.transitions.old_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_the_trainer_hands_the_drift_kl_weights_and_region_to_the_loss(monkeypatch):
+    # a tree (split steps drawn with 4x the std): the TempFlow weight is the step's std without the split scale over
+    # the normaliser, the drift KL is the exact KL of each transition's own (scaled) std
+    calls = _recording(monkeypatch)
+    trainer = make("branchgrpo", "rollout.prompts_per_step=1", *ALL_THREE, "train.trust_region_kl=1e-7")
+    trainer.step()
+    assert calls
+    saw_split = False
+    for args, kwargs in calls:
+        region, std, weights, drift = args[4], kwargs["std"], kwargs["weights"], kwargs["drift_kl"]
+        assert region.kind == "dppo" and region.kl_bound == 1e-7 and kwargs["ratio_norm"] == "grpo_guard"
+        assert drift.shape == std.shape == weights.shape and (drift >= 0).all()
+        scale = std / (weights * trainer.mean_std)  # the split scale each transition was drawn with
+        assert torch.allclose(scale, torch.ones_like(scale)) or torch.allclose(scale.max(), torch.tensor(4.0))
+        saw_split |= bool((scale > 2).any())
+    assert saw_split
+    assert calls[0][1]["drift_kl"].abs().max() < 1e-10  # the first micro-batch is scored before any weight changes
+
+
+@pytest.mark.parametrize("name", ["dancegrpo", "flowgrpo", "mixgrpo-flash", "branchgrpo", "flowgrove"])
+def test_guard_tempflow_and_dppo_train_together_on_chains_windows_tails_and_trees(name):
+    trainer = make(name, *ALL_THREE, "rollout.prompts_per_step=1" if "branch" in name or name == "flowgrove" else "train.seed=0")
+    before = [p.detach().clone() for p in trainer.params]
+    for _ in range(2):
+        metrics = trainer.step()
+        assert all(torch.isfinite(torch.tensor(float(metrics[k]))) for k in ("loss", "clip_fraction", "grad_norm"))
+        assert 0 <= metrics["clip_fraction"] <= 1 and metrics["skipped_steps"] == 0
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.params))
+
+
+def test_dppo_leaves_only_corrective_updates_once_every_transition_is_past_the_bound(monkeypatch):
+    # a bound of ~0: after the first optimizer step every moved transition is past it, so exactly the outward ones
+    # (ratio > 1 with A > 0, ratio < 1 with A < 0) are masked, and the loss of the rest is -A r unclipped
+    calls = _recording(monkeypatch)
+    trainer = make("flowgrpo", "train.trust_region=dppo", "train.trust_region_kl=1e-30", "train.accumulate=transitions",
+                   "train.accumulate_size=8", "train.micro_batch=8")
+    metrics = trainer.step()
+    assert metrics["updates"] > 2
+    later = [(a, k) for a, k in calls[1:] if (k["drift_kl"] > 0).all()]
+    assert later
+    for args, kwargs in later:
+        log_prob, old, adv = args[0].detach(), args[1], args[2].clamp(-5, 5)
+        r = torch.exp(log_prob - old)
+        outward = ((r > 1) & (adv > 0)) | ((r < 1) & (adv < 0))
+        from flowgrove.grpo.losses import policy_loss
+
+        out = policy_loss(log_prob, old, args[2], 5.0, args[4], drift_kl=kwargs["drift_kl"].detach())
+        assert out.clip_fraction.item() == pytest.approx(outward.float().mean().item())
+        torch.testing.assert_close(out.loss, torch.where(outward, 0.0, -adv * r).mean())

@@ -50,7 +50,7 @@ def check_method(cfg: Config) -> None:
 
     ``build_config`` runs them, so a bad combination is reported before any model or weight is loaded.
     """
-    for check in (_check_mode, _check_steps, _check_window, _check_tree, _check_train, _check_cps):
+    for check in (_check_mode, _check_steps, _check_window, _check_tree, _check_train, _check_cps, _check_objective):
         check(cfg)
 
 
@@ -142,6 +142,17 @@ def _check_train(cfg: Config) -> None:
                           "set train.kl_scale=exact (the KL of the DDIM transitions)")
     if not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas={list(t.betas)} must both be in [0, 1); for example train.betas=[0.9,0.999]")
+    if t.trust_region == "clip" and t.clip_range <= 0:
+        raise ConfigError(f"train.clip_range={t.clip_range} must be > 0 with train.trust_region=clip (PPO's clip of the "
+                          "importance ratio); or set train.trust_region=dppo")
+    if t.trust_region == "dppo" and t.trust_region_kl <= 0:
+        raise ConfigError(f"train.trust_region_kl={t.trust_region_kl} must be > 0 with train.trust_region=dppo (the bound on "
+                          "the exact KL to the rollout step; Flow-DPPO uses 1e-5)")
+    std_keys = [key for key, on in (("train.ratio_norm", t.ratio_norm != "none"), ("train.step_weight", t.step_weight == "tempflow"),
+                                    ("train.trust_region", t.trust_region == "dppo")) if on]
+    if std_keys and cfg.sampler.noise_level <= 0:
+        raise ConfigError(f"{', '.join(std_keys)} need{'s' * (len(std_keys) == 1)} SDE steps with noise, but "
+                          f"sampler.noise_level={cfg.sampler.noise_level}; set sampler.noise_level > 0")
 
 
 def _policy_family(name: str) -> str:
@@ -172,6 +183,41 @@ def _check_cps(cfg: Config) -> None:
     if cfg.train.kl_beta > 0 and cfg.train.kl_scale == "reference":
         raise ConfigError("train.kl_scale=reference with sampler.noise=cps: Flow-GRPO's CPS KL divides by the CPS "
                           "transition std, which is the exact KL; set train.kl_scale=exact")
+
+
+def _check_objective(cfg: Config) -> None:
+    """GRPO trains the log-probs of sampled steps; a forward-process objective (nft, awm) trains the final samples,
+    one advantage each, noised at grid times, with no log-prob of any step."""
+    t, name = cfg.train, f"train.objective={cfg.train.objective}"
+    if t.objective == "grpo":
+        if cfg.sampler.noise_level == 0:
+            raise ConfigError("sampler.noise_level=0 makes every step deterministic, with no log-prob for GRPO to train; "
+                              "set sampler.noise_level>0, or train.objective=nft or awm (they train without log-probs)")
+        return
+    if cfg.tree.enabled:
+        raise ConfigError(f"{name} trains final samples with one advantage each, but tree rollouts credit shared prefixes "
+                          "by depth; set tree.enabled=false (chains, windows and tails all serve it) or train.objective=grpo")
+    if t.timesteps == "plan":
+        raise ConfigError(f"train.timesteps=plan trains the plan's SDE steps, but {name} noises the final samples at "
+                          "grid times; set train.timesteps=random_fraction (a share per sample) or first_k")
+    terms = {"train.ratio_norm": (t.ratio_norm, "none"), "train.step_weight": (t.step_weight, "none"),
+             "train.trust_region": (t.trust_region, "clip")}
+    for key, (value, plain) in terms.items():
+        if value != plain:
+            raise ConfigError(f"{key}={value} reshapes GRPO's per-transition log-ratio, which {name} does not have; "
+                              f"set {key}={plain} or train.objective=grpo")
+    if t.kl_scale != "exact":
+        raise ConfigError(f"train.kl_scale={t.kl_scale} rescales the transition KL of GRPO; {name} penalises the mean "
+                          "squared output difference to the initial policy (train.kl_beta) instead; drop train.kl_scale")
+    if t.objective == "nft" and t.nft_beta <= 0:
+        raise ConfigError(f"train.nft_beta={t.nft_beta} must be > 0 for {name} (DiffusionNFT uses 1.0, 0.1 for OCR)")
+    if t.objective == "awm" and (t.awm_power <= 0 or t.clip_range <= 0):
+        raise ConfigError(f"train.awm_power={t.awm_power} and train.clip_range={t.clip_range} must be > 0 for {name} "
+                          "(AWM uses 0.25 and 1.0)")
+    if cfg.sampler.noise_level == 0 and cfg.rollout.same_noise_in_group:
+        raise ConfigError("sampler.noise_level=0 with rollout.same_noise_in_group=true makes the images of a group "
+                          "identical (one initial noise, no sampling noise), so every advantage is 0; set "
+                          "rollout.same_noise_in_group=false")
 
 
 def _check_reward_names(cfg: Config) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowgrove.grpo.losses import EMA_SCHEDULES
+from flowgrove.grpo.losses import EMA_SCHEDULES, RATIO_NORMS, STEP_WEIGHTS, TRUST_REGIONS
+from flowgrove.grpo.matching import OBJECTIVES
 from flowgrove.grpo.plans import STRATEGIES, TAILS
 from flowgrove.grpo.tree import FUSION_MODES
 from flowgrove.samplers.schedules import TAIL_SPACINGS
@@ -117,7 +118,7 @@ class TrainConfig:
     adam_eps: float = _f(1e-8, "AdamW eps.", low=0)
     clip_range: float = _f(1e-3, "PPO clip range of the importance ratio.", low=0)
     kl_beta: float = _f(0.0, "Weight of the exact Gaussian KL to the initial policy (0 = off).", low=0)
-    timesteps: str = _f("random_fraction", "Trained steps: random_fraction per sample, first_k in order, or plan (window/tree).", ("random_fraction", "first_k", "plan"))
+    timesteps: str = _f("random_fraction", "Trained steps (forward objectives: grid times): random_fraction per sample, first_k in order, or plan (window/tree).", ("random_fraction", "first_k", "plan"))
     timestep_fraction: float = _f(0.6, "random_fraction: share of the eligible steps trained per sample.", low=0)
     first_k: int = _f(0, "first_k: number of leading steps trained.", low=0)
     exclude_last_step: bool = _f(False, "Never train the last step, also when the reward scores the final sample (DanceGRPO's SD recipe trains timesteps[:-1]); with sampler.reward_image=x0_pred it is never trained anyway.")
@@ -133,6 +134,13 @@ class TrainConfig:
     loss_scale: str = _f("mean", "Loss per optimizer step: mean over its transitions, or reference (BranchGRPO: sum / (G * edges per tree)).", ("mean", "reference"))
     drop_zero_advantage: bool = _f(False, "Leave transitions whose advantage is exactly 0 (a group whose rewards all tie) out of the loss: no gradient, no KL, not counted in the mean (Flow-GRPO's filter); each rank drops its own.")
     ema_schedule: str = _f("update", "EMA: every optimizer step (update), once per rollout (dancegrpo), or Flow-GRPO's min((1+s)/(10+s), decay) every 8 steps (flowgrpo).", tuple(EMA_SCHEDULES))
+    ratio_norm: str = _f("none", "Importance ratio: none (exp of the log-prob difference) or grpo_guard (GRPO-Guard's RatioNorm: the log-ratio plus the exact KL to the rollout step, times the transition std: centred on 1, one scale at every step).", tuple(RATIO_NORMS))
+    step_weight: str = _f("none", "Per-step weight of the policy loss: none, grpo_guard (GRPO-Guard: 1 / (sigma - sigma_next)) or tempflow (TempFlow-GRPO: the step's transition std over its mean on the trainable steps).", tuple(STEP_WEIGHTS))
+    trust_region: str = _f("clip", "clip (PPO's ratio clip, train.clip_range) or dppo (Flow-DPPO: no clip; a transition whose exact KL to the rollout step reaches train.trust_region_kl while the update pushes it further gets no gradient).", tuple(TRUST_REGIONS))
+    trust_region_kl: float = _f(1e-5, "dppo: bound on the exact per-dimension Gaussian KL between the current and the rollout policy's step.", low=0)
+    objective: str = _f("grpo", "What the update trains: grpo (PPO-clip on the stored SDE transitions' log-probs), or a forward-process objective on the rollout's final samples noised at train.timesteps' grid times, without log-probs (any sampler, sampler.noise_level=0 for ODE rollouts): nft (DiffusionNFT) or awm (Advantage Weighted Matching).", OBJECTIVES)
+    nft_beta: float = _f(1.0, "nft: beta of the implicit policies v+ = beta*v + (1-beta)*v_old, v- = (1+beta)*v_old - beta*v (DiffusionNFT: 1.0; 0.1 for OCR).", low=0)
+    awm_power: float = _f(0.25, "awm: power p of the generalised-Huber weighting sigma * (mse^p) / p of the flow-matching error (AWM: 0.25; 1 = the sigma-weighted mean square).", low=0)
 
 
 @dataclass

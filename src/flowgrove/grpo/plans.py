@@ -158,6 +158,12 @@ def all_sde_plan(sigmas: Tensor, trained_steps: Iterable[int] | None = None) -> 
     return sde_mask_plan(sigmas, range(n), range(n) if trained_steps is None else trained_steps)
 
 
+def untrained(plan: StepPlan) -> StepPlan:
+    """The same rollout with no step trained: the forward-process objectives (DiffusionNFT, AWM) train on the final
+    samples, so a rollout stores no transition whatever its steps are."""
+    return StepPlan(plan.sigmas, plan.kinds, (False,) * plan.num_steps)
+
+
 def window_plan(num_steps: int, shift: float, start: int, size: int, tail: str = "euler",
                 ratio: float = 0.4, spacing: str = "shifted") -> StepPlan:
     """SDE window [start, start + size), Euler before it, Euler or DPM-Solver++ after it (MixGRPO, Li et al. 2025).
@@ -293,6 +299,7 @@ class RolloutSpec:
     split_noise_scale: float = 1.0
     split_logprob_std: str = "drawn"  # split children scored with the std they were drawn with, or "reference" (unscaled)
     chunk_size: int = 0  # rows per model call; 0 = everything at once
+    keep_mean: bool = False  # store each trained transition's mean (the rollout policy's step, for a drift KL)
 
     def children(self, step: int) -> int:
         return self.branching[step] if self.branching else 1

@@ -75,6 +75,23 @@ def predict_x0_eps(x: Tensor, model_output: Tensor, alpha_bar: Scalar, predictio
     return a * x - s * model_output, a * model_output + s * x
 
 
+def add_noise_vp(x0: Tensor, noise: Tensor, alpha_bar: Scalar) -> Tensor:
+    """The forward process ``x_t = sqrt(abar) x0 + sqrt(1 - abar) noise`` (DDPM; diffusers ``add_noise``) ``[B, ...]``."""
+    ab = _bcast(alpha_bar, x0)  # [B, 1, ...]
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise  # [B, ...]
+
+
+def output_target(x0: Tensor, noise: Tensor, alpha_bar: Scalar, prediction_type: str) -> Tensor:
+    """The network's pretraining target at ``x_t`` of :func:`add_noise_vp`: ``noise`` (``"epsilon"``) or
+    ``v = sqrt(abar) noise - sqrt(1 - abar) x0`` (``"v_prediction"``; diffusers ``get_velocity``) ``[B, ...]``."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
+    if prediction_type == "epsilon":
+        return noise
+    ab = _bcast(alpha_bar, x0)  # [B, 1, ...]
+    return ab.sqrt() * noise - (1 - ab).sqrt() * x0  # [B, ...]
+
+
 def diffusion_score(eps_pred: Tensor, alpha_bar: Scalar) -> Tensor:
     """Score ``grad log p_t(x) = -eps / sqrt(1 - abar_t)`` of the noised marginal (Song et al. 2021).
 

@@ -19,9 +19,10 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from flowgrove.samplers.diffusion import PREDICTION_TYPES, ddim_dpm_step, ddim_ode_step, ddim_step, predict_x0_eps
+from flowgrove.samplers.diffusion import (PREDICTION_TYPES, add_noise_vp, ddim_dpm_step, ddim_ode_step, ddim_step,
+                                          output_target, predict_x0_eps)
 from flowgrove.samplers.dpm_solver import dpmpp_2m_step
-from flowgrove.samplers.steps import Scalar, euler_step, sde_step, x0_from_velocity
+from flowgrove.samplers.steps import Scalar, add_noise, euler_step, sde_step, velocity_target, x0_from_velocity
 from flowgrove.samplers.types import StepOutput
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]  # (x [B, ...], sigma 0-dim) -> model output [B, ...]
@@ -29,16 +30,19 @@ TIMESTEP_SNAP = 1e-3  # positions this close to an integer timestep are that tim
 
 
 class StepFamily(NamedTuple):
-    """The four step functions of a family, all in the rollout's ``sigma`` and the policy's output ``out``."""
+    """The four step functions of a family, all in the rollout's ``sigma`` and the policy's output ``out``, and its
+    forward process: the noised sample and the output that pretraining regresses there (forward-process objectives)."""
 
     name: str
     x0: Callable[[Tensor, Tensor, Scalar], Tensor]  # (x, out, sigma) -> x0_pred [B, ...]
     sde: Callable[..., StepOutput]  # (x, out, sigma, sigma_next, g, *, sde_type, noise_scale, x_next, noise, generator, reduce)
     ode: Callable[[Tensor, Tensor, Scalar, Scalar], Tensor]  # (x, out, sigma, sigma_next) -> x_next [B, ...]
     dpm: Callable[..., Tensor]  # (x, x0_pred, sigma, sigma_next, prev_x0_pred, prev_sigma, *, monotone) -> x_next
+    add_noise: Callable[[Tensor, Tensor, Scalar], Tensor]  # (x0, noise, sigma) -> x at sigma [B, ...]
+    target: Callable[[Tensor, Tensor, Scalar], Tensor]  # (x0, noise, sigma) -> the output pretraining regresses [B, ...]
 
 
-FLOW_STEPS = StepFamily("flow", x0_from_velocity, sde_step, euler_step, dpmpp_2m_step)
+FLOW_STEPS = StepFamily("flow", x0_from_velocity, sde_step, euler_step, dpmpp_2m_step, add_noise, velocity_target)
 
 
 def timestep_position(sigma: Scalar, num_train_timesteps: int) -> Tensor:
@@ -81,7 +85,8 @@ class DiffusionSchedule:
 
 
 def diffusion_steps(schedule: DiffusionSchedule) -> StepFamily:
-    """The DDIM family on ``schedule``: SDE = DDIM with ``eta = g`` (or CPS), ODE = DDIM eta 0, DPM-Solver++(2M) tails."""
+    """The DDIM family on ``schedule``: SDE = DDIM with ``eta = g`` (or CPS), ODE = DDIM eta 0, DPM-Solver++(2M) tails;
+    the forward process ``sqrt(abar) x0 + sqrt(1 - abar) noise`` with its ``eps`` or ``v`` target."""
     ab, kind = schedule.alpha_bar, schedule.prediction_type
 
     def x0(x: Tensor, out: Tensor, sigma: Scalar) -> Tensor:
@@ -98,7 +103,13 @@ def diffusion_steps(schedule: DiffusionSchedule) -> StepFamily:
         prev = None if prev_sigma is None else ab(prev_sigma)
         return ddim_dpm_step(x, x0_pred, ab(sigma), ab(sigma_next), prev_x0_pred, prev, monotone=monotone)
 
-    return StepFamily(f"diffusion-{kind}", x0, sde, ode, dpm)
+    def noised(x0: Tensor, noise: Tensor, sigma: Scalar) -> Tensor:
+        return add_noise_vp(x0, noise, ab(sigma))
+
+    def target(x0: Tensor, noise: Tensor, sigma: Scalar) -> Tensor:
+        return output_target(x0, noise, ab(sigma), kind)
+
+    return StepFamily(f"diffusion-{kind}", x0, sde, ode, dpm, noised, target)
 
 
 def step_family(policy: object) -> StepFamily:

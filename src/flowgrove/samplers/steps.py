@@ -60,6 +60,35 @@ def x0_from_velocity(x: Tensor, velocity: Tensor, sigma: Scalar) -> Tensor:
     return x - _bcast(sigma, x) * velocity  # [B, ...]
 
 
+def add_noise(x0: Tensor, noise: Tensor, sigma: Scalar) -> Tensor:
+    """The forward process ``x_sigma = (1 - sigma) * x0 + sigma * noise`` (rectified flow; diffusers ``scale_noise``).
+
+    Args:
+        x0: Clean latents ``[B, ...]``.
+        noise: Standard normal noise ``[B, ...]``.
+        sigma: Noise level, scalar or ``[B]``.
+
+    Returns:
+        ``x_sigma`` ``[B, ...]``.
+    """
+    s = _bcast(sigma, x0)  # [B, 1, ...]
+    return (1 - s) * x0 + s * noise  # [B, ...]
+
+
+def velocity_target(x0: Tensor, noise: Tensor, sigma: Scalar) -> Tensor:
+    """The flow-matching regression target ``v = noise - x0`` at any ``sigma`` (the velocity of the forward path).
+
+    Args:
+        x0: Clean latents ``[B, ...]``.
+        noise: The noise ``[B, ...]`` of :func:`add_noise`.
+        sigma: Unused; kept for the common target signature of the step families.
+
+    Returns:
+        The target ``[B, ...]``.
+    """
+    return noise - x0  # [B, ...]
+
+
 def euler_step(x: Tensor, velocity: Tensor, sigma: Scalar, sigma_next: Scalar) -> Tensor:
     """Euler step of the probability-flow ODE ``x + (sigma_next - sigma) * v`` (rectified flow).
 

@@ -9,9 +9,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from flowgrove.config.load import AdvantageConfig, TreeConfig
+from flowgrove.config.load import AdvantageConfig, Config, TreeConfig
 from flowgrove.grpo import advantages, tree
-from flowgrove.training.rollout import Rollout
+from flowgrove.parallel.rank_share import RankShare
+from flowgrove.training.rollout import Rollout, Transitions
 
 
 def chain_normalizer(cfg: AdvantageConfig) -> Callable[[Tensor, Tensor], Tensor]:
@@ -27,6 +28,13 @@ def chain_advantages(rewards: Tensor, weights: Tensor, group_ids: Tensor, cfg: A
     if cfg.aggregate == "advantage":
         return advantages.aggregate_advantages(rewards, weights, group_ids, normalize)
     return normalize(advantages.aggregate_rewards(rewards, weights), group_ids)
+
+
+def block_chain_advantages(rewards: Tensor, weights: Tensor, cfg: Config, share: RankShare) -> Tensor:
+    """Advantages [N_r] of one rank's block of chains, from the rewards [K, N_total] of every block's final samples
+    (groups of ``rollout.group_size`` consecutive samples)."""
+    group = torch.arange(rewards.shape[1]) // cfg.rollout.group_size  # [N_total]
+    return chain_advantages(rewards, weights, group, cfg.advantage).chunk(share.parts)[share.part]
 
 
 def tree_advantages(
@@ -56,3 +64,23 @@ def edge_values(per_depth: tuple[Tensor, ...], depth: Tensor, node: Tensor) -> T
 def chain_edge_advantages(sample_advantages: Tensor, rollout: Rollout) -> Tensor:
     """In a chain the child node index is the chain index: every edge gets its sample's advantage. [E]"""
     return sample_advantages[rollout.transitions.node]
+
+
+def pruning_keep(cfg: Config, iteration: int, tr: Transitions, total: Tensor, forest: tree.Forest | None) -> Tensor:
+    """Indices of the stored transitions ``tr`` that enter the backward pass at step ``iteration`` (BranchGRPO
+    pruning); ``total`` [N_L] is the weighted reward of each leaf (width pruning keeps the best and worst)."""
+    all_rows = torch.arange(len(tr), device=tr.depth.device)
+    t = cfg.tree
+    if forest is None or not tree.pruning_active(iteration, cfg.train.steps, t.pruning_fraction):
+        return all_rows
+    masks = []
+    if t.depth_pruning:
+        stop = t.depth_stop if t.depth_stop >= 0 else max(forest.split_steps)
+        depths = tree.depth_pruned_depths(set(t.depth_pruning), iteration, t.depth_slide_interval or None, stop)
+        masks.append(tree.depth_prune_mask(forest, depths))
+    if t.width_keep:
+        masks.append(tree.width_prune_mask(forest, total, t.width_keep))
+    if not masks:
+        return all_rows
+    keep_edges = edge_values(tuple(m.float() for m in tree.combine_masks(*masks)), tr.depth.cpu() - 1, tr.node.cpu())
+    return keep_edges.bool().nonzero().flatten().to(tr.depth.device)

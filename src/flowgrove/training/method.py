@@ -12,6 +12,8 @@ from flowgrove.config.checks import last_step_excluded, split_steps, trainable_p
 from flowgrove.config.schema import Config
 from flowgrove.grpo import plans, selection, tree
 from flowgrove.samplers import schedules
+from flowgrove.samplers.family import StepFamily
+from flowgrove.samplers.steps import noise_g
 
 
 def base_sigmas(cfg: Config, num_steps: int | None = None) -> Tensor:
@@ -32,7 +34,14 @@ def window_schedule(cfg: Config) -> plans.WindowSchedule:
 
 
 def step_plan(cfg: Config, iteration: int) -> plans.StepPlan:
-    """Which steps are SDE, ODE or DPM-compressed and which are trained, for one iteration."""
+    """Which steps are SDE, ODE or DPM-compressed and which are trained, for one iteration (none under a
+    forward-process objective, which trains on the final samples: see :func:`forward_mask`)."""
+    plan = sampling_plan(cfg, iteration)
+    return plan if cfg.train.objective == "grpo" else plans.untrained(plan)
+
+
+def sampling_plan(cfg: Config, iteration: int) -> plans.StepPlan:
+    """The rollout's steps and GRPO's trained ones, for one iteration."""
     last = trainable_positions(cfg)
     if cfg.tree.enabled:
         splits = set(split_steps(cfg))
@@ -67,18 +76,49 @@ def rollout_spec(cfg: Config, plan: plans.StepPlan) -> plans.RolloutSpec:
     return plans.RolloutSpec(plan=plan, noise=cfg.sampler.noise, noise_level=cfg.sampler.noise_level,
                        reward_image=cfg.sampler.reward_image, branching=branching,
                        split_noise_scale=cfg.tree.split_noise_scale, split_logprob_std=cfg.tree.split_logprob_std,
-                       chunk_size=cfg.sampler.chunk_size)
+                       chunk_size=cfg.sampler.chunk_size, keep_mean=needs_rollout_mean(cfg))
+
+
+def needs_rollout_mean(cfg: Config) -> bool:
+    """Whether the loss reads the drift KL to the rollout policy's step, so rollouts store their transition means
+    (``train.ratio_norm=grpo_guard``, ``train.trust_region=dppo``); otherwise they are not kept."""
+    return cfg.train.ratio_norm != "none" or cfg.train.trust_region == "dppo"
+
+
+def mean_trained_std(cfg: Config, family: StepFamily) -> float:
+    """Mean transition std (split scale excluded) of the steps a run may train, on the configured grid: the first
+    ``train.first_k`` under ``train.timesteps=first_k``, the window positions of a window, else every trainable
+    position (TempFlow-GRPO's normaliser)."""
+    n = window_positions(cfg) if cfg.window.enabled else trainable_positions(cfg)
+    if cfg.train.timesteps == "first_k" and cfg.train.first_k:
+        n = cfg.train.first_k
+    sigmas = base_sigmas(cfg)
+    sigma, sigma_next = sigmas[:n], sigmas[1:n + 1]  # [n] each
+    g = noise_g(cfg.sampler.noise, cfg.sampler.noise_level, sigma, sigma_next)  # [n]
+    zeros = torch.zeros(n, 1)  # a step's std depends on its sigmas and g alone, not on the latent or the model output
+    return family.sde(zeros, zeros, sigma, sigma_next, g, x_next=zeros).std.mean().item()
 
 
 def store_mask(cfg: Config, plan: plans.StepPlan, num_chains: int, generator: torch.Generator) -> Tensor | None:
-    """Per-chain trained steps [N, S] for the all-SDE methods; None when the plan decides (windows, trees)."""
-    if cfg.tree.enabled or cfg.window.enabled or cfg.train.timesteps == "plan":
+    """Per-chain trained steps [N, S] for the all-SDE methods; None when the plan decides (windows, trees) or no
+    transition is trained (forward-process objectives)."""
+    if cfg.tree.enabled or cfg.window.enabled or cfg.train.timesteps == "plan" or cfg.train.objective != "grpo":
         return None
     if cfg.train.timesteps == "first_k":
         k = cfg.train.first_k or trainable_positions(cfg)
         return selection.first_k_mask(num_chains, plan.num_steps, k)
     return selection.random_fraction_mask(num_chains, plan.num_steps, cfg.train.timestep_fraction, last_step_excluded(cfg),
                                           generator)
+
+
+def forward_mask(cfg: Config, num_samples: int, generator: torch.Generator) -> Tensor:
+    """Forward-process objectives: the times of the sigma grid [N, T] at which each final sample is noised and trained
+    (``train.timesteps``: a random ``timestep_fraction`` of the T grid points sigma_0..sigma_{T-1} per sample, as
+    DiffusionNFT draws them, or the first ``first_k``, 0 = all)."""
+    steps = cfg.sampler.num_steps
+    if cfg.train.timesteps == "first_k":
+        return selection.first_k_mask(num_samples, steps, cfg.train.first_k or steps)
+    return selection.random_fraction_mask(num_samples, steps, cfg.train.timestep_fraction, False, generator)
 
 
 def forest(cfg: Config, n_trees: int, num_steps: int | None = None) -> tree.Forest:

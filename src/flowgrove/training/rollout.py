@@ -52,9 +52,10 @@ class Transitions(NamedTuple):
     cond_index: Tensor  # [E] row of the conditioning batch
     depth: Tensor  # [E] depth of the child node (= step + 1)
     node: Tensor  # [E] index of the child node within its depth
+    old_mean: Tensor | None = None  # [E, C, H, W] the rollout policy's transition mean (RolloutSpec.keep_mean), else None
 
     def select(self, index: Tensor) -> Transitions:
-        return Transitions(*(t[index] for t in self))
+        return Transitions(*(t[index] if t is not None else None for t in self))
 
     def __len__(self) -> int:  # type: ignore[override]
         return self.x.shape[0]
@@ -90,16 +91,16 @@ def decode_batched(policy: FlowPolicy, latents: Tensor, batch: int = 0) -> Tenso
     return torch.cat([policy.decode(part) for part in latents.split(batch)])  # [N, 3, H', W']
 
 
-def _empty_transitions(like: Tensor) -> Transitions:
+def _empty_transitions(like: Tensor, keep_mean: bool = False) -> Transitions:
     flat, long = like.new_zeros(0), torch.zeros(0, dtype=torch.long, device=like.device)
     lat = like.new_zeros((0, *like.shape[1:]))
-    return Transitions(lat, lat, flat, flat, flat, flat, flat, long, long, long)
+    return Transitions(lat, lat, flat, flat, flat, flat, flat, long, long, long, lat if keep_mean else None)
 
 
-def _cat_transitions(parts: list[Transitions], like: Tensor) -> Transitions:
+def _cat_transitions(parts: list[Transitions], like: Tensor, keep_mean: bool = False) -> Transitions:
     if not parts:
-        return _empty_transitions(like)
-    return Transitions(*(torch.cat(field) for field in zip(*parts)))
+        return _empty_transitions(like, keep_mean)
+    return Transitions(*(torch.cat(field) if field[0] is not None else None for field in zip(*parts)))
 
 
 @torch.no_grad()
@@ -142,7 +143,7 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
             # The last transition does not change x0_pred: it is neither sampled nor trained (DanceGRPO).
             _check_split(step, "x0_pred", k)
             edges = (*edge_log_probs, x.new_zeros(x.shape[0]))
-            return Rollout(x0_pred, rows, _cat_transitions(stored, x), edges, (*nodes, x.shape[0]), calls)
+            return Rollout(x0_pred, rows, _cat_transitions(stored, x, spec.keep_mean), edges, (*nodes, x.shape[0]), calls)
         if k > 1:
             _check_split(step, kind, k)
             x, velocity, x0_pred, rows, roots, prev_x0 = _children(k, x, velocity, x0_pred, rows, roots, prev_x0)
@@ -150,13 +151,13 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
                                 generator)
         keep = _stored_rows(plan.trained[step], store_mask, roots, step)  # only SDE steps are trained (StepPlan)
         if keep is not None and move.log_prob is not None:  # a step that drew no noise (CPS onto sigma 0) has no density
-            stored.append(_transitions(x, move, rows, keep, step, sigma, sigma_next))
+            stored.append(_transitions(x, move, rows, keep, step, sigma, sigma_next, spec.keep_mean))
         n_nodes *= k
         edge_log_probs.append(move.log_prob if move.log_prob is not None else x.new_zeros(n_nodes))
         nodes.append(n_nodes)
         prev_x0, prev_sigma = (None, None) if kind == StepKind.SDE else (x0_pred, sigma)  # see Node.prev_x0
         x = move.x_next
-    return Rollout(x, rows, _cat_transitions(stored, x), tuple(edge_log_probs), tuple(nodes), calls)
+    return Rollout(x, rows, _cat_transitions(stored, x, spec.keep_mean), tuple(edge_log_probs), tuple(nodes), calls)
 
 
 def _check_store_mask(store_mask: Tensor | None, spec: RolloutSpec) -> None:
@@ -219,11 +220,12 @@ class Move(NamedTuple):
     log_prob: Tensor | None  # [N]; None for a deterministic step
     g: float = 0.0  # the noise level g (training re-scores with it)
     scale: float = 1.0  # the split noise scale the std was multiplied by
+    mean: Tensor | None = None  # [N, ...] the transition mean of a sampled step
 
 
 def _sde_move(family: StepFamily, spec: RolloutSpec, node: Node, k: int, generator: torch.Generator | NoiseSource) -> Move:
     out, g, scale = _sde(family, spec, node.x, node.velocity, node.sigma, node.sigma_next, k, generator)
-    return Move(out.x_next, out.log_prob, g, scale)
+    return Move(out.x_next, out.log_prob, g, scale, out.mean)
 
 
 def _ode_move(family: StepFamily, spec: RolloutSpec, node: Node, k: int, generator: torch.Generator | NoiseSource) -> Move:
@@ -246,11 +248,12 @@ STEP_KINDS: dict[str, Callable[[StepFamily, RolloutSpec, Node, int, torch.Genera
 
 
 def _transitions(x: Tensor, move: Move, rows: Tensor, keep: Tensor, step: int, sigma: float,
-                 sigma_next: float) -> Transitions:
-    """The stored record of the edges ``keep`` of one sampled step."""
+                 sigma_next: float, keep_mean: bool = False) -> Transitions:
+    """The stored record of the edges ``keep`` of one sampled step (with their means if ``keep_mean``)."""
     full = lambda value: x.new_full((keep.numel(),), float(value))  # noqa: E731
     return Transitions(x[keep], move.x_next[keep], full(sigma), full(sigma_next), full(move.g), full(move.scale),
-                       move.log_prob[keep], rows[keep], torch.full_like(keep, step + 1), keep)
+                       move.log_prob[keep], rows[keep], torch.full_like(keep, step + 1), keep,
+                       move.mean[keep] if keep_mean else None)
 
 
 def _rows_of(index: Tensor, *nodes: Tensor | None) -> tuple[Tensor | None, ...]:

@@ -15,12 +15,13 @@ from torch import Tensor
 from flowgrove.config.load import Config
 from flowgrove.grpo import selection, tree
 from flowgrove.grpo.advantages import aggregate_rewards
-from flowgrove.grpo.losses import ema_decay, kl_std, loss_weight, ppo_clip_loss, transition_kl
+from flowgrove.grpo.losses import TrustRegion, ema_decay, kl_std, loss_weight, policy_loss, step_weights, transition_kl
 from flowgrove.parallel import distributed, engine, rank_share
 from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, PromptRows
 from flowgrove.rewards.base import RewardFn
 from flowgrove.rewards.scoring import RewardFailure, score_rewards
-from flowgrove.training import credit, method
+from flowgrove.samplers.family import step_family
+from flowgrove.training import credit, forward, method
 from flowgrove.training.halts import (NonFiniteRewardError, NonFiniteUpdatesError, RewardFailedError,  # noqa: F401
                                       TrainingHalted, halt_on_bad_rewards)
 from flowgrove.training.heldout import EvalResult, HeldOut, evaluate_policy, ode_images  # noqa: F401 (ode_images: re-exported)
@@ -59,6 +60,7 @@ class GRPOTrainer:
         t = cfg.train
         self.ema = [p.detach().clone() for p in self.params] if t.ema_decay > 0 else None  # sharded as the weights
         self.reference = [p.detach().clone() for p in self.params] if t.kl_beta > 0 else None
+        self.mean_std = method.mean_trained_std(cfg, step_family(policy))  # train.step_weight=tempflow's normaliser
         with torch.no_grad():  # text encoders run once per prompt
             self.cond = None if rows is not None else policy.encode_prompts(self.prompts).to(self.device)  # [P_all, ...]
             same = self.test_prompts is self.prompts and self.cond is not None
@@ -98,14 +100,17 @@ class GRPOTrainer:
         gathered = self._gather(raw.T, share).T  # [K, N_all]: every block's leaves in order
         t2 = time.perf_counter()
         forest = method.forest(cfg, share.size, plan.num_steps) if cfg.tree.enabled else None
-        adv = self.edge_advantages(gathered, ro, forest, share)  # [E]
-        total = weighted_total(raw.cpu(), self.weights)  # [N_L] this rank's leaves
-        keep = self.pruning_keep(ro, total, forest)
-        if share.span > 1:  # a tree's ranks all rolled it out; each trains its share of the kept transitions
-            keep = keep[rank_share.member_rows(keep.numel(), share).to(keep.device)]
-        transitions, adv = ro.transitions.select(keep), adv[keep]
+        if cfg.train.objective == "grpo":
+            adv = self.edge_advantages(gathered, ro, forest, share)  # [E]
+            keep = credit.pruning_keep(cfg, it, ro.transitions, weighted_total(raw.cpu(), self.weights), forest)  # by this rank's leaves' total
+            if share.span > 1:  # a tree's ranks all rolled it out; each trains its share of the kept transitions
+                keep = keep[rank_share.member_rows(keep.numel(), share).to(keep.device)]
+            batch, adv = ro.transitions.select(keep), adv[keep]
+        else:  # a forward objective: this rank's final samples noised at grid times, each with its sample's advantage
+            batch = forward.step_rows(cfg, self.policy, cond, ro, share, shared, noise)
+            adv = credit.block_chain_advantages(gathered, self.weights, cfg, share).to(batch.x0.device)[batch.sample]
         n_leaves = ro.leaves.shape[0]
-        stats = self.update(transitions, adv, n_leaves, shared, n_roots=roots.shape[0] / share.span, cond=cond)
+        stats = self.update(batch, adv, n_leaves, shared, n_roots=roots.shape[0] / share.span, cond=cond)
         t3 = time.perf_counter()
         self.iteration += 1
         total_all = weighted_total(gathered, self.weights)  # [N_all]: the metrics do not depend on the world size
@@ -175,34 +180,13 @@ class GRPOTrainer:
             log_probs = tuple(self._gather(lp, share) for lp in ro.edge_log_probs)
             per_depth = credit.tree_advantages(gathered, self.weights, forest, log_probs, cfg.advantage, cfg.tree)
             return credit.edge_values(tuple(mine(a) for a in per_depth), tr.depth.cpu(), tr.node.cpu()).to(tr.x.device)
-        group = torch.arange(gathered.shape[1]) // cfg.rollout.group_size  # [N_total]
-        sample_adv = mine(credit.chain_advantages(gathered, self.weights, group, cfg.advantage))
+        sample_adv = credit.block_chain_advantages(gathered, self.weights, cfg, share)  # [N_r]
         return credit.chain_edge_advantages(sample_adv.to(tr.x.device), ro)
 
-    def pruning_keep(self, ro: Rollout, total: Tensor, forest: tree.Forest | None) -> Tensor:
-        """Indices of the stored transitions that enter the backward pass (BranchGRPO pruning); ``total`` [N_L] is
-        the weighted reward of each leaf (width pruning keeps the best and worst)."""
-        tr = ro.transitions
-        all_rows = torch.arange(len(tr), device=tr.depth.device)
-        t = self.cfg.tree
-        if forest is None or not tree.pruning_active(self.iteration, self.cfg.train.steps, t.pruning_fraction):
-            return all_rows
-        masks = []
-        if t.depth_pruning:
-            stop = t.depth_stop if t.depth_stop >= 0 else max(forest.split_steps)
-            depths = tree.depth_pruned_depths(set(t.depth_pruning), self.iteration, t.depth_slide_interval or None, stop)
-            masks.append(tree.depth_prune_mask(forest, depths))
-        if t.width_keep:
-            masks.append(tree.width_prune_mask(forest, total, t.width_keep))
-        if not masks:
-            return all_rows
-        keep_edges = credit.edge_values(tuple(m.float() for m in tree.combine_masks(*masks)), tr.depth.cpu() - 1, tr.node.cpu())
-        return keep_edges.bool().nonzero().flatten().to(tr.depth.device)
-
     # ---- update --------------------------------------------------------------------------------------
-    def update(self, tr: Transitions, adv: Tensor, n_samples: int, generator: torch.Generator,
+    def update(self, tr: Transitions | forward.ForwardSamples, adv: Tensor, n_samples: int, generator: torch.Generator,
                n_roots: float | None = None, cond: Conditioning | None = None) -> UpdateStats:
-        """PPO-clip updates over the stored transitions, shuffled; an optimizer step per accumulation group.
+        """Updates over the stored transitions or a forward objective's rows, shuffled; an optimizer step per group.
 
         With ``train.drop_zero_advantage`` a transition whose advantage is exactly 0 enters no loss and no mean
         (each rank drops its own; a group's mean divides by its live transitions over all ranks, and a group with
@@ -282,10 +266,20 @@ class GRPOTrainer:
                 parts.append((n, self._micro_step(tr.select(rows), adv[rows], live[rows], weight, cond)))
         return parts
 
-    def _micro_step(self, batch: Transitions, adv: Tensor, live: Tensor, weight: float, cond: Conditioning) -> dict[str, float]:
+    def _micro_step(self, batch: Transitions | forward.ForwardSamples, adv: Tensor, live: Tensor, weight: float,
+                    cond: Conditioning) -> dict[str, float]:
         """Forward, loss and backward of one micro-batch; the loss is the mean over its ``live`` rows [E] (bool), scaled
         by ``weight`` (see :func:`loss_weight`). A micro-batch without live rows (a rank's padding) still runs its
         forward and a zero backward, so that every rank's collectives stay in step; it returns no numbers."""
+        loss_of = self._transition_loss if self.cfg.train.objective == "grpo" else self._forward_loss
+        loss, logs = loss_of(batch, adv, live, cond)
+        (loss * weight).backward()
+        return logs
+
+    def _transition_loss(self, batch: Transitions, adv: Tensor, live: Tensor,
+                         cond: Conditioning) -> tuple[Tensor, dict[str, float]]:
+        """The policy loss (train.trust_region, ratio_norm, step_weight) on the re-scored log-probs of the live stored
+        transitions, plus the transition KL to the reference policy."""
         t, noise = self.cfg.train, self.cfg.sampler.noise  # the noise kind (and SDE type) the transitions were drawn with
         ref_mean = None
         if self.reference is not None:  # before the policy forward: swapping weights in place after it would
@@ -293,19 +287,30 @@ class GRPOTrainer:
                 _, ref_mean = rescore(self.policy, batch, cond, noise)
         step = self.engine.forward(lambda: rescore_step(self.policy, batch, cond, noise))  # DDP sees the training forward
         if not bool(live.any()):
-            (step.log_prob.sum() * 0.0).backward()
-            return {}
-        log_prob, mean, old, adv = step.log_prob[live], step.mean[live], batch.old_log_prob[live], adv[live]
-        out = ppo_clip_loss(log_prob, old, adv, t.clip_range, self.cfg.advantage.clip)
-        loss, logs = out.loss, {"loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
-                                "approx_kl": out.approx_kl.item(), "ratio_dev": (out.ratio - 1).abs().max().item()}
+            return step.log_prob.sum() * 0.0, {}
+        log_prob, mean, std, adv = step.log_prob[live], step.mean[live], step.std[live], adv[live]  # [E_live]
+        old_mean = None if batch.old_mean is None else batch.old_mean[live]
+        drift = None if old_mean is None else transition_kl(mean, old_mean, std)  # [E_live] to the rollout step
+        weights = step_weights(t.step_weight, batch.sigma[live], batch.sigma_next[live], std / batch.noise_scale[live],
+                               self.mean_std)
+        region = TrustRegion(t.trust_region, t.clip_range, t.trust_region_kl)
+        out = policy_loss(log_prob, batch.old_log_prob[live], adv, self.cfg.advantage.clip, region, ratio_norm=t.ratio_norm,
+                          drift_kl=drift, std=std, weights=weights)
+        loss, logs = out.loss, out.logs()
         if ref_mean is not None:
-            std = kl_std(t.kl_scale, step.std[live], batch.g[live])  # [E_live]: the step family's own transition std
-            kl = transition_kl(mean, ref_mean[live], std).mean()
+            kl = transition_kl(mean, ref_mean[live], kl_std(t.kl_scale, std, batch.g[live])).mean()  # the family's std
             loss = loss + t.kl_beta * kl
             logs["kl"] = kl.item()
-        (loss * weight).backward()
-        return logs
+        return loss, logs
+
+    def _forward_loss(self, batch: forward.ForwardSamples, adv: Tensor, live: Tensor,
+                      cond: Conditioning) -> tuple[Tensor, dict[str, float]]:
+        """A forward objective's loss (:func:`flowgrove.training.forward.forward_loss`) over the live rows, through
+        the engine (a rank's padding runs every row and backs a zero)."""
+        rows = (live if bool(live.any()) else torch.ones_like(live)).nonzero().flatten()
+        swap = self.weights_swapped(self.reference) if self.reference is not None else None
+        loss, logs = forward.forward_loss(self.cfg, self.policy, batch.select(rows), adv[rows], cond, self.engine.forward, swap)
+        return (loss, logs) if bool(live.any()) else (loss * 0.0, {})
 
     def held_out(self) -> HeldOut:
         """The held-out prompts, rewards and weight swaps, as :mod:`flowgrove.evaluation` reads them."""
