@@ -59,7 +59,7 @@ def test_rollout_tensors_live_on_the_policy_device():
     mask = method.store_mask(cfg, plan, roots.shape[0], torch.Generator().manual_seed(1))
     ro = rollout_mod.rollout(t.policy, t.cond, roots, x, method.rollout_spec(cfg, plan), torch.Generator(), store_mask=mask)
     device = next(t.policy.module.parameters()).device
-    tensors = [ro.leaves, ro.leaf_cond_index, *ro.edge_log_probs, *ro.transitions]
+    tensors = [ro.leaves, ro.leaf_cond_index, *ro.edge_log_probs, *(v for v in ro.transitions if v is not None)]
     assert all(v.device == device for v in tensors)
 
 

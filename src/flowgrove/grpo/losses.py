@@ -20,6 +20,11 @@ class PolicyLoss(NamedTuple):
     approx_kl: Tensor  # [] 0.5 * mean((log_prob - old_log_prob)^2)
     ratio: Tensor  # [E] importance ratios as the loss used them (re-centred under ratio_norm), detached
 
+    def logs(self) -> dict[str, float]:
+        """The loss and diagnostics as numbers (``ratio_dev``: max |ratio - 1|)."""
+        return {"loss": self.loss.item(), "clip_fraction": self.clip_fraction.item(),
+                "approx_kl": self.approx_kl.item(), "ratio_dev": (self.ratio - 1).abs().max().item()}
+
 
 @dataclass(frozen=True)
 class TrustRegion:
@@ -183,11 +188,6 @@ def policy_loss(
         clip_fraction = outside.to(dtype).mean()  # []
         approx_kl = 0.5 * ((lp - old) ** 2).mean()  # []
     return PolicyLoss(loss=loss, clip_fraction=clip_fraction, approx_kl=approx_kl, ratio=ratio.detach())
-
-    def logs(self) -> dict[str, float]:
-        """The loss and diagnostics as numbers (``ratio_dev``: max |ratio - 1|)."""
-        return {"loss": self.loss.item(), "clip_fraction": self.clip_fraction.item(),
-                "approx_kl": self.approx_kl.item(), "ratio_dev": (self.ratio - 1).abs().max().item()}
 
 
 def ppo_clip_loss(
