@@ -94,6 +94,7 @@ CASES = {
                                        ["train.kl_scale=reference", "policy sdxl"]),
     "a value set to a mapping": (["train.lr={a: 1}"], ["train.lr", "one value"]),
     "unknown device": (["run.device=gpu0"], ["run.device='gpu0'"]),
+    "sd3 grid with a window": (["--method", "mixgrpo", "sampler.schedule=sd3"], ["sampler.schedule=sd3", "sampler.schedule=flux"]),
     "std ddof as large as the groups": (["rollout.group_size=2", "advantage.ddof=2"], ["advantage.ddof=2", "rollout.group_size"]),
     "GRPO on deterministic steps": (["sampler.noise_level=0"], ["sampler.noise_level=0", "train.objective=nft"]),
     "forward objective on trees": (["--method", "branchgrpo", "train.objective=nft"], ["train.objective=nft", "tree.enabled=false"]),

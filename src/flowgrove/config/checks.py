@@ -94,6 +94,11 @@ def _check_window(cfg: Config) -> None:
     w, last = cfg.window, window_positions(cfg)
     if not (cfg.window.enabled or (cfg.tree.enabled and cfg.tree.mix)):
         return
+    tail_grid = cfg.window.enabled or cfg.window.tail == "dpm"  # plans laid on schedules.flux_sigmas
+    if cfg.sampler.schedule == "sd3" and tail_grid:
+        raise ConfigError("sampler.schedule=sd3 with a window or a compressed tail: those plans are laid on FLUX's "
+                          "time-shifted grid (sampler.shift), not SD3's; set sampler.schedule=flux "
+                          "or window.enabled=false")
     if w.size > last:
         raise ConfigError(f"window.size={w.size} exceeds the {last} steps a window may cover (sampler.num_steps="
                           f"{cfg.sampler.num_steps} minus the last step, minus two with sampler.reward_image=final; "
