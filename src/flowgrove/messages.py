@@ -68,7 +68,7 @@ _ACCESS_FIXES = {
 _DISK_WORDS = ("No space left", "Read-only file system", "Disk quota exceeded", "StorageFull", "file write failed")
 
 
-MAX_ERROR_CHARS = 600  # an error that quotes a 1 MB prompt or a whole file is cut in the middle
+MAX_ERROR_CHARS = 2000  # an error that quotes a 1 MB prompt or a whole file is cut in the middle
 
 
 def _clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:

@@ -164,7 +164,7 @@ def test_long_values_are_clipped_and_internal_errors_exit_1(tmp_path, capsys, mo
     assert cli.main(["train", "--out", str(tmp_path / "run"), *QUIET, f"data.train={prompts}",
                      "rollout.prompts_per_step=1"]) == 2
     line = capsys.readouterr().err.strip()
-    assert "\n" not in line and len(line) < 1000 and "characters ...]" in line
+    assert "\n" not in line and len(line) < 2200 and "characters ...]" in line
 
     from flowgrove.recipes import train as runner
 
