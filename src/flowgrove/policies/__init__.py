@@ -5,7 +5,8 @@ Registered: ``digits`` (built-in tiny FLUX on 8x8 digits, shipped weights), ``nu
 two-digit numbers, shipped weights), ``flux1`` (a local diffusers
 FLUX.1 folder), ``sd3`` (SD3 / SD3.5 with classifier-free guidance), ``wan`` (Wan 2.1 / 2.2 text-to-video) and
 ``qwen_image`` (Qwen-Image), ``hunyuan_video`` (HunyuanVideo text-to-video, embedded guidance); ``sd15`` and ``sdxl``
-(Stable Diffusion 1.x and XL, diffusion models on the DDIM step family).
+(Stable Diffusion 1.x and XL, diffusion models on the DDIM step family); ``z_image`` (Z-Image and the distilled
+Z-Image-Turbo).
 Importing this package is light; diffusers and transformers load inside the factories.
 """
 
@@ -19,6 +20,7 @@ from flowgrove.policies.sd15 import SD15Policy, build_sd15_policy  # noqa: F401 
 from flowgrove.policies.sd3 import SD3Policy, build_sd3_policy  # noqa: F401 (registers "sd3")
 from flowgrove.policies.sdxl import SDXLPolicy, build_sdxl_policy  # noqa: F401 (registers "sdxl")
 from flowgrove.policies.wan import WanPolicy, build_wan_policy
+from flowgrove.policies.z_image import ZImagePolicy, build_z_image_policy  # noqa: F401 (registers "z_image")
 
 __all__ = [
     "Conditioning",
