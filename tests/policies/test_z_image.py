@@ -119,3 +119,23 @@ def test_z_image_tree_and_window_presets_train_and_export(z_image_dir, tmp_path,
     else:
         run, out = train_and_export(tmp_path, WINDOW, [*args, "policy.lora_rank=0"], "brightness")
         check_full_export(run, out, ZImageTransformer2DModel)
+
+
+# flowgrove's tree at Turbo's 8 steps (docs/video-and-qwen.md): splits at steps 0, 1, 2 with the window over 0..1, so
+# steps 0-2 are SDE and trained; the 5 Euler steps after them (sigma 0.833 -> 0) become 3 DPM-Solver++ steps.
+TURBO_TREE = ("--method", "flowgrove", "sampler.num_steps=8", "tree.split_steps=[0,1,2]", "window.size=2")
+
+
+def test_z_image_turbo_trains_flowgroves_tree_at_8_steps_and_exports(z_image_dir, tmp_path):
+    from adapter_contract import check_pipeline_lora_export, train_and_export
+
+    from flowgrove.config.load import config_from_yaml_text
+    from flowgrove.training.method import sampling_plan
+
+    run, out = train_and_export(tmp_path, TURBO_TREE, ["policy.name=z_image", f"policy.path={z_image_dir}", OPTIONS,
+                                                       "policy.lora_rank=4", "eval.num_steps=8"], "brightness")
+    cfg = config_from_yaml_text((run / "checkpoints" / "step_000002" / "config.yaml").read_text())
+    plan = sampling_plan(cfg, 0)
+    assert plan.kinds == ("sde",) * 3 + ("dpm",) * 3 and plan.trained_steps == (0, 1, 2)
+    torch.testing.assert_close(plan.sigmas[:4], flux_sigmas(8, 3.0)[:4])  # the pipeline's grid up to the tail
+    check_pipeline_lora_export(run, out, _policy(z_image_dir), PROMPTS, atol=1e-6)
