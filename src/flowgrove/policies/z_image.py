@@ -106,7 +106,7 @@ class ZImagePolicy:
         with autocast:  # bf16/fp16 compute over the (float32 master) weights
             out = self.module(
                 list(x.to(dtype).unsqueeze(2).unbind(0)),  # B x [C, 1, H', W']
-                t.to(dtype),  # [B], the model's time 1 - sigma (module docstring)
+                t.float(),  # [B], the model's time 1 - sigma in float32 as the pipeline's (its embedder casts)
                 captions,
                 return_dict=False,
             )[0]  # B x [C, 1, H', W'], the prediction x0 - noise
