@@ -1,6 +1,7 @@
 """Sizes a family's pipeline would round (``policy.options.height=17`` becoming 16) are refused in one line that
 names the option and the nearest valid values, from the folder's config files before any weights load: every
-folder here holds configs only, as the real models' (FLUX.1, FLUX.2, SD3, SD1.5, SDXL, Qwen-Image, Wan 2.1, HunyuanVideo)."""
+folder here holds configs only, as the real models' (FLUX.1, FLUX.2, SD3, SD1.5, SDXL, Qwen-Image, Wan 2.1,
+HunyuanVideo)."""
 
 from __future__ import annotations
 

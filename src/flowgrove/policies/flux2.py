@@ -221,7 +221,8 @@ def text_tokenizer(folder: Path) -> Any | None:
         return None
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
     chat = [[{"role": "user", "content": [{"type": "text", "text": "x"}]}]]
-    if tokenizer.bos_token and not tokenizer.apply_chat_template(chat, tokenize=False)[0].startswith(tokenizer.bos_token):
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False)[0]
+    if tokenizer.bos_token and not rendered.startswith(tokenizer.bos_token):
         raise ValueError(f"policy.path: {folder / 'tokenizer'}'s chat template does not start with the BOS token, so "
                          "its PixtralProcessor would add one the tokenizer alone does not; download the folder again")
     return tokenizer
