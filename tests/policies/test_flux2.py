@@ -163,11 +163,17 @@ def test_flux2_passes_the_shared_adapter_contract(folders, variant):
 def test_flux2_tree_and_window_presets_train_and_export(folders, tmp_path, variant, kind):
     from adapter_contract import TREE, WINDOW, check_full_export, check_pipeline_lora_export, train_and_export
     from diffusers import Flux2Transformer2DModel
+    from safetensors import safe_open
+
+    from flowgrove.runs.export import LORA_FILE
 
     args = ["policy.name=flux2", f"policy.path={folders[variant]}",
             f"policy.options={{height: {SIDE}, width: {SIDE}, max_sequence_length: {TOKENS[variant]}}}"]
     if kind == "tree-lora":
-        run, out = train_and_export(tmp_path, TREE, [*args, "policy.lora_rank=4"], "brightness")
+        targets = "policy.lora_targets=[to_q,to_k,to_v,to_out.0,to_qkv_mlp_proj]"  # single-stream blocks too
+        run, out = train_and_export(tmp_path, TREE, [*args, "policy.lora_rank=4", targets], "brightness")
+        with safe_open(str(out / LORA_FILE), framework="pt") as f:
+            assert any("single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_B" in k for k in f.keys())
         check_pipeline_lora_export(run, out, _policy(folders, variant), PROMPTS, atol=1e-6)
     else:
         run, out = train_and_export(tmp_path, WINDOW, [*args, "policy.lora_rank=0"], "brightness")
