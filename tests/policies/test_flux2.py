@@ -126,6 +126,24 @@ def test_flux2_policy_reproduces_the_pipeline(folders, variant, guidance_scale):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
+def test_a_step_distilled_klein_ignores_guidance_scale_as_its_pipeline_does(folders, tmp_path):
+    import shutil
+
+    shutil.copytree(folders["klein"], tmp_path / "distilled")
+    index = json.loads((tmp_path / "distilled" / "model_index.json").read_text())
+    (tmp_path / "distilled" / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+    distilled = build_policy("flux2", path=str(tmp_path / "distilled"), dtype="float32", height=SIDE, width=SIDE,
+                             max_sequence_length=TOKENS["klein"], guidance_scale=4.0)
+    base, plain = _policy(folders, "klein", guidance_scale=4.0), _policy(folders, "klein", guidance_scale=1.0)
+    x = torch.randn(2, *base.latent_shape, generator=torch.Generator().manual_seed(2))
+    sigma = torch.tensor([0.9, 0.5])
+    with torch.no_grad():
+        v = {name: p.velocity(x, sigma, p.encode_prompts(PROMPTS)) for name, p in
+             (("distilled", distilled), ("base", base), ("plain", plain))}
+    torch.testing.assert_close(v["distilled"], v["plain"], atol=1e-6, rtol=0)  # one forward, no CFG
+    assert (v["base"] - v["plain"]).abs().max() > 1e-3  # the base model's CFG changes the velocity
+
+
 def test_flux2_folder_errors_say_what_to_do(folders, tmp_path):
     with pytest.raises(FileNotFoundError, match="hf download black-forest-labs/FLUX.2"):
         build_policy("flux2", path=str(tmp_path / "nowhere"))
