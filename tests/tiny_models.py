@@ -44,6 +44,22 @@ def tiny_tokenizers():
     return clip_tok, t5_tok
 
 
+def byte_level_qwen_tokenizer(special_tokens=(), chat_template=None):
+    """A Qwen2 byte-level BPE tokenizer without merges (one token per byte), built in code: nothing to download;
+    ``special_tokens`` are added whole (e.g. Qwen3's ``<|im_start|>``), ``chat_template`` is its Jinja template."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    if special_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
 # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json as shipped (with the PNDM settings it
 # carries over: set_alpha_to_one, skip_prk_steps; EulerDiscreteScheduler itself takes neither).
 SDXL_BASE_SCHEDULER = {

@@ -10,19 +10,10 @@ pytest.importorskip("diffusers")
 
 from flowgrove.policies import build_policy  # noqa: E402
 from flowgrove.samplers import sample_euler  # noqa: E402
+from tiny_models import byte_level_qwen_tokenizer  # noqa: E402
 
 PROMPTS = ["a cat", "a big red dog"]  # different lengths: the shorter one is padded and masked
 SIDE = 32  # latents (4, 8, 8) with the tiny VAE's scale factor 4; 16 tokens after the 2x2 packing
-
-
-def _byte_level_tokenizer():
-    """A Qwen2 byte-level BPE tokenizer without merges (one token per byte), built in code: nothing to download."""
-    from tokenizers import pre_tokenizers
-    from transformers import Qwen2Tokenizer
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<|endoftext|>"] = len(vocab)
-    return Qwen2Tokenizer(vocab=vocab, merges=[])
 
 
 def save_tiny_qwen_image_pipeline(path) -> None:
@@ -48,8 +39,8 @@ def save_tiny_qwen_image_pipeline(path) -> None:
     text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096, shift=1.0)
-    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=_byte_level_tokenizer(),
-                             transformer=transformer)
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                             tokenizer=byte_level_qwen_tokenizer(), transformer=transformer)
     pipe.save_pretrained(str(path))
 
 

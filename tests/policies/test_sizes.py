@@ -1,6 +1,7 @@
 """Sizes a family's pipeline would round (``policy.options.height=17`` becoming 16) are refused in one line that
 names the option and the nearest valid values, from the folder's config files before any weights load: every
-folder here holds configs only, as the real models' (FLUX.1, SD3, SD1.5, SDXL, Qwen-Image, Wan 2.1, HunyuanVideo)."""
+folder here holds configs only, as the real models' (FLUX.1, FLUX.2, SD3, SD1.5, SDXL, Qwen-Image, Wan 2.1,
+HunyuanVideo, Z-Image)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ SD_VAE = ("AutoencoderKL", {"block_out_channels": [128, 256, 512, 512]})  # VAE 
 # family -> pipeline class, {component: (class, config beyond the class defaults)}, side multiple, frame step
 FOLDERS = {
     "flux1": ("FluxPipeline", {"vae": SD_VAE}, 16, 0),
+    "flux2": ("Flux2KleinPipeline", {"vae": ("AutoencoderKLFlux2", {})}, 16, 0),  # the class's defaults: VAE scale 8
     "sd3": ("StableDiffusion3Pipeline", {"vae": SD_VAE, "transformer": ("SD3Transformer2DModel", {"patch_size": 2})},
             16, 0),
     "sd15": ("StableDiffusionPipeline", {"vae": SD_VAE}, 8, 0),
@@ -25,6 +27,7 @@ FOLDERS = {
     "qwen_image": ("QwenImagePipeline", {"vae": ("AutoencoderKLQwenImage", {})}, 16, 0),
     "wan": ("WanPipeline", {"vae": ("AutoencoderKLWan", {}), "transformer": ("WanTransformer3DModel", {})}, 16, 4),
     "hunyuan_video": ("HunyuanVideoPipeline", {"vae": ("AutoencoderKLHunyuanVideo", {})}, 16, 4),
+    "z_image": ("ZImagePipeline", {"vae": SD_VAE}, 16, 0),
 }
 
 

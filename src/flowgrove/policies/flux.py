@@ -160,8 +160,9 @@ def vae_decode(vae: nn.Module, x: Tensor) -> Tensor:
 
 
 def flux_size_rule(configs: Mapping[str, Mapping]) -> SizeRule:
-    """FLUX.1 (``configs["vae"]``): sides are multiples of twice the VAE scale, as the latent's 2x2 patches are
-    packed into tokens (``FluxPipeline._unpack_latents``; the pipeline rounds other sizes down)."""
+    """FLUX.1 and FLUX.2 (``configs["vae"]``): sides are multiples of twice the VAE scale, as the latent's 2x2
+    patches are packed into tokens (``FluxPipeline._unpack_latents``; FLUX.2 folds them into channels) and the
+    pipelines round other sizes down."""
     scale = vae_scale(configs["vae"])
     return SizeRule(2 * scale, f"VAE scale {scale} x 2x2 latent patches")
 

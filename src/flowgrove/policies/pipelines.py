@@ -112,7 +112,8 @@ def vae_scale(vae_config: Mapping) -> int:
 
 
 def load_local_pipeline(pipeline_cls: Any, path: str, spec: LocalFolder, *, dtype: str, device: str | torch.device,
-                        frozen: Sequence[str], float32_vae: Any = None) -> Any:
+                        frozen: Sequence[str], float32_vae: Any = None,
+                        components: Mapping[str, Any] | None = None) -> Any:
     """``pipeline_cls.from_pretrained(path, local_files_only=True)`` in ``dtype`` on ``device``, ``frozen``
     components in eval mode without gradients.
 
@@ -124,6 +125,8 @@ def load_local_pipeline(pipeline_cls: Any, path: str, spec: LocalFolder, *, dtyp
         device: Where every component goes.
         frozen: Names of the components to freeze (text encoders, VAE); absent or None ones are skipped.
         float32_vae: A VAE class to load from ``path/vae`` in float32 (Wan, Qwen-Image), as diffusers' examples do.
+        components: Components given instead of loaded (``from_pretrained`` keywords; None skips one: FLUX.2's
+            ``PixtralProcessor``, which the family sets itself).
 
     Raises:
         ValueError: an unknown ``dtype``.
@@ -132,7 +135,7 @@ def load_local_pipeline(pipeline_cls: Any, path: str, spec: LocalFolder, *, dtyp
     local_folder(path, spec, dtype)
     with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        extra = {}
+        extra = dict(components or {})
         if float32_vae is not None:
             extra["vae"] = float32_vae.from_pretrained(str(path), subfolder="vae", torch_dtype=torch.float32, local_files_only=True)
         pipe = pipeline_cls.from_pretrained(str(path), torch_dtype=DTYPES[dtype], local_files_only=True, **extra)
