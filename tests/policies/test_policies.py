@@ -152,8 +152,8 @@ def test_flux1_missing_folder_says_what_to_download(tmp_path):
 
 def test_policy_registry():
     assert {"digits", "flux1"} <= set(policy_names())
-    with pytest.raises(ValueError, match=r"known policies: .*digits.*Did you mean 'flux1'"):
-        build_policy("flux")
+    with pytest.raises(ValueError, match=r"known policies: .*digits.*Did you mean 'flux[12]'"):
+        build_policy("flux")  # flux1 and flux2 are equally close
     with pytest.raises(ValueError, match="already registered"):
         register_policy("digits")(lambda: None)
     with pytest.raises(ValueError, match="already registered"):
