@@ -8,16 +8,14 @@ feeds the exact float ``sigma`` as ``timestep``: the same value, without the rou
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from flowgrove.policies.base import Conditioning, register_policy
-from flowgrove.policies.pipelines import (DTYPES, LocalFolder, SizeRule, check_folder_size, check_size,
-                                         load_local_pipeline, local_folder, save_pipeline_folder, save_pipeline_lora,
-                                         vae_scale)
+from flowgrove.policies.pipelines import (DTYPES, LocalFolder, PipelineExports, SizeRule, check_folder_size, check_size,
+                                          load_local_pipeline, local_folder, vae_scale)
 
 if TYPE_CHECKING:
     from diffusers import FluxPipeline
@@ -167,7 +165,7 @@ def flux_size_rule(configs: Mapping[str, Mapping]) -> SizeRule:
     return SizeRule(2 * scale, f"VAE scale {scale} x 2x2 latent patches")
 
 
-class Flux1Policy:
+class Flux1Policy(PipelineExports):
     """A diffusers FLUX.1 pipeline as a ``FlowPolicy`` (black-forest-labs FLUX.1 dev / schnell)."""
 
     def __init__(self, pipe: FluxPipeline, guidance: float | None, height: int, width: int,
@@ -209,15 +207,6 @@ class Flux1Policy:
         """Move the text encoders to the CPU once the prompts are encoded (``policy.offload_text_encoders``)."""
         for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2):
             encoder.to("cpu")
-
-    def export_lora(self, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
-        """diffusers' FLUX LoRA file in ``out`` (``FluxPipeline.save_lora_weights``, ``save_pipeline_lora``)."""
-        save_pipeline_lora(type(self.pipe), state, lora_config, out)
-
-    def export_full(self, out: Path) -> None:
-        """A pipeline folder in ``out`` with the trained transformer (``save_pipeline_folder``;
-        ``FluxPipeline.from_pretrained(out)`` loads it)."""
-        save_pipeline_folder(self.pipe, self.module, out)
 
 
 FLUX1_FOLDER = LocalFolder("flux1", "FLUX.1", "`hf download black-forest-labs/FLUX.1-dev --local-dir "

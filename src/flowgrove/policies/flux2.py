@@ -41,8 +41,8 @@ from torch import Tensor, nn
 
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import flux_size_rule, per_sample_sigma
-from flowgrove.policies.pipelines import (DTYPES, LocalFolder, check_folder_size, check_size, load_local_pipeline,
-                                         local_folder, save_pipeline_folder, save_pipeline_lora, vae_scale)
+from flowgrove.policies.pipelines import (DTYPES, LocalFolder, PipelineExports, check_folder_size, check_size,
+                                          load_local_pipeline, local_folder, vae_scale)
 
 if TYPE_CHECKING:
     from diffusers import Flux2Pipeline
@@ -100,7 +100,7 @@ def decode_flux2_vae(vae: nn.Module, x: Tensor) -> Tensor:
     return (image / 2 + 0.5).clamp(0, 1).to(x.dtype)
 
 
-class Flux2Policy:
+class Flux2Policy(PipelineExports):
     """A diffusers FLUX.2 pipeline ([dev] or [klein]) as a ``FlowPolicy`` (module docstring)."""
 
     def __init__(self, pipe: Flux2Pipeline, height: int, width: int, max_sequence_length: int = 512,
@@ -177,15 +177,6 @@ class Flux2Policy:
     def offload_text_encoders(self) -> None:
         """Move the text encoder to the CPU once the prompts are encoded (``policy.offload_text_encoders``)."""
         self.pipe.text_encoder.to("cpu")
-
-    def export_lora(self, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
-        """diffusers' FLUX.2 LoRA file in ``out`` (``save_lora_weights`` of the pipeline's class, which
-        ``pipe.load_lora_weights(out)`` loads)."""
-        save_pipeline_lora(type(self.pipe), state, lora_config, out)
-
-    def export_full(self, out: Path) -> None:
-        """A pipeline folder in ``out`` with the trained transformer in ``transformer/`` (``save_pipeline_folder``)."""
-        save_pipeline_folder(self.pipe, self.module, out)
 
 
 FLUX2_FOLDER = LocalFolder("flux2", "FLUX.2", "`hf download black-forest-labs/FLUX.2-klein-base-4B --local-dir "

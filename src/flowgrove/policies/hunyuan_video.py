@@ -19,17 +19,15 @@ masked tokens, so this is the pipeline's call exactly.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import per_sample_sigma
-from flowgrove.policies.pipelines import (DTYPES, LocalFolder, SizeRule, check_folder_size, check_size,
-                                         load_local_pipeline, local_folder, pad_text_states, save_pipeline_folder,
-                                         save_pipeline_lora, text_mask)
+from flowgrove.policies.pipelines import (DTYPES, LocalFolder, PipelineExports, SizeRule, check_folder_size, check_size,
+                                          load_local_pipeline, local_folder, pad_text_states, text_mask)
 
 if TYPE_CHECKING:
     from diffusers import HunyuanVideoPipeline
@@ -54,7 +52,7 @@ def hunyuan_latent_shape(pipe: HunyuanVideoPipeline, num_frames: int, height: in
             int(width) // spatial)
 
 
-class HunyuanVideoPolicy:
+class HunyuanVideoPolicy(PipelineExports):
     """A diffusers ``HunyuanVideoPipeline`` as a ``FlowPolicy`` on 5-D video latents, with embedded guidance."""
 
     def __init__(self, pipe: HunyuanVideoPipeline, num_frames: int, height: int, width: int,
@@ -123,16 +121,6 @@ class HunyuanVideoPolicy:
         """Move Llama and CLIP to the CPU once the prompts are encoded (``policy.offload_text_encoders``)."""
         self.pipe.text_encoder.to("cpu")
         self.pipe.text_encoder_2.to("cpu")
-
-    def export_lora(self, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
-        """diffusers' HunyuanVideo LoRA file in ``out`` (``HunyuanVideoPipeline.save_lora_weights``);
-        ``pipe.load_lora_weights(out)`` loads it."""
-        save_pipeline_lora(type(self.pipe), state, lora_config, out)
-
-    def export_full(self, out: Path) -> None:
-        """A pipeline folder in ``out`` with the trained transformer in ``transformer/`` (``save_pipeline_folder``):
-        ``HunyuanVideoTransformer3DModel.from_pretrained(out, subfolder="transformer")`` loads it."""
-        save_pipeline_folder(self.pipe, self.module, out)
 
 
 HUNYUAN_VIDEO_FOLDER = LocalFolder("hunyuan_video", "HunyuanVideo",

@@ -207,6 +207,24 @@ def unet_latent_shape(pipe: Any, height: int, width: int, family: str) -> tuple[
     return (int(pipe.unet.config.in_channels), int(height) // scale, int(width) // scale)
 
 
+class PipelineExports:
+    """``export_lora`` and ``export_full`` (the FlowPolicy protocol's optional exports) of a policy that holds its
+    diffusers pipeline in ``pipe`` and the trained module in ``module``, the pipeline's ``TRAINED`` component: the
+    LoRA file the pipeline's own ``save_lora_weights`` writes (``pipe.load_lora_weights(out)`` loads it), and a
+    pipeline folder with the trained module (``<Pipeline>.from_pretrained(out)``); docs/export.md lists them per
+    family."""
+
+    TRAINED = "transformer"  # the pipeline component ``module`` is (``unet`` for SD1.x / SDXL)
+    pipe: Any
+    module: nn.Module
+
+    def export_lora(self, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
+        save_pipeline_lora(type(self.pipe), state, lora_config, out, component=self.TRAINED)
+
+    def export_full(self, out: Path) -> None:
+        save_pipeline_folder(self.pipe, self.module, out, subfolder=self.TRAINED)
+
+
 def save_pipeline_lora(pipeline_cls: Any, state: dict[str, Tensor], lora_config: dict, out: Path,
                        component: str = "transformer") -> None:
     """A LoRA file that ``pipeline_cls.load_lora_weights`` loads, written by the pipeline's own

@@ -18,17 +18,15 @@ token's prediction to the norm of the conditional one.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import DTYPES, per_sample_sigma, pack_latents, unpack_latents
-from flowgrove.policies.pipelines import (LocalFolder, SizeRule, check_folder_size, check_size, decode_wan_vae,
-                                         load_local_pipeline, local_folder, pad_text_states, save_pipeline_folder,
-                                         save_pipeline_lora, text_mask)
+from flowgrove.policies.pipelines import (LocalFolder, PipelineExports, SizeRule, check_folder_size, check_size,
+                                          decode_wan_vae, load_local_pipeline, local_folder, pad_text_states, text_mask)
 
 if TYPE_CHECKING:
     from diffusers import QwenImagePipeline
@@ -41,7 +39,7 @@ def qwen_size_rule(configs: Mapping[str, Mapping]) -> SizeRule:
     return SizeRule(2 * scale, f"VAE scale {scale} x 2x2 latent patches")
 
 
-class QwenImagePolicy:
+class QwenImagePolicy(PipelineExports):
     """A diffusers ``QwenImagePipeline`` as a ``FlowPolicy`` (Qwen-Image, Wu et al. 2025)."""
 
     def __init__(self, pipe: QwenImagePipeline, height: int, width: int, max_sequence_length: int,
@@ -125,16 +123,6 @@ class QwenImagePolicy:
     def offload_text_encoders(self) -> None:
         """Move Qwen2.5-VL to the CPU once the prompts are encoded (``policy.offload_text_encoders``)."""
         self.pipe.text_encoder.to("cpu")
-
-    def export_lora(self, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
-        """diffusers' Qwen-Image LoRA file in ``out`` (``QwenImagePipeline.save_lora_weights``); ``pipe.load_lora_weights(out)``
-        loads it."""
-        save_pipeline_lora(type(self.pipe), state, lora_config, out)
-
-    def export_full(self, out: Path) -> None:
-        """A pipeline folder in ``out`` with the trained transformer in ``transformer/`` (``save_pipeline_folder``):
-        ``QwenImageTransformer2DModel.from_pretrained(out, subfolder="transformer")`` loads it."""
-        save_pipeline_folder(self.pipe, self.module, out)
 
 
 QWEN_IMAGE_FOLDER = LocalFolder("qwen_image", "Qwen-Image",

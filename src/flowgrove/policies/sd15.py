@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
@@ -29,9 +28,8 @@ from torch import Tensor, nn
 from flowgrove.messages import note
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import per_sample_sigma
-from flowgrove.policies.pipelines import (DTYPES, LocalFolder, check_folder_size, decode_sd_vae, load_local_pipeline,
-                                         local_folder, save_pipeline_folder, save_pipeline_lora, unet_latent_shape,
-                                         unet_size_rule)
+from flowgrove.policies.pipelines import (DTYPES, LocalFolder, PipelineExports, check_folder_size, decode_sd_vae,
+                                          load_local_pipeline, local_folder, unet_latent_shape, unet_size_rule)
 from flowgrove.samplers.family import DiffusionSchedule, diffusion_steps
 
 if TYPE_CHECKING:
@@ -101,7 +99,7 @@ def folder_schedule(path: str, spec: LocalFolder, dtype: str, height: int, width
     return schedule
 
 
-class SD15Policy:
+class SD15Policy(PipelineExports):
     """A diffusers ``StableDiffusionPipeline`` as a policy of the diffusion step family, with CFG in ``velocity``.
 
     Attributes:
@@ -110,6 +108,8 @@ class SD15Policy:
         guidance_scale: CFG scale ``s``; CFG is on when ``s > 1``.
         negative: ``negative_prompt_embeds [1, L, D]`` of ``negative_prompt`` (None without CFG).
     """
+
+    TRAINED = "unet"
 
     def __init__(self, pipe: StableDiffusionPipeline, guidance_scale: float, height: int, width: int,
                  negative_prompt: str = "", compute_dtype: torch.dtype = torch.float32,
@@ -185,16 +185,6 @@ class SD15Policy:
     def decode(self, x: Tensor) -> Tensor:
         """Images ``[B, 3, H', W']`` in [0, 1]: ``vae.decode(x / scaling_factor)`` as the pipeline (no shift)."""
         return decode_sd_vae(self.pipe.vae, x)
-
-    def export_lora(self, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
-        """diffusers' SD LoRA file in ``out`` (``StableDiffusionPipeline.save_lora_weights``: the ``unet.`` prefix,
-        the LoraConfig as metadata), which ``pipe.load_lora_weights(out)`` loads."""
-        save_pipeline_lora(type(self.pipe), state, lora_config, out, component="unet")
-
-    def export_full(self, out: Path) -> None:
-        """A pipeline folder in ``out``: the source folder's other components copied, the trained UNet written with
-        ``save_pretrained`` (``StableDiffusionPipeline.from_pretrained(out)`` loads it)."""
-        save_pipeline_folder(self.pipe, self.module, out, subfolder="unet")
 
     def offload_text_encoders(self) -> None:
         """Move the text encoder to the CPU once the prompts are encoded (``policy.offload_text_encoders``)."""

@@ -17,7 +17,6 @@ detaches the unconditional branch). ``guidance_scale <= 1`` is the no-CFG mode (
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
@@ -25,9 +24,8 @@ from torch import Tensor, nn
 
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import per_sample_sigma, vae_decode
-from flowgrove.policies.pipelines import (DTYPES, LocalFolder, SizeRule, check_folder_size, check_size,
-                                         load_local_pipeline, local_folder, save_pipeline_folder, save_pipeline_lora,
-                                         vae_scale)
+from flowgrove.policies.pipelines import (DTYPES, LocalFolder, PipelineExports, SizeRule, check_folder_size, check_size,
+                                          load_local_pipeline, local_folder, vae_scale)
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
@@ -40,7 +38,7 @@ def sd3_size_rule(configs: Mapping[str, Mapping]) -> SizeRule:
     return SizeRule(scale * patch, f"VAE scale {scale} x patch size {patch}")
 
 
-class SD3Policy:
+class SD3Policy(PipelineExports):
     """A diffusers SD3 / SD3.5 pipeline as a ``FlowPolicy``, with classifier-free guidance in ``velocity``.
 
     Attributes:
@@ -161,16 +159,6 @@ class SD3Policy:
         for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3):
             if encoder is not None:
                 encoder.to("cpu")
-
-    def export_lora(self, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
-        """diffusers' SD3 LoRA file in ``out`` (``StableDiffusion3Pipeline.save_lora_weights``); ``pipe.load_lora_weights(out)``
-        loads it."""
-        save_pipeline_lora(type(self.pipe), state, lora_config, out)
-
-    def export_full(self, out: Path) -> None:
-        """A pipeline folder in ``out`` with the trained transformer in ``transformer/`` (``save_pipeline_folder``):
-        ``SD3Transformer2DModel.from_pretrained(out, subfolder="transformer")`` loads it."""
-        save_pipeline_folder(self.pipe, self.module, out)
 
 
 SD3_FOLDER = LocalFolder("sd3", "SD3/SD3.5", "`hf download stabilityai/stable-diffusion-3.5-medium --local-dir "

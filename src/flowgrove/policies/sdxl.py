@@ -20,16 +20,15 @@ Classifier-free guidance lives in ``velocity`` as in the pipeline's loop: one UN
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import per_sample_sigma
-from flowgrove.policies.pipelines import (DTYPES, LocalFolder, decode_sd_vae, load_local_pipeline,
-                                         save_pipeline_folder, save_pipeline_lora, unet_latent_shape)
+from flowgrove.policies.pipelines import (DTYPES, LocalFolder, PipelineExports, decode_sd_vae, load_local_pipeline,
+                                          unet_latent_shape)
 from flowgrove.policies.sd15 import ddim_schedule, folder_schedule
 from flowgrove.samplers.family import DiffusionSchedule, diffusion_steps
 
@@ -48,7 +47,7 @@ def sdxl_time_ids(pipe: StableDiffusionXLPipeline, height: int, width: int, orig
                                   text_encoder_projection_dim=int(pipe.text_encoder_2.config.projection_dim))
 
 
-class SDXLPolicy:
+class SDXLPolicy(PipelineExports):
     """A diffusers ``StableDiffusionXLPipeline`` as a policy of the diffusion step family, with CFG in ``velocity``.
 
     Attributes:
@@ -60,6 +59,8 @@ class SDXLPolicy:
         time_ids: ``add_time_ids [1, 6]`` (sizes and crop, :func:`sdxl_time_ids`).
         negative: ``(prompt_embeds [1, L, D], pooled [1, P])`` of the unconditional branch (None without CFG).
     """
+
+    TRAINED = "unet"
 
     def __init__(self, pipe: StableDiffusionXLPipeline, guidance_scale: float, height: int, width: int,
                  negative_prompt: str | None = None, time_ids: Tensor | None = None,
@@ -136,16 +137,6 @@ class SDXLPolicy:
     def decode(self, x: Tensor) -> Tensor:
         """Images ``[B, 3, H', W']`` in [0, 1], decoded as the pipeline (``decode_sd_vae``; the VAE is float32)."""
         return decode_sd_vae(self.pipe.vae, x).to(x.dtype)
-
-    def export_lora(self, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
-        """diffusers' SDXL LoRA file in ``out`` (``StableDiffusionXLPipeline.save_lora_weights``: the ``unet.`` prefix,
-        the LoraConfig as metadata), which ``pipe.load_lora_weights(out)`` loads."""
-        save_pipeline_lora(type(self.pipe), state, lora_config, out, component="unet")
-
-    def export_full(self, out: Path) -> None:
-        """A pipeline folder in ``out`` with the trained UNet in ``unet/`` (``save_pipeline_folder``):
-        ``StableDiffusionXLPipeline.from_pretrained(out)`` loads it."""
-        save_pipeline_folder(self.pipe, self.module, out, subfolder="unet")
 
     def offload_text_encoders(self) -> None:
         """Move both text encoders to the CPU once the prompts are encoded (``policy.offload_text_encoders``)."""

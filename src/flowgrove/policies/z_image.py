@@ -21,7 +21,6 @@ pipeline's ``pos + s * (pos - neg)`` against ``negative_prompt`` (encoded once),
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -29,9 +28,8 @@ from torch import Tensor
 
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import flux_size_rule, per_sample_sigma, vae_decode
-from flowgrove.policies.pipelines import (DTYPES, LocalFolder, check_folder_size, check_size, load_local_pipeline,
-                                         local_folder, pad_text_states, save_pipeline_folder, save_pipeline_lora,
-                                         text_mask, vae_scale)
+from flowgrove.policies.pipelines import (DTYPES, LocalFolder, PipelineExports, check_folder_size, check_size,
+                                          load_local_pipeline, local_folder, pad_text_states, text_mask, vae_scale)
 
 if TYPE_CHECKING:
     from diffusers import ZImagePipeline
@@ -65,7 +63,7 @@ def guided_prediction(pos: Tensor, neg: Tensor, scale: Tensor, normalization: fl
     return pred * torch.where(norm > cap, cap / norm, torch.ones_like(norm)).view(view)
 
 
-class ZImagePolicy:
+class ZImagePolicy(PipelineExports):
     """A diffusers ``ZImagePipeline`` as a ``FlowPolicy`` (Z-Image / Z-Image-Turbo, Tongyi-MAI 2025)."""
 
     def __init__(self, pipe: ZImagePipeline, height: int, width: int, max_sequence_length: int,
@@ -143,16 +141,6 @@ class ZImagePolicy:
     def offload_text_encoders(self) -> None:
         """Move Qwen3 to the CPU once the prompts are encoded (``policy.offload_text_encoders``)."""
         self.pipe.text_encoder.to("cpu")
-
-    def export_lora(self, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
-        """diffusers' Z-Image LoRA file in ``out`` (``ZImagePipeline.save_lora_weights``); ``pipe.load_lora_weights(out)``
-        loads it."""
-        save_pipeline_lora(type(self.pipe), state, lora_config, out)
-
-    def export_full(self, out: Path) -> None:
-        """A pipeline folder in ``out`` with the trained transformer in ``transformer/`` (``save_pipeline_folder``):
-        ``ZImageTransformer2DModel.from_pretrained(out, subfolder="transformer")`` loads it."""
-        save_pipeline_folder(self.pipe, self.module, out)
 
 
 Z_IMAGE_FOLDER = LocalFolder("z_image", "Z-Image",
