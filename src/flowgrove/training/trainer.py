@@ -59,7 +59,7 @@ class GRPOTrainer:
         self.device, self.engine, self.params, self.optimizer = parts.device, parts.engine, parts.params, parts.optimizer
         t = cfg.train
         self.ema = [p.detach().clone() for p in self.params] if t.ema_decay > 0 else None  # sharded as the weights
-        self.reference = [p.detach().clone() for p in self.params] if t.kl_beta > 0 else None
+        self.reference = [p.detach().clone() for p in self.params] if t.kl_beta > 0 or t.tail_anchor > 0 else None
         self.mean_std = method.mean_trained_std(cfg, step_family(policy))  # train.step_weight=tempflow's normaliser
         with torch.no_grad():  # text encoders run once per prompt
             self.cond = None if rows is not None else policy.encode_prompts(self.prompts).to(self.device)  # [P_all, ...]
@@ -109,8 +109,11 @@ class GRPOTrainer:
         else:  # a forward objective: this rank's final samples noised at grid times, each with its sample's advantage
             batch = forward.step_rows(cfg, self.policy, cond, ro, share, shared, noise)
             adv = credit.block_chain_advantages(gathered, self.weights, cfg, share).to(batch.x0.device)[batch.sample]
+        anchor = None if self.reference is None else forward.anchor_rows(
+            cfg, self.policy, cond, ro, plan, NoiseSource(step_generator(cfg.train.seed, it, 2), share.parts, share.part),
+            self.weights_swapped(self.reference))  # train.tail_anchor's rows, from their own stream
         n_leaves = ro.leaves.shape[0]
-        stats = self.update(batch, adv, n_leaves, shared, n_roots=roots.shape[0] / share.span, cond=cond)
+        stats = self.update(batch, adv, n_leaves, shared, n_roots=roots.shape[0] / share.span, cond=cond, anchor=anchor)
         t3 = time.perf_counter()
         self.iteration += 1
         total_all = weighted_total(gathered, self.weights)  # [N_all]: the metrics do not depend on the world size
@@ -185,7 +188,8 @@ class GRPOTrainer:
 
     # ---- update --------------------------------------------------------------------------------------
     def update(self, tr: Transitions | forward.ForwardSamples, adv: Tensor, n_samples: int, generator: torch.Generator,
-               n_roots: float | None = None, cond: Conditioning | None = None) -> UpdateStats:
+               n_roots: float | None = None, cond: Conditioning | None = None,
+               anchor: forward.ForwardSamples | None = None) -> UpdateStats:
         """Updates over the stored transitions or a forward objective's rows, shuffled; an optimizer step per group.
 
         With ``train.drop_zero_advantage`` a transition whose advantage is exactly 0 enters no loss and no mean
@@ -194,7 +198,7 @@ class GRPOTrainer:
         rank (no weight, optimizer or EMA change); ``train.max_nonfinite_skips`` consecutive skips raise
         :class:`NonFiniteUpdatesError` at the end of the step. ``n_roots`` (chains or trees on this rank, a fraction
         of a tree that spans ranks) sets ``train.loss_scale=reference``; ``cond`` is the conditioning the
-        transitions' ``cond_index`` points into (default: the last step's rows).
+        transitions' ``cond_index`` points into (default: the last step's rows); ``anchor``: ``train.tail_anchor``'s rows.
         """
         cond = cond if cond is not None else self.step_cond if self.step_cond is not None else self.cond
         world, _ = distributed.world_size_and_rank()
@@ -214,13 +218,14 @@ class GRPOTrainer:
         stats.dropped_transitions = len(tr) * world - stats.transitions
         per_root = max(1, int(len(tr) // (n_roots or n_samples)))  # N-bar: stored transitions per chain or tree
         totals: dict[str, float] = {}
-        norms: list[float] = []
-        for group, n_live in zip(groups, group_live):
+        norms, anchor_values = [], []
+        for group, n_live, anchor_rows in zip(groups, group_live, forward.anchor_shares(anchor, len(groups))):
             if n_live == 0:  # on every rank: nothing to train in this group
                 continue
             self.optimizer.zero_grad(set_to_none=True)
-            parts = self._backward_group(tr, adv, live, cond, per_root, group, int(n_live))
-            for n, part in parts:  # n: the micro-batch's live rows
+            parts = self._backward_group(tr, adv, live, cond, per_root, group, int(n_live), anchor_rows)
+            for n, part in parts:  # n: the micro-batch's live rows (0 for the anchor's)
+                anchor_values += [part.pop("tail_anchor")] if "tail_anchor" in part else []
                 dev = part.pop("ratio_dev", None)
                 if dev is not None and stats.updates == 0 and stats.skipped_steps == 0 and not totals:
                     stats.first_ratio_max_dev = dev
@@ -231,9 +236,10 @@ class GRPOTrainer:
         if stats.updates:
             self._ema_update(per_rollout=True)
         stats.grad_norm = sum(norms) / len(norms) if norms else float("nan")
-        means = distributed.weighted_mean_over_ranks([totals.get(k, 0.0) for k in ("loss", "clip_fraction", "approx_kl", "kl")],
-                                                     float(live.sum()))
-        stats.loss, stats.clip_fraction, stats.approx_kl, stats.kl = means  # over every rank's live transitions
+        totals["tail_anchor"] = sum(anchor_values) / len(anchor_values) if anchor_values else 0.0  # mean over groups
+        keys = ("loss", "clip_fraction", "approx_kl", "kl", "tail_anchor")
+        means = distributed.weighted_mean_over_ranks([totals.get(k, 0.0) for k in keys], float(live.sum()))
+        stats.loss, stats.clip_fraction, stats.approx_kl, stats.kl, stats.tail_anchor = means  # over every rank's rows
         stats.first_ratio_max_dev = distributed.max_over_ranks(stats.first_ratio_max_dev)
         return stats
 
@@ -254,16 +260,21 @@ class GRPOTrainer:
         return norm
 
     def _backward_group(self, tr: Transitions, adv: Tensor, live: Tensor, cond: Conditioning, per_root: int,
-                        group: Tensor, group_live: int) -> list[tuple[int, dict[str, float]]]:
+                        group: Tensor, group_live: int, anchor: forward.ForwardSamples | None = None
+                        ) -> list[tuple[int, dict[str, float]]]:
         """Forward and backward of an accumulation group's micro-batches (``group``: rows of ``tr``; ``group_live``: its
-        live rows on all ranks), gradients reduced at the last; each micro-batch's live rows and numbers, in order."""
+        live rows on all ranks), then its ``anchor`` rows, gradients reduced at the last; each one's live rows and numbers."""
         t, (world, _) = self.cfg.train, distributed.world_size_and_rank()
         micro, parts = group.split(t.micro_batch), []
+        last = len(micro) - (anchor is None)
         for i, rows in enumerate(micro):
             n = int(live[rows].sum())
             weight = loss_weight(t.loss_scale, n, group_live, world, t.accumulate_size / world, per_root)
-            with self.engine.gradient_sync(i == len(micro) - 1):  # one reduction per accumulation group
+            with self.engine.gradient_sync(i == last):  # one reduction per accumulation group
                 parts.append((n, self._micro_step(tr.select(rows), adv[rows], live[rows], weight, cond)))
+        if anchor is not None:  # a mean over each rank's rows; the data-parallel mean makes it the global one
+            with self.engine.gradient_sync(True):
+                parts.append((0, forward.anchor_backward(self.cfg, self.policy, anchor, cond, self.engine.forward)))
         return parts
 
     def _micro_step(self, batch: Transitions | forward.ForwardSamples, adv: Tensor, live: Tensor, weight: float,
@@ -282,7 +293,7 @@ class GRPOTrainer:
         transitions, plus the transition KL to the reference policy."""
         t, noise = self.cfg.train, self.cfg.sampler.noise  # the noise kind (and SDE type) the transitions were drawn with
         ref_mean = None
-        if self.reference is not None:  # before the policy forward: swapping weights in place after it would
+        if self.reference is not None and t.kl_beta > 0:  # before the policy forward: swapping weights in place after it would
             with torch.no_grad(), self.weights_swapped(self.reference):  # corrupt the tensors autograd saved
                 _, ref_mean = rescore(self.policy, batch, cond, noise)
         step = self.engine.forward(lambda: rescore_step(self.policy, batch, cond, noise))  # DDP sees the training forward
@@ -308,7 +319,7 @@ class GRPOTrainer:
         """A forward objective's loss (:func:`flowgrove.training.forward.forward_loss`) over the live rows, through
         the engine (a rank's padding runs every row and backs a zero)."""
         rows = (live if bool(live.any()) else torch.ones_like(live)).nonzero().flatten()
-        swap = self.weights_swapped(self.reference) if self.reference is not None else None
+        swap = self.weights_swapped(self.reference) if self.reference is not None and self.cfg.train.kl_beta > 0 else None
         loss, logs = forward.forward_loss(self.cfg, self.policy, batch.select(rows), adv[rows], cond, self.engine.forward, swap)
         return (loss, logs) if bool(live.any()) else (loss * 0.0, {})
 
