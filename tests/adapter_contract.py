@@ -10,7 +10,7 @@ import copy
 import json
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -186,3 +186,16 @@ def check_full_export(run: Path, out: Path, transformer_cls: type, subfolder: st
     trained = run_trainer(run).policy.module.state_dict()
     loaded = transformer_cls.from_pretrained(str(out), subfolder=subfolder).state_dict()
     assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], v) for k, v in trained.items())
+
+
+def check_edit_presets(kind: str, root: Path, policy_args: Sequence[str], prompt_file: Path,
+                       base: Callable[[], FlowPolicy], prompts: Sequence[str], transformer_cls: type) -> None:
+    """An edit family's ``tree-lora`` (TREE with LoRA; the export loads back with ``load_lora_weights``) or
+    ``window-full`` (WINDOW, full fine-tune; the transformer reloads) run from ``prompt_file``'s rows with input
+    images; ``base()`` builds the untrained policy, ``prompts`` are rows for the velocity comparison."""
+    if kind == "tree-lora":
+        run, out = train_and_export(root, TREE, [*policy_args, "policy.lora_rank=4"], "brightness", prompt_file)
+        check_pipeline_lora_export(run, out, base(), prompts, atol=1e-6)
+    else:
+        run, out = train_and_export(root, WINDOW, [*policy_args, "policy.lora_rank=0"], "brightness", prompt_file)
+        check_full_export(run, out, transformer_cls)

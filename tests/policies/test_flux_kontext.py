@@ -124,16 +124,11 @@ def test_encode_prompts_caches_the_input_images(kontext, tmp_path):
 
 @pytest.mark.parametrize("kind", ["tree-lora", "window-full"])
 def test_flux_kontext_tree_and_window_presets_train_and_export(kontext, tmp_path, kind):
-    from adapter_contract import TREE, WINDOW, check_full_export, check_pipeline_lora_export, train_and_export
+    from adapter_contract import check_edit_presets
     from diffusers import FluxTransformer2DModel
 
     folder, prompts = kontext
     args = ["policy.name=flux_kontext", f"policy.path={folder}",
             f"policy.options={{height: {SIDE}, width: {SIDE}, max_sequence_length: {TOKENS}}}"]
-    edits = write_edit_prompts(tmp_path)
-    if kind == "tree-lora":
-        run, out = train_and_export(tmp_path, TREE, [*args, "policy.lora_rank=4"], "brightness", edits)
-        check_pipeline_lora_export(run, out, _policy(folder), prompts, atol=1e-6)
-    else:
-        run, out = train_and_export(tmp_path, WINDOW, [*args, "policy.lora_rank=0"], "brightness", edits)
-        check_full_export(run, out, FluxTransformer2DModel)
+    check_edit_presets(kind, tmp_path, args, write_edit_prompts(tmp_path), lambda: _policy(folder), prompts,
+                       FluxTransformer2DModel)

@@ -61,7 +61,8 @@ def test_clip_direction_equals_the_formula_on_the_processor(tmp_path, photos, ti
     out_img, after = features(model, processor, outputs, ["a snowy temple", "turn the flower blue"])
     in_img, before = features(model, processor, photos, ["a temple", ""])
     image_dir, text_dir = out_img - in_img, after - before
-    expected = (image_dir / image_dir.norm(dim=-1, keepdim=True) * text_dir / text_dir.norm(dim=-1, keepdim=True)).sum(-1)
+    image_dir, text_dir = (d / d.norm(dim=-1, keepdim=True) for d in (image_dir, text_dir))
+    expected = (image_dir * text_dir).sum(-1)
     reward = build_reward("clip_direction", weights=folder, device="cpu", batch_size=1)
     torch.testing.assert_close(reward(outputs, prompts), expected, rtol=0, atol=1e-5)
     assert sorted(reward.inputs) == sorted(p.metadata["image"] for p in prompts)  # each input embedded once

@@ -27,7 +27,7 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, low: flo
 
 @dataclass
 class PolicyConfig:
-    name: str = _f("digits", "Registered policy adapter: digits, numbers (built-in tiny FLUX), flux1, flux_kontext, flux2, sd3, wan, qwen_image, sd15, sdxl, hunyuan_video, z_image (local diffusers folders).")
+    name: str = _f("digits", "Registered policy adapter: digits, numbers (built-in tiny FLUX), flux1, flux_kontext, flux2, sd3, wan, qwen_image, qwen_image_edit, sd15, sdxl, hunyuan_video, z_image (local diffusers folders).")
     path: str = _f("", "Weights: a safetensors file (digits, numbers) or a local diffusers folder (other policies); empty = the shipped weights.")
     lora_rank: int = _f(0, "LoRA rank through peft; 0 trains the full transformer.", low=0)
     lora_alpha: float = _f(0.0, "LoRA alpha; 0 means 2 * rank (the references' ratio).", low=0)
