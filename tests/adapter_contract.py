@@ -10,7 +10,7 @@ import copy
 import json
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -127,14 +127,18 @@ SMALL = ("--steps", "2", "rollout.prompts_per_step=1", "rollout.group_size=2", "
          "train.lr=1e-2", "policy.dtype=float32")
 
 
-def train_and_export(root: Path, preset: Sequence[str], policy_args: Sequence[str], reward: str) -> tuple[Path, Path]:
-    """``flowgrove train`` with ``preset`` on a tiny pipeline, then ``flowgrove export``; returns (run, export)."""
+def train_and_export(root: Path, preset: Sequence[str], policy_args: Sequence[str], reward: str,
+                     prompt_file: Path | None = None) -> tuple[Path, Path]:
+    """``flowgrove train`` with ``preset`` on a tiny pipeline, then ``flowgrove export``; returns (run, export).
+    ``prompt_file``: the training prompts (an edit model's rows with input images); else two text prompts."""
     from flowgrove.cli import main
 
-    (root / "prompts.txt").write_text("a cat\na dog\n")
+    if prompt_file is None:
+        prompt_file = root / "prompts.txt"
+        prompt_file.write_text("a cat\na dog\n")
     run, out = root / "run", root / "export"
     assert main(["train", *preset, "--out", str(run), *SMALL, *policy_args, f"rewards={{{reward}: 1.0}}",
-                 f"data.train={root / 'prompts.txt'}"]) == 0
+                 f"data.train={prompt_file}"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == preset[1] and summary["steps"] == 2
     assert main(["export", str(run), "--out", str(out)]) == 0
@@ -182,3 +186,16 @@ def check_full_export(run: Path, out: Path, transformer_cls: type, subfolder: st
     trained = run_trainer(run).policy.module.state_dict()
     loaded = transformer_cls.from_pretrained(str(out), subfolder=subfolder).state_dict()
     assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], v) for k, v in trained.items())
+
+
+def check_edit_presets(kind: str, root: Path, policy_args: Sequence[str], prompt_file: Path,
+                       base: Callable[[], FlowPolicy], prompts: Sequence[str], transformer_cls: type) -> None:
+    """An edit family's ``tree-lora`` (TREE with LoRA; the export loads back with ``load_lora_weights``) or
+    ``window-full`` (WINDOW, full fine-tune; the transformer reloads) run from ``prompt_file``'s rows with input
+    images; ``base()`` builds the untrained policy, ``prompts`` are rows for the velocity comparison."""
+    if kind == "tree-lora":
+        run, out = train_and_export(root, TREE, [*policy_args, "policy.lora_rank=4"], "brightness", prompt_file)
+        check_pipeline_lora_export(run, out, base(), prompts, atol=1e-6)
+    else:
+        run, out = train_and_export(root, WINDOW, [*policy_args, "policy.lora_rank=0"], "brightness", prompt_file)
+        check_full_export(run, out, transformer_cls)

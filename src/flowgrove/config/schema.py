@@ -27,7 +27,7 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, low: flo
 
 @dataclass
 class PolicyConfig:
-    name: str = _f("digits", "Registered policy adapter: digits, numbers (built-in tiny FLUX), flux1, flux2, sd3, wan, qwen_image, sd15, sdxl, hunyuan_video, z_image (local diffusers folders).")
+    name: str = _f("digits", "Registered policy adapter: digits, numbers (built-in tiny FLUX), flux1, flux_kontext, flux2, sd3, wan, qwen_image, qwen_image_edit, sd15, sdxl, hunyuan_video, z_image (local diffusers folders).")
     path: str = _f("", "Weights: a safetensors file (digits, numbers) or a local diffusers folder (other policies); empty = the shipped weights.")
     lora_rank: int = _f(0, "LoRA rank through peft; 0 trains the full transformer.", low=0)
     lora_alpha: float = _f(0.0, "LoRA alpha; 0 means 2 * rank (the references' ratio).", low=0)
@@ -95,7 +95,7 @@ class RolloutConfig:
 
 @dataclass
 class DataConfig:
-    train: str = _f("", "Training prompts: a .txt (one per line), .jsonl or .csv (a prompt column; other columns are metadata for the rewards); empty = the policy's built-in prompts.")
+    train: str = _f("", "Training prompts: a .txt (one per line), .jsonl or .csv (a prompt column; other columns are metadata for the rewards, an image column an edit model's input image relative to the file); empty = the policy's built-in prompts.")
     test: str = _f("", "Held-out prompts of the evaluation (same formats); empty = the policy's held-out prompts (numbers: the 20 test numbers), else the training prompts (with the evaluation's own seeds).")
     cache: str = _f("", "A `flowgrove encode-prompts` folder of the training prompts: steps read only their rows from it.")
 
