@@ -10,17 +10,26 @@ the exact float ``1000 * sigma``. The transformer predicts ``noise - x0`` (the s
 ``x + (sigma_next - sigma) * v``), the policy's velocity. With ``guidance_scale > 1`` the velocity is the pipeline's
 classifier-free guidance ``v_neg + s * (v - v_neg)`` against ``negative_prompt``, encoded once. Wan 2.2 A14B
 (``boundary_ratio``, two experts) routes rows with ``1000 * sigma >= boundary_ratio * 1000`` to ``transformer``
-and the others to ``transformer_2``, as the pipeline does; ``expert`` picks which one trains (``module``).
+and the others to ``transformer_2``, as the pipeline does; ``expert`` picks which one trains (``module``): ``high``,
+``low``, or ``both`` (:class:`WanExperts`: each stored transition trains the expert that produced it, since the
+re-scoring forward routes it by its sigma as the rollout did).
+Schedule: the folders ship ``FlowMatchEulerDiscreteScheduler`` (Wan 2.1) or ``UniPCMultistepScheduler`` with
+``use_flow_sigmas`` (Wan 2.2); flowgrove never runs the folder's scheduler but samples its own flow-match steps on
+``sampler.shift``'s grid, which is the folder's sigma grid when ``sampler.shift`` is the folder's shift
+(:func:`wan_schedule`; UniPC's solver itself is not used).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from flowgrove.messages import ConfigError, note
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import DTYPES, per_sample_sigma
 from flowgrove.policies.pipelines import (LocalFolder, SizeRule, check_folder_size, check_size, decode_wan_vae,
@@ -53,18 +62,121 @@ def wan_latent_shape(pipe: WanPipeline, num_frames: int, height: int, width: int
             int(width) // spatial)
 
 
+EXPERTS = ("high", "low", "both")  # policy.options.expert: which Wan 2.2 A14B expert trains
+COMPONENTS = ("transformer", "transformer_2")  # the experts' pipeline components, high-noise first
+LOW_NOISE_LORA = "pytorch_lora_weights_transformer_2.safetensors"  # expert="both": the low-noise expert's LoRA file
+
+
+@dataclass(frozen=True)
+class WanSchedule:
+    """The sigma grid a Wan folder's scheduler samples on, as flowgrove's ``flux`` grid takes it."""
+
+    scheduler: str  # the folder's scheduler class (FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler)
+    shift: float  # its time shift: sampler.shift that puts flowgrove's grid on the folder's sigmas
+
+
+def wan_schedule(config: Mapping, where: str = "scheduler") -> WanSchedule:
+    """The folder's flow-matching schedule from its scheduler config (``scheduler/scheduler_config.json``).
+
+    ``FlowMatchEulerDiscreteScheduler`` (Wan 2.1): ``shift``. ``UniPCMultistepScheduler`` (Wan 2.2 as it ships,
+    ``prediction_type="flow_prediction"``, ``use_flow_sigmas``): ``flow_shift``; its grid is
+    ``shift(linspace(1 - 1/1000 ... 0))``, flowgrove's ``flux`` grid at that shift within ``shift / 1000``.
+
+    Raises:
+        ConfigError: a scheduler that does not sample flow-matching sigmas (``where`` names its file).
+    """
+    name = str(config.get("_class_name", "FlowMatchEulerDiscreteScheduler"))
+    if name == "FlowMatchEulerDiscreteScheduler" and not config.get("use_dynamic_shifting", False):
+        return WanSchedule(name, float(config.get("shift", 1.0)))
+    if config.get("prediction_type") == "flow_prediction" and config.get("use_flow_sigmas", False):
+        return WanSchedule(name, float(config.get("flow_shift", 1.0)))
+    raise ConfigError(f"policy.path: {where} is {name} without flow-matching sigmas (prediction_type="
+                      f"{config.get('prediction_type')!r}, use_flow_sigmas={config.get('use_flow_sigmas')}); the wan "
+                      "policy needs a Wan folder as Wan-AI ships it (FlowMatchEuler, or UniPC with use_flow_sigmas)")
+
+
+def wan_folder_experts(folder: Path) -> int:
+    """How many experts the folder's ``model_index.json`` lists (2: Wan 2.2 A14B, ``transformer_2`` and
+    ``boundary_ratio``), from the file alone."""
+    index = json.loads((folder / "model_index.json").read_text())
+    two = (index.get("transformer_2") or [None])[0] is not None and index.get("boundary_ratio") is not None
+    return 2 if two else 1
+
+
+def check_expert(expert: str, experts: int, folder: Path) -> None:
+    """Refuse an ``expert`` that is not one of :data:`EXPERTS`, or ``low``/``both`` on a one-expert folder.
+
+    Raises:
+        ConfigError: naming ``policy.options.expert`` and the fix.
+    """
+    if expert not in EXPERTS:
+        raise ConfigError(f"policy.options.expert={expert!r} is not allowed; set high (transformer), low "
+                          "(transformer_2) or both")
+    if expert != "high" and experts == 1:
+        raise ConfigError(f"policy.options.expert={expert} needs a two-expert folder (Wan 2.2 A14B: transformer_2 "
+                          f"and boundary_ratio in model_index.json); {folder} has one transformer: drop the option")
+
+
+class WanExperts(nn.Module):
+    """Both experts of Wan 2.2 A14B as the one trained module of ``expert="both"``: the trainer's LoRA,
+    float32 masters, checkpoints and exports see ``transformer.*`` and ``transformer_2.*`` (the pipeline's component
+    names); ``add_adapter`` and gradient checkpointing reach each expert."""
+
+    def __init__(self, transformer: nn.Module, transformer_2: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.transformer_2 = transformer_2
+
+    @property
+    def experts(self) -> tuple[nn.Module, nn.Module]:
+        """``(transformer, transformer_2)``: high-noise, low-noise."""
+        return self.transformer, self.transformer_2
+
+    @property
+    def peft_config(self) -> dict:
+        """The experts' (identical) peft adapter configs, as diffusers' ``ModelMixin`` keeps them."""
+        return self.transformer.peft_config
+
+    def add_adapter(self, adapter_config, adapter_name: str = "default") -> None:
+        """The same peft adapter on each expert (diffusers' ``add_adapter``)."""
+        for expert in self.experts:
+            expert.add_adapter(adapter_config, adapter_name=adapter_name)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Each expert's own switch."""
+        for expert in self.experts:
+            expert.enable_gradient_checkpointing()
+
+    def disable_gradient_checkpointing(self) -> None:
+        """Each expert's own switch."""
+        for expert in self.experts:
+            expert.disable_gradient_checkpointing()
+
+
+def split_experts_state(state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """A :class:`WanExperts` state (``transformer.<key>``, ``transformer_2.<key>``) as each expert's own
+    (``{"transformer": {<key>: ...}, "transformer_2": {...}}``)."""
+    parts: dict[str, dict[str, Tensor]] = {"transformer": {}, "transformer_2": {}}
+    for key, value in state.items():
+        component, rest = key.split(".", 1)
+        parts[component][rest] = value
+    return parts
+
+
 class WanPolicy:
     """A diffusers ``WanPipeline`` as a ``FlowPolicy`` on 5-D video latents (Wan-AI Wan 2.1 / 2.2)."""
 
     def __init__(self, pipe: WanPipeline, num_frames: int, height: int, width: int, max_sequence_length: int,
                  guidance_scale: float = 1.0, negative_prompt: str = "", expert: str = "high",
-                 compute_dtype: torch.dtype = torch.float32) -> None:
-        if expert not in ("high", "low"):
-            raise ValueError(f"expert must be 'high' (transformer) or 'low' (transformer_2), got {expert!r}.")
+                 compute_dtype: torch.dtype = torch.float32, schedule: WanSchedule | None = None) -> None:
+        experts = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
+        check_expert(expert, len(experts), Path(pipe.name_or_path or "the pipeline"))
         self.pipe = pipe
-        self.experts = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
-        self.boundary = pipe.config.boundary_ratio if len(self.experts) == 2 else None
-        self.trained = 1 if expert == "low" and self.boundary is not None else 0
+        self.experts = experts
+        self.boundary = pipe.config.boundary_ratio if len(experts) == 2 else None
+        self.expert = expert
+        self._pair = WanExperts(*experts) if expert == "both" else None
+        self.schedule = schedule or wan_schedule({"_class_name": type(pipe.scheduler).__name__, **pipe.scheduler.config})
         self.latent_shape = wan_latent_shape(pipe, num_frames, height, width)
         self.max_sequence_length = max_sequence_length
         self.guidance_scale = float(guidance_scale)
@@ -73,13 +185,21 @@ class WanPolicy:
         self._negative: Tensor | None = None  # [1, L, D], encoded on first use
 
     @property
+    def trained(self) -> tuple[int, ...]:
+        """Indices into ``experts`` of the trained ones (0: ``transformer``, 1: ``transformer_2``)."""
+        return {"high": (0,), "low": (1,), "both": (0, 1)}[self.expert]
+
+    @property
     def module(self) -> nn.Module:
-        """The trained transformer (``transformer``, or ``transformer_2`` with ``expert="low"``)."""
-        return self.experts[self.trained]
+        """The trained module: ``transformer``, ``transformer_2`` (``expert="low"``) or both (:class:`WanExperts`)."""
+        return self._pair if self._pair is not None else self.experts[self.trained[0]]
 
     @module.setter
     def module(self, value: nn.Module) -> None:
-        self.experts[self.trained] = value
+        if self._pair is not None:
+            self._pair, self.experts = value, list(value.experts)
+        else:
+            self.experts[self.trained[0]] = value
 
     def _encode(self, prompts: Sequence[str]) -> Tensor:
         with torch.no_grad():
@@ -105,8 +225,10 @@ class WanPolicy:
             out = model(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=embeds.to(dtype),
                         return_dict=False)[0]  # [B, C, F', H', W']
         return out.to(x.dtype)
-
     def _expert_velocity(self, x: Tensor, sigma: Tensor, embeds: Tensor) -> Tensor:
+        """Each row through the expert its sigma routes it to. A trained expert that gets no row while autograd is
+        on runs on one row at weight 0, so that every micro-batch's loss reaches the trained weights (zero gradients
+        where they produced no transition), as ``backward`` and data-parallel reductions need."""
         if self.boundary is None:
             return self._forward(self.experts[0], x, sigma, embeds)
         high = 1000 * sigma >= self.boundary * self.pipe.scheduler.config.num_train_timesteps  # [B]
@@ -114,6 +236,9 @@ class WanPolicy:
         for expert, rows in ((0, high), (1, ~high)):
             if rows.any():
                 out[rows] = self._forward(self.experts[expert], x[rows], sigma[rows], embeds[rows])
+        idle = [e for e, rows in ((0, high), (1, ~high)) if e in self.trained and not rows.any()]
+        if idle and torch.is_grad_enabled():
+            out = out + 0 * self._forward(self.experts[idle[0]], x[:1], sigma[:1], embeds[:1]).sum()
         return out  # [B, C, F', H', W']
 
     def velocity(self, x: Tensor, sigma: Tensor | float, cond: Conditioning) -> Tensor:
@@ -147,18 +272,41 @@ class WanPolicy:
         self.pipe.text_encoder.to("cpu")
 
     def export_lora(self, state: dict[str, Tensor], lora_config: dict, out: Path) -> None:
-        """diffusers' Wan LoRA file in ``out`` (``WanPipeline.save_lora_weights``); ``pipe.load_lora_weights(out)``
-        loads it, with ``load_into_transformer_2=True`` for ``expert="low"``."""
-        save_pipeline_lora(type(self.pipe), state, lora_config, out)
+        """diffusers' Wan LoRA files in ``out``, one per trained expert (``WanPipeline.save_lora_weights``):
+        ``pipe.load_lora_weights(out)`` loads the high-noise one into ``transformer``; the low-noise one (``"low"``:
+        the same file name; ``"both"``: :data:`LOW_NOISE_LORA`, ``weight_name=``) loads with
+        ``load_into_transformer_2=True``; each load leaves the other expert untouched (:meth:`lora_usage`)."""
+        parts = split_experts_state(state) if self._pair is not None else {COMPONENTS[self.trained[0]]: state}
+        for component, expert_state in parts.items():
+            name = LOW_NOISE_LORA if component == "transformer_2" and self._pair is not None else None
+            save_pipeline_lora(type(self.pipe), expert_state, lora_config, out, weight_name=name)
+
+    def lora_usage(self, out: str) -> list[str]:
+        """The Python lines that load :meth:`export_lora`'s files into the base pipeline ``pipe``."""
+        load = f"pipe.load_lora_weights({out!r}"
+        return {"high": [f"{load})"], "low": [f"{load}, load_into_transformer_2=True)"],
+                "both": [f"{load})", f"{load}, weight_name={LOW_NOISE_LORA!r}, load_into_transformer_2=True)"]}[self.expert]
 
     def export_full(self, out: Path) -> None:
-        """A pipeline folder in ``out`` with the trained expert in ``transformer/`` (``transformer_2/`` for
-        ``expert="low"``; ``save_pipeline_folder``): ``WanTransformer3DModel.from_pretrained(out, subfolder=...)``."""
-        save_pipeline_folder(self.pipe, self.module, out, "transformer_2" if self.trained else "transformer")
+        """A pipeline folder in ``out`` with the trained experts in ``transformer/`` and/or ``transformer_2/``
+        (``save_pipeline_folder``): ``WanPipeline.from_pretrained(out)``, or
+        ``WanTransformer3DModel.from_pretrained(out, subfolder=...)``."""
+        save_pipeline_folder(self.pipe, {COMPONENTS[i]: self.experts[i] for i in self.trained}, out)
 
 
 WAN_FOLDER = LocalFolder("wan", "Wan", "`hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir "
-                         "/models/Wan2.1-T2V-1.3B` (or Wan-AI/Wan2.2-T2V-A14B-Diffusers)")
+                         "/models/Wan2.1-T2V-1.3B` (or Wan-AI/Wan2.2-T2V-A14B-Diffusers, Wan-AI/Wan2.2-TI2V-5B-Diffusers)")
+
+
+def read_wan_schedule(folder: Path) -> WanSchedule:
+    """:func:`wan_schedule` of the folder's ``scheduler/scheduler_config.json`` (FlowMatchEuler's defaults without
+    one), with a note on stderr when it is not the flow-match Euler scheduler flowgrove's steps are."""
+    file = folder / "scheduler" / "scheduler_config.json"
+    schedule = wan_schedule(json.loads(file.read_text()) if file.is_file() else {}, str(file))
+    if schedule.scheduler != "FlowMatchEulerDiscreteScheduler":
+        note(f"wan: {folder} ships {schedule.scheduler} (flow shift {schedule.shift:g}); flowgrove samples its own "
+             f"flow-match steps instead, on the folder's sigma grid with sampler.shift={schedule.shift:g}")
+    return schedule
 
 
 @register_policy("wan", WAN_FOLDER)
@@ -168,28 +316,36 @@ def build_wan_policy(path: str = "", *, device: str | torch.device = "cpu", dtyp
     """Load a local diffusers Wan folder offline (``WanPipeline.from_pretrained(local_files_only=True)``).
 
     Args:
-        path: The diffusers folder (``model_index.json``, transformer(s), vae, text_encoder, tokenizer).
+        path: The diffusers folder (``model_index.json``, transformer(s), vae, text_encoder, tokenizer, scheduler).
         device: Where every component goes.
         dtype: ``float32``, ``bfloat16`` or ``float16`` for the transformer(s) and UMT5; the VAE stays float32.
         num_frames: Video frames, ``4k + 1`` (others are refused, not rounded as the pipeline does). 1 gives images.
-        height: Pixels, a multiple of 16 (:func:`wan_size_rule`).
+        height: Pixels, a multiple of the VAE scale times the patch (16; 32 for Wan 2.2 TI2V-5B, :func:`wan_size_rule`).
         width: Pixels, likewise.
         max_sequence_length: UMT5 tokens per prompt (the pipeline's 512).
         guidance_scale: Classifier-free guidance scale (the pipeline's 5.0); 1 or less turns CFG off.
         negative_prompt: The CFG negative prompt.
-        expert: Wan 2.2 A14B: train the high-noise ``transformer`` (``high``) or ``transformer_2`` (``low``).
+        expert: Wan 2.2 A14B: train the high-noise ``transformer`` (``high``), ``transformer_2`` (``low``) or both
+            (``both``, each on the transitions it produced).
 
     Returns:
         The policy; UMT5, the VAE and an untrained second expert are frozen.
+
+    Raises:
+        ConfigError: a size the pipeline would round, an ``expert`` the folder does not have, or a scheduler
+            without flow-matching sigmas (all before any weights load).
     """
     from diffusers import AutoencoderKLWan, WanPipeline
 
     folder = local_folder(path, WAN_FOLDER, dtype)
     check_folder_size(folder, "wan", wan_size_rule, ("vae", "transformer"), height, width, num_frames)
+    check_expert(expert, wan_folder_experts(folder), folder)
+    schedule = read_wan_schedule(folder)
     pipe = load_local_pipeline(WanPipeline, path, WAN_FOLDER, dtype=dtype, device=device,
                                frozen=("vae", "text_encoder"), float32_vae=AutoencoderKLWan)
     policy = WanPolicy(pipe, num_frames, height, width, max_sequence_length, guidance_scale, negative_prompt, expert,
-                       compute_dtype=DTYPES[dtype])
-    for frozen in (m for m in policy.experts if m is not policy.module):  # the expert that is not trained
-        frozen.requires_grad_(False).eval()
+                       compute_dtype=DTYPES[dtype], schedule=schedule)
+    for index, frozen in enumerate(policy.experts):
+        if index not in policy.trained:
+            frozen.requires_grad_(False).eval()
     return policy
