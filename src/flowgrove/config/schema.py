@@ -95,7 +95,7 @@ class RolloutConfig:
 
 @dataclass
 class DataConfig:
-    train: str = _f("", "Training prompts: a .txt (one per line), .jsonl or .csv (a prompt column; other columns are metadata for the rewards); empty = the policy's built-in prompts.")
+    train: str = _f("", "Training prompts: a .txt (one per line), .jsonl or .csv (a prompt column; other columns are metadata for the rewards, an image column an edit model's input image relative to the file); empty = the policy's built-in prompts.")
     test: str = _f("", "Held-out prompts of the evaluation (same formats); empty = the policy's held-out prompts (numbers: the 20 test numbers), else the training prompts (with the evaluation's own seeds).")
     cache: str = _f("", "A `flowgrove encode-prompts` folder of the training prompts: steps read only their rows from it.")
 

@@ -147,6 +147,26 @@ def load_local_pipeline(pipeline_cls: Any, path: str, spec: LocalFolder, *, dtyp
     return pipe
 
 
+def input_images(prompts: Sequence[str], family: str) -> list[Any]:
+    """The RGB input image of each prompt as a PIL image, from ``prompt.metadata["image"]`` (the absolute path that
+    ``flowgrove.training.prompts.read_prompts`` resolved and checked from the prompt file's ``image`` column).
+
+    Raises:
+        ValueError: a prompt without an input image (a plain string, or a row without ``image``).
+    """
+    from PIL import Image
+
+    images = []
+    for prompt in prompts:
+        path = getattr(prompt, "metadata", {}).get("image")
+        if not path:
+            raise ValueError(f"{family} edits an input image: prompt {str(prompt)!r} has none; give data.train as a "
+                             '.jsonl ({"prompt": "...", "image": "input.png"}) or .csv with an image column')
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    return images
+
+
 def decode_wan_vae(vae: nn.Module, latents: Tensor) -> Tensor:
     """Pixels ``[B, 3, F, H, W]`` in [0, 1] from normalised latents ``[B, C, F', H', W']`` (Wan VAE; Qwen-Image's too).
 
