@@ -136,14 +136,18 @@ SMALL = ("--steps", "2", "rollout.prompts_per_step=1", "rollout.group_size=2", "
          "train.lr=1e-2", "policy.dtype=float32")
 
 
-def train_and_export(root: Path, preset: Sequence[str], policy_args: Sequence[str], reward: str) -> tuple[Path, Path]:
-    """``flowgrove train`` with ``preset`` on a tiny pipeline, then ``flowgrove export``; returns (run, export)."""
+def train_and_export(root: Path, preset: Sequence[str], policy_args: Sequence[str], reward: str,
+                     prompts: Path | None = None) -> tuple[Path, Path]:
+    """``flowgrove train`` with ``preset`` on a tiny pipeline, then ``flowgrove export``; returns (run, export).
+    ``prompts``: the prompt file (default: ``a cat`` and ``a dog`` in ``root/prompts.txt``)."""
     from flowgrove.cli import main
 
-    (root / "prompts.txt").write_text("a cat\na dog\n")
+    if prompts is None:
+        prompts = root / "prompts.txt"
+        prompts.write_text("a cat\na dog\n")
     run, out = root / "run", root / "export"
     assert main(["train", *preset, "--out", str(run), *SMALL, *policy_args, f"rewards={{{reward}: 1.0}}",
-                 f"data.train={root / 'prompts.txt'}"]) == 0
+                 f"data.train={prompts}"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == preset[1] and summary["steps"] == 2
     assert main(["export", str(run), "--out", str(out)]) == 0

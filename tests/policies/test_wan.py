@@ -3,6 +3,7 @@ and trained; videos in the run folder as a frame strip PNG and an animated GIF."
 
 from __future__ import annotations
 
+import shutil
 import string
 
 import pytest
@@ -61,11 +62,60 @@ def save_tiny_wan_pipeline(path, *, vae: dict | None = None, unipc: dict | None 
     pipe.save_pretrained(str(path))
 
 
+def save_tiny_wan_i2v_pipeline(path, *, clip: bool, **wan22) -> None:
+    """diffusers ``tests/pipelines/wan/test_wan_image_to_video.py`` components: a 36-channel transformer (latents,
+    first-frame mask and condition) with a tiny CLIP vision tower (``clip``, Wan 2.1 I2V) or two experts without one
+    (``boundary_ratio``, Wan 2.2 A14B I2V); text encoder, tokenizer and VAE as :func:`save_tiny_wan_pipeline`."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    save_tiny_wan_pipeline(path, **({"unipc": A14B_UNIPC} if wan22 else {}))
+    t2v = WanPipeline.from_pretrained(str(path))
+    torch.manual_seed(0)
+    config = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+                  text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=4 if clip else None)
+    encoder = processor = None
+    if clip:
+        encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=4, projection_dim=4, num_hidden_layers=2,
+                                                                 num_attention_heads=2, image_size=32,
+                                                                 intermediate_size=16, patch_size=1))
+        processor = CLIPImageProcessor(crop_size=32, size=32)
+    experts = [WanTransformer3DModel(**config) for _ in range(2 if wan22 else 1)]
+    pipe = WanImageToVideoPipeline(tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, vae=t2v.vae,
+                                   scheduler=t2v.scheduler, image_processor=processor, image_encoder=encoder,
+                                   transformer=experts[0], transformer_2=experts[1] if wan22 else None, **wan22)
+    shutil.rmtree(path)
+    pipe.save_pretrained(str(path))
+
+
 @pytest.fixture(scope="module")
 def wan_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_wan")
     save_tiny_wan_pipeline(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def i2v_dirs(tmp_path_factory):
+    """Tiny image-to-video folders ``wan21`` (CLIP) and ``wan22`` (A14B, boundary 0.9, UniPC), an input image
+    ``first_frame.png`` (24 x 20: the pipeline resizes it) and ``prompts.jsonl`` whose rows carry it."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tiny_wan_i2v")
+    save_tiny_wan_i2v_pipeline(root / "wan21", clip=True)
+    save_tiny_wan_i2v_pipeline(root / "wan22", clip=False, boundary_ratio=0.9)
+    pixels = (np.random.default_rng(0).random((24, 20, 3)) * 255).astype("uint8")
+    Image.fromarray(pixels).save(root / "first_frame.png")
+    (root / "prompts.jsonl").write_text("".join(f'{{"prompt": "{p}", "image": "first_frame.png"}}\n' for p in PROMPTS))
+    return root
+
+
+def _rows(i2v_dirs):
+    from flowgrove.training.prompts import read_prompts
+
+    return read_prompts(i2v_dirs / "prompts.jsonl")  # the two prompts, each with the input image
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +132,25 @@ def _policy(path, **options):
     return build_policy("wan", path=str(path), dtype="float32", **options)
 
 
-def _assert_reproduces_the_pipeline(policy, guidance_scale: float, side: int = SIDE) -> None:
+def _assert_reproduces_the_pipeline(policy, guidance_scale: float, side: int = SIDE, image=None) -> None:
+    """``image``: image-to-video's input image (a path), the first frame of both rows."""
     assert policy.latent_shape[1:] == (3, 2, 2)  # 1 + (9 - 1) // 4 latent frames, side / VAE scale
     x1 = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    rows, first_frame = PROMPTS, {}
+    if image is not None:
+        from PIL import Image
+
+        from flowgrove.training.prompts import Prompt
+
+        rows = [Prompt(p, {"image": str(image)}) for p in PROMPTS]
+        with Image.open(image) as opened:
+            first_frame = {"image": opened.convert("RGB")}
     with torch.no_grad():
         ref = policy.pipe(prompt=PROMPTS, num_frames=FRAMES, height=side, width=side, num_inference_steps=3,
                           guidance_scale=guidance_scale, max_sequence_length=8, latents=x1.clone(),
-                          output_type="pt").frames
+                          output_type="pt", **first_frame).frames
         sigmas = policy.pipe.scheduler.sigmas  # the pipeline's shifted grid, ending at 0
-        cond = policy.encode_prompts(PROMPTS)
+        cond = policy.encode_prompts(rows)
         ours = policy.decode(sample_euler(lambda x, s: policy.velocity(x, s, cond), x1, sigmas))
     assert ours.shape == ref.shape == (2, FRAMES, 3, side, side)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
@@ -177,9 +237,16 @@ def test_wan_passes_the_shared_adapter_contract(wan_dir):
 def test_wan22_experts_pass_the_shared_adapter_contract(a14b_dir, tmp_path):
     from adapter_contract import check_export_round_trip, check_policy_contract
 
-    # the contract's sigmas 0.9 and 0.3 go to one expert each, and any step it trains trains one; the two files of
-    # "both" are checked through diffusers below
-    check_policy_contract(_policy(a14b_dir, num_frames=5, expert="both"), PROMPTS, exports=False)
+    from diffusers import WanPipeline
+
+    # the contract's sigmas 0.9 and 0.3 go to one expert each, and any step it trains trains one; the two LoRA files
+    # of "both" are checked through diffusers below
+    both = _policy(a14b_dir, num_frames=5, expert="both")
+    check_policy_contract(both, PROMPTS, exports=False)
+    both.export_full(tmp_path / "both")  # both trained experts in one pipeline folder
+    loaded = WanPipeline.from_pretrained(str(tmp_path / "both"))
+    for expert, reloaded in zip(both.experts, (loaded.transformer, loaded.transformer_2)):
+        assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in expert.state_dict().items())
     low = _policy(a14b_dir, num_frames=5, expert="low")  # its LoRA and folder round trips (sigmas 0.8, 0.4: low)
     check_export_round_trip(low, low.encode_prompts(PROMPTS), tmp_path, component="transformer_2")
 
@@ -249,10 +316,8 @@ def _register_brightness() -> None:
         pass
 
 
-@pytest.mark.parametrize("kind", ["tree-lora", "window-full"])
-def test_wan22_both_experts_train_and_export_each_into_its_expert(a14b_dir, tmp_path, kind):
-    from adapter_contract import TREE, WINDOW, read_card, run_trainer, train_and_export
-    from diffusers import WanTransformer3DModel
+def test_wan22_both_experts_train_lora_and_export_each_into_its_expert(a14b_dir, tmp_path):
+    from adapter_contract import TREE, read_card, run_trainer, train_and_export
 
     from flowgrove.policies.wan import LOW_NOISE_LORA
 
@@ -260,15 +325,8 @@ def test_wan22_both_experts_train_and_export_each_into_its_expert(a14b_dir, tmp_
     args = ["policy.name=wan", f"policy.path={a14b_dir}", "sampler.shift=3",  # steps on both sides of 0.875
             "policy.options={num_frames: 5, height: 16, width: 16, max_sequence_length: 8, guidance_scale: 1.0, "
             "expert: both}"]
-    if kind == "window-full":
-        run, out = train_and_export(tmp_path, WINDOW, [*args, "policy.lora_rank=0"], "test_video_brightness")
-        trained = run_trainer(run).policy.experts
-        for component, expert in zip(("transformer", "transformer_2"), trained):
-            loaded = WanTransformer3DModel.from_pretrained(str(out), subfolder=component).state_dict()
-            assert all(torch.equal(loaded[k], v) for k, v in expert.state_dict().items())
-        return
     run, out = train_and_export(tmp_path, TREE, [*args, "policy.lora_rank=4"], "test_video_brightness")
-    assert f"load_into_transformer_2=True" in read_card(out)[1]
+    assert "load_into_transformer_2=True" in read_card(out)[1]
     policy, base = run_trainer(run).policy, _policy(a14b_dir, num_frames=5)
     cond = base.encode_prompts(PROMPTS)
     x = torch.randn((2, *base.latent_shape), generator=torch.Generator().manual_seed(3))
@@ -294,3 +352,42 @@ def test_wan22_ti2v_5b_trains_lora_through_the_cli_and_exports(tmp_path):
     run, out = train_and_export(tmp_path, TREE, args, "test_video_brightness")
     check_pipeline_lora_export(run, out, _policy(tmp_path / "ti2v", num_frames=5, height=32, width=32), PROMPTS,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("version, guidance_scale", [("wan21", 1.0), ("wan21", 3.0), ("wan22", 3.0)])
+def test_wan_image_to_video_reproduces_the_pipeline(i2v_dirs, version, guidance_scale):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    policy = _policy(i2v_dirs / version, guidance_scale=guidance_scale,
+                     **({"expert": "both"} if version == "wan22" else {}))
+    assert policy.image_to_video and policy.latent_shape == (16, 3, 2, 2)  # the transformer reads 16 + 4 + 16
+    policy.pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # Euler steps 1, 0.75, 0.01: both experts
+    _assert_reproduces_the_pipeline(policy, guidance_scale, image=i2v_dirs / "first_frame.png")
+
+
+def test_wan_image_to_video_passes_the_contract_and_needs_input_images(i2v_dirs):
+    from adapter_contract import check_policy_contract
+
+    policy = _policy(i2v_dirs / "wan21", num_frames=5)
+    cond = policy.encode_prompts(_rows(i2v_dirs))
+    assert cond.image_latents.shape == (2, 20, 2, 2, 2) and cond.image_embeds.shape[0] == 2  # mask + latents; CLIP
+    check_policy_contract(policy, _rows(i2v_dirs))
+    with pytest.raises(ValueError, match=r"prompt 'a cat' has none; give data.train as a .jsonl"):
+        policy.encode_prompts(["a cat"])
+
+
+def test_wan_image_to_video_trains_the_dancegrpo_i2v_preset_and_exports(i2v_dirs, tmp_path):
+    from adapter_contract import check_pipeline_lora_export, train_and_export
+
+    from flowgrove.config.load import load_config
+
+    cfg = load_config(method="dancegrpo-i2v")  # CFG in rollouts and training; one optimizer step per rollout
+    assert cfg.policy.options["guidance_scale"] == 5.0 and cfg.train.accumulate == "samples"
+    assert cfg.train.accumulate_size == cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    options = "{num_frames: 5, height: 16, width: 16, max_sequence_length: 8, guidance_scale: 3.0}"
+    args = ["policy.name=wan", f"policy.path={i2v_dirs / 'wan21'}", f"policy.options={options}", "policy.lora_rank=4",
+            "reward_options.video.reward=brightness", "train.gradient_checkpointing=false"]
+    run, out = train_and_export(tmp_path, ("--method", "dancegrpo-i2v", "sampler.num_steps=3"), args, "video",
+                                prompts=i2v_dirs / "prompts.jsonl")
+    base = _policy(i2v_dirs / "wan21", num_frames=5, guidance_scale=3.0)
+    check_pipeline_lora_export(run, out, base, _rows(i2v_dirs), atol=1e-6)

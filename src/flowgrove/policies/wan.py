@@ -1,4 +1,5 @@
-"""Wan adapter: text-to-video through diffusers ``WanPipeline`` components (Wan 2.1, Wan 2.2 T2V / TI2V).
+"""Wan adapter: text-to-video through diffusers ``WanPipeline`` components (Wan 2.1, Wan 2.2 T2V / TI2V), and
+image-to-video through ``WanImageToVideoPipeline`` ones (Wan 2.1 I2V with its CLIP image encoder, Wan 2.2 A14B I2V).
 
 Latents are 5-D ``[B, C, F', H', W']`` with ``F' = 1 + (F - 1) / 4`` latent frames
 (``vae.config.scale_factor_temporal``) and ``H' = H / 8`` (``scale_factor_spatial``); ``F`` must be ``4k + 1`` and
@@ -13,6 +14,9 @@ classifier-free guidance ``v_neg + s * (v - v_neg)`` against ``negative_prompt``
 and the others to ``transformer_2``, as the pipeline does; ``expert`` picks which one trains (``module``): ``high``,
 ``low``, or ``both`` (:class:`WanExperts`: each stored transition trains the expert that produced it, since the
 re-scoring forward routes it by its sigma as the rollout did).
+Image-to-video: the prompt row's input image (``prompt.metadata["image"]``) is encoded once with the prompt into
+the pipeline's first-frame condition (:meth:`WanPolicy.encode_images`), concatenated to the latents on the channel
+axis at every call (``torch.cat([latents, condition], dim=1)``), CFG halves alike, as ``__call__`` does.
 Schedule: the folders ship ``FlowMatchEulerDiscreteScheduler`` (Wan 2.1) or ``UniPCMultistepScheduler`` with
 ``use_flow_sigmas`` (Wan 2.2); flowgrove never runs the folder's scheduler but samples its own flow-match steps on
 ``sampler.shift``'s grid, which is the folder's sigma grid when ``sampler.shift`` is the folder's shift
@@ -21,19 +25,20 @@ Schedule: the folders ship ``FlowMatchEulerDiscreteScheduler`` (Wan 2.1) or ``Un
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from flowgrove.messages import ConfigError, note
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import DTYPES, per_sample_sigma
 from flowgrove.policies.pipelines import (LocalFolder, SizeRule, check_folder_size, check_size, decode_wan_vae,
-                                         load_local_pipeline, local_folder, save_pipeline_folder, save_pipeline_lora)
+                                         input_images, load_local_pipeline, local_folder, save_pipeline_folder,
+                                         save_pipeline_lora)
+from flowgrove.policies.wan_folder import (COMPONENTS, LOW_NOISE_LORA, WanExperts, WanSchedule, check_expert,
+                                           read_wan_folder, read_wan_schedule, split_experts_state, wan_schedule)
 
 if TYPE_CHECKING:
     from diffusers import WanPipeline
@@ -58,109 +63,8 @@ def wan_latent_shape(pipe: WanPipeline, num_frames: int, height: int, width: int
     check_size("wan", wan_size_rule({"vae": pipe.vae.config, "transformer": transformer.config}), height, width,
                num_frames)
     temporal, spatial = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
-    return (transformer.config.in_channels, (int(num_frames) - 1) // temporal + 1, int(height) // spatial,
+    return (pipe.vae.config.z_dim, (int(num_frames) - 1) // temporal + 1, int(height) // spatial,
             int(width) // spatial)
-
-
-EXPERTS = ("high", "low", "both")  # policy.options.expert: which Wan 2.2 A14B expert trains
-COMPONENTS = ("transformer", "transformer_2")  # the experts' pipeline components, high-noise first
-LOW_NOISE_LORA = "pytorch_lora_weights_transformer_2.safetensors"  # expert="both": the low-noise expert's LoRA file
-
-
-@dataclass(frozen=True)
-class WanSchedule:
-    """The sigma grid a Wan folder's scheduler samples on, as flowgrove's ``flux`` grid takes it."""
-
-    scheduler: str  # the folder's scheduler class (FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler)
-    shift: float  # its time shift: sampler.shift that puts flowgrove's grid on the folder's sigmas
-
-
-def wan_schedule(config: Mapping, where: str = "scheduler") -> WanSchedule:
-    """The folder's flow-matching schedule from its scheduler config (``scheduler/scheduler_config.json``).
-
-    ``FlowMatchEulerDiscreteScheduler`` (Wan 2.1): ``shift``. ``UniPCMultistepScheduler`` (Wan 2.2 as it ships,
-    ``prediction_type="flow_prediction"``, ``use_flow_sigmas``): ``flow_shift``; its grid is
-    ``shift(linspace(1 - 1/1000 ... 0))``, flowgrove's ``flux`` grid at that shift within ``shift / 1000``.
-
-    Raises:
-        ConfigError: a scheduler that does not sample flow-matching sigmas (``where`` names its file).
-    """
-    name = str(config.get("_class_name", "FlowMatchEulerDiscreteScheduler"))
-    if name == "FlowMatchEulerDiscreteScheduler" and not config.get("use_dynamic_shifting", False):
-        return WanSchedule(name, float(config.get("shift", 1.0)))
-    if config.get("prediction_type") == "flow_prediction" and config.get("use_flow_sigmas", False):
-        return WanSchedule(name, float(config.get("flow_shift", 1.0)))
-    raise ConfigError(f"policy.path: {where} is {name} without flow-matching sigmas (prediction_type="
-                      f"{config.get('prediction_type')!r}, use_flow_sigmas={config.get('use_flow_sigmas')}); the wan "
-                      "policy needs a Wan folder as Wan-AI ships it (FlowMatchEuler, or UniPC with use_flow_sigmas)")
-
-
-def wan_folder_experts(folder: Path) -> int:
-    """How many experts the folder's ``model_index.json`` lists (2: Wan 2.2 A14B, ``transformer_2`` and
-    ``boundary_ratio``), from the file alone."""
-    index = json.loads((folder / "model_index.json").read_text())
-    two = (index.get("transformer_2") or [None])[0] is not None and index.get("boundary_ratio") is not None
-    return 2 if two else 1
-
-
-def check_expert(expert: str, experts: int, folder: Path) -> None:
-    """Refuse an ``expert`` that is not one of :data:`EXPERTS`, or ``low``/``both`` on a one-expert folder.
-
-    Raises:
-        ConfigError: naming ``policy.options.expert`` and the fix.
-    """
-    if expert not in EXPERTS:
-        raise ConfigError(f"policy.options.expert={expert!r} is not allowed; set high (transformer), low "
-                          "(transformer_2) or both")
-    if expert != "high" and experts == 1:
-        raise ConfigError(f"policy.options.expert={expert} needs a two-expert folder (Wan 2.2 A14B: transformer_2 "
-                          f"and boundary_ratio in model_index.json); {folder} has one transformer: drop the option")
-
-
-class WanExperts(nn.Module):
-    """Both experts of Wan 2.2 A14B as the one trained module of ``expert="both"``: the trainer's LoRA,
-    float32 masters, checkpoints and exports see ``transformer.*`` and ``transformer_2.*`` (the pipeline's component
-    names); ``add_adapter`` and gradient checkpointing reach each expert."""
-
-    def __init__(self, transformer: nn.Module, transformer_2: nn.Module) -> None:
-        super().__init__()
-        self.transformer = transformer
-        self.transformer_2 = transformer_2
-
-    @property
-    def experts(self) -> tuple[nn.Module, nn.Module]:
-        """``(transformer, transformer_2)``: high-noise, low-noise."""
-        return self.transformer, self.transformer_2
-
-    @property
-    def peft_config(self) -> dict:
-        """The experts' (identical) peft adapter configs, as diffusers' ``ModelMixin`` keeps them."""
-        return self.transformer.peft_config
-
-    def add_adapter(self, adapter_config, adapter_name: str = "default") -> None:
-        """The same peft adapter on each expert (diffusers' ``add_adapter``)."""
-        for expert in self.experts:
-            expert.add_adapter(adapter_config, adapter_name=adapter_name)
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Each expert's own switch."""
-        for expert in self.experts:
-            expert.enable_gradient_checkpointing()
-
-    def disable_gradient_checkpointing(self) -> None:
-        """Each expert's own switch."""
-        for expert in self.experts:
-            expert.disable_gradient_checkpointing()
-
-
-def split_experts_state(state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """A :class:`WanExperts` state (``transformer.<key>``, ``transformer_2.<key>``) as each expert's own
-    (``{"transformer": {<key>: ...}, "transformer_2": {...}}``)."""
-    parts: dict[str, dict[str, Tensor]] = {"transformer": {}, "transformer_2": {}}
-    for key, value in state.items():
-        component, rest = key.split(".", 1)
-        parts[component][rest] = value
-    return parts
 
 
 class WanPolicy:
@@ -176,8 +80,11 @@ class WanPolicy:
         self.boundary = pipe.config.boundary_ratio if len(experts) == 2 else None
         self.expert = expert
         self._pair = WanExperts(*experts) if expert == "both" else None
-        self.schedule = schedule or wan_schedule({"_class_name": type(pipe.scheduler).__name__, **pipe.scheduler.config})
+        scheduler = {"_class_name": type(pipe.scheduler).__name__, **pipe.scheduler.config}
+        self.schedule = schedule or wan_schedule(scheduler)
         self.latent_shape = wan_latent_shape(pipe, num_frames, height, width)
+        self.size = (int(num_frames), int(height), int(width))  # pixels, for the input image's condition
+        self.image_to_video = "image_encoder" in pipe.components  # WanImageToVideoPipeline: the row's first frame
         self.max_sequence_length = max_sequence_length
         self.guidance_scale = float(guidance_scale)
         self.negative_prompt = negative_prompt
@@ -209,36 +116,69 @@ class WanPolicy:
             )  # [B, L, D], zero past each prompt's tokens
         return embeds
 
+    def encode_images(self, images: Sequence[Any]) -> tuple[Tensor, Tensor | None]:
+        """The first-frame condition of each input image (no grad), as ``WanImageToVideoPipeline.__call__`` builds it:
+        ``video_processor.preprocess`` to the policy's size, then the pipeline's own ``prepare_latents`` (the image
+        and ``F - 1`` zero (mid-grey) frames through the VAE, normalised, after the 4-channel first-frame mask), and
+        Wan 2.1's CLIP states (``encode_image``, the vision tower's second-to-last layer; None without an image
+        encoder).
+
+        Returns:
+            ``(condition [B, 4 + C, F', H', W'], image_embeds [B, N, D'] or None)``.
+        """
+        pipe, (frames, height, width) = self.pipe, self.size
+        device, conditions, clip = pipe.vae.device, [], []
+        with torch.no_grad():
+            for image in images:  # one at a time: prepare_latents repeats one image over its batch
+                pixels = pipe.video_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
+                zeros = torch.zeros(1, *self.latent_shape, device=device)  # latents given: nothing random is drawn
+                _, condition = pipe.prepare_latents(pixels, 1, self.latent_shape[0], height, width, frames,
+                                                    torch.float32, device, latents=zeros)
+                conditions.append(condition)  # [1, 4 + C, F', H', W']
+                if pipe.image_encoder is not None:
+                    clip.append(pipe.encode_image(image, device))  # [1, N, D']
+        return torch.cat(conditions), torch.cat(clip) if clip else None
+
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        """UMT5 token states through ``WanPipeline.encode_prompt`` (no grad), zero-padded to ``max_sequence_length``."""
+        """UMT5 token states through ``WanPipeline.encode_prompt`` (no grad), zero-padded to ``max_sequence_length``;
+        image-to-video adds each row's input image (``prompt.metadata["image"]``, :meth:`encode_images`) as
+        ``image_latents`` (and ``image_embeds``)."""
+        images = input_images(prompts, "wan image-to-video") if self.image_to_video else None  # before UMT5 runs
         if self.guidance_scale > 1 and self._negative is None:
             self._negative = self._encode([self.negative_prompt])  # [1, L, D]
-        return Conditioning(self._encode(prompts))
+        if images is None:
+            return Conditioning(self._encode(prompts))
+        condition, image_embeds = self.encode_images(images)
+        return Conditioning(self._encode(prompts), image_latents=condition, image_embeds=image_embeds)
 
-    def _forward(self, model: nn.Module, x: Tensor, sigma: Tensor, embeds: Tensor) -> Tensor:
+    def _forward(self, model: nn.Module, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         dtype = next(model.parameters()).dtype
+        condition = cond.image_latents  # [B, 4 + C, F', H', W'] image-to-video, else None
+        hidden = x if condition is None else torch.cat([x, condition.to(x)], dim=1)  # [B, C (+ 4 + C), F', H', W']
+        image = None if cond.image_embeds is None else cond.image_embeds.to(dtype)  # [B, N, D'] Wan 2.1 I2V
         timestep = 1000 * sigma  # [B]; WanPipeline feeds the scheduler's t = 1000 * sigma (module docstring)
         if self.pipe.config.expand_timesteps:  # Wan 2.2 TI2V: one timestep per latent token
             timestep = timestep[:, None].expand(-1, x[0, 0, :, ::2, ::2].numel())  # [B, F' * ceil(H'/2) * ceil(W'/2)]
         autocast = torch.autocast(x.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
         with autocast:  # bf16/fp16 compute over the (float32 master) weights
-            out = model(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=embeds.to(dtype),
+            out = model(hidden_states=hidden.to(dtype), timestep=timestep,
+                        encoder_hidden_states=cond.prompt_embeds.to(dtype), encoder_hidden_states_image=image,
                         return_dict=False)[0]  # [B, C, F', H', W']
         return out.to(x.dtype)
-    def _expert_velocity(self, x: Tensor, sigma: Tensor, embeds: Tensor) -> Tensor:
+    def _expert_velocity(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         """Each row through the expert its sigma routes it to. A trained expert that gets no row while autograd is
         on runs on one row at weight 0, so that every micro-batch's loss reaches the trained weights (zero gradients
         where they produced no transition), as ``backward`` and data-parallel reductions need."""
         if self.boundary is None:
-            return self._forward(self.experts[0], x, sigma, embeds)
+            return self._forward(self.experts[0], x, sigma, cond)
         high = 1000 * sigma >= self.boundary * self.pipe.scheduler.config.num_train_timesteps  # [B]
         out = torch.empty_like(x)
         for expert, rows in ((0, high), (1, ~high)):
             if rows.any():
-                out[rows] = self._forward(self.experts[expert], x[rows], sigma[rows], embeds[rows])
+                out[rows] = self._forward(self.experts[expert], x[rows], sigma[rows], cond.select(rows.nonzero()[:, 0]))
         idle = [e for e, rows in ((0, high), (1, ~high)) if e in self.trained and not rows.any()]
         if idle and torch.is_grad_enabled():
-            out = out + 0 * self._forward(self.experts[idle[0]], x[:1], sigma[:1], embeds[:1]).sum()
+            out = out + 0 * self._forward(self.experts[idle[0]], x[:1], sigma[:1], cond.select([0])).sum()
         return out  # [B, C, F', H', W']
 
     def velocity(self, x: Tensor, sigma: Tensor | float, cond: Conditioning) -> Tensor:
@@ -247,7 +187,9 @@ class WanPolicy:
         Args:
             x: Latents ``[B, C, F', H', W']``.
             sigma: Noise levels ``[B]`` (or a scalar), 1 = noise; fed as ``timestep = 1000 * sigma``.
-            cond: Conditioning with ``B`` rows (``prompt_embeds [B, L, D]``).
+            cond: Conditioning with ``B`` rows (``prompt_embeds [B, L, D]``; image-to-video: ``image_latents``
+                ``[B, 4 + C, F', H', W']`` and Wan 2.1's ``image_embeds``, the same for both CFG halves, as the
+                pipeline).
 
         Returns:
             Velocity ``[B, C, F', H', W']`` in ``x.dtype``.
@@ -257,9 +199,10 @@ class WanPolicy:
             raise ValueError(f"cond has {len(cond)} rows but x has {b}; use cond.select(...) to match the batch.")
         sigma = per_sample_sigma(sigma, b, x.device)  # [B]
         if self.guidance_scale <= 1:
-            return self._expert_velocity(x, sigma, cond.prompt_embeds)
+            return self._expert_velocity(x, sigma, cond)
         negative = self._negative.to(cond.prompt_embeds).expand(b, -1, -1)  # [B, L, D]
-        both = torch.cat([cond.prompt_embeds, negative])  # [2B, L, D]
+        both = dataclasses.replace(cond.select(torch.arange(b).repeat(2)),  # [2B, ...]: the image rows twice
+                                   prompt_embeds=torch.cat([cond.prompt_embeds, negative]))  # [2B, L, D]
         v, v_neg = self._expert_velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
         return v_neg + self.guidance_scale * (v - v_neg)
 
@@ -285,7 +228,8 @@ class WanPolicy:
         """The Python lines that load :meth:`export_lora`'s files into the base pipeline ``pipe``."""
         load = f"pipe.load_lora_weights({out!r}"
         return {"high": [f"{load})"], "low": [f"{load}, load_into_transformer_2=True)"],
-                "both": [f"{load})", f"{load}, weight_name={LOW_NOISE_LORA!r}, load_into_transformer_2=True)"]}[self.expert]
+                "both": [f"{load})", f"{load}, weight_name={LOW_NOISE_LORA!r}, load_into_transformer_2=True)"],
+                }[self.expert]
 
     def export_full(self, out: Path) -> None:
         """A pipeline folder in ``out`` with the trained experts in ``transformer/`` and/or ``transformer_2/``
@@ -295,18 +239,8 @@ class WanPolicy:
 
 
 WAN_FOLDER = LocalFolder("wan", "Wan", "`hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir "
-                         "/models/Wan2.1-T2V-1.3B` (or Wan-AI/Wan2.2-T2V-A14B-Diffusers, Wan-AI/Wan2.2-TI2V-5B-Diffusers)")
-
-
-def read_wan_schedule(folder: Path) -> WanSchedule:
-    """:func:`wan_schedule` of the folder's ``scheduler/scheduler_config.json`` (FlowMatchEuler's defaults without
-    one), with a note on stderr when it is not the flow-match Euler scheduler flowgrove's steps are."""
-    file = folder / "scheduler" / "scheduler_config.json"
-    schedule = wan_schedule(json.loads(file.read_text()) if file.is_file() else {}, str(file))
-    if schedule.scheduler != "FlowMatchEulerDiscreteScheduler":
-        note(f"wan: {folder} ships {schedule.scheduler} (flow shift {schedule.shift:g}); flowgrove samples its own "
-             f"flow-match steps instead, on the folder's sigma grid with sampler.shift={schedule.shift:g}")
-    return schedule
+                         "/models/Wan2.1-T2V-1.3B` (or Wan-AI/Wan2.2-T2V-A14B-Diffusers, "
+                         "Wan-AI/Wan2.2-TI2V-5B-Diffusers, Wan-AI/Wan2.1-I2V-14B-480P-Diffusers)")
 
 
 @register_policy("wan", WAN_FOLDER)
@@ -335,14 +269,15 @@ def build_wan_policy(path: str = "", *, device: str | torch.device = "cpu", dtyp
         ConfigError: a size the pipeline would round, an ``expert`` the folder does not have, or a scheduler
             without flow-matching sigmas (all before any weights load).
     """
-    from diffusers import AutoencoderKLWan, WanPipeline
+    import diffusers
 
     folder = local_folder(path, WAN_FOLDER, dtype)
     check_folder_size(folder, "wan", wan_size_rule, ("vae", "transformer"), height, width, num_frames)
-    check_expert(expert, wan_folder_experts(folder), folder)
+    info = read_wan_folder(folder)
+    check_expert(expert, info.experts, folder)
     schedule = read_wan_schedule(folder)
-    pipe = load_local_pipeline(WanPipeline, path, WAN_FOLDER, dtype=dtype, device=device,
-                               frozen=("vae", "text_encoder"), float32_vae=AutoencoderKLWan)
+    pipe = load_local_pipeline(getattr(diffusers, info.pipeline), path, WAN_FOLDER, dtype=dtype, device=device,
+                               frozen=("vae", "text_encoder", "image_encoder"), float32_vae=diffusers.AutoencoderKLWan)
     policy = WanPolicy(pipe, num_frames, height, width, max_sequence_length, guidance_scale, negative_prompt, expert,
                        compute_dtype=DTYPES[dtype], schedule=schedule)
     for index, frozen in enumerate(policy.experts):
