@@ -62,11 +62,13 @@ def save_tiny_wan_pipeline(path, *, vae: dict | None = None, unipc: dict | None 
     pipe.save_pretrained(str(path))
 
 
-def save_tiny_wan_i2v_pipeline(path, *, clip: bool, **wan22) -> None:
+def save_tiny_wan_i2v_pipeline(path, *, clip: bool, skyreels: bool = False, **wan22) -> None:
     """diffusers ``tests/pipelines/wan/test_wan_image_to_video.py`` components: a 36-channel transformer (latents,
     first-frame mask and condition) with a tiny CLIP vision tower (``clip``, Wan 2.1 I2V) or two experts without one
-    (``boundary_ratio``, Wan 2.2 A14B I2V); text encoder, tokenizer and VAE as :func:`save_tiny_wan_pipeline`."""
-    from diffusers import WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+    (``boundary_ratio``, Wan 2.2 A14B I2V); text encoder, tokenizer and VAE as :func:`save_tiny_wan_pipeline`.
+    ``skyreels``: ``SkyReelsV2ImageToVideoPipeline`` with a ``SkyReelsV2Transformer3DModel`` (its tests' config)."""
+    import diffusers
+    from diffusers import WanPipeline
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     save_tiny_wan_pipeline(path, **({"unipc": A14B_UNIPC} if wan22 else {}))
@@ -81,10 +83,13 @@ def save_tiny_wan_i2v_pipeline(path, *, clip: bool, **wan22) -> None:
                                                                  num_attention_heads=2, image_size=32,
                                                                  intermediate_size=16, patch_size=1))
         processor = CLIPImageProcessor(crop_size=32, size=32)
-    experts = [WanTransformer3DModel(**config) for _ in range(2 if wan22 else 1)]
-    pipe = WanImageToVideoPipeline(tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, vae=t2v.vae,
-                                   scheduler=t2v.scheduler, image_processor=processor, image_encoder=encoder,
-                                   transformer=experts[0], transformer_2=experts[1] if wan22 else None, **wan22)
+    family = "SkyReelsV2" if skyreels else "Wan"
+    experts = [getattr(diffusers, f"{family}Transformer3DModel")(**config) for _ in range(2 if wan22 else 1)]
+    components = dict(tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, vae=t2v.vae, scheduler=t2v.scheduler,
+                      image_processor=processor, image_encoder=encoder, transformer=experts[0])
+    if not skyreels:
+        components.update(transformer_2=experts[1] if wan22 else None, **wan22)
+    pipe = getattr(diffusers, f"{family}ImageToVideoPipeline")(**components)
     shutil.rmtree(path)
     pipe.save_pretrained(str(path))
 
@@ -98,7 +103,8 @@ def wan_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def i2v_dirs(tmp_path_factory):
-    """Tiny image-to-video folders ``wan21`` (CLIP) and ``wan22`` (A14B, boundary 0.9, UniPC), an input image
+    """Tiny image-to-video folders ``wan21`` (CLIP), ``wan22`` (A14B, boundary 0.9, UniPC) and ``skyreels``
+    (SkyReels-V2 I2V, CLIP), an input image
     ``first_frame.png`` (24 x 20: the pipeline resizes it) and ``prompts.jsonl`` whose rows carry it."""
     import numpy as np
     from PIL import Image
@@ -106,6 +112,7 @@ def i2v_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_wan_i2v")
     save_tiny_wan_i2v_pipeline(root / "wan21", clip=True)
     save_tiny_wan_i2v_pipeline(root / "wan22", clip=False, boundary_ratio=0.9)
+    save_tiny_wan_i2v_pipeline(root / "skyreels", clip=True, skyreels=True)
     pixels = (np.random.default_rng(0).random((24, 20, 3)) * 255).astype("uint8")
     Image.fromarray(pixels).save(root / "first_frame.png")
     (root / "prompts.jsonl").write_text("".join(f'{{"prompt": "{p}", "image": "first_frame.png"}}\n' for p in PROMPTS))
@@ -354,7 +361,8 @@ def test_wan22_ti2v_5b_trains_lora_through_the_cli_and_exports(tmp_path):
                                atol=1e-6)
 
 
-@pytest.mark.parametrize("version, guidance_scale", [("wan21", 1.0), ("wan21", 3.0), ("wan22", 3.0)])
+@pytest.mark.parametrize("version, guidance_scale", [("wan21", 3.0), ("wan22", 3.0),
+                                                     ("skyreels", 3.0)])
 def test_wan_image_to_video_reproduces_the_pipeline(i2v_dirs, version, guidance_scale):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -363,6 +371,12 @@ def test_wan_image_to_video_reproduces_the_pipeline(i2v_dirs, version, guidance_
     assert policy.image_to_video and policy.latent_shape == (16, 3, 2, 2)  # the transformer reads 16 + 4 + 16
     policy.pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # Euler steps 1, 0.75, 0.01: both experts
     _assert_reproduces_the_pipeline(policy, guidance_scale, image=i2v_dirs / "first_frame.png")
+
+
+def test_skyreels_v2_image_to_video_passes_the_contract(i2v_dirs):
+    from adapter_contract import check_policy_contract
+
+    check_policy_contract(_policy(i2v_dirs / "skyreels", num_frames=5), _rows(i2v_dirs))
 
 
 def test_wan_image_to_video_passes_the_contract_and_needs_input_images(i2v_dirs):

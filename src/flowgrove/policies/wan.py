@@ -1,5 +1,6 @@
 """Wan adapter: text-to-video through diffusers ``WanPipeline`` components (Wan 2.1, Wan 2.2 T2V / TI2V), and
-image-to-video through ``WanImageToVideoPipeline`` ones (Wan 2.1 I2V with its CLIP image encoder, Wan 2.2 A14B I2V).
+image-to-video through ``WanImageToVideoPipeline`` ones (Wan 2.1 I2V with its CLIP image encoder, Wan 2.2 A14B I2V)
+and ``SkyReelsV2ImageToVideoPipeline`` ones (the same loop with a ``SkyReelsV2Transformer3DModel``).
 
 Latents are 5-D ``[B, C, F', H', W']`` with ``F' = 1 + (F - 1) / 4`` latent frames
 (``vae.config.scale_factor_temporal``) and ``H' = H / 8`` (``scale_factor_spatial``); ``F`` must be ``4k + 1`` and
@@ -73,7 +74,7 @@ class WanPolicy:
     def __init__(self, pipe: WanPipeline, num_frames: int, height: int, width: int, max_sequence_length: int,
                  guidance_scale: float = 1.0, negative_prompt: str = "", expert: str = "high",
                  compute_dtype: torch.dtype = torch.float32, schedule: WanSchedule | None = None) -> None:
-        experts = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
+        experts = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
         check_expert(expert, len(experts), Path(pipe.name_or_path or "the pipeline"))
         self.pipe = pipe
         self.experts = experts
@@ -157,7 +158,7 @@ class WanPolicy:
         hidden = x if condition is None else torch.cat([x, condition.to(x)], dim=1)  # [B, C (+ 4 + C), F', H', W']
         image = None if cond.image_embeds is None else cond.image_embeds.to(dtype)  # [B, N, D'] Wan 2.1 I2V
         timestep = 1000 * sigma  # [B]; WanPipeline feeds the scheduler's t = 1000 * sigma (module docstring)
-        if self.pipe.config.expand_timesteps:  # Wan 2.2 TI2V: one timestep per latent token
+        if self.pipe.config.get("expand_timesteps"):  # Wan 2.2 TI2V: one timestep per latent token
             timestep = timestep[:, None].expand(-1, x[0, 0, :, ::2, ::2].numel())  # [B, F' * ceil(H'/2) * ceil(W'/2)]
         autocast = torch.autocast(x.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
         with autocast:  # bf16/fp16 compute over the (float32 master) weights

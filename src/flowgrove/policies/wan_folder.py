@@ -51,12 +51,13 @@ def wan_schedule(config: Mapping, where: str = "scheduler") -> WanSchedule:
 class WanFolder:
     """What a Wan folder's ``model_index.json`` says, read before any weights load."""
 
-    pipeline: str  # WanPipeline (text-to-video) or WanImageToVideoPipeline
+    pipeline: str  # WanPipeline (text-to-video), WanImageToVideoPipeline or SkyReelsV2ImageToVideoPipeline
     experts: int  # 2: Wan 2.2 A14B (transformer_2 and boundary_ratio), else 1
     expand_timesteps: bool  # Wan 2.2 TI2V-5B: per-token timesteps
 
 
-PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
+# the pipelines the wan adapter drives: SkyReels-V2 I2V is Wan 2.1 I2V's loop with its own transformer class
+PIPELINES = ("WanPipeline", "WanImageToVideoPipeline", "SkyReelsV2ImageToVideoPipeline")
 
 
 def read_wan_folder(folder: Path) -> WanFolder:
@@ -71,7 +72,7 @@ def read_wan_folder(folder: Path) -> WanFolder:
     info = WanFolder(str(index.get("_class_name")), 2 if two else 1, bool(index.get("expand_timesteps")))
     if info.pipeline not in PIPELINES:
         raise ConfigError(f"policy.path: {folder} holds a {info.pipeline} folder; the wan policy drives "
-                          f"{' and '.join(PIPELINES)} folders: point policy.path at one")
+                          f"{', '.join(PIPELINES)} folders: point policy.path at one")
     if info.pipeline == "WanImageToVideoPipeline" and info.expand_timesteps:
         raise ConfigError(f"policy.path: {folder} is Wan 2.2 TI2V-5B image-to-video (expand_timesteps), which the wan "
                           "policy does not support yet: use its text-to-video folder (WanPipeline) or Wan 2.1 / 2.2 "
