@@ -36,6 +36,8 @@ def test_fsdp2_units_are_the_transformer_blocks():
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
     assert len(units) == len(blocks) and all(u is b for u, b in zip(units, blocks))
     assert engine.shard_units(nn.Linear(2, 2)) == []  # no blocks: only the root is sharded
+    pair = nn.ModuleDict({"transformer": model, "transformer_2": new_transformer()})  # two experts, as Wan 2.2's
+    assert len(engine.shard_units(pair)) == 2 * len(blocks) and engine.shard_units(pair)[0] is blocks[0]
 
 
 class _Blocks(nn.Module):

@@ -103,7 +103,7 @@ def test_errors_come_before_any_model_and_leave_no_run(tmp_path, capsys, nothing
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("method", ["dancegrpo-sd", "dancegrpo-hunyuan", "flowgrpo-sd3"])
+@pytest.mark.parametrize("method", ["dancegrpo-sd", "dancegrpo-hunyuan", "dancegrpo-i2v", "flowgrpo-sd3"])
 def test_presets_that_need_a_folder_say_so_first(tmp_path, capsys, nothing_loads, method):
     rc = cli.main(["train", "--method", method, "--out", str(tmp_path / "run"), *QUIET])
     line = capsys.readouterr().err.strip()

@@ -52,8 +52,10 @@ class _Closure(nn.Module):
 
 def shard_units(module: nn.Module) -> list[nn.Module]:
     """The blocks FSDP2 shards one by one: every element of the module's top-level ``nn.ModuleList``s
-    (diffusers' ``transformer_blocks``, ``single_transformer_blocks``, ``blocks``, a UNet's ``down_blocks`` ...)."""
-    return [block for child in module.children() if isinstance(child, nn.ModuleList) for block in child]
+    (diffusers' ``transformer_blocks``, ``single_transformer_blocks``, ``blocks``, a UNet's ``down_blocks`` ...); a
+    module without such lists that holds whole models (Wan 2.2's two experts) gives its children's units."""
+    blocks = [block for child in module.children() if isinstance(child, nn.ModuleList) for block in child]
+    return blocks or [unit for child in module.children() for unit in shard_units(child)]
 
 
 def _fsdp(module: nn.Module, device: torch.device, param_dtype: torch.dtype | None) -> None:

@@ -42,6 +42,7 @@ class ExportResult:
     out: Path
     info: ExportInfo
     files: tuple[str, ...]  # paths relative to ``out``
+    lora_load: tuple[str, ...] = ()  # the policy's own lines loading the LoRA into ``pipe`` (``lora_usage``), if any
 
 
 def folded_lora(module: nn.Module, adapter: str = "default") -> tuple[dict[str, Tensor], dict]:
@@ -167,16 +168,20 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str | None = None, 
     kind = "lora" if p.lora_rank > 0 else "full"
     info = ExportInfo(FORMAT, kind, str(run), path.name, state.iteration, use_ema, p.name, p.path, p.lora_rank,
                       float(p.lora_alpha or 2 * p.lora_rank) if kind == "lora" else 0.0)
+    usage = getattr(policy, "lora_usage", None)
+    lora_load = tuple(usage(str(out))) if usage is not None and kind == "lora" else ()
     card = model_card(info, cfg, (path / "config.yaml").read_text(), run_summary(run), out,
-                      video=len(policy.latent_shape) == 4, transformer_class=type(policy.module).__name__)
-    return ExportResult(out, info, _write_folder(policy, info, out, card))
+                      video=len(policy.latent_shape) == 4, transformer_class=type(policy.module).__name__,
+                      lora_load=lora_load)
+    return ExportResult(out, info, _write_folder(policy, info, out, card), lora_load)
 
 
 def load_hint(result: ExportResult) -> str:
     """One line on how diffusers loads the export."""
     out, info = str(result.out), result.info
     if info.kind == "lora" and info.base and (Path(info.base) / "model_index.json").is_file():
-        return f"load with pipe = DiffusionPipeline.from_pretrained({info.base!r}); pipe.load_lora_weights({out!r})"
+        loads = "; ".join(result.lora_load or [f"pipe.load_lora_weights({out!r})"])
+        return f"load with pipe = DiffusionPipeline.from_pretrained({info.base!r}); {loads}"
     if info.kind == "lora":  # a base that is no pipeline folder (digits)
         return (f"load into the base transformer with transformer.load_lora_adapter({out!r}, prefix='transformer', "
                 f"weight_name={LORA_FILE!r})")
