@@ -73,7 +73,7 @@ class ModelSizes:
     lora_dims: dict[str, int]  # LoRA target name (a module-name suffix) -> sum of in + out features it matches
     text_encoder_params: int
     vae_params: int
-    decode: Line  # peak bytes of one sample's VAE decode (bf16) by output pixels (frames x height x width)
+    decode: Line  # peak bytes of one image's (one frame's) VAE decode in bf16 by its pixels (height x width)
     patch: int  # latent pixels per token side (VAE scale x patch size): tokens = (H / patch) * (W / patch)
     frames_per_token: int  # video: 4 frames per latent frame (1 + (F - 1) / 4 latent frames); images: 0
     joint_text: bool  # text tokens run through the blocks with the image's (MM-DiT), not only cross-attended
@@ -214,9 +214,12 @@ def activation_bytes(sizes: ModelSizes, plan: MemoryPlan) -> float:
 
 
 def decode_bytes(sizes: ModelSizes, plan: MemoryPlan) -> float:
-    """Peak of the VAE decode of ``decode_batch`` samples (the VAE's weights included)."""
-    pixels = plan.frames * plan.height * plan.width
-    return plan.decode_batch * sizes.decode(pixels) + sizes.vae_params * DTYPE_BYTES[plan.dtype]
+    """Peak of the VAE decode of ``decode_batch`` samples (the VAE's weights included). The video VAEs decode a
+    latent frame at a time (Wan's causal cache, HunyuanVideo's tiles), so a video costs one frame's decode plus
+    its output frames (3 channels in the compute dtype)."""
+    frame = plan.height * plan.width
+    video = (plan.frames - 1) * frame * 3 * DTYPE_BYTES[plan.dtype]
+    return plan.decode_batch * (sizes.decode(frame) + video) + sizes.vae_params * DTYPE_BYTES[plan.dtype]
 
 
 def predict(sizes: ModelSizes, plan: MemoryPlan) -> MemoryEstimate:

@@ -126,9 +126,15 @@ def report_json(p: Prediction) -> str:
 LORA_LADDER = (("bf16", {}), ("+ckpt", {"checkpointing": True}),
                ("+ckpt int8", {"checkpointing": True, "quantize": "int8"}),
                ("+ckpt nf4", {"checkpointing": True, "quantize": "nf4"}))
-FULL_LADDER = (("ckpt", {"checkpointing": True}), ("ckpt 8bit-Adam", {"checkpointing": True, "optimizer": "adamw8bit"}),
-               ("ckpt offload-opt", {"checkpointing": True, "offload": "optimizer"}),
-               ("ckpt offload-params", {"checkpointing": True, "offload": "params"}))
+FULL_LADDER = (("ckpt", {"checkpointing": True}), ("ckpt 8bit-Adam", {"checkpointing": True, "optimizer": "adamw8bit"}))
+FSDP_LADDER = FULL_LADDER + (("ckpt offload-opt", {"checkpointing": True, "offload": "optimizer"}),
+                             ("ckpt offload-params", {"checkpointing": True, "offload": "params"}))  # FSDP2's offload
+
+
+def ladder(lora: bool, gpus: int) -> tuple:
+    """The table's settings, least costly first: LoRA adds checkpointing, then a quantised base; a full fine-tune
+    checkpoints, then 8-bit AdamW, then (FSDP2, several GPUs) offloads the optimizer state, then the parameters."""
+    return LORA_LADDER if lora else FULL_LADDER if gpus == 1 else FSDP_LADDER
 
 
 def table_plan(family: dict, lora: bool, gpus: int) -> MemoryPlan:
@@ -144,9 +150,9 @@ def table_plan(family: dict, lora: bool, gpus: int) -> MemoryPlan:
                       text_tokens=family.get("text_fixed", 0) + family["text_tokens"])
 
 
-def first_fit(sizes: ModelSizes, base: MemoryPlan, ladder: tuple, card: float) -> str:
-    """The first setting of ``ladder`` (least costly first) whose peak fits ``card`` GiB, with its peak, or ``-``."""
-    for label, change in ladder:
+def first_fit(sizes: ModelSizes, base: MemoryPlan, settings: tuple, card: float) -> str:
+    """The first of ``settings`` (least costly first) whose peak fits ``card`` GiB, with its peak, or ``-``."""
+    for label, change in settings:
         peak = predict(sizes, replace(base, **change)).peak / GIB
         if peak <= card:
             return f"{label} ({peak:.0f})"
@@ -162,8 +168,7 @@ def table_lines() -> list[str]:
         for lora in (True, False):
             for gpus in (1, 8):
                 base = table_plan(family, lora, gpus)
-                ladder = LORA_LADDER if lora else FULL_LADDER
-                cells = [first_fit(all_sizes[name], base, ladder, c) for c in CARDS]
+                cells = [first_fit(all_sizes[name], base, ladder(lora, gpus), c) for c in CARDS]
                 lines.append(f"| {family['title']} | {'LoRA r32' if lora else 'full'} | {gpus} | " + " | ".join(cells)
                              + " |")
     return lines
