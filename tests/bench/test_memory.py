@@ -169,3 +169,13 @@ def test_full_fine_tune_under_fsdp_on_8_gpus_shards_the_state_and_offload_remove
     assert offloaded["trainable weights (float32)"] == offloaded["optimizer state"] == offloaded["gradients"] == 0
     assert predict(sizes, replace(eight, optimizer="adamw8bit")).items["optimizer state"] == pytest.approx(
         predict(sizes, eight).items["optimizer state"] / 4)
+
+
+def test_train_warns_in_one_line_only_when_the_prediction_exceeds_the_gpu(capsys):
+    p = memory.predict_config(_flux_lora())  # 24.8 GiB
+    assert memory.too_big_note(p, 80.0) is None
+    message = memory.too_big_note(p, 24.0)
+    assert message.startswith("predicted peak 24.8 GiB per GPU (flux1-dev) exceeds this GPU's 24.0 GiB")
+    assert "\n" not in message
+    memory.warn_if_too_big(_flux_lora(), torch.device("cpu"), 1)  # CPU runs are skipped
+    assert capsys.readouterr().err == ""

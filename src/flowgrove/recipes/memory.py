@@ -174,15 +174,21 @@ def table_lines() -> list[str]:
     return lines
 
 
+def too_big_note(p: Prediction, device_gib: float) -> str | None:
+    """The note of :func:`warn_if_too_big` when ``p``'s peak exceeds ``device_gib``, else None."""
+    peak = p.estimate.peak / GIB
+    if peak <= device_gib:
+        return None
+    return (f"predicted peak {peak:.1f} GiB per GPU ({p.family}) exceeds this GPU's {device_gib:.1f} GiB; `flowgrove "
+            "memory` with the same config and overrides shows where it goes (train.gradient_checkpointing, "
+            "policy.quantize, train.optimizer=adamw8bit and run.offload lower it)")
+
+
 def warn_if_too_big(cfg: Config, device: torch.device, gpus: int) -> None:
     """``flowgrove train``: one note when the predicted peak exceeds the CUDA device's memory (CPU runs and policies
     without a shipped memory model are skipped)."""
     if device.type != "cuda" or cfg.policy.name not in DEFAULT_FAMILY:
         return
-    total = torch.cuda.get_device_properties(device).total_memory / GIB
-    p = predict_config(cfg, gpus)
-    peak = p.estimate.peak / GIB
-    if peak > total:
-        note(f"predicted peak {peak:.1f} GiB per GPU ({p.family}) exceeds this GPU's {total:.1f} GiB; `flowgrove "
-             "memory` with the same config and overrides shows where it goes (train.gradient_checkpointing, "
-             "policy.quantize, train.optimizer=adamw8bit and run.offload lower it)")
+    message = too_big_note(predict_config(cfg, gpus), torch.cuda.get_device_properties(device).total_memory / GIB)
+    if message:
+        note(message)
