@@ -12,8 +12,9 @@ import torch
 
 from flowgrove import cli
 from flowgrove.bench.memory import GIB, MemoryPlan, predict
-from flowgrove.bench.memory_sizes import (INPUTS, LiveBytes, add_lora, count, family_configs, lora_dims,
-                                          measured_lines, meta_model, model_sizes, saved_by_unit, shipped_sizes)
+from flowgrove.bench.memory_sizes import (INPUTS, LiveBytes, add_lora, count, diffusers_class, family_configs,
+                                          lora_dims, measured_lines, meta_model, model_sizes, saved_by_unit,
+                                          shipped_sizes)
 from flowgrove.bench.models import build_random
 from flowgrove.recipes import memory
 from flowgrove.training.prepare import float32_masters
@@ -49,7 +50,7 @@ def measured_training_peak(cls_name: str, config: dict, lora: bool, checkpointin
     with float32 trainable weights, as ``training/prepare.prepare_policy`` makes it: the parameters and AdamW's
     state (after a first step created it) plus the peak of the live tensors the step creates."""
     torch.manual_seed(0)
-    model = build_random(__import__("diffusers").__dict__[cls_name], config, torch.device("cpu"), torch.bfloat16)
+    model = build_random(diffusers_class(cls_name), config, torch.device("cpu"), torch.bfloat16)
     model.train()
     if lora:
         add_lora(model)
@@ -92,8 +93,7 @@ def test_the_predicted_training_peak_of_tiny_models_is_within_15_percent_of_the_
 def test_the_activation_lines_predict_a_third_measured_token_count():
     """The --verify of the old scripts/fsdp_memory.py: lines through 4x4 and 8x8 tokens give 12x12's bytes."""
     cls_name, config, _, _ = TINY["flux"]
-    model = build_random(__import__("diffusers").FluxTransformer2DModel, config, torch.device("cpu"),
-                         torch.bfloat16).requires_grad_(True)
+    model = build_random(diffusers_class(cls_name), config, torch.device("cpu"), torch.bfloat16).requires_grad_(True)
     lines, outside = measured_lines(model, cls_name, config, TEXT, torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         units, _, outside_bytes = saved_by_unit(model, INPUTS[cls_name](config, 12, TEXT, torch.bfloat16))
@@ -146,6 +146,18 @@ def test_memory_json_and_table_on_the_command_line(capsys):
     for title in ("FLUX.1-dev", "SD3.5-Medium", "SD3.5-Large", "Qwen-Image", "Wan 2.1 1.3B", "Wan 2.1 14B",
                   "HunyuanVideo", "SDXL"):
         assert f"| {title} | LoRA r32 | 1 |" in table and f"| {title} | full | 8 |" in table
+
+
+def test_the_family_is_the_one_whose_config_the_policy_folder_holds(tmp_path, capsys):
+    """A Wan folder with the 1.3B transformer config is predicted as Wan 2.1 1.3B, not the 14B default."""
+    cls_name, config = family_configs()["wan2.1-1.3b"]["transformer"]
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": cls_name, **config}))
+    assert cli.main(["memory", "policy.name=wan", f"policy.path={tmp_path}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] == "wan2.1-1.3b"
+    assert cli.main(["memory", "policy.name=wan", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] == "wan2.1-14b"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 from flowgrove.bench.memory import GIB, MemoryEstimate, MemoryPlan, ModelSizes, predict
@@ -27,8 +28,28 @@ CARDS = (24, 48, 80, 141)  # GiB per GPU of the --table's columns
 REWARD_MODELS = {"hpsv2": "clip-h", "pickscore": "clip-h", "clipscore": "clip-l", "aesthetic": "clip-l"}
 
 
+ARCHITECTURE_KEYS = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "ffn_dim",
+                     "block_out_channels", "transformer_layers_per_block")  # what tells a family's sizes apart
+
+
+def family_of_folder(policy: str, path: str) -> str | None:
+    """The shipped family of ``policy`` whose transformer (or UNet) config the folder's matches on the
+    architecture keys, or None (no folder, no such config file, no match)."""
+    for sub in ("transformer", "unet"):
+        config = Path(path) / sub / "config.json" if path else None
+        if config is not None and config.is_file():
+            data = json.loads(config.read_text())
+            for name, family in family_configs().items():
+                shipped = family["transformer"][1]
+                if family["policy"] == policy and all(data.get(k) == shipped[k] for k in ARCHITECTURE_KEYS
+                                                      if k in shipped):
+                    return name
+    return None
+
+
 def family_of(cfg: Config, model: str | None) -> str:
-    """The shipped family to predict: ``--model``, else the one ``policy.name`` defaults to."""
+    """The shipped family to predict: ``--model``, else the one whose config ``policy.path``'s transformer has, else
+    the one ``policy.name`` defaults to."""
     names = sorted(family_configs())
     if model is not None:
         if model not in names:
@@ -38,7 +59,7 @@ def family_of(cfg: Config, model: str | None) -> str:
         raise ConfigError(f"policy.name={cfg.policy.name} has no shipped memory model (it is a small CPU model); set "
                           f"policy.name to one of {', '.join(sorted(DEFAULT_FAMILY))} or pass --model "
                           f"({', '.join(names)})")
-    return DEFAULT_FAMILY[cfg.policy.name]
+    return family_of_folder(cfg.policy.name, cfg.policy.path) or DEFAULT_FAMILY[cfg.policy.name]
 
 
 def policy_settings(cfg: Config) -> dict:
