@@ -12,7 +12,8 @@ import torch
 
 from flowgrove import cli
 from flowgrove.bench.memory import GIB, MemoryPlan, predict
-from flowgrove.bench.memory_sizes import (INPUTS, LiveBytes, add_lora, count, diffusers_class, family_configs,
+from flowgrove.bench.memory_inputs import INPUTS
+from flowgrove.bench.memory_sizes import (LiveBytes, add_lora, count, diffusers_class, family_configs,
                                           lora_dims, measured_lines, meta_model, model_sizes, saved_by_unit,
                                           shipped_sizes)
 from flowgrove.bench.models import build_random
@@ -94,13 +95,13 @@ def test_the_activation_lines_predict_a_third_measured_token_count():
     """The --verify of the old scripts/fsdp_memory.py: lines through 4x4 and 8x8 tokens give 12x12's bytes."""
     cls_name, config, _, _ = TINY["flux"]
     model = build_random(diffusers_class(cls_name), config, torch.device("cpu"), torch.bfloat16).requires_grad_(True)
-    lines, outside = measured_lines(model, cls_name, config, TEXT, torch.bfloat16)
+    lines = measured_lines(model, cls_name, config, TEXT, torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        units, _, outside_bytes = saved_by_unit(model, INPUTS[cls_name](config, 12, TEXT, torch.bfloat16))
+        measured = saved_by_unit(model, INPUTS[cls_name](config, 12, TEXT, torch.bfloat16))
     n = 12 * 12 + TEXT
-    for (saved, _), measured in zip(lines, units.values()):
-        assert saved(n) == pytest.approx(measured, rel=0.01)
-    assert outside(n) == pytest.approx(outside_bytes, rel=0.05)
+    for unit, saved in zip(lines.units, measured.units.values()):
+        assert unit.saved(n) == pytest.approx(saved, rel=0.01)
+    assert lines.outside(n) == pytest.approx(measured.outside, rel=0.05)
 
 
 def test_the_shipped_counts_of_flux1_dev_recount_exactly_on_the_meta_device():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import weakref
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from flowgrove.bench.memory import Line, ModelSizes, UnitSizes
+from flowgrove.bench.memory_inputs import INPUTS, JOINT_TEXT
 from flowgrove.bench.models import build_random
 from flowgrove.parallel.engine import shard_units
 from flowgrove.tasks.digits import assets_dir
@@ -48,12 +49,14 @@ def text_encoder_configs() -> dict[str, dict]:
 
 
 def diffusers_class(name: str) -> type:
+    """The diffusers class ``name`` (``FluxTransformer2DModel``, ``AutoencoderKL`` ...)."""
     import diffusers
 
     return getattr(diffusers, name)
 
 
 def count(module: nn.Module) -> int:
+    """Parameters of ``module`` (works on the meta device)."""
     return sum(p.numel() for p in module.parameters())
 
 
@@ -88,75 +91,48 @@ def text_encoder_params(encoders: list[list[str]]) -> int:
     return total
 
 
-# ---- one forward of a transformer: inputs by class, for ``side`` x ``side`` latent tokens and ``text`` tokens ----
-
-def _flux_inputs(c: dict, side: int, text: int, dtype: torch.dtype) -> dict:
-    n = side * side
-    ids = torch.zeros(n, 3)
-    ids[:, 1], ids[:, 2] = torch.arange(n).div(side, rounding_mode="floor").float(), torch.arange(n).remainder(side).float()
-    return {"hidden_states": torch.randn(1, n, c["in_channels"], dtype=dtype),
-            "encoder_hidden_states": torch.randn(1, text, c["joint_attention_dim"], dtype=dtype),
-            "pooled_projections": torch.randn(1, c["pooled_projection_dim"], dtype=dtype),
-            "timestep": torch.tensor([0.5]), "img_ids": ids, "txt_ids": torch.zeros(text, 3),
-            "guidance": torch.tensor([3.5]) if c.get("guidance_embeds") else None}
-
-
-def _sd3_inputs(c: dict, side: int, text: int, dtype: torch.dtype) -> dict:
-    p = c.get("patch_size", 2)
-    return {"hidden_states": torch.randn(1, c.get("in_channels", 16), p * side, p * side, dtype=dtype),
-            "encoder_hidden_states": torch.randn(1, text, c.get("joint_attention_dim", 4096), dtype=dtype),
-            "pooled_projections": torch.randn(1, c.get("pooled_projection_dim", 2048), dtype=dtype),
-            "timestep": torch.tensor([500.0])}
-
-
-def _qwen_inputs(c: dict, side: int, text: int, dtype: torch.dtype) -> dict:
-    return {"hidden_states": torch.randn(1, side * side, c.get("in_channels", 64), dtype=dtype),
-            "encoder_hidden_states": torch.randn(1, text, c.get("joint_attention_dim", 3584), dtype=dtype),
-            "encoder_hidden_states_mask": torch.ones(1, text), "timestep": torch.tensor([0.5]),
-            "img_shapes": [[(1, side, side)]]}
-
-
-def _wan_inputs(c: dict, side: int, text: int, dtype: torch.dtype) -> dict:
-    p = c.get("patch_size", (1, 2, 2))[-1]
-    return {"hidden_states": torch.randn(1, c.get("in_channels", 16), 1, p * side, p * side, dtype=dtype),
-            "timestep": torch.tensor([500.0]),
-            "encoder_hidden_states": torch.randn(1, text, c.get("text_dim", 4096), dtype=dtype)}
-
-
-def _hunyuan_inputs(c: dict, side: int, text: int, dtype: torch.dtype) -> dict:
-    p = c.get("patch_size", 2)
-    return {"hidden_states": torch.randn(1, c.get("in_channels", 16), 1, p * side, p * side, dtype=dtype),
-            "timestep": torch.tensor([500.0]),
-            "encoder_hidden_states": torch.randn(1, text, c.get("text_embed_dim", 4096), dtype=dtype),
-            "encoder_attention_mask": torch.ones(1, text), "guidance": torch.tensor([6000.0]),
-            "pooled_projections": torch.randn(1, c.get("pooled_projection_dim", 768), dtype=dtype)}
-
-
-def _unet_inputs(c: dict, side: int, text: int, dtype: torch.dtype) -> dict:
-    time_dim = 6 * c["addition_time_embed_dim"]
-    return {"sample": torch.randn(1, c.get("in_channels", 4), side, side, dtype=dtype), "timestep": torch.tensor([500]),
-            "encoder_hidden_states": torch.randn(1, text, c["cross_attention_dim"], dtype=dtype),
-            "added_cond_kwargs": {"text_embeds": torch.randn(1, c["projection_class_embeddings_input_dim"] - time_dim,
-                                                             dtype=dtype),
-                                  "time_ids": torch.randn(1, 6, dtype=dtype)}}
-
-
-INPUTS: dict[str, Callable[[dict, int, int, torch.dtype], dict]] = {
-    "FluxTransformer2DModel": _flux_inputs, "SD3Transformer2DModel": _sd3_inputs,
-    "QwenImageTransformer2DModel": _qwen_inputs, "WanTransformer3DModel": _wan_inputs,
-    "HunyuanVideoTransformer3DModel": _hunyuan_inputs, "UNet2DConditionModel": _unet_inputs,
-}
-JOINT_TEXT = {"FluxTransformer2DModel", "SD3Transformer2DModel", "QwenImageTransformer2DModel",
-              "HunyuanVideoTransformer3DModel"}  # text tokens run through the blocks with the image's
-
-
 def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def saved_by_unit(model: nn.Module, inputs: dict) -> tuple[dict[int, int], dict[int, int], int]:
-    """One forward of ``model``: bytes autograd keeps by FSDP2 unit (index in ``shard_units``) and outside them
-    (parameters excluded, each storage once), and each unit's hidden-state input bytes (float tensors of rank >= 3)."""
+@dataclass(frozen=True)
+class SavedBytes:
+    """What one forward kept for backward, by FSDP2 unit (index in ``shard_units``) and outside them."""
+
+    units: dict[int, int]  # bytes autograd keeps while the unit runs
+    inputs: dict[int, int]  # bytes of the unit's hidden-state inputs (float tensors of rank >= 3)
+    outside: int
+
+
+@dataclass(frozen=True)
+class UnitLines:
+    """One unit's measured lines in tokens: what it saves, and its hidden-state inputs."""
+
+    saved: Line
+    inputs: Line
+
+
+@dataclass(frozen=True)
+class MeasuredLines:
+    """Every unit's lines and the outside's, from forwards at two token counts."""
+
+    units: list[UnitLines]
+    outside: Line
+
+
+@dataclass(frozen=True)
+class TransformerSizes:
+    """The full model on the meta device, its units' sizes, and the outside's line when trained whole / under LoRA."""
+
+    model: nn.Module
+    units: list[UnitSizes]
+    outside: Line
+    outside_lora: Line
+
+
+def saved_by_unit(model: nn.Module, inputs: dict) -> SavedBytes:
+    """One forward of ``model``: bytes autograd keeps by FSDP2 unit and outside them (parameters excluded, each
+    storage once, attributed to the unit running when it was saved), and each unit's hidden-state input bytes."""
     units = shard_units(model)
     skip = {_storage_key(p) for p in model.parameters()}
     active: list[int] = []
@@ -191,14 +167,8 @@ def saved_by_unit(model: nn.Module, inputs: dict) -> tuple[dict[int, int], dict[
     finally:
         for h in handles:
             h.remove()
-    by_unit = {i: 0 for i in range(len(units))}
-    outside = 0
-    for unit, nbytes in saved.values():
-        if unit < 0:
-            outside += nbytes
-        else:
-            by_unit[unit] += nbytes
-    return by_unit, inputs_of, outside
+    by_unit = {i: sum(n for u, n in saved.values() if u == i) for i in range(len(units))}
+    return SavedBytes(by_unit, inputs_of, sum(n for u, n in saved.values() if u < 0))
 
 
 def line(x0: float, y0: float, x1: float, y1: float) -> Line:
@@ -208,18 +178,19 @@ def line(x0: float, y0: float, x1: float, y1: float) -> Line:
 
 
 def measured_lines(model: nn.Module, cls_name: str, config: dict, text: int, dtype: torch.dtype,
-                   sides: tuple[int, int] = MEASURE_SIDES) -> tuple[list[tuple[Line, Line]], Line]:
-    """Per unit of ``model`` (saved, inputs) lines and the outside's line, in tokens, from forwards at ``sides``
-    under autocast to ``dtype`` (as the policies run them)."""
+                   sides: tuple[int, int] = MEASURE_SIDES) -> MeasuredLines:
+    """Every unit's lines and the outside's, in tokens, from forwards of ``model`` at ``sides`` x ``sides`` latent
+    tokens and ``text`` text tokens under autocast to ``dtype`` (as the policies run them)."""
     joint = text if cls_name in JOINT_TEXT else 0
-    points = []
+    (n0, n1), points = [side * side + joint for side in sides], []
     for side in sides:
         torch.manual_seed(0)
         with torch.autocast("cpu", dtype=dtype):
-            points.append((side * side + joint, *saved_by_unit(model, INPUTS[cls_name](config, side, text, dtype))))
-    (n0, s0, i0, o0), (n1, s1, i1, o1) = points
-    units = [(line(n0, s0[u], n1, s1[u]), line(n0, i0.get(u, 0), n1, i1.get(u, 0))) for u in s0]
-    return units, line(n0, o0, n1, o1)
+            points.append(saved_by_unit(model, INPUTS[cls_name](config, side, text, dtype)))
+    p0, p1 = points
+    units = [UnitLines(line(n0, p0.units[u], n1, p1.units[u]),
+                       line(n0, p0.inputs.get(u, 0), n1, p1.inputs.get(u, 0))) for u in p0.units]
+    return MeasuredLines(units, line(n0, p0.outside, n1, p1.outside))
 
 
 def group_names(model: nn.Module) -> list[str]:
@@ -228,15 +199,17 @@ def group_names(model: nn.Module) -> list[str]:
 
 
 def mean_line(lines: list[Line]) -> Line:
+    """The mean of ``lines`` (the measured blocks of one group stand for all of the full model's)."""
     return Line(sum(x.a for x in lines) / len(lines), sum(x.b for x in lines) / len(lines))
 
 
-def by_group(model: nn.Module, lines: list) -> dict[str, list]:
-    """``lines`` (one per FSDP2 unit of ``model``) grouped by the unit's ModuleList."""
-    groups: dict[str, list] = {}
-    for name, fits in zip(group_names(model), lines):
-        groups.setdefault(name, []).append(fits)
-    return groups
+def group_means(model: nn.Module, lines: MeasuredLines) -> dict[str, UnitLines]:
+    """The mean lines of each group of ``model``'s units (a ModuleList: ``transformer_blocks``, ...)."""
+    groups: dict[str, list[UnitLines]] = {}
+    for name, unit in zip(group_names(model), lines.units):
+        groups.setdefault(name, []).append(unit)
+    return {name: UnitLines(mean_line([u.saved for u in units]), mean_line([u.inputs for u in units]))
+            for name, units in groups.items()}
 
 
 def add_lora(model: nn.Module, rank: int = 4) -> None:
@@ -251,23 +224,20 @@ def add_lora(model: nn.Module, rank: int = 4) -> None:
 
 
 def transformer_sizes(cls_name: str, config: dict, measure: dict, text: int,
-                      dtype: torch.dtype = torch.bfloat16) -> tuple[nn.Module, list[UnitSizes], Line, Line]:
-    """The full model on the meta device, its units with the mean measured lines of their group (measured at the
-    real width with the ``measure`` config keys, e.g. one block per group: all weights trained, then a float32
-    LoRA on the default targets over the frozen weights), and the outside's line of each of the two."""
+                      dtype: torch.dtype = torch.bfloat16) -> TransformerSizes:
+    """The full model on the meta device and its units with the mean measured lines of their group, measured at the
+    real width with the ``measure`` config keys (e.g. one block per group): all weights trained, then a float32
+    LoRA on the default targets over the frozen weights."""
     full = meta_model(cls_name, config)
     small = build_random(diffusers_class(cls_name), {**config, **measure}, torch.device("cpu"), dtype)
-    trained, outside = measured_lines(small.requires_grad_(True).train(), cls_name, config, text, dtype)
+    trained = measured_lines(small.requires_grad_(True).train(), cls_name, config, text, dtype)
     add_lora(small)
     float32_masters(small)  # as training/prepare.py: float32 adapters (peft casts their inputs to float32)
-    lora, outside_lora = measured_lines(small, cls_name, config, text, dtype)
-    full_groups, lora_groups = by_group(small, trained), by_group(small, lora)
-    units = []
-    for name, unit in zip(group_names(full), shard_units(full)):
-        units.append(UnitSizes(name, count(unit), mean_line([f[0] for f in full_groups[name]]),
-                               mean_line([f[0] for f in lora_groups[name]]),
-                               mean_line([f[1] for f in full_groups[name]])))
-    return full, units, outside, outside_lora
+    lora = measured_lines(small, cls_name, config, text, dtype)
+    trained_groups, lora_groups = group_means(small, trained), group_means(small, lora)
+    units = [UnitSizes(name, count(unit), trained_groups[name].saved, lora_groups[name].saved,
+                       trained_groups[name].inputs) for name, unit in zip(group_names(full), shard_units(full))]
+    return TransformerSizes(full, units, trained.outside, lora.outside)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -331,10 +301,10 @@ def model_sizes(name: str, cls_name: str, config: dict, measure: dict, text: int
                 frames_per_token: int = 0) -> ModelSizes:
     """The transformer's counts and measured lines (``measure``: the config keys of the measured model, ``text``: its
     text tokens); no VAE, text encoders or decode (zero)."""
-    full, units, outside, outside_lora = transformer_sizes(cls_name, config, measure, text)
-    linear = sum(m.weight.numel() for m in full.modules() if isinstance(m, nn.Linear))
-    return ModelSizes(name=name, params=count(full), linear_weights=linear, units=tuple(units), outside=outside,
-                      outside_lora=outside_lora, lora_dims=lora_dims(full), text_encoder_params=0, vae_params=0,
+    t = transformer_sizes(cls_name, config, measure, text)
+    linear = sum(m.weight.numel() for m in t.model.modules() if isinstance(m, nn.Linear))
+    return ModelSizes(name=name, params=count(t.model), linear_weights=linear, units=tuple(t.units), outside=t.outside,
+                      outside_lora=t.outside_lora, lora_dims=lora_dims(t.model), text_encoder_params=0, vae_params=0,
                       decode=Line(0.0, 0.0), patch=patch, frames_per_token=frames_per_token,
                       joint_text=cls_name in JOINT_TEXT)
 
