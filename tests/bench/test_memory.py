@@ -121,7 +121,8 @@ def _flux_lora(*extra: str):
 
     return load_config(None, ["policy.name=flux1", "policy.dtype=bfloat16", "policy.lora_rank=32",
                               "train.gradient_checkpointing=true", "train.micro_batch=1", "policy.options.height=1024",
-                              "policy.options.width=1024", "policy.offload_text_encoders=true", *extra])
+                              "policy.options.width=1024", "policy.offload_text_encoders=true", "rollout.decode_batch=1",
+                              *extra])
 
 
 def test_flux1_dev_lora_bf16_1024_with_checkpointing_is_plausible_and_int8_saves_the_weight_bytes():

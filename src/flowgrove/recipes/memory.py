@@ -85,6 +85,12 @@ def setting(cfg: Config, key: str, default: str) -> str:
     return str(getattr(getattr(cfg, section), name, default))
 
 
+def decode_rows(cfg: Config, gpus: int) -> int:
+    """Samples of one VAE call: ``rollout.decode_batch``, or (0: no limit) a step's samples on one GPU."""
+    r = cfg.rollout
+    return r.decode_batch or -(-r.prompts_per_step * r.group_size // gpus)
+
+
 def plan_of(cfg: Config, family: dict, gpus: int) -> MemoryPlan:
     """The memory-relevant settings of ``cfg`` on ``gpus`` GPUs."""
     options = policy_settings(cfg) if cfg.policy.name == family["policy"] else {}
@@ -99,7 +105,7 @@ def plan_of(cfg: Config, family: dict, gpus: int) -> MemoryPlan:
         cfg_graph=family["cfg"] and guidance > 1 and not options.get("detach_uncond", False),
         height=int(options.get("height", 1024)), width=int(options.get("width", 1024)),
         frames=int(options.get("num_frames", 1)) if family["video"] else 1, text_tokens=text,
-        decode_batch=cfg.rollout.decode_batch or 1, ema=cfg.train.ema_decay > 0, reference=cfg.train.kl_beta > 0,
+        decode_batch=decode_rows(cfg, gpus), ema=cfg.train.ema_decay > 0, reference=cfg.train.kl_beta > 0,
         text_encoders=not cfg.policy.offload_text_encoders, reward_params=reward_parameters(cfg))
 
 
