@@ -6,20 +6,22 @@ settings that change memory) -> :class:`MemoryEstimate` (line items in bytes and
 
 The run has two phases, and the peak is the larger:
 
-- **rollout** (inference): the resident weights, optimizer state, text encoders (unless offloaded) and reward
-  models, plus the VAE decode of ``decode_batch`` samples;
-- **training**: the resident weights and optimizer state, plus the larger of the saved activations of one
-  training forward (``micro_batch`` transitions, doubled under classifier-free guidance whose unconditional branch
-  keeps its graph) or the gradients, whichever is larger (gradients grow as backward frees the activations;
-  ``zero_grad(set_to_none)`` drops them before the next forward; with checkpointing, the activations include the
-  one block backward recomputes), plus backward's transient activation gradients (:data:`BACKWARD_TRANSIENT` of the
-  largest block's saved activations) and under FSDP2 the all-gathered blocks.
+- **rollout** (inference): the resident weights, optimizer state, EMA / KL-reference copies, text encoders (unless
+  offloaded) and reward models, plus the VAE decode of ``decode_batch`` samples;
+- **training**: the same resident bytes, plus the larger of the saved activations of one training forward
+  (``micro_batch`` transitions, doubled under classifier-free guidance whose unconditional branch keeps its graph;
+  with checkpointing, the blocks' inputs and the one block backward recomputes; a full fine-tune outside FSDP2
+  adds autocast's compute-dtype copy of the weights) and the gradients (they grow as backward frees the
+  activations; ``zero_grad(set_to_none)`` drops them before the next forward), plus backward's transient activation
+  gradients (:data:`BACKWARD_TRANSIENT` of the largest block's saved activations) and under FSDP2 the all-gathered
+  blocks.
 
 Bytes per parameter: frozen weights in the policy dtype (bf16: 2) or quantised (int8 / float8: 1, nf4: 0.5 plus one
 float32 absmax per 64 weights), only the ``nn.Linear`` weights being quantised; trainable weights float32 masters
 (4) with float32 gradients (4) and AdamW's two moments (8; 8-bit AdamW: 2). Not modeled: allocator fragmentation,
 the CUDA context and NCCL buffers (about 1-3 GiB together) and the rollout's transient activations (inference
-mode keeps none).
+mode keeps none). LoRA's activations are measured with the default targets (``to_q``, ``to_k``, ``to_v``,
+``to_out.0``); other targets change them a little, and only their parameter count is exact.
 """
 
 from __future__ import annotations

@@ -56,9 +56,9 @@ def family_of(cfg: Config, model: str | None) -> str:
             raise ConfigError(f"--model {model} is not a shipped family; choose one of: {', '.join(names)}")
         return model
     if cfg.policy.name not in DEFAULT_FAMILY:
-        raise ConfigError(f"policy.name={cfg.policy.name} has no shipped memory model (it is a small CPU model); set "
-                          f"policy.name to one of {', '.join(sorted(DEFAULT_FAMILY))} or pass --model "
-                          f"({', '.join(names)})")
+        raise ConfigError(f"policy.name={cfg.policy.name} has no shipped memory model; set policy.name to one of "
+                          f"{', '.join(sorted(DEFAULT_FAMILY))}, or pass --model NAME for the nearest of "
+                          f"{', '.join(names)}")
     return family_of_folder(cfg.policy.name, cfg.policy.path) or DEFAULT_FAMILY[cfg.policy.name]
 
 
