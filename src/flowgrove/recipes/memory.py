@@ -34,11 +34,14 @@ ARCHITECTURE_KEYS = ("num_layers", "num_single_layers", "num_attention_heads", "
 
 def family_of_folder(policy: str, path: str) -> str | None:
     """The shipped family of ``policy`` whose transformer (or UNet) config the folder's matches on the
-    architecture keys, or None (no folder, no such config file, no match)."""
+    architecture keys, or None (no folder, no readable config file, no match)."""
     for sub in ("transformer", "unet"):
         config = Path(path) / sub / "config.json" if path else None
         if config is not None and config.is_file():
-            data = json.loads(config.read_text())
+            try:
+                data = json.loads(config.read_text())
+            except (OSError, ValueError):  # loading the folder reports it; the prediction takes the default
+                return None
             for name, family in family_configs().items():
                 shipped = family["transformer"][1]
                 if family["policy"] == policy and all(data.get(k) == shipped[k] for k in ARCHITECTURE_KEYS
