@@ -42,6 +42,8 @@ def family_of_folder(policy: str, path: str) -> str | None:
                 data = json.loads(config.read_text())
             except (OSError, ValueError):  # loading the folder reports it; the prediction takes the default
                 return None
+            if not isinstance(data, dict):
+                return None
             for name, family in family_configs().items():
                 shipped = family["transformer"][1]
                 if family["policy"] == policy and all(data.get(k) == shipped[k] for k in ARCHITECTURE_KEYS
