@@ -107,3 +107,16 @@ def test_policy_quantize_int8_trains_two_lora_steps_and_exports_for_the_unquanti
     base = FluxTransformer2DModel.from_pretrained(str(flux_folder / "pipe"), subfolder="transformer")
     base.load_lora_adapter(str(tmp_path / "lora"), prefix="transformer", weight_name="pytorch_lora_weights.safetensors")
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in base.named_parameters())
+
+
+def test_checkpoints_hold_the_adapters_not_the_nf4_state_of_the_base():
+    pytest.importorskip("bitsandbytes")
+    from flowgrove.runs import sharded
+    from flowgrove.training.parts import TrainingState
+
+    policy = prepare_policy(load_config(None, [*TINY, "policy.lora_rank=4", "policy.quantize=nf4"]), torch.device("cpu"))
+    params = [p for p in policy.module.parameters() if p.requires_grad]
+    state = TrainingState(policy.module, torch.optim.AdamW(params), params, None, None, 0, {})
+    saved = sharded.training_state(state, with_optimizer=False)["model"]
+    assert set(saved) == set(sharded.trainable_names(policy.module)) | {n for n, _ in policy.module.named_buffers()}
+    assert saved and all("lora_" in key for key in saved)  # the digits transformer has no buffers

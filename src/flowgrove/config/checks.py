@@ -245,8 +245,8 @@ def _check_memory(cfg: Config) -> None:
         key = "run.parallel=fsdp" if cfg.run.parallel == "fsdp" else "run.offload=params"
         raise ConfigError(f"policy.quantize={p.quantize} with {key}: FSDP2 does not shard quantised weights here; "
                           "set run.parallel=auto (DDP for LoRA) and run.offload=none, or policy.quantize=none")
-    check_quantize(p.quantize, torch.device("cuda" if cfg.run.device == "auto" and torch.cuda.is_available()
-                                            else "cpu" if cfg.run.device == "auto" else cfg.run.device))
+    auto = "cuda" if torch.cuda.is_available() else "cpu"  # run.device=auto, as distributed.resolve_device picks
+    check_quantize(p.quantize, torch.device(auto if cfg.run.device == "auto" else cfg.run.device))
 
 
 def _check_reward_names(cfg: Config) -> None:
