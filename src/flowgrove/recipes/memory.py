@@ -159,13 +159,13 @@ LORA_LADDER = (("bf16", {}), ("+ckpt", {"checkpointing": True}),
                ("+ckpt int8", {"checkpointing": True, "quantize": "int8"}),
                ("+ckpt nf4", {"checkpointing": True, "quantize": "nf4"}))
 FULL_LADDER = (("ckpt", {"checkpointing": True}), ("ckpt 8bit-Adam", {"checkpointing": True, "optimizer": "adamw8bit"}))
-FSDP_LADDER = FULL_LADDER + (("ckpt offload-opt", {"checkpointing": True, "offload": "optimizer"}),
-                             ("ckpt offload-params", {"checkpointing": True, "offload": "params"}))  # FSDP2's offload
+FSDP_LADDER = FULL_LADDER + (("ckpt offload-params", {"checkpointing": True, "offload": "params"}),)  # FSDP2's offload
 
 
 def ladder(lora: bool, gpus: int) -> tuple:
     """The table's settings, least costly first: LoRA adds checkpointing, then a quantised base; a full fine-tune
-    checkpoints, then 8-bit AdamW, then (FSDP2, several GPUs) offloads the optimizer state, then the parameters."""
+    checkpoints, then 8-bit AdamW, then (FSDP2, several GPUs) offloads parameters, gradients and optimizer state
+    (torch's FSDP2 has no optimizer-only offload)."""
     return LORA_LADDER if lora else FULL_LADDER if gpus == 1 else FSDP_LADDER
 
 
