@@ -345,3 +345,15 @@ def test_reward_options_reach_the_factory_and_name_their_reward(tmp_path, capsys
     trainer_setup.build_trainer(cfg)
     assert seen["scale"] == 3.0
     one_line_error(capsys, train(tmp_path, "reward_options.contrast.x=1"), "reward_options.contrast", "rewards.contrast=WEIGHT")
+
+
+def test_a_note_is_said_once_under_torchrun_by_rank_zero(monkeypatch, capsys):
+    from flowgrove.messages import note
+
+    for rank, said in (("0", True), ("1", False), ("3", False)):
+        monkeypatch.setenv("RANK", rank)
+        note("the run resumes from step 4")
+        assert ("flowgrove: the run resumes from step 4" in capsys.readouterr().err) is said
+    monkeypatch.delenv("RANK")
+    note("one process")
+    assert capsys.readouterr().err == "flowgrove: one process\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -22,7 +23,10 @@ def one_line(text: object) -> str:
 
 
 def note(text: object) -> None:
-    """``flowgrove: text`` as one line on stderr: what flowgrove chose or changed for the user, and why."""
+    """``flowgrove: text`` as one line on stderr: what flowgrove chose or changed for the user, and why. Under
+    torchrun only the global rank 0 says it (``RANK``, set by the launcher), so N ranks do not print it N times."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     print(f"flowgrove: {one_line(text)}", file=sys.stderr)
 
 
