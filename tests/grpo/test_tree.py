@@ -7,6 +7,7 @@ import torch
 
 from flowgrove.grpo.tree import (
     Forest,
+    backprop_advantages,
     build_forest,
     combine_masks,
     depth_prune_mask,
@@ -18,6 +19,7 @@ from flowgrove.grpo.tree import (
     parse_split_steps,
     pruning_active,
     split_steps_evenly,
+    tree_zscores,
     width_prune_mask,
 )
 
@@ -308,6 +310,49 @@ def test_depthwise_advantages_tiny_std_is_zero():
     forest = build_forest(1, "0")
     adv = depthwise_advantages((torch.tensor([0.0]), torch.tensor([1.0, 1.0 + 1e-7])), forest)
     assert adv[1].tolist() == [0.0, 0.0]  # std 7e-8 < min_std 1e-6
+
+
+# --------------------------------------------------------------------------- TreeGRPO's backed-up advantages
+
+
+def test_backprop_advantages_hand_worked():
+    forest = build_forest(2, "0,1")
+    adv = backprop_advantages(LEAVES, forest)
+    s = math.sqrt(20.0 / 3.0)  # leaves [1, 3, 5, 7]: mean 4, sample std sqrt(20/3), one normalisation per tree
+    torch.testing.assert_close(adv[2], torch.tensor([-3.0, -1.0, 1.0, 3.0]) / s)
+    torch.testing.assert_close(adv[1], torch.tensor([-2.0, 2.0]) / s)  # subtree means [2, 6] - 4, not re-scaled
+    assert adv[0].tolist() == [0.0]
+    # BranchGRPO's depth-wise rule re-normalises depth 1 to +-1/sqrt2 = 0.707; here it keeps the leaves' scale, 0.775
+    assert depthwise_advantages(fuse_rewards(LEAVES, forest), forest)[1][1] < adv[1][1]
+
+
+def test_backprop_advantages_are_subtree_means_of_leaf_zscores_per_tree():
+    forest = build_forest(6, "0,2,4", branching=3, n_trees=3)
+    rewards = torch.randn(forest.num_leaves, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    adv = backprop_advantages(rewards, forest, eps=0.0)
+    per_tree = rewards.reshape(3, -1)
+    leaf_z = ((per_tree - per_tree.mean(1, keepdim=True)) / per_tree.std(1, keepdim=True)).reshape(-1)
+    for depth, (a, mean) in enumerate(zip(adv, fuse_rewards(rewards, forest))):
+        tree_mean = per_tree.mean(1).repeat_interleave(forest.nodes_per_depth[depth] // 3)
+        tree_std = per_tree.std(1).repeat_interleave(forest.nodes_per_depth[depth] // 3)
+        torch.testing.assert_close(a, (mean - tree_mean) / tree_std)  # (subtree mean - tree mean) / leaf std
+    torch.testing.assert_close(adv[-1], leaf_z)
+    # the shallow splits carry less than unit variance: their subtree means vary less than the leaves
+    assert adv[1].reshape(3, -1).std(1).max() < 1.0
+
+
+def test_backprop_advantages_constant_tree_and_path_weights():
+    forest = build_forest(2, "1", n_trees=2)
+    adv = backprop_advantages(torch.tensor([1.0, 3.0, 2.0, 2.0]), forest)
+    assert adv[2][2:].tolist() == [0.0, 0.0] and adv[1].tolist() == [0.0, 0.0]  # constant tree; a chain depth is 0
+    assert tree_zscores(torch.tensor([5.0]), 1).tolist() == [0.0]  # one value: 0, not NaN
+    two = build_forest(2, "0,1")
+    weighted = backprop_advantages(LEAVES, two, mode="path", edge_log_probs=EDGE_LOG_PROBS)
+    want = fuse_rewards(tree_zscores(LEAVES, 1), two, "path", EDGE_LOG_PROBS)
+    for got, expected in zip(weighted, want):
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="leaf_rewards must be"):
+        backprop_advantages(torch.zeros(3), two)
 
 
 # --------------------------------------------------------------------------- pruning

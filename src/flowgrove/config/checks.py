@@ -17,7 +17,7 @@ from flowgrove.grpo import tree
 from flowgrove.messages import ConfigError, did_you_mean, one_line
 from flowgrove.samplers.steps import noise_g, sde_type_of
 
-
+TREE_ADVANTAGES = ("depthwise", "backprop")  # advantage.kind of tree rollouts: BranchGRPO's, TreeGRPO's
 
 def last_step_excluded(cfg: Config) -> bool:
     """The last transition is never trained: the reward image is its x0 prediction (so it is never sampled), CPS
@@ -68,10 +68,11 @@ def check_config(cfg: Config) -> None:
 def _check_mode(cfg: Config) -> None:
     if cfg.tree.enabled and cfg.window.enabled and not cfg.tree.mix:
         raise ConfigError("window.enabled with tree.enabled needs tree.mix=true (BranchGRPO-Mix); or disable one of them")
-    if cfg.tree.enabled and cfg.advantage.kind != "depthwise":
-        raise ConfigError(f"tree rollouts need advantage.kind=depthwise, got {cfg.advantage.kind!r}")
-    if not cfg.tree.enabled and cfg.advantage.kind == "depthwise":
-        raise ConfigError("advantage.kind=depthwise needs tree.enabled=true; use group or group_global_std for chains")
+    if cfg.tree.enabled and cfg.advantage.kind not in TREE_ADVANTAGES:
+        raise ConfigError(f"tree rollouts need advantage.kind=depthwise or backprop, got {cfg.advantage.kind!r}")
+    if not cfg.tree.enabled and cfg.advantage.kind in TREE_ADVANTAGES:
+        raise ConfigError(f"advantage.kind={cfg.advantage.kind} needs tree.enabled=true; use group or group_global_std "
+                          "for chains")
     if not cfg.tree.enabled and cfg.rollout.group_size < 2:
         raise ConfigError("rollout.group_size must be >= 2: GRPO normalises rewards within the images of one prompt")
     smallest, key = (cfg.tree.branching, "tree.branching") if cfg.tree.enabled else (cfg.rollout.group_size, "rollout.group_size")

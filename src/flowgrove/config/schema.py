@@ -102,7 +102,7 @@ class DataConfig:
 
 @dataclass
 class AdvantageConfig:
-    kind: str = _f("group", "group z-score, group_global_std (per-prompt mean, global std), or depthwise (trees).", ("group", "group_global_std", "depthwise"))
+    kind: str = _f("group", "group z-score, group_global_std (per-prompt mean, global std), depthwise (trees: BranchGRPO's z-scores of fused rewards per depth) or backprop (trees: TreeGRPO's leaf z-scores backed up as subtree means).", ("group", "group_global_std", "depthwise", "backprop"))
     ddof: int = _f(1, "Delta degrees of freedom of the std.", low=0)
     eps: float = _f(1e-8, "Added to the std.", low=0)
     clip: float = _f(5.0, "Advantages are clamped to +-clip.", low=0)
@@ -138,6 +138,7 @@ class TrainConfig:
     step_weight: str = _f("none", "Per-step weight of the policy loss: none, grpo_guard (GRPO-Guard: 1 / (sigma - sigma_next)) or tempflow (TempFlow-GRPO: the step's transition std over its mean on the trainable steps).", tuple(STEP_WEIGHTS))
     trust_region: str = _f("clip", "clip (PPO's ratio clip, train.clip_range) or dppo (Flow-DPPO: no clip; a transition whose exact KL to the rollout step reaches train.trust_region_kl while the update pushes it further gets no gradient).", tuple(TRUST_REGIONS))
     trust_region_kl: float = _f(1e-5, "dppo: bound on the exact per-dimension Gaussian KL between the current and the rollout policy's step.", low=0)
+    updates_per_rollout: int = _f(1, "Passes over the rollout's stored transitions (TreeGRPO, PPO-style reuse): each pass reshuffles them into the same accumulation groups; the rollout's log-probs stay the old log-probs, so later passes move the ratio and the clip bounds it.", low=1)
     objective: str = _f("grpo", "What the update trains: grpo (PPO-clip on the stored SDE transitions' log-probs), or a forward-process objective on the rollout's final samples noised at train.timesteps' grid times, without log-probs (any sampler, sampler.noise_level=0 for ODE rollouts): nft (DiffusionNFT) or awm (Advantage Weighted Matching).", OBJECTIVES)
     nft_beta: float = _f(1.0, "nft: beta of the implicit policies v+ = beta*v + (1-beta)*v_old, v- = (1+beta)*v_old - beta*v (DiffusionNFT: 1.0; 0.1 for OCR).", low=0)
     awm_power: float = _f(0.25, "awm: power p of the generalised-Huber weighting sigma * (mse^p) / p of the flow-matching error (AWM: 0.25; 1 = the sigma-weighted mean square).", low=0)

@@ -197,6 +197,26 @@ def fuse_rewards(
     return tuple(levels)
 
 
+def tree_zscores(values: Tensor, n_trees: int, ddof: int = 1, eps: float = 1e-8, min_std: float = 1e-6) -> Tensor:
+    """Z-score ``values`` [N] (tree-major, ``N / n_trees`` per tree) within each tree.
+
+    ``(v - mean) / (std + eps)`` per tree; a tree with at most ``max(1, ddof)`` values or with ``std < min_std`` gets
+    zeros, never NaN.
+
+    Returns:
+        [N], shaped like ``values``.
+    """
+    if ddof < 0:
+        raise ValueError(f"ddof must be >= 0, got {ddof}")
+    per_tree = values.reshape(n_trees, -1)  # [n_trees, m], storage is tree-major
+    if per_tree.shape[1] <= max(1, ddof):
+        return torch.zeros_like(values)
+    std = per_tree.std(dim=1, correction=ddof, keepdim=True)  # [n_trees, 1]
+    centered = per_tree - per_tree.mean(dim=1, keepdim=True)  # [n_trees, m]
+    adv = torch.where(std >= min_std, centered / (std + eps), torch.zeros_like(centered))
+    return adv.reshape(-1)  # [N]
+
+
 def depthwise_advantages(
     node_rewards: tuple[Tensor, ...],
     forest: Forest,
@@ -222,21 +242,46 @@ def depthwise_advantages(
     """
     if len(node_rewards) != forest.num_steps + 1:
         raise ValueError(f"node_rewards needs {forest.num_steps + 1} entries, got {len(node_rewards)}")
-    if ddof < 0:
-        raise ValueError(f"ddof must be >= 0, got {ddof}")
-    advantages = []
     for depth, rewards in enumerate(node_rewards):
         if rewards.shape != (forest.nodes_per_depth[depth],):
             raise ValueError(f"node_rewards[{depth}] must be [{forest.nodes_per_depth[depth]}]")
-        per_tree = rewards.reshape(forest.n_trees, -1)  # [n_trees, m], storage is tree-major
-        if per_tree.shape[1] <= max(1, ddof):
-            advantages.append(torch.zeros_like(rewards))
-            continue
-        std = per_tree.std(dim=1, correction=ddof, keepdim=True)  # [n_trees, 1]
-        centered = per_tree - per_tree.mean(dim=1, keepdim=True)  # [n_trees, m]
-        adv = torch.where(std >= min_std, centered / (std + eps), torch.zeros_like(centered))
-        advantages.append(adv.reshape(-1))  # [N_d]
-    return tuple(advantages)
+    return tuple(tree_zscores(rewards, forest.n_trees, ddof, eps, min_std) for rewards in node_rewards)
+
+
+def backprop_advantages(
+    leaf_rewards: Tensor,
+    forest: Forest,
+    ddof: int = 1,
+    eps: float = 1e-8,
+    min_std: float = 1e-6,
+    mode: str = "mean",
+    edge_log_probs: tuple[Tensor, ...] | None = None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, ...]:
+    """TreeGRPO's tree advantages (Ding and Ye, arXiv 2512.08153): leaf rewards are z-scored within their tree, and
+    these leaf advantages are backed up through the tree, so a node's advantage is the mean of the leaf advantages
+    below it (``mode="mean"``; ``"path"`` and ``"local"`` weigh the leaves as :func:`fuse_rewards` does).
+
+    The paper states "leaf rewards normalized to advantages, then backpropagated through the tree to each edge"; no
+    code is public, so the backup as the (weighted) subtree mean is this library's reading. Unlike
+    :func:`depthwise_advantages` there is one normalisation per tree, at the leaves: with ``"mean"`` a node's
+    advantage is ``(subtree mean - tree mean) / leaf std``, so an edge whose subtree mean barely differs from its
+    cousins' gets a small advantage instead of a unit-variance one. The edge into a node is trained with the node's
+    advantage, ``advantages[d + 1]``; clamping is the caller's.
+
+    Args:
+        leaf_rewards: [n_leaves] rewards of the deepest depth.
+        forest: the forest shape.
+        ddof, eps, min_std: of the leaf z-score (:func:`tree_zscores`).
+        mode, edge_log_probs, temperature: the backup weights (:func:`fuse_rewards`).
+
+    Returns:
+        Advantages per depth, root first (the root's is 0 in ``"mean"`` mode); the last entry is the leaf z-scores.
+    """
+    if leaf_rewards.shape != (forest.num_leaves,):
+        raise ValueError(f"leaf_rewards must be [{forest.num_leaves}], got {tuple(leaf_rewards.shape)}")
+    leaf_adv = tree_zscores(leaf_rewards, forest.n_trees, ddof, eps, min_std)  # [n_leaves]
+    return fuse_rewards(leaf_adv, forest, mode, edge_log_probs, temperature)
 
 
 def pruning_active(iteration: int, total_iterations: int, active_fraction: float) -> bool:

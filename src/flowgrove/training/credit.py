@@ -41,9 +41,13 @@ def tree_advantages(
     rewards: Tensor, weights: Tensor, forest: tree.Forest, edge_log_probs: tuple[Tensor, ...],
     cfg: AdvantageConfig, tree_cfg: TreeConfig,
 ) -> tuple[Tensor, ...]:
-    """rewards [K, N_leaves] -> advantages per depth (root first), depth-wise z-scores of fused rewards."""
+    """rewards [K, N_leaves] -> advantages per depth (root first): depth-wise z-scores of fused rewards
+    (``advantage.kind=depthwise``, BranchGRPO) or leaf z-scores backed up the tree (``backprop``, TreeGRPO)."""
 
     def one(leaf_rewards: Tensor) -> tuple[Tensor, ...]:
+        if cfg.kind == "backprop":
+            return tree.backprop_advantages(leaf_rewards, forest, ddof=cfg.ddof, eps=cfg.eps, mode=tree_cfg.fusion,
+                                            edge_log_probs=edge_log_probs, temperature=tree_cfg.temperature)
         fused = tree.fuse_rewards(leaf_rewards, forest, mode=tree_cfg.fusion, edge_log_probs=edge_log_probs,
                                   temperature=tree_cfg.temperature)
         return tree.depthwise_advantages(fused, forest, ddof=cfg.ddof, eps=cfg.eps)

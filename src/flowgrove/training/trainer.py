@@ -207,34 +207,41 @@ class GRPOTrainer:
         if size == 0:
             stats.dropped_transitions = len(tr) * world
             return stats
-        order = selection.live_order(live.cpu(), size, generator)  # [size]
-        groups = selection.accumulation_groups(order, t.accumulate, t.accumulate_size, n_samples, world)
-        group_live = distributed.sum_over_ranks([float(live[g].sum()) for g in groups])  # per group, all ranks
-        stats.transitions = int(sum(group_live))  # trained, over all ranks
-        stats.dropped_transitions = len(tr) * world - stats.transitions
         per_root = max(1, int(len(tr) // (n_roots or n_samples)))  # N-bar: stored transitions per chain or tree
+        passes, n_live_all = t.updates_per_rollout, int(live.sum())
         totals: dict[str, float] = {}
         norms: list[float] = []
-        for group, n_live in zip(groups, group_live):
-            if n_live == 0:  # on every rank: nothing to train in this group
-                continue
-            self.optimizer.zero_grad(set_to_none=True)
-            parts = self._backward_group(tr, adv, live, cond, per_root, group, int(n_live))
-            for n, part in parts:  # n: the micro-batch's live rows
-                dev = part.pop("ratio_dev", None)
-                if dev is not None and stats.updates == 0 and stats.skipped_steps == 0 and not totals:
-                    stats.first_ratio_max_dev = dev
-                for k, v in part.items():
-                    totals[k] = totals.get(k, 0.0) + v * n / int(live.sum())
-            norm = self._optimizer_step(sum(part.get("loss", 0.0) for _, part in parts), stats)
-            norms += [] if norm is None else [norm]
+        for p in range(passes):  # train.updates_per_rollout: the stored transitions reused, old log-probs kept
+            order = selection.live_order(live.cpu(), size, generator)  # [size], reshuffled every pass
+            groups = selection.accumulation_groups(order, t.accumulate, t.accumulate_size, n_samples, world)
+            group_live = distributed.sum_over_ranks([float(live[g].sum()) for g in groups])  # per group, all ranks
+            if p == 0:
+                stats.dropped_transitions = len(tr) * world - int(sum(group_live))
+            stats.transitions += int(sum(group_live))  # trained, over all ranks and passes
+            last: dict[str, float] = {}  # this pass's clip fraction and largest |ratio - 1|
+            for group, n_live in zip(groups, group_live):
+                if n_live == 0:  # on every rank: nothing to train in this group
+                    continue
+                self.optimizer.zero_grad(set_to_none=True)
+                parts = self._backward_group(tr, adv, live, cond, per_root, group, int(n_live))
+                for n, part in parts:  # n: the micro-batch's live rows
+                    dev = part.pop("ratio_dev", None)
+                    if dev is not None and stats.updates == 0 and stats.skipped_steps == 0 and not totals:
+                        stats.first_ratio_max_dev = dev
+                    last["ratio_max_dev"] = max(last.get("ratio_max_dev", 0.0), dev if dev is not None else 0.0)
+                    last["clip_fraction"] = last.get("clip_fraction", 0.0) + part.get("clip_fraction", 0.0) * n / n_live_all
+                    for k, v in part.items():
+                        totals[k] = totals.get(k, 0.0) + v * n / (n_live_all * passes)
+                norm = self._optimizer_step(sum(part.get("loss", 0.0) for _, part in parts), stats)
+                norms += [] if norm is None else [norm]
         if stats.updates:
             self._ema_update(per_rollout=True)
         stats.grad_norm = sum(norms) / len(norms) if norms else float("nan")
-        means = distributed.weighted_mean_over_ranks([totals.get(k, 0.0) for k in ("loss", "clip_fraction", "approx_kl", "kl")],
-                                                     float(live.sum()))
-        stats.loss, stats.clip_fraction, stats.approx_kl, stats.kl = means  # over every rank's live transitions
+        means = distributed.weighted_mean_over_ranks([totals.get(k, 0.0) for k in ("loss", "clip_fraction", "approx_kl", "kl")]
+                                                     + [last.get("clip_fraction", 0.0)], float(live.sum()))
+        stats.loss, stats.clip_fraction, stats.approx_kl, stats.kl, stats.last_pass_clip_fraction = means  # every rank's
         stats.first_ratio_max_dev = distributed.max_over_ranks(stats.first_ratio_max_dev)
+        stats.last_pass_ratio_max_dev = distributed.max_over_ranks(last.get("ratio_max_dev", 0.0))
         return stats
 
     def _optimizer_step(self, group_loss: float, stats: UpdateStats) -> float | None:
