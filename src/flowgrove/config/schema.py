@@ -82,6 +82,7 @@ class TreeConfig:
     width_keep: int = _f(0, "Width pruning: leaves per tree whose post-split chains are trained (best and worst); 0 = off.", low=0)
     pruning_fraction: float = _f(1.0, "Fraction of training during which pruning is active.", low=0)
     mix: bool = _f(False, "Mix variant: SDE only at split steps and inside the window (window.*), ODE elsewhere.")
+    adaptive_calls: int = _f(0, "Adaptive trees: model calls per tree (prompt); at each split step the same fraction of a tree's nodes splits, the best and worst by the trained reward of their x0 prediction, the rest go on as chains (docs/adaptive-trees.md); 0 = off (every node splits).", low=0)
     split_logprob_std: str = _f("drawn", "Std of a split child's log-prob: drawn (the std it was sampled with) or reference (BranchGRPO: unscaled).", ("drawn", "reference"))
 
 

@@ -56,6 +56,9 @@ class Forest:
         split_steps: steps at which every node branches, ascending (validated and sorted).
         branching: children per node at a split step (K).
         n_trees: number of trees (one per prompt), stored tree-major within each depth.
+        fan_out: optional children per node, entry d a LongTensor [N_d] (>= 1; an adaptive tree, where a split step
+            splits only some nodes); every tree must keep the same number of nodes per depth. None: every node
+            splits into ``branching`` at a split step.
         nodes_per_depth: ``N_d`` over all trees, length T + 1.
         parents: ``parents[d]`` is a LongTensor [N_{d+1}] of indices into depth d, length T.
         tree_of: ``tree_of[d]`` is a LongTensor [N_d], the tree of each node, length T + 1.
@@ -65,6 +68,7 @@ class Forest:
     split_steps: tuple[int, ...]
     branching: int = 2
     n_trees: int = 1
+    fan_out: tuple[Tensor, ...] | None = field(default=None, compare=False, repr=False)
     nodes_per_depth: tuple[int, ...] = field(init=False, compare=False)
     parents: tuple[Tensor, ...] = field(init=False, compare=False, repr=False)
     tree_of: tuple[Tensor, ...] = field(init=False, compare=False, repr=False)
@@ -77,11 +81,19 @@ class Forest:
         if self.n_trees < 1:
             raise ValueError(f"n_trees must be >= 1, got {self.n_trees}")
         object.__setattr__(self, "split_steps", parse_split_steps(self.split_steps, self.num_steps))
+        if self.fan_out is not None and len(self.fan_out) != self.num_steps:
+            raise ValueError(f"fan_out needs {self.num_steps} tensors (one per step), got {len(self.fan_out)}")
         counts, parents = [self.n_trees], []
         for step in range(self.num_steps):
             fan_out = self.branching if step in self.split_steps else 1
+            if self.fan_out is not None:
+                fan_out = self.fan_out[step].cpu()  # [N_d]
+                if fan_out.shape != (counts[-1],) or bool((fan_out < 1).any()):
+                    raise ValueError(f"fan_out[{step}] must be [{counts[-1]}] counts >= 1, got {fan_out.tolist()}")
             parents.append(torch.arange(counts[-1]).repeat_interleave(fan_out))  # [N_{d+1}]
-            counts.append(counts[-1] * fan_out)
+            counts.append(parents[-1].numel())
+        if any(n % self.n_trees for n in counts):
+            raise ValueError(f"every tree needs the same number of nodes per depth, got {counts} over {self.n_trees} trees")
         tree_of = tuple(torch.arange(self.n_trees).repeat_interleave(n // self.n_trees) for n in counts)
         object.__setattr__(self, "nodes_per_depth", tuple(counts))
         object.__setattr__(self, "parents", tuple(parents))
@@ -284,6 +296,61 @@ def backprop_advantages(
     return fuse_rewards(leaf_adv, forest, mode, edge_log_probs, temperature)
 
 
+def adaptive_split_counts(num_steps: int, split_steps: Iterable[int], branching: int, call_budget: int) -> tuple[int, ...]:
+    """Nodes per tree that split at each split step so that one tree costs at most ``call_budget`` model calls.
+
+    The same fraction ``f`` of a tree's nodes splits at every split step, ``m_s = ceil(f * n_s)`` (the root always
+    splits), with ``f`` the largest multiple of 1/256 whose tree fits the budget; the other nodes go on as chains. A
+    tree's calls are ``sum_d n_d`` over depths 0..T-1 (:attr:`Forest.model_calls`), and a split of ``m`` nodes at
+    step ``s`` adds ``m (K - 1)`` nodes at depths ``s + 1 .. T``.
+
+    Returns:
+        ``m_s`` per split step, in ascending step order.
+
+    Raises:
+        ValueError: the budget is below the cheapest tree (one node splitting at every split step).
+    """
+    steps = parse_split_steps(split_steps, num_steps)
+
+    def tree_of(fraction: float) -> tuple[tuple[int, ...], int]:
+        nodes, counts, calls, depth = 1, [], 0, 0
+        for step in steps:
+            calls += nodes * (step + 1 - depth)  # depths depth..step
+            m = max(1, math.ceil(fraction * nodes))
+            counts.append(m)
+            nodes, depth = nodes + m * (branching - 1), step + 1
+        return tuple(counts), calls + nodes * (num_steps - depth)
+
+    for j in range(256, 0, -1):
+        counts, calls = tree_of(j / 256)
+        if calls <= call_budget:
+            return counts
+    raise ValueError(f"a call budget of {call_budget} is below the cheapest tree with these splits "
+                     f"({tree_of(0.0)[1]} calls: one node splits at each split step)")
+
+
+def best_and_worst(scores: Tensor, n_trees: int, count: int) -> Tensor:
+    """Per tree the ``count // 2`` best and ``count - count // 2`` worst entries by ``scores`` (ties: the lower index
+    ranks lower). Width pruning keeps these leaves; an adaptive tree splits these nodes: a node whose x0 prediction
+    already scores at either end of its tree is where its children's rewards, and so the advantages, spread most.
+
+    Args:
+        scores: [N] one score per entry (tree-major, ``N / n_trees`` per tree).
+        n_trees: number of trees.
+        count: entries per tree, ``0 <= count <= N / n_trees``.
+
+    Returns:
+        Bool [N], True for the chosen entries.
+    """
+    per_tree = scores.numel() // n_trees
+    if not 0 <= count <= per_tree:
+        raise ValueError(f"count must be in [0, {per_tree}] (entries per tree), got {count}")
+    order = torch.argsort(scores.cpu().reshape(n_trees, per_tree), dim=1, stable=True)  # [n_trees, m] worst first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(per_tree).expand_as(order))
+    n_best = count // 2
+    return ((rank < count - n_best) | (rank >= per_tree - n_best)).reshape(-1)  # [N]
+
+
 def pruning_active(iteration: int, total_iterations: int, active_fraction: float) -> bool:
     """Pruning applies while ``iteration <= int(total * fraction)`` (BranchGRPO, arXiv 2509.06040)."""
     return iteration <= int(total_iterations * active_fraction)
@@ -355,11 +422,7 @@ def width_prune_mask(forest: Forest, leaf_scores: Tensor, keep: int) -> tuple[Te
         raise ValueError(f"keep must be in [0, {per_tree}] (leaves per tree), got {keep}")
     if leaf_scores.shape != (forest.num_leaves,):
         raise ValueError(f"leaf_scores must be [{forest.num_leaves}], got {tuple(leaf_scores.shape)}")
-    n_best = keep // 2
-    scores = leaf_scores.detach().cpu().reshape(forest.n_trees, per_tree)  # [n_trees, L]
-    order = torch.argsort(scores, dim=1, stable=True)  # ascending: worst first
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(per_tree).expand_as(order))
-    kept_leaves = ((rank < keep - n_best) | (rank >= per_tree - n_best)).reshape(-1)  # [n_leaves]
+    kept_leaves = best_and_worst(leaf_scores.detach(), forest.n_trees, keep)  # [n_leaves]
     last_split = max(forest.split_steps, default=-1)
     paths = leaf_paths(forest)  # [n_leaves, T + 1]
     masks = []

@@ -121,7 +121,15 @@ def forward_mask(cfg: Config, num_samples: int, generator: torch.Generator) -> T
     return selection.random_fraction_mask(num_samples, steps, cfg.train.timestep_fraction, False, generator)
 
 
-def forest(cfg: Config, n_trees: int, num_steps: int | None = None) -> tree.Forest:
-    """The trees of one step; ``num_steps`` is the plan's (a compressed tail shortens the trees)."""
-    return tree.build_forest(num_steps or cfg.sampler.num_steps, split_steps(cfg), cfg.tree.branching, n_trees)
+def forest(cfg: Config, n_trees: int, num_steps: int | None = None,
+           fan_out: tuple[Tensor, ...] | None = None) -> tree.Forest:
+    """The trees of one step; ``num_steps`` is the plan's (a compressed tail shortens the trees); ``fan_out`` the
+    children per node of an adaptive rollout (:attr:`flowgrove.training.rollout.Rollout.fan_out`)."""
+    return tree.Forest(num_steps or cfg.sampler.num_steps, split_steps(cfg), cfg.tree.branching, n_trees, fan_out)
+
+
+def adaptive_splits(cfg: Config, num_steps: int) -> dict[int, int]:
+    """Adaptive trees (``tree.adaptive_calls``): split step -> nodes per tree that split there."""
+    splits = split_steps(cfg)
+    return dict(zip(splits, tree.adaptive_split_counts(num_steps, splits, cfg.tree.branching, cfg.tree.adaptive_calls)))
 

@@ -61,6 +61,9 @@ class Transitions(NamedTuple):
         return self.x.shape[0]
 
 
+SplitChoice = Callable[[int, Tensor, Tensor], Tensor]  # (step, x0_pred [N, ...], rows [N]) -> children per node [N]
+
+
 class Rollout(NamedTuple):
     """Result of one rollout over N0 roots and N_L leaves."""
 
@@ -70,6 +73,7 @@ class Rollout(NamedTuple):
     edge_log_probs: tuple[Tensor, ...]  # per step d: [N_{d+1}] log-prob of the edge into each node (0 for ODE)
     nodes_per_depth: tuple[int, ...]
     model_calls: int  # policy evaluations (rows), all nodes of all trees
+    fan_out: tuple[Tensor, ...] | None = None  # per step d: [N_d] children of each node (adaptive trees), else None
 
 
 def batched_velocity(policy: FlowPolicy, x: Tensor, sigma: Tensor, cond: Conditioning, chunk_size: int = 0) -> Tensor:
@@ -105,7 +109,8 @@ def _cat_transitions(parts: list[Transitions], like: Tensor, keep_mean: bool = F
 
 @torch.no_grad()
 def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: Tensor, spec: RolloutSpec,
-            generator: torch.Generator | NoiseSource, store_mask: Tensor | None = None, groups: Tensor | None = None) -> Rollout:
+            generator: torch.Generator | NoiseSource, store_mask: Tensor | None = None, groups: Tensor | None = None,
+            split_choice: SplitChoice | None = None) -> Rollout:
     """Sample chains or trees from ``x_init`` [N0, C, H, W] and store the trained SDE transitions.
 
     Args:
@@ -117,6 +122,8 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
         store_mask: optional [N0, S] bool, per-root trained steps (chains only: DanceGRPO's random subset).
         groups: optional [N0] ids of identical roots (same noise and prompt): their ODE prefix and first model
             call are computed once per group.
+        split_choice: adaptive trees: at each split step, (step, x0 predictions [N, ...], conditioning rows [N]) ->
+            children per node [N] (long, 1 or K), from what the rollout already has; None: every node gets K.
 
     Returns:
         A :class:`Rollout`; the transitions hold only steps with ``plan.trained`` (and ``store_mask``) that drew noise.
@@ -129,7 +136,7 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
     x, rows, fan_out = _share_groups(x, rows, roots, groups)
     prev_x0 = prev_sigma = None
     n_nodes = x_init.shape[0]  # nodes at the current depth (groups share rows while fan_out is set)
-    stored, edge_log_probs, nodes, calls = [], [], [n_nodes], 0
+    stored, edge_log_probs, nodes, calls, fan_outs = [], [], [n_nodes], 0, []
     for step in range(plan.num_steps):
         sigma, sigma_next = plan.sigmas[step].item(), plan.sigmas[step + 1].item()
         velocity = batched_velocity(policy, x, x.new_full((x.shape[0],), sigma), cond.select(rows), spec.chunk_size)
@@ -143,21 +150,27 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
             # The last transition does not change x0_pred: it is neither sampled nor trained (DanceGRPO).
             _check_split(step, "x0_pred", k)
             edges = (*edge_log_probs, x.new_zeros(x.shape[0]))
-            return Rollout(x0_pred, rows, _cat_transitions(stored, x, spec.keep_mean), edges, (*nodes, x.shape[0]), calls)
+            fans = (*fan_outs, torch.ones(x.shape[0], dtype=torch.long)) if split_choice is not None else None
+            return Rollout(x0_pred, rows, _cat_transitions(stored, x, spec.keep_mean), edges, (*nodes, x.shape[0]), calls,
+                           fans)
+        fan = k  # children per node: K at a split (or the adaptive choice per node), else 1
         if k > 1:
             _check_split(step, kind, k)
-            x, velocity, x0_pred, rows, roots, prev_x0 = _children(k, x, velocity, x0_pred, rows, roots, prev_x0)
+            fan = k if split_choice is None else split_choice(step, x0_pred, rows).to(x.device)  # [N]
+            x, velocity, x0_pred, rows, roots, prev_x0 = _children(fan, x, velocity, x0_pred, rows, roots, prev_x0)
+        fan_outs.append(fan.cpu() if isinstance(fan, Tensor) else torch.full((n_nodes,), fan, dtype=torch.long))
         move = STEP_KINDS[kind](family, spec, Node(x, velocity, x0_pred, sigma, sigma_next, prev_x0, prev_sigma), k,
                                 generator)
         keep = _stored_rows(plan.trained[step], store_mask, roots, step)  # only SDE steps are trained (StepPlan)
         if keep is not None and move.log_prob is not None:  # a step that drew no noise (CPS onto sigma 0) has no density
             stored.append(_transitions(x, move, rows, keep, step, sigma, sigma_next, spec.keep_mean))
-        n_nodes *= k
+        n_nodes = int(fan.sum()) if isinstance(fan, Tensor) else n_nodes * fan
         edge_log_probs.append(move.log_prob if move.log_prob is not None else x.new_zeros(n_nodes))
         nodes.append(n_nodes)
         prev_x0, prev_sigma = (None, None) if kind == StepKind.SDE else (x0_pred, sigma)  # see Node.prev_x0
         x = move.x_next
-    return Rollout(x, rows, _cat_transitions(stored, x, spec.keep_mean), tuple(edge_log_probs), tuple(nodes), calls)
+    return Rollout(x, rows, _cat_transitions(stored, x, spec.keep_mean), tuple(edge_log_probs), tuple(nodes), calls,
+                   tuple(fan_outs) if split_choice is not None else None)
 
 
 def _check_store_mask(store_mask: Tensor | None, spec: RolloutSpec) -> None:
@@ -261,8 +274,9 @@ def _rows_of(index: Tensor, *nodes: Tensor | None) -> tuple[Tensor | None, ...]:
     return tuple(t[index] if t is not None else None for t in nodes)
 
 
-def _children(k: int, *nodes: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Every node's tensors repeated for its ``k`` children (siblings adjacent); None stays None."""
+def _children(k: int | Tensor, *nodes: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Every node's tensors repeated for its ``k`` children (an int, or [N] per node; siblings adjacent); None stays
+    None."""
     return tuple(t.repeat_interleave(k, dim=0) if t is not None else None for t in nodes)
 
 

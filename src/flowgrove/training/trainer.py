@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -93,13 +93,14 @@ class GRPOTrainer:
         groups = None
         if not cfg.tree.enabled and cfg.rollout.same_noise_in_group:  # a group's ODE prefix is computed once
             groups = share.roots.to(roots.device)
+        choice = self._split_choice(prompts, share.size, plan.num_steps) if cfg.tree.adaptive_calls else None
         ro = rollout(self.policy, cond, roots, x_init, spec, NoiseSource(noise, share.parts, share.part), store_mask=mask,
-                     groups=groups)
+                     groups=groups, split_choice=choice)
         t1 = time.perf_counter()
         raw = self.score(ro, prompts)  # [K, N_L]
         gathered = self._gather(raw.T, share).T  # [K, N_all]: every block's leaves in order
         t2 = time.perf_counter()
-        forest = method.forest(cfg, share.size, plan.num_steps) if cfg.tree.enabled else None
+        forest = method.forest(cfg, share.size, plan.num_steps, ro.fan_out) if cfg.tree.enabled else None
         if cfg.train.objective == "grpo":
             adv = self.edge_advantages(gathered, ro, forest, share)  # [E]
             keep = credit.pruning_keep(cfg, it, ro.transitions, weighted_total(raw.cpu(), self.weights), forest)  # by this rank's leaves' total
@@ -122,6 +123,9 @@ class GRPOTrainer:
             "model_calls_per_sample": ro.model_calls / n_leaves,  # below nfe_old where groups share a prefix
             "seconds_rollout": t1 - t0, "seconds_reward": t2 - t1, "seconds_update": t3 - t2, "seconds_step": t3 - t0,
         }
+        if choice is not None:  # the calls an adaptive tree saved against every node splitting, per prompt (tree)
+            full = method.forest(cfg, share.size, plan.num_steps).model_calls
+            metrics["model_calls_saved_per_prompt"] = (full - ro.model_calls) / share.size
         if cfg.window.enabled:
             metrics["window_start"] = float(min(plan.trained_steps, default=-1))
         if self.nonfinite_streak >= cfg.train.max_nonfinite_skips:
@@ -149,17 +153,36 @@ class GRPOTrainer:
         """Rewards [K, N_leaves] of the decoded leaves, whose ``leaf_cond_index`` indexes ``cond_prompts`` (default:
         the training prompts). A reward that raises, or NaN or inf, on any rank stops the step on every rank with a
         clear message (:class:`RewardFailedError`, :class:`NonFiniteRewardError`), before any weight changes."""
-        cond_prompts = self.prompts if cond_prompts is None else cond_prompts
+        return self.score_latents(ro.leaves, ro.leaf_cond_index, self.prompts if cond_prompts is None else cond_prompts)
+
+    def score_latents(self, latents: Tensor, cond_index: Tensor, cond_prompts: Sequence[str]) -> Tensor:
+        """Rewards [K, N] of latents [N, ...] decoded, ``cond_index`` [N] indexing ``cond_prompts`` (see :meth:`score`)."""
         raw, failure = None, None
         with torch.no_grad():
-            images = decode_batched(self.policy, ro.leaves, self.cfg.rollout.decode_batch)  # [N, 3, H, W] in [0, 1]
-            prompts = [cond_prompts[i] for i in ro.leaf_cond_index.tolist()]
+            images = decode_batched(self.policy, latents, self.cfg.rollout.decode_batch)  # [N, 3, H, W] in [0, 1]
+            prompts = [cond_prompts[i] for i in cond_index.tolist()]
             try:
                 raw = torch.stack([r.to(self.device) for r in score_rewards(self.rewards, images, prompts)])  # [K, N]
             except RewardFailure as err:
                 failure = err
         halt_on_bad_rewards(raw, failure, list(self.rewards), prompts, self.iteration + 1)
         return raw
+
+    def _split_choice(self, prompts: Sequence[str], n_trees: int, num_steps: int) -> Callable[[int, Tensor, Tensor], Tensor]:
+        """Adaptive trees: at a split step the budget's count of each tree's nodes splits into K, the best and worst
+        by the weighted trained reward of their x0 predictions (:func:`flowgrove.grpo.tree.best_and_worst`), the
+        others get one child; where every node splits nothing is scored."""
+        counts, k = method.adaptive_splits(self.cfg, num_steps), self.cfg.tree.branching
+
+        def choose(step: int, x0_pred: Tensor, rows: Tensor) -> Tensor:
+            n_split = counts[step]
+            if n_split * n_trees >= x0_pred.shape[0]:
+                return torch.full((x0_pred.shape[0],), k, dtype=torch.long)
+            scores = weighted_total(self.score_latents(x0_pred, rows, prompts).cpu(), self.weights)  # [N]
+            split = tree.best_and_worst(scores, n_trees, n_split)  # [N]
+            return torch.where(split, k, 1)
+
+        return choose
 
     @staticmethod
     def _gather(rows: Tensor, share: rank_share.RankShare) -> Tensor:
@@ -176,7 +199,8 @@ class GRPOTrainer:
         cfg, tr = self.cfg, ro.transitions
         mine = lambda values: values.chunk(share.parts)[share.part]  # noqa: E731  (this block's rows)
         if forest is not None:
-            forest = method.forest(cfg, forest.n_trees * share.parts, forest.num_steps)  # every block's trees
+            fans = tuple(self._gather(f, share) for f in ro.fan_out) if ro.fan_out is not None else None
+            forest = method.forest(cfg, forest.n_trees * share.parts, forest.num_steps, fans)  # every block's trees
             log_probs = tuple(self._gather(lp, share) for lp in ro.edge_log_probs)
             per_depth = credit.tree_advantages(gathered, self.weights, forest, log_probs, cfg.advantage, cfg.tree)
             return credit.edge_values(tuple(mine(a) for a in per_depth), tr.depth.cpu(), tr.node.cpu()).to(tr.x.device)
