@@ -267,3 +267,28 @@ def test_later_passes_move_the_ratio_and_the_clip_bounds_it():
     assert two["last_pass_ratio_max_dev"] > 100 * max(one["first_ratio_max_dev"], 1e-7)
     assert two["last_pass_clip_fraction"] > 0.0 and two["last_pass_clip_fraction"] > one["last_pass_clip_fraction"]
     assert two["clip_fraction"] > one["clip_fraction"]  # the mean over both passes
+
+
+def test_adaptive_tree_splits_its_extreme_nodes_within_the_call_budget():
+    # 111 calls per tree: m = 1, 1, 2, 3 nodes split at steps 0, 3, 6, 9 (8 leaves); 92 calls fewer than the full tree.
+    trainer = make("branchgrpo-adaptive", "rollout.prompts_per_step=2", "tree.adaptive_calls=111")
+    choose, seen = trainer._split_choice, []
+
+    def recording(prompts, n_trees, num_steps):
+        inner = choose(prompts, n_trees, num_steps)
+
+        def wrapped(step, x0_pred, rows):
+            fan = inner(step, x0_pred, rows)
+            seen.append((step, trainer.score_latents(x0_pred, rows, prompts)[0], fan))
+            return fan
+        return wrapped
+
+    trainer._split_choice = recording
+    metrics = trainer.step()
+    assert metrics["model_calls_saved_per_prompt"] == 203 - 111 and metrics["nfe_old"] == 111 / 8
+    assert [(step, int((fan == 2).sum())) for step, _, fan in seen] == [(0, 2), (3, 2), (6, 4), (9, 6)]  # 2 trees
+    _, scores, fan = seen[-1]  # step 9: 3 of each tree's 5 nodes split: its best one and worst two
+    for tree_scores, tree_fan in zip(scores.reshape(2, 5), fan.reshape(2, 5)):
+        order = tree_scores.argsort()
+        assert tree_fan[order[:2]].tolist() == [2, 2] and tree_fan[order[-1]] == 2 and tree_fan[order[2:4]].tolist() == [1, 1]
+    assert metrics["updates"] >= 1 and metrics["first_ratio_max_dev"] < 1e-5

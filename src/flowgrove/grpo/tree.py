@@ -92,9 +92,13 @@ class Forest:
                     raise ValueError(f"fan_out[{step}] must be [{counts[-1]}] counts >= 1, got {fan_out.tolist()}")
             parents.append(torch.arange(counts[-1]).repeat_interleave(fan_out))  # [N_{d+1}]
             counts.append(parents[-1].numel())
-        if any(n % self.n_trees for n in counts):
-            raise ValueError(f"every tree needs the same number of nodes per depth, got {counts} over {self.n_trees} trees")
-        tree_of = tuple(torch.arange(self.n_trees).repeat_interleave(n // self.n_trees) for n in counts)
+        tree_of = [torch.arange(self.n_trees)]  # [N_d] per depth: the tree of each node
+        for parent in parents:
+            tree_of.append(tree_of[-1][parent])
+            per_tree = torch.bincount(tree_of[-1], minlength=self.n_trees)  # [n_trees]
+            if bool((per_tree != per_tree[0]).any()):
+                raise ValueError(f"every tree needs the same number of nodes per depth, got {per_tree.tolist()}")
+        tree_of = tuple(tree_of)
         object.__setattr__(self, "nodes_per_depth", tuple(counts))
         object.__setattr__(self, "parents", tuple(parents))
         object.__setattr__(self, "tree_of", tree_of)
