@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 
+from flowgrove.grpo.advantages import tree_zscores
 from flowgrove.grpo.tree import (
     Forest,
-    adaptive_split_counts,
-    backprop_advantages,
     best_and_worst,
     build_forest,
     combine_masks,
@@ -21,9 +20,9 @@ from flowgrove.grpo.tree import (
     parse_split_steps,
     pruning_active,
     split_steps_evenly,
-    tree_zscores,
     width_prune_mask,
 )
+from flowgrove.grpo.tree_rules import adaptive_split_counts, backprop_advantages
 
 
 def _as_lists(tensors):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flowgrove.config.load import load_config
-from flowgrove.training import method
+from flowgrove.training import adaptive, method
 from flowgrove.training.trainer import GRPOTrainer, NonFiniteRewardError
 
 from conftest import TinyPolicy, brightness
@@ -269,21 +269,20 @@ def test_later_passes_move_the_ratio_and_the_clip_bounds_it():
     assert two["clip_fraction"] > one["clip_fraction"]  # the mean over both passes
 
 
-def test_adaptive_tree_splits_its_extreme_nodes_within_the_call_budget():
+def test_adaptive_tree_splits_its_extreme_nodes_within_the_call_budget(monkeypatch):
     # 111 calls per tree: m = 1, 1, 2, 3 nodes split at steps 0, 3, 6, 9 (8 leaves); 92 calls fewer than the full tree.
-    trainer = make("branchgrpo-adaptive", "rollout.prompts_per_step=2", "tree.adaptive_calls=111")
-    choose, seen = trainer._split_choice, []
+    trainer, seen, plain = make("branchgrpo-adaptive", "rollout.prompts_per_step=2", "tree.adaptive_calls=111"), [], adaptive.split_choice
 
-    def recording(prompts, n_trees, num_steps):
-        inner = choose(prompts, n_trees, num_steps)
+    def recording(cfg, score, n_trees, num_steps):
+        inner = plain(cfg, score, n_trees, num_steps)
 
         def wrapped(step, x0_pred, rows):
             fan = inner(step, x0_pred, rows)
-            seen.append((step, trainer.score_latents(x0_pred, rows, prompts)[0], fan))
+            seen.append((step, score(x0_pred, rows), fan))
             return fan
         return wrapped
 
-    trainer._split_choice = recording
+    monkeypatch.setattr(adaptive, "split_choice", recording)
     metrics = trainer.step()
     assert metrics["model_calls_saved_per_prompt"] == 203 - 111 and metrics["nfe_old"] == 111 / 8
     assert [(step, int((fan == 2).sum())) for step, _, fan in seen] == [(0, 2), (3, 2), (6, 4), (9, 6)]  # 2 trees

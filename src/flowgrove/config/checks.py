@@ -13,11 +13,11 @@ import math
 import torch
 
 from flowgrove.config.schema import Config
-from flowgrove.grpo import tree
+from flowgrove.grpo import tree, tree_rules
 from flowgrove.messages import ConfigError, did_you_mean, one_line
 from flowgrove.samplers.steps import noise_g, sde_type_of
 
-TREE_ADVANTAGES = ("depthwise", "backprop")  # advantage.kind of tree rollouts: BranchGRPO's, TreeGRPO's
+
 
 def last_step_excluded(cfg: Config) -> bool:
     """The last transition is never trained: the reward image is its x0 prediction (so it is never sampled), CPS
@@ -68,9 +68,9 @@ def check_config(cfg: Config) -> None:
 def _check_mode(cfg: Config) -> None:
     if cfg.tree.enabled and cfg.window.enabled and not cfg.tree.mix:
         raise ConfigError("window.enabled with tree.enabled needs tree.mix=true (BranchGRPO-Mix); or disable one of them")
-    if cfg.tree.enabled and cfg.advantage.kind not in TREE_ADVANTAGES:
+    if cfg.tree.enabled and cfg.advantage.kind not in tree_rules.TREE_ADVANTAGES:
         raise ConfigError(f"tree rollouts need advantage.kind=depthwise or backprop, got {cfg.advantage.kind!r}")
-    if not cfg.tree.enabled and cfg.advantage.kind in TREE_ADVANTAGES:
+    if not cfg.tree.enabled and cfg.advantage.kind in tree_rules.TREE_ADVANTAGES:
         raise ConfigError(f"advantage.kind={cfg.advantage.kind} needs tree.enabled=true; use group or group_global_std "
                           "for chains")
     if not cfg.tree.enabled and cfg.rollout.group_size < 2:
@@ -142,7 +142,7 @@ def _adaptive_leaves(cfg: Config, splits: tuple[int, ...]) -> int:
         raise ConfigError("tree.adaptive_calls counts the calls of the sampler's grid, which a compressed tail "
                           "(window.tail=dpm) shortens; set window.tail=euler or tree.adaptive_calls=0")
     try:
-        counts = tree.adaptive_split_counts(cfg.sampler.num_steps, splits, t.branching, t.adaptive_calls)
+        counts = tree_rules.adaptive_split_counts(cfg.sampler.num_steps, splits, t.branching, t.adaptive_calls)
     except ValueError as err:
         raise ConfigError(f"tree.adaptive_calls={t.adaptive_calls}: {err}; raise it (0 = every node splits)") from None
     return 1 + sum(counts) * (t.branching - 1)

@@ -13,6 +13,7 @@ from flowgrove.grpo.losses import EMA_SCHEDULES, RATIO_NORMS, STEP_WEIGHTS, TRUS
 from flowgrove.grpo.matching import OBJECTIVES
 from flowgrove.grpo.plans import STRATEGIES, TAILS
 from flowgrove.grpo.tree import FUSION_MODES
+from flowgrove.grpo.tree_rules import TREE_ADVANTAGES
 from flowgrove.samplers.schedules import TAIL_SPACINGS
 from flowgrove.samplers.steps import NOISE_LEVELS
 from flowgrove.tasks.catalog import DEFAULT_TASK, TASKS
@@ -82,7 +83,7 @@ class TreeConfig:
     width_keep: int = _f(0, "Width pruning: leaves per tree whose post-split chains are trained (best and worst); 0 = off.", low=0)
     pruning_fraction: float = _f(1.0, "Fraction of training during which pruning is active.", low=0)
     mix: bool = _f(False, "Mix variant: SDE only at split steps and inside the window (window.*), ODE elsewhere.")
-    adaptive_calls: int = _f(0, "Adaptive trees: model calls per tree (prompt); at each split step the same fraction of a tree's nodes splits, the best and worst by the trained reward of their x0 prediction, the rest go on as chains (docs/adaptive-trees.md); 0 = off (every node splits).", low=0)
+    adaptive_calls: int = _f(0, "Adaptive trees: model calls per tree (prompt); at each split step the same fraction of a tree's nodes splits, the best and worst by the trained reward of their x0 prediction, the rest go on as chains (docs/trees.md); 0 = off (every node splits).", low=0)
     split_logprob_std: str = _f("drawn", "Std of a split child's log-prob: drawn (the std it was sampled with) or reference (BranchGRPO: unscaled).", ("drawn", "reference"))
 
 
@@ -103,7 +104,7 @@ class DataConfig:
 
 @dataclass
 class AdvantageConfig:
-    kind: str = _f("group", "group z-score, group_global_std (per-prompt mean, global std), depthwise (trees: BranchGRPO's z-scores of fused rewards per depth) or backprop (trees: TreeGRPO's leaf z-scores backed up as subtree means).", ("group", "group_global_std", "depthwise", "backprop"))
+    kind: str = _f("group", "group z-score, group_global_std (per-prompt mean, global std), depthwise (trees: BranchGRPO's z-scores of fused rewards per depth) or backprop (trees: TreeGRPO's leaf z-scores backed up as subtree means).", ("group", "group_global_std", *TREE_ADVANTAGES))
     ddof: int = _f(1, "Delta degrees of freedom of the std.", low=0)
     eps: float = _f(1e-8, "Added to the std.", low=0)
     clip: float = _f(5.0, "Advantages are clamped to +-clip.", low=0)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from flowgrove.grpo.advantages import tree_zscores
+
 FUSION_MODES = ("mean", "path", "local")
 
 
@@ -213,26 +215,6 @@ def fuse_rewards(
     return tuple(levels)
 
 
-def tree_zscores(values: Tensor, n_trees: int, ddof: int = 1, eps: float = 1e-8, min_std: float = 1e-6) -> Tensor:
-    """Z-score ``values`` [N] (tree-major, ``N / n_trees`` per tree) within each tree.
-
-    ``(v - mean) / (std + eps)`` per tree; a tree with at most ``max(1, ddof)`` values or with ``std < min_std`` gets
-    zeros, never NaN.
-
-    Returns:
-        [N], shaped like ``values``.
-    """
-    if ddof < 0:
-        raise ValueError(f"ddof must be >= 0, got {ddof}")
-    per_tree = values.reshape(n_trees, -1)  # [n_trees, m], storage is tree-major
-    if per_tree.shape[1] <= max(1, ddof):
-        return torch.zeros_like(values)
-    std = per_tree.std(dim=1, correction=ddof, keepdim=True)  # [n_trees, 1]
-    centered = per_tree - per_tree.mean(dim=1, keepdim=True)  # [n_trees, m]
-    adv = torch.where(std >= min_std, centered / (std + eps), torch.zeros_like(centered))
-    return adv.reshape(-1)  # [N]
-
-
 def depthwise_advantages(
     node_rewards: tuple[Tensor, ...],
     forest: Forest,
@@ -262,75 +244,6 @@ def depthwise_advantages(
         if rewards.shape != (forest.nodes_per_depth[depth],):
             raise ValueError(f"node_rewards[{depth}] must be [{forest.nodes_per_depth[depth]}]")
     return tuple(tree_zscores(rewards, forest.n_trees, ddof, eps, min_std) for rewards in node_rewards)
-
-
-def backprop_advantages(
-    leaf_rewards: Tensor,
-    forest: Forest,
-    ddof: int = 1,
-    eps: float = 1e-8,
-    min_std: float = 1e-6,
-    mode: str = "mean",
-    edge_log_probs: tuple[Tensor, ...] | None = None,
-    temperature: float = 1.0,
-) -> tuple[Tensor, ...]:
-    """TreeGRPO's tree advantages (Ding and Ye, arXiv 2512.08153): leaf rewards are z-scored within their tree, and
-    these leaf advantages are backed up through the tree, so a node's advantage is the mean of the leaf advantages
-    below it (``mode="mean"``; ``"path"`` and ``"local"`` weigh the leaves as :func:`fuse_rewards` does).
-
-    The paper states "leaf rewards normalized to advantages, then backpropagated through the tree to each edge"; no
-    code is public, so the backup as the (weighted) subtree mean is this library's reading. Unlike
-    :func:`depthwise_advantages` there is one normalisation per tree, at the leaves: with ``"mean"`` a node's
-    advantage is ``(subtree mean - tree mean) / leaf std``, so an edge whose subtree mean barely differs from its
-    cousins' gets a small advantage instead of a unit-variance one. The edge into a node is trained with the node's
-    advantage, ``advantages[d + 1]``; clamping is the caller's.
-
-    Args:
-        leaf_rewards: [n_leaves] rewards of the deepest depth.
-        forest: the forest shape.
-        ddof, eps, min_std: of the leaf z-score (:func:`tree_zscores`).
-        mode, edge_log_probs, temperature: the backup weights (:func:`fuse_rewards`).
-
-    Returns:
-        Advantages per depth, root first (the root's is 0 in ``"mean"`` mode); the last entry is the leaf z-scores.
-    """
-    if leaf_rewards.shape != (forest.num_leaves,):
-        raise ValueError(f"leaf_rewards must be [{forest.num_leaves}], got {tuple(leaf_rewards.shape)}")
-    leaf_adv = tree_zscores(leaf_rewards, forest.n_trees, ddof, eps, min_std)  # [n_leaves]
-    return fuse_rewards(leaf_adv, forest, mode, edge_log_probs, temperature)
-
-
-def adaptive_split_counts(num_steps: int, split_steps: Iterable[int], branching: int, call_budget: int) -> tuple[int, ...]:
-    """Nodes per tree that split at each split step so that one tree costs at most ``call_budget`` model calls.
-
-    The same fraction ``f`` of a tree's nodes splits at every split step, ``m_s = ceil(f * n_s)`` (the root always
-    splits), with ``f`` the largest multiple of 1/256 whose tree fits the budget; the other nodes go on as chains. A
-    tree's calls are ``sum_d n_d`` over depths 0..T-1 (:attr:`Forest.model_calls`), and a split of ``m`` nodes at
-    step ``s`` adds ``m (K - 1)`` nodes at depths ``s + 1 .. T``.
-
-    Returns:
-        ``m_s`` per split step, in ascending step order.
-
-    Raises:
-        ValueError: the budget is below the cheapest tree (one node splitting at every split step).
-    """
-    steps = parse_split_steps(split_steps, num_steps)
-
-    def tree_of(fraction: float) -> tuple[tuple[int, ...], int]:
-        nodes, counts, calls, depth = 1, [], 0, 0
-        for step in steps:
-            calls += nodes * (step + 1 - depth)  # depths depth..step
-            m = max(1, math.ceil(fraction * nodes))
-            counts.append(m)
-            nodes, depth = nodes + m * (branching - 1), step + 1
-        return tuple(counts), calls + nodes * (num_steps - depth)
-
-    for j in range(256, 0, -1):
-        counts, calls = tree_of(j / 256)
-        if calls <= call_budget:
-            return counts
-    raise ValueError(f"a call budget of {call_budget} is below the cheapest tree with these splits "
-                     f"({tree_of(0.0)[1]} calls: one node splits at each split step)")
 
 
 def best_and_worst(scores: Tensor, n_trees: int, count: int) -> Tensor:

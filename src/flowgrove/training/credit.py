@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from flowgrove.config.load import AdvantageConfig, Config, TreeConfig
-from flowgrove.grpo import advantages, tree
+from flowgrove.grpo import advantages, tree, tree_rules
 from flowgrove.parallel.rank_share import RankShare
 from flowgrove.training.rollout import Rollout, Transitions
 
@@ -45,12 +45,8 @@ def tree_advantages(
     (``advantage.kind=depthwise``, BranchGRPO) or leaf z-scores backed up the tree (``backprop``, TreeGRPO)."""
 
     def one(leaf_rewards: Tensor) -> tuple[Tensor, ...]:
-        if cfg.kind == "backprop":
-            return tree.backprop_advantages(leaf_rewards, forest, ddof=cfg.ddof, eps=cfg.eps, mode=tree_cfg.fusion,
-                                            edge_log_probs=edge_log_probs, temperature=tree_cfg.temperature)
-        fused = tree.fuse_rewards(leaf_rewards, forest, mode=tree_cfg.fusion, edge_log_probs=edge_log_probs,
-                                  temperature=tree_cfg.temperature)
-        return tree.depthwise_advantages(fused, forest, ddof=cfg.ddof, eps=cfg.eps)
+        return tree_rules.TREE_ADVANTAGES[cfg.kind](leaf_rewards, forest, ddof=cfg.ddof, eps=cfg.eps, mode=tree_cfg.fusion,
+                                              edge_log_probs=edge_log_probs, temperature=tree_cfg.temperature)
 
     if cfg.aggregate == "advantage":
         per_reward = [one(row) for row in rewards]

@@ -9,7 +9,7 @@ together with the log-prob computed on exactly the stored tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -122,8 +122,7 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
         store_mask: optional [N0, S] bool, per-root trained steps (chains only: DanceGRPO's random subset).
         groups: optional [N0] ids of identical roots (same noise and prompt): their ODE prefix and first model
             call are computed once per group.
-        split_choice: adaptive trees: at each split step, (step, x0 predictions [N, ...], conditioning rows [N]) ->
-            children per node [N] (long, 1 or K), from what the rollout already has; None: every node gets K.
+        split_choice: adaptive trees: the children of each node at a split step (:data:`SplitChoice`); None: K.
 
     Returns:
         A :class:`Rollout`; the transitions hold only steps with ``plan.trained`` (and ``store_mask``) that drew noise.
@@ -136,7 +135,7 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
     x, rows, fan_out = _share_groups(x, rows, roots, groups)
     prev_x0 = prev_sigma = None
     n_nodes = x_init.shape[0]  # nodes at the current depth (groups share rows while fan_out is set)
-    stored, edge_log_probs, nodes, calls, fan_outs = [], [], [n_nodes], 0, []
+    stored, edge_log_probs, nodes, calls, split_fans = [], [], [n_nodes], 0, {}
     for step in range(plan.num_steps):
         sigma, sigma_next = plan.sigmas[step].item(), plan.sigmas[step + 1].item()
         velocity = batched_velocity(policy, x, x.new_full((x.shape[0],), sigma), cond.select(rows), spec.chunk_size)
@@ -149,28 +148,33 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
         if step == plan.num_steps - 1 and spec.reward_image == "x0_pred":
             # The last transition does not change x0_pred: it is neither sampled nor trained (DanceGRPO).
             _check_split(step, "x0_pred", k)
-            edges = (*edge_log_probs, x.new_zeros(x.shape[0]))
-            fans = (*fan_outs, torch.ones(x.shape[0], dtype=torch.long)) if split_choice is not None else None
-            return Rollout(x0_pred, rows, _cat_transitions(stored, x, spec.keep_mean), edges, (*nodes, x.shape[0]), calls,
-                           fans)
-        fan = k  # children per node: K at a split (or the adaptive choice per node), else 1
+            edges, all_nodes = (*edge_log_probs, x.new_zeros(x.shape[0])), (*nodes, x.shape[0])
+            return Rollout(x0_pred, rows, _cat_transitions(stored, x, spec.keep_mean), edges, all_nodes, calls,
+                           _fans(split_fans, all_nodes, split_choice is not None))
         if k > 1:
             _check_split(step, kind, k)
-            fan = k if split_choice is None else split_choice(step, x0_pred, rows).to(x.device)  # [N]
+            fan = k if split_choice is None else split_choice(step, x0_pred, rows).to(x.device)  # int, or [N] per node
             x, velocity, x0_pred, rows, roots, prev_x0 = _children(fan, x, velocity, x0_pred, rows, roots, prev_x0)
-        fan_outs.append(fan.cpu() if isinstance(fan, Tensor) else torch.full((n_nodes,), fan, dtype=torch.long))
+            split_fans[step] = fan
         move = STEP_KINDS[kind](family, spec, Node(x, velocity, x0_pred, sigma, sigma_next, prev_x0, prev_sigma), k,
                                 generator)
         keep = _stored_rows(plan.trained[step], store_mask, roots, step)  # only SDE steps are trained (StepPlan)
         if keep is not None and move.log_prob is not None:  # a step that drew no noise (CPS onto sigma 0) has no density
             stored.append(_transitions(x, move, rows, keep, step, sigma, sigma_next, spec.keep_mean))
-        n_nodes = int(fan.sum()) if isinstance(fan, Tensor) else n_nodes * fan
+        n_nodes = n_nodes if fan_out is not None else x.shape[0]  # groups share rows only until a split
         edge_log_probs.append(move.log_prob if move.log_prob is not None else x.new_zeros(n_nodes))
         nodes.append(n_nodes)
         prev_x0, prev_sigma = (None, None) if kind == StepKind.SDE else (x0_pred, sigma)  # see Node.prev_x0
         x = move.x_next
     return Rollout(x, rows, _cat_transitions(stored, x, spec.keep_mean), tuple(edge_log_probs), tuple(nodes), calls,
-                   tuple(fan_outs) if split_choice is not None else None)
+                   _fans(split_fans, nodes, split_choice is not None))
+
+
+def _fans(split_fans: dict[int, Tensor | int], nodes: Sequence[int], adaptive: bool) -> tuple[Tensor, ...] | None:
+    """Children per node at every step, [N_d] each (the splits' choices, 1 elsewhere); None unless ``adaptive``."""
+    if not adaptive:
+        return None
+    return tuple(torch.as_tensor(split_fans.get(d, 1)).cpu().expand(n).long() for d, n in enumerate(nodes[:-1]))
 
 
 def _check_store_mask(store_mask: Tensor | None, spec: RolloutSpec) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -15,20 +15,19 @@ from torch import Tensor
 from flowgrove.config.load import Config
 from flowgrove.grpo import selection, tree
 from flowgrove.grpo.advantages import aggregate_rewards
+from flowgrove.grpo.plans import StepPlan
 from flowgrove.grpo.losses import TrustRegion, ema_decay, kl_std, loss_weight, policy_loss, step_weights, transition_kl
 from flowgrove.parallel import distributed, engine, rank_share
 from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, PromptRows
 from flowgrove.rewards.base import RewardFn
 from flowgrove.rewards.scoring import RewardFailure, score_rewards
 from flowgrove.samplers.family import step_family
-from flowgrove.training import credit, forward, method
+from flowgrove.training import adaptive, credit, forward, method
 from flowgrove.training.halts import (NonFiniteRewardError, NonFiniteUpdatesError, RewardFailedError,  # noqa: F401
                                       TrainingHalted, halt_on_bad_rewards)
 from flowgrove.training.heldout import EvalResult, HeldOut, evaluate_policy, ode_images  # noqa: F401 (ode_images: re-exported)
 from flowgrove.training.parts import TrainerParts, TrainingState, UpdateStats, build_parts
 from flowgrove.training.rollout import NoiseSource, Rollout, Transitions, decode_batched, rescore, rescore_step, rollout
-
-
 
 
 def step_generator(seed: int, iteration: int, stream: int, rank: int = 0) -> torch.Generator:
@@ -86,18 +85,9 @@ class GRPOTrainer:
         self.step_cond, self.step_prompt_ids = cond, prompt_ids  # what this step's transitions' cond_index points into
         prompts = [self.prompts[i] for i in prompt_ids.tolist()]
         plan = method.step_plan(cfg, it)
-        spec = method.rollout_spec(cfg, plan)
-        roots, x_init = self._roots(share, noise)  # roots index the step's rows
-        mask = method.store_mask(cfg, plan, share.total, shared)
-        mask = mask[share.start:share.start + share.size] if mask is not None else None  # [N0_r, S] of the global mask
-        groups = None
-        if not cfg.tree.enabled and cfg.rollout.same_noise_in_group:  # a group's ODE prefix is computed once
-            groups = share.roots.to(roots.device)
-        choice = self._split_choice(prompts, share.size, plan.num_steps) if cfg.tree.adaptive_calls else None
-        ro = rollout(self.policy, cond, roots, x_init, spec, NoiseSource(noise, share.parts, share.part), store_mask=mask,
-                     groups=groups, split_choice=choice)
+        ro = self._rollout(plan, share, cond, prompts, noise, shared)
         t1 = time.perf_counter()
-        raw = self.score(ro, prompts)  # [K, N_L]
+        raw = self.score(ro.leaves, ro.leaf_cond_index, prompts)  # [K, N_L]
         gathered = self._gather(raw.T, share).T  # [K, N_all]: every block's leaves in order
         t2 = time.perf_counter()
         forest = method.forest(cfg, share.size, plan.num_steps, ro.fan_out) if cfg.tree.enabled else None
@@ -111,7 +101,7 @@ class GRPOTrainer:
             batch = forward.step_rows(cfg, self.policy, cond, ro, share, shared, noise)
             adv = credit.block_chain_advantages(gathered, self.weights, cfg, share).to(batch.x0.device)[batch.sample]
         n_leaves = ro.leaves.shape[0]
-        stats = self.update(batch, adv, n_leaves, shared, n_roots=roots.shape[0] / share.span, cond=cond)
+        stats = self.update(batch, adv, n_leaves, shared, n_roots=share.size / share.span, cond=cond)
         t3 = time.perf_counter()
         self.iteration += 1
         total_all = weighted_total(gathered, self.weights)  # [N_all]: the metrics do not depend on the world size
@@ -123,7 +113,7 @@ class GRPOTrainer:
             "model_calls_per_sample": ro.model_calls / n_leaves,  # below nfe_old where groups share a prefix
             "seconds_rollout": t1 - t0, "seconds_reward": t2 - t1, "seconds_update": t3 - t2, "seconds_step": t3 - t0,
         }
-        if choice is not None:  # the calls an adaptive tree saved against every node splitting, per prompt (tree)
+        if cfg.tree.adaptive_calls:  # the calls an adaptive tree saved against every node splitting, per prompt (tree)
             full = method.forest(cfg, share.size, plan.num_steps).model_calls
             metrics["model_calls_saved_per_prompt"] = (full - ro.model_calls) / share.size
         if cfg.window.enabled:
@@ -135,28 +125,28 @@ class GRPOTrainer:
                 "lower train.lr, set train.max_grad_norm, or check the rewards and the policy's dtype", metrics)
         return metrics
 
-    def _roots(self, share: rank_share.RankShare, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Conditioning rows [N0_r] and initial noise [N0_r, *latent_shape] of this rank's chains or tree roots:
-        the noise of the whole global batch is drawn (so it does not depend on the world size) and sliced."""
-        cfg, shape, total = self.cfg, self.policy.latent_shape, share.total
-        if cfg.tree.enabled:
-            x = torch.randn((1 if cfg.tree.same_noise else total, *shape), generator=generator).expand(total, *shape)
-        elif cfg.rollout.same_noise_in_group:
-            x = torch.randn((cfg.rollout.prompts_per_step, *shape), generator=generator)
-            x = x.repeat_interleave(cfg.rollout.group_size, dim=0)  # [N0, ...]
-        else:
-            x = torch.randn((total, *shape), generator=generator)
-        x = x[share.start:share.start + share.size]  # [N0_r, ...]
-        return share.roots.to(self.device), x.contiguous().to(self.device)
+    def _rollout(self, plan: StepPlan, share: rank_share.RankShare, cond: Conditioning, prompts: list[str],
+                 noise: torch.Generator, shared: torch.Generator) -> Rollout:
+        """This rank's chains or trees of one step: roots index ``cond`` (the step's rows, of ``prompts``); ``noise``
+        draws the initial and SDE noise, ``shared`` the trained steps."""
+        cfg = self.cfg
+        spec = method.rollout_spec(cfg, plan)
+        roots = share.roots.to(self.device)  # [N0_r] the step's row of each chain or tree root
+        x_init = method.initial_noise(cfg, self.policy.latent_shape, share, noise).to(self.device)  # [N0_r, ...]
+        mask = method.store_mask(cfg, plan, share.total, shared)
+        mask = mask[share.start:share.start + share.size] if mask is not None else None  # [N0_r, S] of the global mask
+        groups = None
+        if not cfg.tree.enabled and cfg.rollout.same_noise_in_group:  # a group's ODE prefix is computed once
+            groups = share.roots.to(roots.device)
+        score = lambda x0, rows: weighted_total(self.score(x0, rows, prompts).cpu(), self.weights)  # noqa: E731
+        choice = adaptive.split_choice(cfg, score, share.size, plan.num_steps) if cfg.tree.adaptive_calls else None
+        return rollout(self.policy, cond, roots, x_init, spec, NoiseSource(noise, share.parts, share.part), store_mask=mask,
+                       groups=groups, split_choice=choice)
 
-    def score(self, ro: Rollout, cond_prompts: Sequence[str] | None = None) -> Tensor:
-        """Rewards [K, N_leaves] of the decoded leaves, whose ``leaf_cond_index`` indexes ``cond_prompts`` (default:
-        the training prompts). A reward that raises, or NaN or inf, on any rank stops the step on every rank with a
-        clear message (:class:`RewardFailedError`, :class:`NonFiniteRewardError`), before any weight changes."""
-        return self.score_latents(ro.leaves, ro.leaf_cond_index, self.prompts if cond_prompts is None else cond_prompts)
-
-    def score_latents(self, latents: Tensor, cond_index: Tensor, cond_prompts: Sequence[str]) -> Tensor:
-        """Rewards [K, N] of latents [N, ...] decoded, ``cond_index`` [N] indexing ``cond_prompts`` (see :meth:`score`)."""
+    def score(self, latents: Tensor, cond_index: Tensor, cond_prompts: Sequence[str]) -> Tensor:
+        """Rewards [K, N] of latents [N, ...] (the leaves, or adaptive trees' x0 predictions) decoded, ``cond_index``
+        [N] indexing ``cond_prompts``. A reward that raises, or NaN or inf, on any rank stops the step on every rank
+        with a clear message (:class:`RewardFailedError`, :class:`NonFiniteRewardError`), before any weight changes."""
         raw, failure = None, None
         with torch.no_grad():
             images = decode_batched(self.policy, latents, self.cfg.rollout.decode_batch)  # [N, 3, H, W] in [0, 1]
@@ -167,22 +157,6 @@ class GRPOTrainer:
                 failure = err
         halt_on_bad_rewards(raw, failure, list(self.rewards), prompts, self.iteration + 1)
         return raw
-
-    def _split_choice(self, prompts: Sequence[str], n_trees: int, num_steps: int) -> Callable[[int, Tensor, Tensor], Tensor]:
-        """Adaptive trees: at a split step the budget's count of each tree's nodes splits into K, the best and worst
-        by the weighted trained reward of their x0 predictions (:func:`flowgrove.grpo.tree.best_and_worst`), the
-        others get one child; where every node splits nothing is scored."""
-        counts, k = method.adaptive_splits(self.cfg, num_steps), self.cfg.tree.branching
-
-        def choose(step: int, x0_pred: Tensor, rows: Tensor) -> Tensor:
-            n_split = counts[step]
-            if n_split * n_trees >= x0_pred.shape[0]:
-                return torch.full((x0_pred.shape[0],), k, dtype=torch.long)
-            scores = weighted_total(self.score_latents(x0_pred, rows, prompts).cpu(), self.weights)  # [N]
-            split = tree.best_and_worst(scores, n_trees, n_split)  # [N]
-            return torch.where(split, k, 1)
-
-        return choose
 
     @staticmethod
     def _gather(rows: Tensor, share: rank_share.RankShare) -> Tensor:
@@ -232,41 +206,48 @@ class GRPOTrainer:
             stats.dropped_transitions = len(tr) * world
             return stats
         per_root = max(1, int(len(tr) // (n_roots or n_samples)))  # N-bar: stored transitions per chain or tree
-        passes, n_live_all = t.updates_per_rollout, int(live.sum())
-        totals: dict[str, float] = {}
+        totals: dict[str, float] = {}  # the metrics' means over every pass
         norms: list[float] = []
-        for p in range(passes):  # train.updates_per_rollout: the stored transitions reused, old log-probs kept
-            order = selection.live_order(live.cpu(), size, generator)  # [size], reshuffled every pass
-            groups = selection.accumulation_groups(order, t.accumulate, t.accumulate_size, n_samples, world)
-            group_live = distributed.sum_over_ranks([float(live[g].sum()) for g in groups])  # per group, all ranks
-            if p == 0:
-                stats.dropped_transitions = len(tr) * world - int(sum(group_live))
-            stats.transitions += int(sum(group_live))  # trained, over all ranks and passes
-            last: dict[str, float] = {}  # this pass's clip fraction and largest |ratio - 1|
-            for group, n_live in zip(groups, group_live):
-                if n_live == 0:  # on every rank: nothing to train in this group
-                    continue
-                self.optimizer.zero_grad(set_to_none=True)
-                parts = self._backward_group(tr, adv, live, cond, per_root, group, int(n_live))
-                for n, part in parts:  # n: the micro-batch's live rows
-                    dev = part.pop("ratio_dev", None)
-                    if dev is not None and stats.updates == 0 and stats.skipped_steps == 0 and not totals:
-                        stats.first_ratio_max_dev = dev
-                    last["ratio_max_dev"] = max(last.get("ratio_max_dev", 0.0), dev if dev is not None else 0.0)
-                    last["clip_fraction"] = last.get("clip_fraction", 0.0) + part.get("clip_fraction", 0.0) * n / n_live_all
-                    for k, v in part.items():
-                        totals[k] = totals.get(k, 0.0) + v * n / (n_live_all * passes)
-                norm = self._optimizer_step(sum(part.get("loss", 0.0) for _, part in parts), stats)
-                norms += [] if norm is None else [norm]
+        for _ in range(t.updates_per_rollout):  # the stored transitions reused, the rollout's log-probs kept as old
+            last = self._update_pass(tr, adv, live, cond, per_root, size, n_samples, generator, stats, totals, norms)
+        stats.dropped_transitions = len(tr) * world - stats.transitions // t.updates_per_rollout
         if stats.updates:
             self._ema_update(per_rollout=True)
         stats.grad_norm = sum(norms) / len(norms) if norms else float("nan")
         means = distributed.weighted_mean_over_ranks([totals.get(k, 0.0) for k in ("loss", "clip_fraction", "approx_kl", "kl")]
-                                                     + [last.get("clip_fraction", 0.0)], float(live.sum()))
+                                                     + [last["clip_fraction"]], float(live.sum()))
         stats.loss, stats.clip_fraction, stats.approx_kl, stats.kl, stats.last_pass_clip_fraction = means  # every rank's
         stats.first_ratio_max_dev = distributed.max_over_ranks(stats.first_ratio_max_dev)
-        stats.last_pass_ratio_max_dev = distributed.max_over_ranks(last.get("ratio_max_dev", 0.0))
+        stats.last_pass_ratio_max_dev = distributed.max_over_ranks(last["ratio_max_dev"])
         return stats
+
+    def _update_pass(self, tr: Transitions | forward.ForwardSamples, adv: Tensor, live: Tensor, cond: Conditioning,
+                     per_root: int, size: int, n_samples: int, generator: torch.Generator, stats: UpdateStats,
+                     totals: dict[str, float], norms: list[float]) -> dict[str, float]:
+        """One pass over the stored rows, reshuffled into accumulation groups (an optimizer step each); adds to
+        ``stats``, ``totals`` and ``norms``, and returns the pass's clip fraction and largest |ratio - 1|."""
+        t, (world, _) = self.cfg.train, distributed.world_size_and_rank()
+        n_live_all, passes, last = int(live.sum()), t.updates_per_rollout, {"ratio_max_dev": 0.0, "clip_fraction": 0.0}
+        order = selection.live_order(live.cpu(), size, generator)  # [size]
+        groups = selection.accumulation_groups(order, t.accumulate, t.accumulate_size, n_samples, world)
+        group_live = distributed.sum_over_ranks([float(live[g].sum()) for g in groups])  # per group, all ranks
+        stats.transitions += int(sum(group_live))  # trained, over all ranks (and passes)
+        for group, n_live in zip(groups, group_live):
+            if n_live == 0:  # on every rank: nothing to train in this group
+                continue
+            self.optimizer.zero_grad(set_to_none=True)
+            parts = self._backward_group(tr, adv, live, cond, per_root, group, int(n_live))
+            for n, part in parts:  # n: the micro-batch's live rows
+                dev = part.pop("ratio_dev", None)
+                if dev is not None and stats.updates == 0 and stats.skipped_steps == 0 and not totals:
+                    stats.first_ratio_max_dev = dev
+                last["ratio_max_dev"] = max(last["ratio_max_dev"], dev if dev is not None else 0.0)
+                last["clip_fraction"] += part.get("clip_fraction", 0.0) * n / n_live_all
+                for k, v in part.items():
+                    totals[k] = totals.get(k, 0.0) + v * n / (n_live_all * passes)
+            norm = self._optimizer_step(sum(part.get("loss", 0.0) for _, part in parts), stats)
+            norms += [] if norm is None else [norm]
+        return last
 
     def _optimizer_step(self, group_loss: float, stats: UpdateStats) -> float | None:
         """Clip and step once an accumulation group's gradients are in; returns the gradient norm. None: the loss or
