@@ -210,6 +210,10 @@ def _check_objective(cfg: Config) -> None:
     """GRPO trains the log-probs of sampled steps; a forward-process objective (nft, awm) trains the final samples,
     one advantage each, noised at grid times, with no log-prob of any step."""
     t, name = cfg.train, f"train.objective={cfg.train.objective}"
+    if t.tail_anchor > 0 and (t.objective != "grpo" or not (cfg.window.enabled or cfg.tree.enabled)):
+        raise ConfigError(f"train.tail_anchor={t.tail_anchor} holds the steps a window or tree leaves untrained, and "
+                          f"{name} with window.enabled={cfg.window.enabled}, tree.enabled={cfg.tree.enabled} trains every "
+                          "step it samples; set train.tail_anchor=0 or use a window or tree method")
     if t.objective == "grpo":
         if cfg.sampler.noise_level == 0:
             raise ConfigError("sampler.noise_level=0 makes every step deterministic, with no log-prob for GRPO to train; "

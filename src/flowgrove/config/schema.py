@@ -120,6 +120,7 @@ class TrainConfig:
     adam_eps: float = _f(1e-8, "AdamW eps.", low=0)
     clip_range: float = _f(1e-3, "PPO clip range of the importance ratio.", low=0)
     kl_beta: float = _f(0.0, "Weight of the exact Gaussian KL to the initial policy (0 = off).", low=0)
+    tail_anchor: float = _f(0.0, "Windows and trees: weight of the mean squared output difference to the initial policy at the final samples noised to the noise levels of the plan's untrained steps (one row per sample), which holds the network where no log-prob credits its changes (docs/collapse.md, section 4; 0 = off).", low=0)
     timesteps: str = _f("random_fraction", "Trained steps (forward objectives: grid times): random_fraction per sample, first_k in order, or plan (window/tree).", ("random_fraction", "first_k", "plan"))
     timestep_fraction: float = _f(0.6, "random_fraction: share of the eligible steps trained per sample.", low=0)
     first_k: int = _f(0, "first_k: number of leading steps trained.", low=0)

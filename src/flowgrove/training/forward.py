@@ -16,6 +16,7 @@ from torch import Tensor
 
 from flowgrove.config.schema import Config
 from flowgrove.grpo.matching import FORWARD_LOSSES, MatchingSettings, MatchingTerms, output_kl
+from flowgrove.grpo.plans import StepPlan
 from flowgrove.parallel.rank_share import RankShare
 from flowgrove.policies.base import Conditioning, FlowPolicy
 from flowgrove.samplers.family import StepFamily, step_family
@@ -114,3 +115,37 @@ def forward_loss(cfg: Config, policy: FlowPolicy, batch: ForwardSamples, advanta
         loss = loss + t.kl_beta * kl
         logs["kl"] = kl.item()
     return loss, logs
+
+
+def anchor_rows(cfg: Config, policy: FlowPolicy, cond: Conditioning, ro: Rollout, plan: StepPlan, source: NoiseSource,
+                reference: AbstractContextManager) -> ForwardSamples | None:
+    """``train.tail_anchor``'s rows: each of this rank's final samples noised to one untrained step's noise level of
+    this iteration's plan (:func:`method.anchor_mask`, drawn for the global batch from ``source``'s generator and
+    sliced), with the initial policy's output there (``old_output``; ``reference`` swaps its weights in). None when
+    the anchor is off."""
+    n = ro.leaves.shape[0]
+    mask = method.anchor_mask(cfg, plan, n * source.world, source.generator)
+    if mask is None:
+        return None
+    mask = mask[source.rank * n:(source.rank + 1) * n]  # [N_L, S] this rank's leaves
+    with reference:
+        return forward_samples(policy, cond, ro.leaves, ro.leaf_cond_index, mask, plan.sigmas[:-1], source,
+                               cfg.train.micro_batch)
+
+
+def anchor_shares(anchor: ForwardSamples | None, groups: int) -> list[ForwardSamples | None]:
+    """``anchor``'s rows in ``groups`` near-equal consecutive parts, one per accumulation group (None: none)."""
+    if anchor is None:
+        return [None] * groups
+    return [anchor.select(rows) if rows.numel() else None for rows in torch.arange(len(anchor)).tensor_split(groups)]
+
+
+def anchor_backward(cfg: Config, policy: FlowPolicy, batch: ForwardSamples, cond: Conditioning,
+                    engine_forward: Callable[[Callable[[], Tensor]], Tensor]) -> dict[str, float]:
+    """Backward of ``train.tail_anchor`` times the mean squared difference between the policy's output and the
+    initial policy's at the rows ``batch`` (:func:`anchor_rows`); returns the unweighted mean for the metrics."""
+    x, rows = step_family(policy).add_noise(batch.x0, batch.noise, batch.sigma), cond.select(batch.cond_index)
+    output = engine_forward(lambda: policy.velocity(x, batch.sigma, rows)).float()  # [E, C, H, W]
+    anchor = output_kl(output, batch.old_output).mean()
+    (cfg.train.tail_anchor * anchor).backward()
+    return {"tail_anchor": anchor.item()}

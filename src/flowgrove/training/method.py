@@ -137,6 +137,19 @@ def forward_mask(cfg: Config, num_samples: int, generator: torch.Generator) -> T
     return selection.random_fraction_mask(num_samples, steps, cfg.train.timestep_fraction, False, generator)
 
 
+def anchor_mask(cfg: Config, plan: plans.StepPlan, num_samples: int, generator: torch.Generator) -> Tensor | None:
+    """``train.tail_anchor``: one of the plan's untrained steps per final sample [N, S] (bool), uniformly: the steps
+    whose model calls shape the images but whose changes no log-prob credits (a window's ODE or DPM tail, a tree's
+    ODE steps). None when the anchor is off or the plan trains every step."""
+    free = torch.tensor([not trained for trained in plan.trained]).nonzero().flatten()  # [F] untrained steps
+    if cfg.train.tail_anchor <= 0 or free.numel() == 0:
+        return None
+    pick = free[torch.randint(free.numel(), (num_samples,), generator=generator, device=generator.device).cpu()]  # [N]
+    mask = torch.zeros(num_samples, plan.num_steps, dtype=torch.bool)  # [N, S]
+    mask[torch.arange(num_samples), pick] = True
+    return mask
+
+
 def forest(cfg: Config, n_trees: int, num_steps: int | None = None,
            fan_out: tuple[Tensor, ...] | None = None) -> tree.Forest:
     """The trees of one step; ``num_steps`` is the plan's (a compressed tail shortens the trees); ``fan_out`` the

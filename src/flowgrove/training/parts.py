@@ -59,6 +59,7 @@ class UpdateStats:
     clip_fraction: float = 0.0
     approx_kl: float = 0.0
     kl: float = 0.0
+    tail_anchor: float = 0.0  # mean squared output difference to the initial policy at untrained steps (train.tail_anchor)
     grad_norm: float = 0.0
     first_ratio_max_dev: float = 0.0  # max |ratio - 1| in the first micro-batch, before any weight change
     last_pass_clip_fraction: float = 0.0  # clip_fraction of the last pass over the transitions (train.updates_per_rollout)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from flowgrove.config.load import Config
-from flowgrove.grpo import selection, tree
+from flowgrove.grpo import selection
 from flowgrove.grpo.advantages import aggregate_rewards
 from flowgrove.grpo.plans import StepPlan
 from flowgrove.grpo.losses import TrustRegion, ema_decay, kl_std, loss_weight, policy_loss, step_weights, transition_kl
@@ -58,7 +58,7 @@ class GRPOTrainer:
         self.device, self.engine, self.params, self.optimizer = parts.device, parts.engine, parts.params, parts.optimizer
         t = cfg.train
         self.ema = [p.detach().clone() for p in self.params] if t.ema_decay > 0 else None  # sharded as the weights
-        self.reference = [p.detach().clone() for p in self.params] if t.kl_beta > 0 else None
+        self.reference = [p.detach().clone() for p in self.params] if t.kl_beta > 0 or t.tail_anchor > 0 else None
         self.mean_std = method.mean_trained_std(cfg, step_family(policy))  # train.step_weight=tempflow's normaliser
         with torch.no_grad():  # text encoders run once per prompt
             self.cond = None if rows is not None else policy.encode_prompts(self.prompts).to(self.device)  # [P_all, ...]
@@ -92,7 +92,7 @@ class GRPOTrainer:
         t2 = time.perf_counter()
         forest = method.forest(cfg, share.size, plan.num_steps, ro.fan_out) if cfg.tree.enabled else None
         if cfg.train.objective == "grpo":
-            adv = self.edge_advantages(gathered, ro, forest, share)  # [E]
+            adv = credit.edge_advantages(cfg, self.weights, gathered, ro, forest, share, self._gather)  # [E]
             keep = credit.pruning_keep(cfg, it, ro.transitions, weighted_total(raw.cpu(), self.weights), forest)  # by this rank's leaves' total
             if share.span > 1:  # a tree's ranks all rolled it out; each trains its share of the kept transitions
                 keep = keep[rank_share.member_rows(keep.numel(), share).to(keep.device)]
@@ -100,8 +100,11 @@ class GRPOTrainer:
         else:  # a forward objective: this rank's final samples noised at grid times, each with its sample's advantage
             batch = forward.step_rows(cfg, self.policy, cond, ro, share, shared, noise)
             adv = credit.block_chain_advantages(gathered, self.weights, cfg, share).to(batch.x0.device)[batch.sample]
+        anchor = None if self.reference is None else forward.anchor_rows(
+            cfg, self.policy, cond, ro, plan, NoiseSource(step_generator(cfg.train.seed, it, 2), share.parts, share.part),
+            self.weights_swapped(self.reference))  # train.tail_anchor's rows, from their own stream
         n_leaves = ro.leaves.shape[0]
-        stats = self.update(batch, adv, n_leaves, shared, n_roots=share.size / share.span, cond=cond)
+        stats = self.update(batch, adv, n_leaves, shared, n_roots=share.size / share.span, cond=cond, anchor=anchor)
         t3 = time.perf_counter()
         self.iteration += 1
         total_all = weighted_total(gathered, self.weights)  # [N_all]: the metrics do not depend on the world size
@@ -114,8 +117,7 @@ class GRPOTrainer:
             "seconds_rollout": t1 - t0, "seconds_reward": t2 - t1, "seconds_update": t3 - t2, "seconds_step": t3 - t0,
         }
         if cfg.tree.adaptive_calls:  # the calls an adaptive tree saved against every node splitting, per prompt (tree)
-            full = method.forest(cfg, share.size, plan.num_steps).model_calls
-            metrics["model_calls_saved_per_prompt"] = (full - ro.model_calls) / share.size
+            metrics["model_calls_saved_per_prompt"] = method.forest(cfg, 1, plan.num_steps).model_calls - ro.model_calls / share.size
         if cfg.window.enabled:
             metrics["window_start"] = float(min(plan.trained_steps, default=-1))
         if self.nonfinite_streak >= cfg.train.max_nonfinite_skips:
@@ -164,26 +166,10 @@ class GRPOTrainer:
         world, _ = distributed.world_size_and_rank()
         return rank_share.unique_blocks(distributed.all_gather_cat(rows.contiguous()), world, share.span).cpu()
 
-    def edge_advantages(self, gathered: Tensor, ro: Rollout, forest: tree.Forest | None,
-                        share: rank_share.RankShare) -> Tensor:
-        """Advantages [E] (on the policy's device) of the stored transitions, from the rewards [K, N_total] of every
-        block's leaves (``share``: this rank's block). The collectives run on the device; the
-        credit math on these few numbers runs on the CPU, where the forest is: advantages are computed once, each
-        rank keeps its own rows."""
-        cfg, tr = self.cfg, ro.transitions
-        mine = lambda values: values.chunk(share.parts)[share.part]  # noqa: E731  (this block's rows)
-        if forest is not None:
-            fans = tuple(self._gather(f, share) for f in ro.fan_out) if ro.fan_out is not None else None
-            forest = method.forest(cfg, forest.n_trees * share.parts, forest.num_steps, fans)  # every block's trees
-            log_probs = tuple(self._gather(lp, share) for lp in ro.edge_log_probs)
-            per_depth = credit.tree_advantages(gathered, self.weights, forest, log_probs, cfg.advantage, cfg.tree)
-            return credit.edge_values(tuple(mine(a) for a in per_depth), tr.depth.cpu(), tr.node.cpu()).to(tr.x.device)
-        sample_adv = credit.block_chain_advantages(gathered, self.weights, cfg, share)  # [N_r]
-        return credit.chain_edge_advantages(sample_adv.to(tr.x.device), ro)
-
     # ---- update --------------------------------------------------------------------------------------
     def update(self, tr: Transitions | forward.ForwardSamples, adv: Tensor, n_samples: int, generator: torch.Generator,
-               n_roots: float | None = None, cond: Conditioning | None = None) -> UpdateStats:
+               n_roots: float | None = None, cond: Conditioning | None = None,
+               anchor: forward.ForwardSamples | None = None) -> UpdateStats:
         """Updates over the stored transitions or a forward objective's rows, shuffled; an optimizer step per group.
 
         With ``train.drop_zero_advantage`` a transition whose advantage is exactly 0 enters no loss and no mean
@@ -192,7 +178,7 @@ class GRPOTrainer:
         rank (no weight, optimizer or EMA change); ``train.max_nonfinite_skips`` consecutive skips raise
         :class:`NonFiniteUpdatesError` at the end of the step. ``n_roots`` (chains or trees on this rank, a fraction
         of a tree that spans ranks) sets ``train.loss_scale=reference``; ``cond`` is the conditioning the
-        transitions' ``cond_index`` points into (default: the last step's rows).
+        transitions' ``cond_index`` points into (default: the last step's rows); ``anchor``: ``train.tail_anchor``'s rows.
         """
         cond = cond if cond is not None else self.step_cond if self.step_cond is not None else self.cond
         world, _ = distributed.world_size_and_rank()
@@ -207,37 +193,43 @@ class GRPOTrainer:
             return stats
         per_root = max(1, int(len(tr) // (n_roots or n_samples)))  # N-bar: stored transitions per chain or tree
         totals: dict[str, float] = {}  # the metrics' means over every pass
-        norms: list[float] = []
+        norms, anchor_values = [], []
         for _ in range(t.updates_per_rollout):  # the stored transitions reused, the rollout's log-probs kept as old
-            last = self._update_pass(tr, adv, live, cond, per_root, size, n_samples, generator, stats, totals, norms)
+            last = self._update_pass(tr, adv, live, cond, per_root, size, n_samples, generator, stats, totals, norms,
+                                     anchor, anchor_values)
         stats.dropped_transitions = len(tr) * world - stats.transitions // t.updates_per_rollout
         if stats.updates:
             self._ema_update(per_rollout=True)
         stats.grad_norm = sum(norms) / len(norms) if norms else float("nan")
-        means = distributed.weighted_mean_over_ranks([totals.get(k, 0.0) for k in ("loss", "clip_fraction", "approx_kl", "kl")]
-                                                     + [last["clip_fraction"]], float(live.sum()))
-        stats.loss, stats.clip_fraction, stats.approx_kl, stats.kl, stats.last_pass_clip_fraction = means  # every rank's
+        totals["tail_anchor"] = sum(anchor_values) / len(anchor_values) if anchor_values else 0.0  # mean over groups
+        keys = ("loss", "clip_fraction", "approx_kl", "kl", "tail_anchor")
+        means = distributed.weighted_mean_over_ranks([totals.get(k, 0.0) for k in keys] + [last["clip_fraction"]],
+                                                     float(live.sum()))
+        stats.loss, stats.clip_fraction, stats.approx_kl, stats.kl, stats.tail_anchor, stats.last_pass_clip_fraction = means
         stats.first_ratio_max_dev = distributed.max_over_ranks(stats.first_ratio_max_dev)
         stats.last_pass_ratio_max_dev = distributed.max_over_ranks(last["ratio_max_dev"])
         return stats
 
     def _update_pass(self, tr: Transitions | forward.ForwardSamples, adv: Tensor, live: Tensor, cond: Conditioning,
                      per_root: int, size: int, n_samples: int, generator: torch.Generator, stats: UpdateStats,
-                     totals: dict[str, float], norms: list[float]) -> dict[str, float]:
-        """One pass over the stored rows, reshuffled into accumulation groups (an optimizer step each); adds to
-        ``stats``, ``totals`` and ``norms``, and returns the pass's clip fraction and largest |ratio - 1|."""
+                     totals: dict[str, float], norms: list[float], anchor: forward.ForwardSamples | None,
+                     anchor_values: list[float]) -> dict[str, float]:
+        """One pass over the stored rows, reshuffled into accumulation groups (an optimizer step each, each with its
+        share of the ``anchor`` rows); adds to ``stats``, ``totals``, ``norms`` and ``anchor_values``, and returns the
+        pass's clip fraction and largest |ratio - 1|."""
         t, (world, _) = self.cfg.train, distributed.world_size_and_rank()
         n_live_all, passes, last = int(live.sum()), t.updates_per_rollout, {"ratio_max_dev": 0.0, "clip_fraction": 0.0}
         order = selection.live_order(live.cpu(), size, generator)  # [size]
         groups = selection.accumulation_groups(order, t.accumulate, t.accumulate_size, n_samples, world)
         group_live = distributed.sum_over_ranks([float(live[g].sum()) for g in groups])  # per group, all ranks
         stats.transitions += int(sum(group_live))  # trained, over all ranks (and passes)
-        for group, n_live in zip(groups, group_live):
+        for group, n_live, anchor_rows in zip(groups, group_live, forward.anchor_shares(anchor, len(groups))):
             if n_live == 0:  # on every rank: nothing to train in this group
                 continue
             self.optimizer.zero_grad(set_to_none=True)
-            parts = self._backward_group(tr, adv, live, cond, per_root, group, int(n_live))
-            for n, part in parts:  # n: the micro-batch's live rows
+            parts = self._backward_group(tr, adv, live, cond, per_root, group, int(n_live), anchor_rows)
+            for n, part in parts:  # n: the micro-batch's live rows (0 for the anchor's)
+                anchor_values += [part.pop("tail_anchor")] if "tail_anchor" in part else []
                 dev = part.pop("ratio_dev", None)
                 if dev is not None and stats.updates == 0 and stats.skipped_steps == 0 and not totals:
                     stats.first_ratio_max_dev = dev
@@ -266,16 +258,21 @@ class GRPOTrainer:
         return norm
 
     def _backward_group(self, tr: Transitions, adv: Tensor, live: Tensor, cond: Conditioning, per_root: int,
-                        group: Tensor, group_live: int) -> list[tuple[int, dict[str, float]]]:
+                        group: Tensor, group_live: int, anchor: forward.ForwardSamples | None = None
+                        ) -> list[tuple[int, dict[str, float]]]:
         """Forward and backward of an accumulation group's micro-batches (``group``: rows of ``tr``; ``group_live``: its
-        live rows on all ranks), gradients reduced at the last; each micro-batch's live rows and numbers, in order."""
+        live rows on all ranks), then its ``anchor`` rows, gradients reduced at the last; each one's live rows and numbers."""
         t, (world, _) = self.cfg.train, distributed.world_size_and_rank()
         micro, parts = group.split(t.micro_batch), []
+        last = len(micro) - (anchor is None)
         for i, rows in enumerate(micro):
             n = int(live[rows].sum())
             weight = loss_weight(t.loss_scale, n, group_live, world, t.accumulate_size / world, per_root)
-            with self.engine.gradient_sync(i == len(micro) - 1):  # one reduction per accumulation group
+            with self.engine.gradient_sync(i == last):  # one reduction per accumulation group
                 parts.append((n, self._micro_step(tr.select(rows), adv[rows], live[rows], weight, cond)))
+        if anchor is not None:  # a mean over each rank's rows; the data-parallel mean makes it the global one
+            with self.engine.gradient_sync(True):
+                parts.append((0, forward.anchor_backward(self.cfg, self.policy, anchor, cond, self.engine.forward)))
         return parts
 
     def _micro_step(self, batch: Transitions | forward.ForwardSamples, adv: Tensor, live: Tensor, weight: float,
@@ -294,7 +291,7 @@ class GRPOTrainer:
         transitions, plus the transition KL to the reference policy."""
         t, noise = self.cfg.train, self.cfg.sampler.noise  # the noise kind (and SDE type) the transitions were drawn with
         ref_mean = None
-        if self.reference is not None:  # before the policy forward: swapping weights in place after it would
+        if self.reference is not None and t.kl_beta > 0:  # before the policy forward: swapping weights in place after it would
             with torch.no_grad(), self.weights_swapped(self.reference):  # corrupt the tensors autograd saved
                 _, ref_mean = rescore(self.policy, batch, cond, noise)
         step = self.engine.forward(lambda: rescore_step(self.policy, batch, cond, noise))  # DDP sees the training forward
@@ -320,7 +317,7 @@ class GRPOTrainer:
         """A forward objective's loss (:func:`flowgrove.training.forward.forward_loss`) over the live rows, through
         the engine (a rank's padding runs every row and backs a zero)."""
         rows = (live if bool(live.any()) else torch.ones_like(live)).nonzero().flatten()
-        swap = self.weights_swapped(self.reference) if self.reference is not None else None
+        swap = self.weights_swapped(self.reference) if self.reference is not None and self.cfg.train.kl_beta > 0 else None
         loss, logs = forward.forward_loss(self.cfg, self.policy, batch.select(rows), adv[rows], cond, self.engine.forward, swap)
         return (loss, logs) if bool(live.any()) else (loss * 0.0, {})
 
