@@ -234,7 +234,7 @@ class GRPOTrainer:
                 if dev is not None and stats.updates == 0 and stats.skipped_steps == 0 and not totals:
                     stats.first_ratio_max_dev = dev
                 last["ratio_max_dev"] = max(last["ratio_max_dev"], dev if dev is not None else 0.0)
-                last["clip_fraction"] += part.get("clip_fraction", 0.0) * n / n_live_all
+                last["clip_fraction"] += part.get("clip_fraction", 0.0) * n / max(n_live_all, 1)  # 0 live rows: n = 0
                 for k, v in part.items():
                     totals[k] = totals.get(k, 0.0) + v * n / (n_live_all * passes)
             norm = self._optimizer_step(sum(part.get("loss", 0.0) for _, part in parts), stats)
