@@ -10,7 +10,7 @@ import copy
 import json
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -26,8 +26,11 @@ def mean_brightness(images: torch.Tensor, prompts) -> torch.Tensor:
     return images.float().flatten(1).mean(dim=1)  # [B]
 
 
-def check_policy_contract(policy: FlowPolicy, prompts: Sequence[str], *, steps: int = 3, atol: float = 1e-5) -> None:
-    """Shapes, dtypes, ranges, batch independence, and one GRPO step that moves the trainable weights."""
+def check_policy_contract(policy: FlowPolicy, prompts: Sequence[str], *, steps: int = 3, atol: float = 1e-5,
+                          exports: bool = True) -> None:
+    """Shapes, dtypes, ranges, batch independence, one GRPO step that moves the trainable weights, and (``exports``)
+    :func:`check_export_round_trip`; a module of several pipeline components (Wan 2.2's two experts) checks its
+    exports in its family's tests instead."""
     shape = tuple(policy.latent_shape)
     assert len(shape) >= 3 and all(isinstance(n, int) and n > 0 for n in shape), shape  # (C, H, W) or (C, F, H, W)
     cond = policy.encode_prompts(list(prompts))
@@ -59,28 +62,34 @@ def check_policy_contract(policy: FlowPolicy, prompts: Sequence[str], *, steps: 
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.params)), "no trainable weight moved"
     held_out = trainer.evaluate()
     assert torch.isfinite(torch.tensor(held_out["reward"]))
+    if not exports:
+        return
     with tempfile.TemporaryDirectory() as out:
         check_export_round_trip(policy, cond, Path(out))
 
 
-def _trained_module_folder(out: Path) -> Path:
-    """Where ``export_full`` put the module: ``out`` (a transformer folder) or ``out/transformer`` / ``out/unet`` (a
-    pipeline folder)."""
+def _trained_module_folder(out: Path, component: str | None = None) -> Path:
+    """Where ``export_full`` put the module: ``out`` (a transformer folder) or ``out/component`` (a pipeline folder;
+    by default ``out/transformer`` or ``out/unet``)."""
     if (out / "config.json").is_file():
         return out
+    if component is not None:
+        return out / component
     return out / "transformer" if (out / "transformer").is_dir() else out / "unet"
 
 
-def check_export_round_trip(policy: FlowPolicy, cond: Conditioning, out: Path, atol: float = 1e-6) -> None:
-    """``export_full`` reloads with the module's class ``from_pretrained`` to equal weights; ``export_lora`` of a
-    random LoRA (alpha 2r, folded by ``folded_lora``) reloads with ``load_lora_adapter`` into a copy of the base
-    module and gives the LoRA policy's velocity. Checks only the methods the policy has."""
+def check_export_round_trip(policy: FlowPolicy, cond: Conditioning, out: Path, atol: float = 1e-6,
+                            component: str | None = None) -> None:
+    """``export_full`` reloads with the module's class ``from_pretrained`` (from the pipeline folder's
+    ``component``, default ``transformer`` or ``unet``) to equal weights; ``export_lora`` of a random LoRA (alpha
+    2r, folded by ``folded_lora``) reloads with ``load_lora_adapter`` into a copy of the base module and gives the
+    LoRA policy's velocity. Checks only the methods the policy has."""
     from flowgrove.runs.export import LORA_FILE, folded_lora
 
     module = policy.module
     if hasattr(policy, "export_full"):
         policy.export_full(out / "full")
-        loaded = type(module).from_pretrained(str(_trained_module_folder(out / "full"))).state_dict()
+        loaded = type(module).from_pretrained(str(_trained_module_folder(out / "full", component))).state_dict()
         trained = module.state_dict()
         assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], v) for k, v in trained.items())
     if not hasattr(policy, "export_lora"):
@@ -127,14 +136,18 @@ SMALL = ("--steps", "2", "rollout.prompts_per_step=1", "rollout.group_size=2", "
          "train.lr=1e-2", "policy.dtype=float32")
 
 
-def train_and_export(root: Path, preset: Sequence[str], policy_args: Sequence[str], reward: str) -> tuple[Path, Path]:
-    """``flowgrove train`` with ``preset`` on a tiny pipeline, then ``flowgrove export``; returns (run, export)."""
+def train_and_export(root: Path, preset: Sequence[str], policy_args: Sequence[str], reward: str,
+                     prompt_file: Path | None = None) -> tuple[Path, Path]:
+    """``flowgrove train`` with ``preset`` on a tiny pipeline, then ``flowgrove export``; returns (run, export).
+    ``prompt_file``: the training prompts (an edit model's rows with input images); else two text prompts."""
     from flowgrove.cli import main
 
-    (root / "prompts.txt").write_text("a cat\na dog\n")
+    if prompt_file is None:
+        prompt_file = root / "prompts.txt"
+        prompt_file.write_text("a cat\na dog\n")
     run, out = root / "run", root / "export"
     assert main(["train", *preset, "--out", str(run), *SMALL, *policy_args, f"rewards={{{reward}: 1.0}}",
-                 f"data.train={root / 'prompts.txt'}"]) == 0
+                 f"data.train={prompt_file}"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == preset[1] and summary["steps"] == 2
     assert main(["export", str(run), "--out", str(out)]) == 0
@@ -182,3 +195,16 @@ def check_full_export(run: Path, out: Path, transformer_cls: type, subfolder: st
     trained = run_trainer(run).policy.module.state_dict()
     loaded = transformer_cls.from_pretrained(str(out), subfolder=subfolder).state_dict()
     assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], v) for k, v in trained.items())
+
+
+def check_edit_presets(kind: str, root: Path, policy_args: Sequence[str], prompt_file: Path,
+                       base: Callable[[], FlowPolicy], prompts: Sequence[str], transformer_cls: type) -> None:
+    """An edit family's ``tree-lora`` (TREE with LoRA; the export loads back with ``load_lora_weights``) or
+    ``window-full`` (WINDOW, full fine-tune; the transformer reloads) run from ``prompt_file``'s rows with input
+    images; ``base()`` builds the untrained policy, ``prompts`` are rows for the velocity comparison."""
+    if kind == "tree-lora":
+        run, out = train_and_export(root, TREE, [*policy_args, "policy.lora_rank=4"], "brightness", prompt_file)
+        check_pipeline_lora_export(run, out, base(), prompts, atol=1e-6)
+    else:
+        run, out = train_and_export(root, WINDOW, [*policy_args, "policy.lora_rank=0"], "brightness", prompt_file)
+        check_full_export(run, out, transformer_cls)

@@ -108,6 +108,14 @@ CASES = {
     "nft beta zero": (["--method", "diffusionnft", "train.nft_beta=0"], ["train.nft_beta=0", "> 0"]),
     "awm clip range zero": (["--method", "awm", "train.clip_range=0"], ["train.clip_range=0", "> 0"]),
     "ODE rollouts with one noise per group": (["--method", "diffusionnft", "rollout.same_noise_in_group=true"], ["rollout.same_noise_in_group", "identical"]),
+    "a quantised base for a full fine-tune": (["policy.quantize=int8"], ["policy.quantize=int8", "policy.lora_rank=0", "policy.quantize=none"]),
+    "an unknown quantisation": (["policy.quantize=int4"], ["policy.quantize", "nf4"]),
+    "a quantised base under FSDP2": (["policy.lora_rank=4", "policy.quantize=nf4", "run.parallel=fsdp"],
+                                     ["policy.quantize=nf4", "run.parallel=fsdp", "FSDP2"]),
+    "an optimizer-only offload": (["run.offload=optimizer"], ["run.offload=optimizer", "no optimizer-only", "run.offload=params"]),
+    "a CPU offload without torchrun": (["run.offload=params"], ["run.offload=params", "torchrun --nproc-per-node=1"]),
+    "a CPU offload under DDP": (["run.offload=params", "run.parallel=ddp"], ["run.offload=params", "run.parallel=ddp"]),
+    "an unknown optimizer": (["train.optimizer=adam8"], ["train.optimizer", "adamw8bit"]),
 }
 
 

@@ -26,3 +26,16 @@ __version__ = "0.1.0"
 # the two warnings that came before every diffusers-family message are dropped, and nothing else of that logger.
 _logging.getLogger("transformers.utils.import_utils").addFilter(
     lambda record: "requires torchvision (not installed)" not in record.getMessage())
+
+# The quantisation libraries (policy.quantize, train.optimizer=adamw8bit) announce, on import, optional native
+# kernels this machine does not have; diffusers and peft import them whenever they are installed, so every command
+# printed four lines that say nothing about the run. The pure-torch paths they fall back to are the ones used here.
+# Only these messages of these loggers are dropped.
+_QUIET = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+    "torchao": "Failed to load ",
+    "diffusers.quantizers.torchao.torchao_quantizer": "Unable to import `torchao` Tensor objects",
+    "torch.utils._pytree": "is an Enum subclass and is now natively supported",
+}
+for _name, _text in _QUIET.items():
+    _logging.getLogger(_name).addFilter(lambda record, text=_text: text not in record.getMessage())

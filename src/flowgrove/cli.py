@@ -1,4 +1,4 @@
-"""Command line: ``flowgrove train | methods | tasks | sample | eval | export | report | bench | bench-model | rewards |
+"""Command line: ``flowgrove train | memory | methods | tasks | sample | eval | export | report | bench | bench-model | rewards |
 serve-reward | encode-prompts | pretrain`` (also ``python -m flowgrove``)."""
 
 from __future__ import annotations
@@ -116,6 +116,20 @@ def _bench_model(args: argparse.Namespace) -> int:
     return bench_model.main(args)
 
 
+def _memory(args: argparse.Namespace) -> int:
+    from flowgrove.recipes import memory
+
+    if args.table:
+        if args.config or args.overrides or args.json:
+            raise ConfigError("--table predicts every shipped family at fixed settings; drop CONFIG, key=value and --json")
+        print("\n".join(memory.table_lines()))
+        return 0
+    cfg = load_config(args.config, list(args.overrides), method=args.method)
+    prediction = memory.predict_config(cfg, args.gpus, args.model)
+    print(memory.report_json(prediction) if args.json else "\n".join(memory.report_lines(prediction)))
+    return 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from flowgrove.recipes import pretrain
 
@@ -195,6 +209,20 @@ def _add_bench_model(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=_bench_model)
 
 
+def _add_memory(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """The ``memory`` subparser."""
+    p = sub.add_parser("memory", parents=[common], help="predict the peak GiB per GPU of a config before anything loads "
+                       "(--table: what fits each shipped family on 24/48/80/141 GiB)")
+    p.add_argument("config", nargs="?", help="YAML config file (optional)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
+    p.add_argument("--method", help="method preset (see `flowgrove methods`)")
+    p.add_argument("--gpus", type=positive_int, default=1, help="GPUs of the run (FSDP2 shards a full fine-tune over them)")
+    p.add_argument("--model", help="shipped family to predict (default: policy.name's; `--table` lists them)")
+    p.add_argument("--json", action="store_true", help="print the plan and GiB by line item as JSON")
+    p.add_argument("--table", action="store_true", help="which settings fit each shipped family, LoRA and full, 1 and 8 GPUs")
+    p.set_defaults(fn=_memory)
+
+
 def _add_reward_and_data_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """``encode-prompts``, ``rewards`` and ``serve-reward``."""
     p = sub.add_parser("encode-prompts", parents=[common], help="encode a prompt file once into a cache that training reads by rows")
@@ -250,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that holds an earlier run: "
                    "every file that run wrote is removed (checkpoints included), other files stay")
     p.set_defaults(fn=_train)
+    _add_memory(sub, common)
     sub.add_parser("methods", parents=[common], help="list the method presets").set_defaults(fn=_methods)
     sub.add_parser("tasks", parents=[common], help="list the embedded tasks (train task=NAME)").set_defaults(fn=_tasks)
     p = sub.add_parser("sample", parents=[common], help="sample images from a run's latest checkpoint (or the base policy) to a PNG grid")
@@ -291,9 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """``key=value`` items of ``train`` and ``bench`` may stand anywhere, also after options: pull them out."""
+    """``key=value`` items of ``train``, ``memory`` and ``bench`` may stand anywhere, also after options: pull them out."""
     command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
-    if command is None or argv[command] not in ("train", "bench", "encode-prompts"):
+    if command is None or argv[command] not in ("train", "memory", "bench", "encode-prompts"):
         return argv, []
     tail = argv[command + 1:]
     overrides = [a for a in tail if "=" in a and not a.startswith("-")]

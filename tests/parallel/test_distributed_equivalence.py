@@ -60,6 +60,9 @@ CASES = {
     "forward_awm_group_spans_ranks": ("awm", "tiny", ["rollout.prompts_per_step=1", "rollout.group_size=6",
                                                       "train.micro_batch=100000"], "fsdp"),
 }
+# run.offload=params: FSDP2's CPUOffloadPolicy on the same config as the case named (on the CPU the shards are
+# already there, so the policy is applied but moves nothing: the training must be that of the case)
+OFFLOADED = {"fsdp_chains_offload": "fsdp_chains"}
 TIED = ("zero", "one")  # the prompts drawn: step 0 four | zero, step 1 one | three, step 2 zero | four
 PROMPTS = ["zero", "one", "two", "three", "four"]
 METRICS = ("reward_mean", "reward_std", "loss", "clip_fraction", "approx_kl", "grad_norm", "updates", "transitions",
@@ -74,13 +77,20 @@ def _tied(images, prompts):
     return torch.where(tie, torch.full((len(prompts),), 0.5), brightness(images, prompts))
 
 
+def _case(case: str) -> tuple:
+    if case in OFFLOADED:
+        name, policy, extra, kind = CASES[OFFLOADED[case]]
+        return name, policy, [*extra, "run.offload=params"], kind
+    return CASES[case]
+
+
 def _trainer(case: str):
     from conftest import TinyPolicy, brightness
 
     from flowgrove.training.setup import build_trainer
     from flowgrove.training.trainer import GRPOTrainer
 
-    name, policy, extra, _ = CASES[case]
+    name, policy, extra, _ = _case(case)
     cfg = load_config(None, COMMON + extra, method=name)
     cfg.rewards = {"brightness": 1.0}
     if policy == "digits":
@@ -97,7 +107,19 @@ def _run(case: str) -> dict:
     params += [engine.full_value(e).clone() for e in trainer.ema or []]  # the EMA must match as well
     return {"metrics": metrics, "params": params, "engine": trainer.engine.kind, "n_trainable": len(trainer.params),
             "copies_sharded": [type(e).__name__ for e in (trainer.ema or []) + (trainer.reference or [])],
-            "sharded": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in trainer.params)}
+            "sharded": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in trainer.params),
+            "offload": _offload_policies(trainer.engine.module)}
+
+
+def _offload_policies(module) -> dict:
+    """The offload policy of every FSDP2 unit, and the devices of the parameters' local shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in units]
+    return {"policies": sorted({type(g.offload_policy).__name__ for g in groups if g is not None}),
+            "to_cpu": sorted({fp.offload_to_cpu for g in groups if g is not None for fp in g.fsdp_params}),
+            "devices": sorted({str(p.to_local().device) for p in module.parameters() if hasattr(p, "to_local")})}
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -106,7 +128,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     results = {"joined": distributed.init_from_env(), "main": distributed.is_main()}  # the torchrun environment
     results["joined_again"] = distributed.init_from_env()  # a second call keeps the group
-    results.update({case: _run(case) for case in CASES})
+    results.update({case: _run(case) for case in [*CASES, *OFFLOADED]})
     results["reductions"] = [_ddp_reductions(micro_batch) for micro_batch in (100000, 3)]
     results["nan"] = _bad_reward_on_rank_one(rank, "nan")
     results["raises"] = _bad_reward_on_rank_one(rank, "raises")
@@ -190,6 +212,19 @@ def test_two_ranks_equal_one_process_of_the_same_global_batch(ranks, case):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
     moved = [(p - q).abs().max().item() for p, q in zip(one["params"], _initial(case))]
     assert max(moved) > 1e-4  # the weights did change: the equality is not that of two untouched models
+
+
+@pytest.mark.parametrize("case", list(OFFLOADED))
+def test_cpu_offload_is_applied_and_trains_as_without_it(ranks, case):
+    for r in ranks:
+        on, off = r[case], r[OFFLOADED[case]]
+        assert on["engine"] == off["engine"] == "fsdp"
+        assert on["offload"] == {"policies": ["CPUOffloadPolicy"], "to_cpu": [True], "devices": ["cpu"]}
+        assert off["offload"]["policies"] == ["OffloadPolicy"] and off["offload"]["to_cpu"] == [False]
+        timeless = [[{k: v for k, v in m.items() if not k.startswith("seconds")} for m in r] for r in (on["metrics"], off["metrics"])]
+        assert timeless[0] == timeless[1]
+        for p, q in zip(on["params"], off["params"]):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def _initial(case: str) -> list[torch.Tensor]:

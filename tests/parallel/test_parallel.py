@@ -23,6 +23,15 @@ def test_the_engine_follows_run_parallel_and_the_lora_rank(requested, world, lor
     assert engine.choose_kind(requested, world, lora_rank) == kind
 
 
+@pytest.mark.parametrize("requested, lora_rank", [("auto", 4), ("auto", 0), ("fsdp", 4)])
+def test_cpu_offload_is_fsdp2s(requested, lora_rank):
+    assert engine.choose_kind(requested, 2, lora_rank, "params") == "fsdp"  # LoRA too: the offload is FSDP2's
+    with pytest.raises(ConfigError, match="run.offload=params .*process group.*torchrun --nproc-per-node=1"):
+        engine.choose_kind(requested, 1, lora_rank, "params")  # one process without torchrun: no FSDP2 mesh
+    with pytest.raises(ConfigError, match="run.offload=params .*run.parallel=ddp; set run.parallel=fsdp"):
+        engine.choose_kind("ddp", 2, lora_rank, "params")
+
+
 def test_an_unknown_engine_is_a_one_line_error():
     with pytest.raises(ConfigError, match="run.parallel='zero3'.*ddp, fsdp"):
         engine.choose_kind("zero3", 2, 0)
@@ -36,6 +45,8 @@ def test_fsdp2_units_are_the_transformer_blocks():
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
     assert len(units) == len(blocks) and all(u is b for u, b in zip(units, blocks))
     assert engine.shard_units(nn.Linear(2, 2)) == []  # no blocks: only the root is sharded
+    pair = nn.ModuleDict({"transformer": model, "transformer_2": new_transformer()})  # two experts, as Wan 2.2's
+    assert len(engine.shard_units(pair)) == 2 * len(blocks) and engine.shard_units(pair)[0] is blocks[0]
 
 
 class _Blocks(nn.Module):

@@ -18,30 +18,11 @@ SIDE = 32  # latents (4, 8, 8) with the tiny VAE's scale factor 4; 16 tokens aft
 
 def save_tiny_qwen_image_pipeline(path) -> None:
     """diffusers ``tests/pipelines/qwenimage/test_qwenimage.py`` components, with a 300-token text vocabulary."""
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
-                           QwenImageTransformer2DModel)
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from diffusers import QwenImagePipeline
+    from tiny_models import tiny_qwen_image_parts
 
-    torch.manual_seed(0)
-    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
-                                              attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
-                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
-    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    config = Qwen2_5_VLConfig(
-        text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-                     "num_key_value_heads": 2, "vocab_size": 300,
-                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-                     "rope_theta": 1000000.0},
-        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
-        hidden_size=16, vocab_size=300, vision_end_token_id=297, vision_start_token_id=298, vision_token_id=299,
-    )
-    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096, shift=1.0)
-    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
-                             tokenizer=byte_level_qwen_tokenizer(), transformer=transformer)
-    pipe.save_pretrained(str(path))
+    parts = tiny_qwen_image_parts(300, vision_end_token_id=297, vision_start_token_id=298, vision_token_id=299)
+    QwenImagePipeline(tokenizer=byte_level_qwen_tokenizer(), **parts).save_pretrained(str(path))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from flowgrove.messages import program
 from flowgrove.training import setup as trainer_setup
@@ -447,4 +448,33 @@ def test_twenty_sigkills_at_random_moments_resume_to_the_uninterrupted_run(tmp_p
     assert _wait(pid, 120) == 0
     assert in_write >= events.count("write") // 2 >= 2 and len(set(at_steps)) >= 4, (in_write, events, at_steps)
     assert max(at_steps) < steps, "the run was complete before the last kill; fewer moments were tested"
+    assert _rows(run) == _rows(full) and _summary(run) == _summary(full)
+
+
+def test_adamw8bit_halts_and_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
+    """torchao's AdamW8bit: DCP writes its 8-bit moments as their float32 values, and a load quantises them back to
+    the same codes, so a resumed run equals the uninterrupted one. (torchao compiles its step per parameter shape,
+    minutes on the CPU with inductor's C++ build: the test traces the same step with dynamo's eager backend, in
+    every run.)"""
+    pytest.importorskip("torchao")
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile_(fn, **{**kwargs, "backend": "eager"}))
+    from flowgrove.recipes import train as runner
+
+    full, run = tmp_path / "full", tmp_path / "halted"
+    runner.train(_cfg(4, "train.optimizer=adamw8bit"), full)
+    optimizers, real_build = [], trainer_setup.build_parts
+
+    def build_parts(*args):
+        parts = real_build(*args)
+        optimizers.append(parts.optimizer)
+        return parts
+
+    with monkeypatch.context() as patch:  # a NaN reward at step 3 halts the run with a checkpoint of step 2
+        patch.setattr(trainer_setup, "build_parts", build_parts)
+        _boldness_hook(patch, 3, lambda r: r * float("nan"))
+        with pytest.raises(SystemExit):
+            runner.train(_cfg(4, "train.optimizer=adamw8bit"), run)
+    assert any(type(v).__name__ == "OptimState8bit" for state in optimizers[0].state.values() for v in state.values())
+    runner.resume(run)
     assert _rows(run) == _rows(full) and _summary(run) == _summary(full)

@@ -61,6 +61,11 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
     files["empty"].write_text("")
     files["latin1"].write_bytes("a cat\nun caf\xe9\n".encode("latin-1"))
     files["folder"].mkdir()
+    files["no image"] = tmp_path / "edits.jsonl"
+    files["no image"].write_text('{"prompt": "make it red", "image": "gone.png"}\n')
+    (tmp_path / "notes.png").write_text("not an image")
+    files["bad image"] = tmp_path / "edits.csv"
+    files["bad image"].write_text("prompt,image\nmake it red,notes.png\n")
     return files
 
 
@@ -69,6 +74,8 @@ CASES = {  # name -> (overrides, the words of the one line)
     "empty data.train": (lambda f: [f"data.train={f['empty']}"], ["empty.txt", "holds no prompts"]),
     "non-UTF-8 data.train": (lambda f: [f"data.train={f['latin1']}"], ["latin1.txt:2", "data.train", "UTF-8"]),
     "folder as data.train": (lambda f: [f"data.train={f['folder']}"], ["data.train=", "is a folder"]),
+    "missing input image": (lambda f: [f"data.train={f['no image']}"], ["edits.jsonl:1", "gone.png", "does not exist"]),
+    "unreadable input image": (lambda f: [f"data.test={f['bad image']}"], ["edits.csv:2", "notes.png", "not a readable image"]),
     "missing data.test": (lambda f: [f"data.test={f['missing']}"], ["data.test=", "does not exist"]),
     "unknown reward option": (lambda f: ["rewards={boldness: 1}", "reward_options.boldness.lo=1"],
                               ["reward_options.boldness.lo", "not an option", "low, high, target"]),
@@ -96,7 +103,7 @@ def test_errors_come_before_any_model_and_leave_no_run(tmp_path, capsys, nothing
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("method", ["dancegrpo-sd", "dancegrpo-hunyuan", "flowgrpo-sd3"])
+@pytest.mark.parametrize("method", ["dancegrpo-sd", "dancegrpo-hunyuan", "dancegrpo-i2v", "flowgrpo-sd3"])
 def test_presets_that_need_a_folder_say_so_first(tmp_path, capsys, nothing_loads, method):
     rc = cli.main(["train", "--method", method, "--out", str(tmp_path / "run"), *QUIET])
     line = capsys.readouterr().err.strip()

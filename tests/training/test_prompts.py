@@ -49,6 +49,58 @@ def test_bad_prompt_files_name_file_and_line(tmp_path, name, text, words):
         read_prompts(tmp_path / "missing.txt", "data.train")
 
 
+def _write_png(path, color=(200, 30, 30), size=(8, 8)):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def test_input_images_are_paths_relative_to_the_prompt_file(tmp_path):
+    image = _write_png(tmp_path / "data" / "in" / "cat.png")
+    (tmp_path / "data" / "p.jsonl").write_text('{"prompt": "make it blue", "image": "in/cat.png", "tag": "x"}\n'
+                                              '{"prompt": "no image"}\n')
+    (tmp_path / "data" / "p.csv").write_text("prompt,image\nmake it blue,in/cat.png\nno image,\n")
+    for name in ("p.jsonl", "p.csv"):
+        first, second = read_prompts(tmp_path / "data" / name)
+        assert first.metadata["image"] == str(image.absolute()) and "image" not in second.metadata
+    assert read_prompts(tmp_path / "data" / "p.jsonl")[0].metadata["tag"] == "x"
+
+
+@pytest.mark.parametrize("row, words", [
+    ('{"prompt": "a", "image": "gone.png"}', ["p.jsonl:2", "'gone.png'", "does not exist"]),
+    ('{"prompt": "a", "image": "notes.png"}', ["p.jsonl:2", "'notes.png'", "not a readable image"]),
+    ('{"prompt": "a", "image": 3}', ["p.jsonl:2", '"image"', "relative to the prompt file"]),
+])
+def test_a_missing_or_unreadable_input_image_names_the_file_and_row(tmp_path, row, words):
+    _write_png(tmp_path / "ok.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "fine", "image": "ok.png"}\n' + row + "\n")
+    with pytest.raises(ValueError) as err:
+        read_prompts(tmp_path / "p.jsonl", "data.train")
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_the_input_image_reaches_the_rewards_and_the_cache_index(tmp_path):
+    """A prompt file's input images ride with the prompts to the rewards (``prompt.metadata["image"]``) and into an
+    ``encode-prompts`` cache's index (its prompts keep their metadata)."""
+    images = [_write_png(tmp_path / f"{i}.png", (40 * i, 0, 0)) for i in range(3)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"edit {i}", "image": f"{i}.png"}) + "\n"
+                                              for i in range(3)))
+    prompts = read_prompts(tmp_path / "p.jsonl")
+    seen: list = []
+
+    def recording(images_out, prompts_in):
+        seen.append([(str(p), p.metadata["image"]) for p in prompts_in])
+        return brightness(images_out, prompts_in)
+
+    _trainer(prompts, reward=recording).step()
+    assert seen and all(path == str(images[int(name[-1])].absolute()) for name, path in seen[-1])
+    cached = CachedPrompts(write_cache(TinyPolicy(), prompts, tmp_path / "cache", "digits"))
+    assert [p.metadata["image"] for p in cached.prompts()] == [str(i.absolute()) for i in images]
+
+
 def _trainer(prompts, test=None, rows=None, reward=brightness) -> GRPOTrainer:
     cfg = load_config(None, SMALL)
     cfg.rewards = {"brightness": 1.0}

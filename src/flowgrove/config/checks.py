@@ -15,6 +15,7 @@ import torch
 from flowgrove.config.schema import Config
 from flowgrove.grpo import tree, tree_rules
 from flowgrove.messages import ConfigError, did_you_mean, one_line
+from flowgrove.policies.quantize import check_quantize
 from flowgrove.samplers.steps import noise_g, sde_type_of
 
 
@@ -63,6 +64,7 @@ def check_config(cfg: Config) -> None:
     check_method(cfg)
     _check_reward_names(cfg)
     check_device(cfg.run.device)
+    _check_memory(cfg)
 
 
 def _check_mode(cfg: Config) -> None:
@@ -243,6 +245,28 @@ def _check_objective(cfg: Config) -> None:
         raise ConfigError("sampler.noise_level=0 with rollout.same_noise_in_group=true makes the images of a group "
                           "identical (one initial noise, no sampling noise), so every advantage is 0; set "
                           "rollout.same_noise_in_group=false")
+
+
+def _check_memory(cfg: Config) -> None:
+    """``policy.quantize`` quantises the frozen base of a LoRA run (DDP or one process: FSDP2 does not shard
+    quantised weights here), on a device and with a library that hold it; ``run.offload`` is FSDP2's offload of
+    parameters, gradients and optimizer state together (``train.optimizer`` has its own choices)."""
+    p, offload = cfg.policy, cfg.run.offload
+    if offload == "optimizer":
+        raise ConfigError(f"run.offload=optimizer: torch {torch.__version__.split('+')[0]}'s FSDP2 has no optimizer-only "
+                          "offload (its CPUOffloadPolicy moves parameters, gradients and optimizer state together); "
+                          "set run.offload=params, or train.optimizer=adamw8bit for a smaller optimizer state")
+    if p.quantize == "none":
+        return
+    if p.lora_rank <= 0:
+        raise ConfigError(f"policy.quantize={p.quantize} quantises the frozen base under LoRA, but policy.lora_rank=0 "
+                          "trains every weight of it; set policy.lora_rank (e.g. 16) or policy.quantize=none")
+    if cfg.run.parallel == "fsdp" or offload == "params":
+        key = "run.parallel=fsdp" if cfg.run.parallel == "fsdp" else "run.offload=params"
+        raise ConfigError(f"policy.quantize={p.quantize} with {key}: FSDP2 does not shard quantised weights here; "
+                          "set run.parallel=auto (DDP for LoRA) and run.offload=none, or policy.quantize=none")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"  # run.device=auto, as distributed.resolve_device picks
+    check_quantize(p.quantize, torch.device(auto if cfg.run.device == "auto" else cfg.run.device))
 
 
 def _check_reward_names(cfg: Config) -> None:

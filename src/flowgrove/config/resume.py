@@ -1,7 +1,7 @@
 """The keys a resume may change: where and how a run goes on, never what it trains.
 
 ``flowgrove train --resume RUN key=value`` takes ``key=value`` items for these keys only (a reward server that moved,
-the checkpoint and evaluation cadence, threads, the device, timeouts); any other key is refused with one line, since
+the checkpoint and evaluation cadence, threads, the device, timeouts, FSDP2's CPU offload); any other key is refused with one line, since
 it would change what the run trains (start a new run for that). The run folder's ``config.yaml`` is written back with
 the values a resume took, and a later resume takes these keys from it as well: a moved server stays moved.
 """
@@ -17,7 +17,7 @@ from flowgrove.messages import ConfigError
 RESUME_KEYS = (
     "reward_options.*.url", "reward_options.*.timeout", "reward_options.*.retries", "reward_options.*.backoff",
     "run.checkpoint_every", "run.keep_checkpoints", "run.progress", "run.threads", "run.device",
-    "run.collective_timeout", "eval.every",
+    "run.collective_timeout", "run.offload", "eval.every",
 )
 
 

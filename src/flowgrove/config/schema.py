@@ -14,9 +14,13 @@ from flowgrove.grpo.matching import OBJECTIVES
 from flowgrove.grpo.plans import STRATEGIES, TAILS
 from flowgrove.grpo.tree import FUSION_MODES
 from flowgrove.grpo.tree_rules import TREE_ADVANTAGES
+from flowgrove.policies.quantize import QUANTIZE_KINDS
 from flowgrove.samplers.schedules import TAIL_SPACINGS
 from flowgrove.samplers.steps import NOISE_LEVELS
 from flowgrove.tasks.catalog import DEFAULT_TASK, TASKS
+
+
+OPTIMIZERS = ("adamw", "adamw8bit")  # what training.parts.OPTIMIZERS builds
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, low: float | None = None) -> Any:
@@ -28,7 +32,7 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, low: flo
 
 @dataclass
 class PolicyConfig:
-    name: str = _f("digits", "Registered policy adapter: digits, numbers (built-in tiny FLUX), flux1, flux2, sd3, wan, qwen_image, sd15, sdxl, hunyuan_video, z_image (local diffusers folders).")
+    name: str = _f("digits", "Registered policy adapter: digits, numbers (built-in tiny FLUX), flux1, flux_kontext, flux2, sd3, wan, qwen_image, qwen_image_edit, sd15, sdxl, hunyuan_video, z_image (local diffusers folders).")
     path: str = _f("", "Weights: a safetensors file (digits, numbers) or a local diffusers folder (other policies); empty = the shipped weights.")
     lora_rank: int = _f(0, "LoRA rank through peft; 0 trains the full transformer.", low=0)
     lora_alpha: float = _f(0.0, "LoRA alpha; 0 means 2 * rank (the references' ratio).", low=0)
@@ -36,6 +40,7 @@ class PolicyConfig:
     dtype: str = _f("float32", "Compute dtype: float32, or bfloat16/float16 autocast; trainable weights and Adam stay float32, frozen weights may be bf16.", ("float32", "bfloat16", "float16"))
     options: dict = _f({}, "Adapter settings passed to the policy factory (e.g. height, width, guidance / guidance_scale, max_sequence_length).")
     offload_text_encoders: bool = _f(False, "Move the text encoders to the CPU once the prompts are encoded.")
+    quantize: str = _f("none", "LoRA only: the frozen base's linear weights in its transformer blocks stored in int8 or float8 (torchao, weight-only) or nf4 (bitsandbytes' 4-bit NormalFloat); the adapters stay float32 masters, and export writes the LoRA for the unquantised base.", QUANTIZE_KINDS)
 
 
 @dataclass
@@ -97,7 +102,7 @@ class RolloutConfig:
 
 @dataclass
 class DataConfig:
-    train: str = _f("", "Training prompts: a .txt (one per line), .jsonl or .csv (a prompt column; other columns are metadata for the rewards); empty = the policy's built-in prompts.")
+    train: str = _f("", "Training prompts: a .txt (one per line), .jsonl or .csv (a prompt column; other columns are metadata for the rewards, an image column an edit model's input image relative to the file); empty = the policy's built-in prompts.")
     test: str = _f("", "Held-out prompts of the evaluation (same formats); empty = the policy's held-out prompts (numbers: the 20 test numbers), else the training prompts (with the evaluation's own seeds).")
     cache: str = _f("", "A `flowgrove encode-prompts` folder of the training prompts: steps read only their rows from it.")
 
@@ -144,6 +149,7 @@ class TrainConfig:
     updates_per_rollout: int = _f(1, "Passes over the rollout's stored transitions (TreeGRPO, PPO-style reuse): each pass reshuffles them into the same accumulation groups; the rollout's log-probs stay the old log-probs, so later passes move the ratio and the clip bounds it.", low=1)
     objective: str = _f("grpo", "What the update trains: grpo (PPO-clip on the stored SDE transitions' log-probs), or a forward-process objective on the rollout's final samples noised at train.timesteps' grid times, without log-probs (any sampler, sampler.noise_level=0 for ODE rollouts): nft (DiffusionNFT) or awm (Advantage Weighted Matching).", OBJECTIVES)
     nft_beta: float = _f(1.0, "nft: beta of the implicit policies v+ = beta*v + (1-beta)*v_old, v- = (1+beta)*v_old - beta*v (DiffusionNFT: 1.0; 0.1 for OCR).", low=0)
+    optimizer: str = _f("adamw", "adamw (torch's AdamW, float32 moments) or adamw8bit (torchao's AdamW8bit: both moments in 8 bits, blockwise scaled, for tensors of at least 4096 elements in whole blocks of 256; 2 bytes instead of 8 per parameter).", OPTIMIZERS)
     awm_power: float = _f(0.25, "awm: power p of the generalised-Huber weighting sigma * (mse^p) / p of the flow-matching error (AWM: 0.25; 1 = the sigma-weighted mean square).", low=0)
 
 
@@ -176,6 +182,7 @@ class RunConfig:
     device: str = _f("auto", "auto (CUDA when present), cpu, cuda or cuda:N; under torchrun each rank uses cuda:LOCAL_RANK.")
     threads: int = _f(1, "torch CPU threads per process (0 = torch's default).", low=0)
     parallel: str = _f("auto", "Data parallelism under torchrun: ddp, fsdp (FSDP2, fully_shard per block), none, or auto (ddp for LoRA, fsdp for full fine-tunes).", ("auto", "none", "ddp", "fsdp"))
+    offload: str = _f("none", "none, or params: FSDP2's CPUOffloadPolicy keeps the shards of the parameters, gradients and optimizer state on the CPU and copies each block in for its forward/backward (needs FSDP2: torchrun, run.parallel=auto or fsdp). optimizer (state only) is refused: torch's FSDP2 has no such variant.", ("none", "optimizer", "params"))
     collective_timeout: float = _f(600.0, "Seconds any collective may wait for the other ranks before the run stops naming the silent rank(s) (docs/scale-out.md).", low=1)
 
 

@@ -21,22 +21,45 @@ from torch import nn
 
 from flowgrove.messages import ConfigError
 from flowgrove.parallel import distributed
+from flowgrove.policies.quantize import transformer_blocks
 
 T = TypeVar("T")
 KINDS = ("auto", "none", "ddp", "fsdp")
+OFFLOADS = ("none", "params")  # run.offload that torch's FSDP2 has (no optimizer-only offload: config.checks refuses it)
 _DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def choose_kind(requested: str, world: int, lora_rank: int) -> str:
+def choose_kind(requested: str, world: int, lora_rank: int, offload: str = "none") -> str:
     """``run.parallel`` -> the engine: one process needs none; ``auto`` is DDP for LoRA (the adapters are small)
-    and FSDP2 for a full fine-tune (fp32 masters, gradients and Adam state do not fit one GPU for 12 B weights)."""
+    and FSDP2 for a full fine-tune (fp32 masters, gradients and Adam state do not fit one GPU for 12 B weights).
+    ``run.offload=params`` is FSDP2's, so it needs FSDP2: ``auto`` picks it, and under torchrun a single process
+    runs FSDP2 too (on a one-rank mesh) so that one GPU can offload.
+
+    Raises:
+        ConfigError: an unknown kind, or ``run.offload`` with an engine that has no offload.
+    """
     if requested not in KINDS:
         raise ConfigError(f"run.parallel={requested!r} is not allowed; choose one of: {', '.join(KINDS)}")
+    if offload not in OFFLOADS:
+        raise ConfigError(f"run.offload={offload!r} is not allowed here; choose one of: {', '.join(OFFLOADS)}")
+    if offload == "params":
+        return _offload_kind(requested, world)
     if world == 1:
         return "none"
     if requested == "auto":
         return "ddp" if lora_rank > 0 else "fsdp"
     return requested
+
+
+def _offload_kind(requested: str, world: int) -> str:
+    if requested not in ("auto", "fsdp"):
+        raise ConfigError(f"run.offload=params is FSDP2's CPU offload, but run.parallel={requested}; set "
+                          "run.parallel=fsdp (or auto), or run.offload=none")
+    if world == 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ConfigError("run.offload=params is FSDP2's CPU offload, which needs a process group; launch with "
+                          "torchrun (torchrun --nproc-per-node=1 -m flowgrove train ... on one GPU), or set "
+                          "run.offload=none")
+    return "fsdp"
 
 
 class _Closure(nn.Module):
@@ -51,12 +74,20 @@ class _Closure(nn.Module):
 
 
 def shard_units(module: nn.Module) -> list[nn.Module]:
-    """The blocks FSDP2 shards one by one: every element of the module's top-level ``nn.ModuleList``s
-    (diffusers' ``transformer_blocks``, ``single_transformer_blocks``, ``blocks``, a UNet's ``down_blocks`` ...)."""
-    return [block for child in module.children() if isinstance(child, nn.ModuleList) for block in child]
+    """The blocks FSDP2 shards one by one: the policy's transformer blocks (:func:`transformer_blocks`)."""
+    return transformer_blocks(module)
 
 
-def _fsdp(module: nn.Module, device: torch.device, param_dtype: torch.dtype | None) -> None:
+def _offload_policy(offload: str, device: torch.device) -> object:
+    """FSDP2's offload policy of ``run.offload``: ``params`` keeps the shards of the parameters, their gradients and
+    the optimizer state on the CPU (``CPUOffloadPolicy``; pinned memory for a GPU run), ``none`` keeps them on the
+    device (``OffloadPolicy``, FSDP2's default)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    return CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload == "params" else OffloadPolicy()
+
+
+def _fsdp(module: nn.Module, device: torch.device, param_dtype: torch.dtype | None, offload: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -64,9 +95,10 @@ def _fsdp(module: nn.Module, device: torch.device, param_dtype: torch.dtype | No
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (distributed.world_size_and_rank()[0],))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    offload_policy = _offload_policy(offload, device)
     for block in shard_units(module):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(module, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload_policy)
+    fully_shard(module, mesh=mesh, mp_policy=policy, offload_policy=offload_policy)
 
 
 @dataclass
@@ -105,10 +137,12 @@ class Engine:
             yield
 
 
-def build_engine(kind: str, module: nn.Module, device: torch.device, dtype: str = "float32") -> Engine:
-    """Wrap (DDP) or shard (FSDP2, in place) ``module`` for ``kind`` from :func:`choose_kind`."""
+def build_engine(kind: str, module: nn.Module, device: torch.device, dtype: str = "float32",
+                 offload: str = "none") -> Engine:
+    """Wrap (DDP) or shard (FSDP2, in place) ``module`` for ``kind`` from :func:`choose_kind`; ``offload``
+    (``run.offload``, FSDP2 only) keeps the shards on the CPU."""
     if kind == "fsdp":
-        _fsdp(module, device, _DTYPES[dtype])
+        _fsdp(module, device, _DTYPES[dtype], offload)
         return Engine("fsdp", module)
     if kind == "ddp":
         from torch.nn.parallel import DistributedDataParallel

@@ -22,12 +22,16 @@ from flowgrove.registry import Registry
 @dataclass(frozen=True)
 class Conditioning:
     """Prompt conditioning of a batch, batch first in every field (FLUX: T5 tokens and pooled CLIP; SD3 adds the
-    negative prompt's fields for classifier-free guidance)."""
+    negative prompt's fields for classifier-free guidance; the edit models add their input image's latents, encoded
+    once per prompt like the text)."""
 
     prompt_embeds: Tensor  # [B, L, D] token embeddings (FLUX ``encoder_hidden_states``)
     pooled: Tensor | None = None  # [B, P] pooled embedding (FLUX ``pooled_projections``); None if unused
     negative_prompt_embeds: Tensor | None = None  # [B, L, D] the negative prompt's tokens (CFG); None if unused
     negative_pooled: Tensor | None = None  # [B, P] the negative prompt's pooled embedding (CFG); None if unused
+    image_latents: Tensor | None = None  # [B, N, D] the input image's latent tokens (edit models; Wan image-to-video:
+    # its first-frame mask and latents [B, 4 + C, F', H', W']); None if unused
+    image_embeds: Tensor | None = None  # [B, N, D] an image encoder's states of the input image (Wan 2.1 I2V's CLIP)
 
     def __post_init__(self) -> None:
         rows = self.prompt_embeds.shape[0]

@@ -1,6 +1,7 @@
 """FLUX adapter: latent packing, position ids and the model-facing timestep (diffusers ``FluxPipeline``).
 
-Used by the built-in ``digits`` policy and by the ``flux1`` policy (a local diffusers FLUX.1 folder).
+Used by the built-in ``digits`` policy, by the ``flux1`` policy (a local diffusers FLUX.1 folder) and by
+``flux_kontext`` (FLUX.1 Kontext, whose input image's tokens follow the latent's: ``Conditioning.image_latents``).
 Timestep convention: diffusers' ``FluxPipeline`` passes ``timestep = t / 1000`` with ``t = sigma * 1000``
 and ``FluxTransformer2DModel`` multiplies it by 1000 again, so the model sees ``1000 * sigma``. The adapter
 feeds the exact float ``sigma`` as ``timestep``: the same value, without the round trip and never quantised.
@@ -72,6 +73,14 @@ def latent_image_ids(height: int, width: int, device: torch.device | str | None 
     return ids.reshape(-1, 3).to(device)  # [(H/2)*(W/2), 3]
 
 
+def kontext_image_ids(height: int, width: int, device: torch.device | str | None = None) -> Tensor:
+    """Position ids ``(1, row, col)`` ``[(H/2)*(W/2), 3]`` of an input image's packed tokens (FLUX.1 Kontext's
+    ``prepare_latents``: the latent's ids with the first coordinate set to 1)."""
+    ids = latent_image_ids(height, width, device)  # [(H/2)*(W/2), 3]
+    ids[:, 0] = 1
+    return ids
+
+
 def per_sample_sigma(sigma: Tensor | float, batch: int, device: torch.device) -> Tensor:
     sigma = torch.as_tensor(sigma, device=device)
     if sigma.ndim == 0:
@@ -120,7 +129,13 @@ class FluxAdapter:
             raise ValueError(f"cond has {len(cond)} rows but x has {b}; use cond.select(...) to match the batch.")
         dtype = next(self.transformer.parameters()).dtype
         sigma = per_sample_sigma(sigma, b, x.device)  # [B]
+        tokens = pack_latents(x)  # [B, HW/4, 4C]
+        n = tokens.shape[1]
         img_ids = self._cached_ids(("img", h, w, x.device), lambda: latent_image_ids(h, w, x.device))
+        if cond.image_latents is not None:  # Kontext: the input image's tokens [B, HW/4, 4C] follow, ids (1, row, col)
+            tokens = torch.cat([tokens, cond.image_latents.to(tokens.dtype)], dim=1)  # [B, HW/2, 4C]
+            img_ids = self._cached_ids(("kontext", h, w, x.device),
+                                       lambda: torch.cat([img_ids, kontext_image_ids(h, w, x.device)]))
         n_txt = cond.prompt_embeds.shape[1]
         txt_ids = self._cached_ids(("txt", n_txt, x.device), lambda: torch.zeros(n_txt, 3, device=x.device))
         guidance = None
@@ -129,7 +144,7 @@ class FluxAdapter:
         autocast = torch.autocast(x.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
         with autocast:  # bf16/fp16 compute over the (float32 master) weights; log-probs stay float32 outside
             out = self.transformer(
-                hidden_states=pack_latents(x).to(dtype),  # [B, HW/4, 4C]
+                hidden_states=tokens.to(dtype),  # [B, HW/4 (+ HW/4 input image tokens), 4C]
                 encoder_hidden_states=cond.prompt_embeds.to(dtype),  # [B, L, D]
                 pooled_projections=None if cond.pooled is None else cond.pooled.to(dtype),  # [B, P]
                 timestep=sigma,  # [B]; the model casts it to its dtype and multiplies by 1000 (module docstring)
@@ -137,7 +152,7 @@ class FluxAdapter:
                 txt_ids=txt_ids,
                 guidance=guidance,
                 return_dict=False,
-            )[0]  # [B, HW/4, 4C]
+            )[0][:, :n]  # [B, HW/4, 4C]: the latent's tokens (the pipelines' ``noise_pred[:, : latents.size(1)]``)
         return unpack_latents(out, h, w).to(x.dtype)  # [B, C, H, W]
 
 
@@ -168,12 +183,14 @@ def flux_size_rule(configs: Mapping[str, Mapping]) -> SizeRule:
 class Flux1Policy(PipelineExports):
     """A diffusers FLUX.1 pipeline as a ``FlowPolicy`` (black-forest-labs FLUX.1 dev / schnell)."""
 
+    FAMILY = "flux1"  # the policy name its size errors give
+
     def __init__(self, pipe: FluxPipeline, guidance: float | None, height: int, width: int,
                  max_sequence_length: int, compute_dtype: torch.dtype = torch.float32) -> None:
         self.pipe = pipe
         self.adapter = FluxAdapter(pipe.transformer, guidance, compute_dtype)
         self.max_sequence_length = max_sequence_length
-        check_size("flux1", flux_size_rule({"vae": pipe.vae.config}), height, width)
+        check_size(self.FAMILY, flux_size_rule({"vae": pipe.vae.config}), height, width)
         scale = vae_scale(pipe.vae.config)
         self.latent_shape = (pipe.transformer.config.in_channels // 4, int(height) // scale, int(width) // scale)
 
@@ -235,10 +252,20 @@ def build_flux1_policy(path: str = "", *, device: str | torch.device = "cpu", dt
     """
     from diffusers import FluxPipeline
 
-    folder = local_folder(path, FLUX1_FOLDER, dtype)
-    check_folder_size(folder, "flux1", flux_size_rule, ("vae",), height, width)  # before any weights load
-    pipe = load_local_pipeline(FluxPipeline, path, FLUX1_FOLDER, dtype=dtype, device=device,
+    return load_flux1_family(FluxPipeline, Flux1Policy, FLUX1_FOLDER, path, device, dtype, guidance, height, width,
+                             max_sequence_length)
+
+
+def load_flux1_family(pipeline_cls: type, policy_cls: type[Flux1Policy], spec: LocalFolder, path: str,
+                      device: str | torch.device, dtype: str, guidance: float | None, height: int, width: int,
+                      max_sequence_length: int) -> Flux1Policy:
+    """The folder and size checks (before any weights load), the pipeline loaded offline with its text encoders and
+    VAE frozen, and ``policy_cls`` over it; ``guidance`` is dropped when the transformer has no guidance embedding.
+    Shared by ``flux1`` and ``flux_kontext`` (the same components)."""
+    folder = local_folder(path, spec, dtype)
+    check_folder_size(folder, spec.family, flux_size_rule, ("vae",), height, width)
+    pipe = load_local_pipeline(pipeline_cls, path, spec, dtype=dtype, device=device,
                                frozen=("vae", "text_encoder", "text_encoder_2"))
     if not pipe.transformer.config.guidance_embeds:
         guidance = None
-    return Flux1Policy(pipe, guidance, height, width, max_sequence_length, compute_dtype=DTYPES[dtype])
+    return policy_cls(pipe, guidance, height, width, max_sequence_length, compute_dtype=DTYPES[dtype])

@@ -147,6 +147,26 @@ def load_local_pipeline(pipeline_cls: Any, path: str, spec: LocalFolder, *, dtyp
     return pipe
 
 
+def input_images(prompts: Sequence[str], family: str) -> list[Any]:
+    """The RGB input image of each prompt as a PIL image, from ``prompt.metadata["image"]`` (the absolute path that
+    ``flowgrove.training.prompts.read_prompts`` resolved and checked from the prompt file's ``image`` column).
+
+    Raises:
+        ValueError: a prompt without an input image (a plain string, or a row without ``image``).
+    """
+    from PIL import Image
+
+    images = []
+    for prompt in prompts:
+        path = getattr(prompt, "metadata", {}).get("image")
+        if not path:
+            raise ValueError(f"{family} edits an input image: prompt {str(prompt)!r} has none; give data.train as a "
+                             '.jsonl ({"prompt": "...", "image": "input.png"}) or .csv with an image column')
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    return images
+
+
 def decode_wan_vae(vae: nn.Module, latents: Tensor) -> Tensor:
     """Pixels ``[B, 3, F, H, W]`` in [0, 1] from normalised latents ``[B, C, F', H', W']`` (Wan VAE; Qwen-Image's too).
 
@@ -222,11 +242,11 @@ class PipelineExports:
         save_pipeline_lora(type(self.pipe), state, lora_config, out, component=self.TRAINED)
 
     def export_full(self, out: Path) -> None:
-        save_pipeline_folder(self.pipe, self.module, out, subfolder=self.TRAINED)
+        save_pipeline_folder(self.pipe, {self.TRAINED: self.module}, out)
 
 
 def save_pipeline_lora(pipeline_cls: Any, state: dict[str, Tensor], lora_config: dict, out: Path,
-                       component: str = "transformer") -> None:
+                       component: str = "transformer", weight_name: str | None = None) -> None:
     """A LoRA file that ``pipeline_cls.load_lora_weights`` loads, written by the pipeline's own
     ``save_lora_weights``: the ``transformer.`` (or ``unet.``) prefix, ``pytorch_lora_weights.safetensors``, the
     LoraConfig as metadata (FLUX, SD3, Wan, Qwen-Image, HunyuanVideo; SD1.x and SDXL with ``component="unet"``).
@@ -238,15 +258,17 @@ def save_pipeline_lora(pipeline_cls: Any, state: dict[str, Tensor], lora_config:
         lora_config: ``LoraConfig`` keyword arguments that match ``state`` (stored in the file's metadata).
         out: The folder to write.
         component: The trained component's name in ``save_lora_weights`` (``transformer`` or ``unet``).
+        weight_name: The file's name (None: diffusers' ``pytorch_lora_weights.safetensors``).
     """
-    pipeline_cls.save_lora_weights(str(out), **{f"{component}_lora_layers": state,
-                                                f"{component}_lora_adapter_metadata": lora_config})
+    pipeline_cls.save_lora_weights(str(out), weight_name=weight_name, **{f"{component}_lora_layers": state,
+                                                                         f"{component}_lora_adapter_metadata": lora_config})
 
 
-def save_pipeline_folder(pipe: Any, module: nn.Module, out: Path, subfolder: str = "transformer") -> None:
-    """A pipeline folder in ``out``: the base folder's other components copied, the trained ``module`` written with
-    ``save_pretrained`` into ``out/subfolder`` (``from_pretrained(out)`` loads the pipeline, the transformer class's
-    ``from_pretrained(out, subfolder=subfolder)`` the transformer).
+def save_pipeline_folder(pipe: Any, modules: Mapping[str, nn.Module], out: Path) -> None:
+    """A pipeline folder in ``out``: the base folder's other components copied, each trained module of ``modules``
+    (component name -> module, e.g. ``{"transformer": ...}``) written with ``save_pretrained`` into
+    ``out/<component>`` (``from_pretrained(out)`` loads the pipeline, the transformer class's
+    ``from_pretrained(out, subfolder=component)`` the transformer).
 
     Raises:
         FileNotFoundError: the base folder the pipeline was loaded from (``policy.path``) is gone.
@@ -256,6 +278,7 @@ def save_pipeline_folder(pipe: Any, module: nn.Module, out: Path, subfolder: str
         raise FileNotFoundError(f"the base {type(pipe).__name__} folder {str(source)!r} (policy.path) is gone; export "
                                 "needs it for the pipeline's other components: restore it or set policy.path")
     for entry in source.iterdir():
-        if entry.name != subfolder:
+        if entry.name not in modules:
             (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, out / entry.name)
-    module.save_pretrained(str(out / subfolder))
+    for component, module in modules.items():
+        module.save_pretrained(str(out / component))

@@ -14,11 +14,15 @@ with zero rows too, so the attention mask is recovered as the nonzero rows, and 
 its longest prompt and passes no mask when nothing is padded, as the pipeline does. With ``guidance_scale > 1``
 the velocity is the pipeline's true CFG against ``negative_prompt`` (encoded once), including its rescale of each
 token's prediction to the norm of the conditional one.
+
+``qwen_image_edit`` (``qwen_image_edit.py``) extends the policy: ``image_grid`` set, ``Conditioning.image_latents``
+(the input image's packed tokens) follow the latent's tokens with their own ``img_shapes`` entry, and
+``negative_prompt_embeds`` (the negative prompt encoded with each row's image) replace the shared negative.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -42,6 +46,8 @@ def qwen_size_rule(configs: Mapping[str, Mapping]) -> SizeRule:
 class QwenImagePolicy(PipelineExports):
     """A diffusers ``QwenImagePipeline`` as a ``FlowPolicy`` (Qwen-Image, Wu et al. 2025)."""
 
+    FAMILY = "qwen_image"  # the policy name its size errors give
+
     def __init__(self, pipe: QwenImagePipeline, height: int, width: int, max_sequence_length: int,
                  guidance_scale: float = 1.0, negative_prompt: str = " ", guidance: float | None = None,
                  compute_dtype: torch.dtype = torch.float32) -> None:
@@ -50,7 +56,7 @@ class QwenImagePolicy(PipelineExports):
                              f"(guidance_embeds={pipe.transformer.config.guidance_embeds}).")
         self.pipe = pipe
         self.module = pipe.transformer
-        check_size("qwen_image", qwen_size_rule({"vae": pipe.vae.config}), height, width)
+        check_size(self.FAMILY, qwen_size_rule({"vae": pipe.vae.config}), height, width)
         vsf = pipe.vae_scale_factor
         self.latent_shape = (pipe.transformer.config.in_channels // 4, int(height) // vsf, int(width) // vsf)
         self.max_sequence_length = max_sequence_length
@@ -59,11 +65,18 @@ class QwenImagePolicy(PipelineExports):
         self.guidance = guidance
         self.compute_dtype = compute_dtype
         self._negative: Tensor | None = None  # [1, L, D], encoded on first use
+        self.image_grid: tuple[int, int] | None = None  # (rows, cols) of input-image tokens (qwen_image_edit)
 
-    def _encode(self, prompts: Sequence[str]) -> Tensor:
+    def _encode(self, prompts: Sequence[str], images: Sequence[Any] | None = None) -> Tensor:
+        """Text states ``[B, max_sequence_length, D]`` (with ``images``: the edit pipeline's, which sees them)."""
+        extra = {} if images is None else {"image": list(images)}
         with torch.no_grad():
             embeds, mask = self.pipe.encode_prompt(prompt=list(prompts), device=self.pipe.text_encoder.device,
-                                                   max_sequence_length=self.max_sequence_length)  # [B, L, D], [B, L]
+                                                   max_sequence_length=self.max_sequence_length,
+                                                   **extra)  # [B, L, D], [B, L]
+        if embeds.shape[1] > self.max_sequence_length:  # the edit pipeline does not cut its image tokens
+            raise ValueError(f"policy.options.max_sequence_length={self.max_sequence_length} is shorter than the "
+                             f"{embeds.shape[1]} text and image tokens of these prompts; set it to at least that")
         return pad_text_states(embeds, mask, self.max_sequence_length)  # [B, max_sequence_length, D]
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
@@ -72,8 +85,13 @@ class QwenImagePolicy(PipelineExports):
             self._negative = self._encode([self.negative_prompt])  # [1, L, D]
         return Conditioning(self._encode(prompts))
 
-    def _forward(self, x: Tensor, sigma: Tensor, embeds: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, sigma: Tensor, embeds: Tensor, image: Tensor | None = None) -> Tensor:
         b, _, h, w = x.shape
+        tokens = pack_latents(x)  # [B, HW/4, 4C]
+        n, shapes = tokens.shape[1], [(1, h // 2, w // 2)]
+        if image is not None:  # the edit pipelines: the input image's tokens [B, N, 4C] follow, with their shape
+            tokens = torch.cat([tokens, image.to(tokens.dtype)], dim=1)
+            shapes.append((1, *self.image_grid))
         mask = text_mask(embeds)  # [B, L]
         length = max(int(mask.sum(dim=1).max()), 1)
         embeds, mask = embeds[:, :length], mask[:, :length]  # the pipeline pads to the batch's longest prompt
@@ -82,14 +100,14 @@ class QwenImagePolicy(PipelineExports):
         autocast = torch.autocast(x.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
         with autocast:  # bf16/fp16 compute over the (float32 master) weights
             out = self.module(
-                hidden_states=pack_latents(x).to(dtype),  # [B, HW/4, 4C]
+                hidden_states=tokens.to(dtype),  # [B, HW/4 (+ N), 4C]
                 encoder_hidden_states=embeds.to(dtype),  # [B, L, D]
                 encoder_hidden_states_mask=None if bool(mask.all()) else mask,  # [B, L]
                 timestep=sigma.to(dtype),  # [B]; the pipeline's t / 1000 (module docstring)
-                img_shapes=[[(1, h // 2, w // 2)]] * b,
+                img_shapes=[shapes] * b,
                 guidance=guidance,
                 return_dict=False,
-            )[0]  # [B, HW/4, 4C]
+            )[0][:, :n]  # [B, HW/4, 4C]: the latent's tokens (the edit pipelines' ``noise_pred[:, : latents.size(1)]``)
         return out.float()
 
     def velocity(self, x: Tensor, sigma: Tensor | float, cond: Conditioning) -> Tensor:
@@ -98,7 +116,8 @@ class QwenImagePolicy(PipelineExports):
         Args:
             x: Latents ``[B, C, H', W']``.
             sigma: Noise levels ``[B]`` (or a scalar), 1 = noise; fed exactly as ``timestep``.
-            cond: Conditioning with ``B`` rows (zero-padded ``prompt_embeds [B, L, D]``).
+            cond: Conditioning with ``B`` rows (zero-padded ``prompt_embeds [B, L, D]``; for edits also
+                ``image_latents [B, N, 4C]`` and, under CFG, ``negative_prompt_embeds [B, L, D]``).
 
         Returns:
             Velocity ``[B, C, H', W']`` in ``x.dtype``.
@@ -107,11 +126,15 @@ class QwenImagePolicy(PipelineExports):
         if len(cond) != b:
             raise ValueError(f"cond has {len(cond)} rows but x has {b}; use cond.select(...) to match the batch.")
         sigma = per_sample_sigma(sigma, b, x.device)  # [B]
+        image = cond.image_latents  # [B, N, 4C] or None
         if self.guidance_scale <= 1:
-            return unpack_latents(self._forward(x, sigma, cond.prompt_embeds), h, w).to(x.dtype)
-        negative = self._negative.to(cond.prompt_embeds).expand(b, -1, -1)  # [B, L, D]
+            return unpack_latents(self._forward(x, sigma, cond.prompt_embeds, image), h, w).to(x.dtype)
+        negative = cond.negative_prompt_embeds  # [B, L, D]: per row (edits) or the shared negative prompt
+        if negative is None:
+            negative = self._negative.to(cond.prompt_embeds).expand(b, -1, -1)
+        both = None if image is None else torch.cat([image, image])  # [2B, N, 4C]
         v, v_neg = self._forward(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                                 torch.cat([cond.prompt_embeds, negative])).chunk(2)  # [B, HW/4, 4C] each
+                                 torch.cat([cond.prompt_embeds, negative]), both).chunk(2)  # [B, HW/4, 4C] each
         guided = v_neg + self.guidance_scale * (v - v_neg)
         guided = guided * (v.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))  # the pipeline's rescale
         return unpack_latents(guided, h, w).to(x.dtype)  # [B, C, H', W']
@@ -150,11 +173,20 @@ def build_qwen_image_policy(path: str = "", *, device: str | torch.device = "cpu
     Returns:
         The policy; the text encoder and the VAE are frozen.
     """
-    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
+    from diffusers import QwenImagePipeline
 
-    folder = local_folder(path, QWEN_IMAGE_FOLDER, dtype)
-    check_folder_size(folder, "qwen_image", qwen_size_rule, ("vae",), height, width)  # before any weights load
-    pipe = load_local_pipeline(QwenImagePipeline, path, QWEN_IMAGE_FOLDER, dtype=dtype, device=device,
-                               frozen=("vae", "text_encoder"), float32_vae=AutoencoderKLQwenImage)
+    pipe = load_qwen_pipeline(QwenImagePipeline, QWEN_IMAGE_FOLDER, path, device, dtype, height, width)
     return QwenImagePolicy(pipe, height, width, max_sequence_length, guidance_scale, negative_prompt, guidance,
                            compute_dtype=DTYPES[dtype])
+
+
+def load_qwen_pipeline(pipeline_cls: type, spec: LocalFolder, path: str, device: str | torch.device, dtype: str,
+                       height: int, width: int, components: Mapping[str, Any] | None = None) -> Any:
+    """The folder and size checks (before any weights load), then ``pipeline_cls`` loaded offline with its text
+    encoder and VAE frozen, the VAE in float32 (``qwen_image`` and ``qwen_image_edit``)."""
+    from diffusers import AutoencoderKLQwenImage
+
+    folder = local_folder(path, spec, dtype)
+    check_folder_size(folder, spec.family, qwen_size_rule, ("vae",), height, width)
+    return load_local_pipeline(pipeline_cls, path, spec, dtype=dtype, device=device, frozen=("vae", "text_encoder"),
+                               float32_vae=AutoencoderKLQwenImage, components=components)

@@ -21,6 +21,7 @@ from flowgrove.evaluation.evaluate import snapshot
 from flowgrove.evaluation.monitor import Monitor
 from flowgrove.messages import note, program
 from flowgrove.parallel import distributed, faults
+from flowgrove.recipes.memory import warn_if_too_big
 from flowgrove.runs import rundir
 from flowgrove.runs.checkpoint import (CheckpointWriteError, Choice, checkpoint_folders, load_checkpoint,
                                        remove_leftovers, save_checkpoint)
@@ -169,6 +170,7 @@ def train(cfg: Config, run_dir: Path | None = None, overwrite: bool = False) -> 
     """
     distributed.init_from_env(timeout=cfg.run.collective_timeout)
     files = _agreed(lambda: preflight(cfg), everywhere=True)  # before the run folder is claimed: a fixed command starts cleanly
+    _warn_memory(cfg)
     target = run_dir or cfg.run.out or None
     claim = _agreed(lambda: _claim_fresh(cfg, target, overwrite))
     built = False
@@ -182,6 +184,12 @@ def train(cfg: Config, run_dir: Path | None = None, overwrite: bool = False) -> 
             claim.lock.release()
             if not built:  # the set-up failed (a model, a prompt the policy refuses): nothing of the run is kept
                 claim.undo()
+
+
+def _warn_memory(cfg: Config) -> None:
+    """Rank 0, before any model loads: one note when the predicted peak exceeds the CUDA device's memory."""
+    if distributed.is_main():
+        warn_if_too_big(cfg, distributed.resolve_device(cfg.run.device), distributed.world_size_and_rank()[0])
 
 
 def _lock_run(run_dir: Path) -> rundir.RunLock:
@@ -208,6 +216,7 @@ def resume(run_dir: Path, steps: int | None = None, checkpoint: str | None = Non
                 note(line)
         if steps is not None:
             plan.cfg.train.steps = steps
+        _warn_memory(plan.cfg)
         trainer = build_trainer(plan.cfg)
         base = _base_weights(trainer)  # before the checkpoint's weights replace the base model's
         loaded = load_checkpoint(trainer.state(), plan.choice.path, plan.choice.state)

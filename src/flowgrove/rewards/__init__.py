@@ -5,9 +5,11 @@ Built in: ``digit_classifier``, ``boldness``, ``contrast``, ``brightness`` (the 
 numbers task's judge), ``ocr``,
 ``vlm_judge`` (an OpenAI-compatible judge server), ``remote`` (a ``flowgrove serve-reward`` server) and
 ``video`` (any image reward on sampled frames). Real reward models (``hpsv2``, ``pickscore``, ``clipscore``,
-``aesthetic``, ``imagereward``; docs/rewards.md) import transformers inside their factories.
+``aesthetic``, ``imagereward``; docs/rewards.md; ``clip_direction`` for edits, docs/editing.md) import
+transformers inside their factories.
 """
 
+from flowgrove.rewards import clip_direction as _clip_direction  # noqa: F401  (registers clip_direction)
 from flowgrove.rewards import clip_family as _clip_family  # noqa: F401  (registers hpsv2, pickscore, ...)
 from flowgrove.rewards import digits as _digits  # noqa: F401  (registers the digits rewards)
 from flowgrove.rewards import imagereward as _imagereward  # noqa: F401  (registers imagereward)

@@ -98,15 +98,22 @@ class TextImageScorer:
         self.clean_text, self.run, self.device = clean_text, run, run.device
         self.max_length = model.config.text_config.max_position_embeddings
 
-    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
-        """``[b]`` scores of images ``[b, 3, H, W]`` on the model's device."""
-        texts = [clean_prompt(p) for p in prompts] if self.clean_text else prompts
+    def image_features(self, images: Tensor) -> Tensor:
+        """Projected embeddings ``[b, D]`` of images ``[b, 3, H, W]`` in [0, 1] (the reward's preprocessing)."""
+        pixels = preprocess(images.to(self.device), self.transform)  # [b, 3, S, S]
+        return pooled(self.model.get_image_features(pixel_values=pixels))  # [b, D]
+
+    def text_features(self, texts: Sequence[str]) -> Tensor:
+        """Projected embeddings ``[b, D]`` of ``texts`` (cleaned first when ``clean_text``)."""
+        texts = [clean_prompt(t) for t in texts] if self.clean_text else [str(t) for t in texts]
         tokens = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
                                 return_tensors="pt").to(self.device)
-        pixels = preprocess(images, self.transform)  # [b, 3, S, S]
-        image_emb = pooled(self.model.get_image_features(pixel_values=pixels))  # [b, D]
-        text_emb = pooled(self.model.get_text_features(input_ids=tokens["input_ids"],
-                                                       attention_mask=tokens["attention_mask"]))  # [b, D]
+        return pooled(self.model.get_text_features(input_ids=tokens["input_ids"],
+                                                   attention_mask=tokens["attention_mask"]))  # [b, D]
+
+    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        """``[b]`` scores of images ``[b, 3, H, W]`` on the model's device."""
+        image_emb, text_emb = self.image_features(images), self.text_features(prompts)  # [b, D], [b, D]
         return scaled_cosine(image_emb, text_emb, self.model.logit_scale, self.scale)  # [b]
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
@@ -207,8 +214,6 @@ def clipscore(weights: str | Path | None = None, processor: str | Path | None = 
         autocast: fp16 autocast on CUDA.
         backend: ``"pil"`` or ``"torch"`` resize (see ``pickscore``).
     """
-    from transformers import CLIPModel
-
     scale, run = _variant(CLIPSCORE_VARIANTS, variant, "clipscore"), Run(reward_device(device), batch_size, autocast)
     if open_clip is not False:
         config = vit_h14_config("quick_gelu", 378) if open_clip is True else open_clip
@@ -216,11 +221,18 @@ def clipscore(weights: str | Path | None = None, processor: str | Path | None = 
         transform = ImageTransform("squash", model.config.vision_config.image_size, backend)  # type: ignore[arg-type]
         tokenizer = _clip_tokenizer(processor, Published(LAION_H14, None, "processor"), "clipscore")
         return TextImageScorer(model, tokenizer, transform, scale, clean_text=True, run=run)
-    model = from_pretrained(CLIPModel.from_pretrained, weights, OPENAI_CLIP, "clipscore").eval().requires_grad_(False)
-    proc = _processor(weights if processor is None else processor, Published(OPENAI_L14, None, "processor"),
-                      "clipscore")
-    return TextImageScorer(model, proc.tokenizer, transform_from_processor(proc.image_processor, backend), scale,
-                           clean_text=False, run=run)
+    return TextImageScorer(*openai_clip(weights, processor, backend, "clipscore"), scale, clean_text=False, run=run)
+
+
+def openai_clip(weights: str | Path | None, processor: str | Path | None, backend: str,
+                reward: str) -> tuple[Any, Any, ImageTransform]:
+    """``(CLIPModel, tokenizer, transform)`` of a transformers CLIP folder (None: ``openai/clip-vit-large-patch14``
+    from the HF cache) and its processor (None: the one beside ``weights``), frozen; errors name ``reward``."""
+    from transformers import CLIPModel
+
+    model = from_pretrained(CLIPModel.from_pretrained, weights, OPENAI_CLIP, reward).eval().requires_grad_(False)
+    proc = _processor(weights if processor is None else processor, Published(OPENAI_L14, None, "processor"), reward)
+    return model, proc.tokenizer, transform_from_processor(proc.image_processor, backend)  # type: ignore[arg-type]
 
 
 @register_reward("aesthetic")

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from flowgrove.config.load import Config, config_from_yaml_text
+from flowgrove.messages import note
 from flowgrove.policies.base import FlowPolicy
 from flowgrove.runs import sharded
 from flowgrove.runs.checkpoint import SHARDS, CheckpointState, choose_checkpoint
@@ -42,6 +43,7 @@ class ExportResult:
     out: Path
     info: ExportInfo
     files: tuple[str, ...]  # paths relative to ``out``
+    lora_load: tuple[str, ...] = ()  # the policy's own lines loading the LoRA into ``pipe`` (``lora_usage``), if any
 
 
 def folded_lora(module: nn.Module, adapter: str = "default") -> tuple[dict[str, Tensor], dict]:
@@ -128,10 +130,11 @@ def _write_folder(policy: FlowPolicy, info: ExportInfo, out: Path, card: str) ->
 
 
 def load_trained_policy(cfg: Config, path: Path, ema: bool) -> FlowPolicy:
-    """The run's policy (built as it trained, on the CPU) holding checkpoint ``path``'s trainable weights, or its
-    EMA weights, read in this one process from the DCP folder whatever number of ranks wrote it. Builds no
-    rewards, optimizer or prompt encodings: exporting needs none of them."""
-    policy = prepare_policy(cfg, torch.device("cpu"))
+    """The run's policy (built as it trained, on the CPU, but over the unquantised base: ``policy.quantize`` only
+    stored the frozen weights in fewer bits) holding checkpoint ``path``'s trainable weights, or its EMA weights,
+    read in this one process from the DCP folder whatever number of ranks wrote it. Builds no rewards, optimizer or
+    prompt encodings: exporting needs none of them."""
+    policy = prepare_policy(replace(cfg, policy=replace(cfg.policy, quantize="none")), torch.device("cpu"))
     folder = path / SHARDS  # verified against state.json by choose_checkpoint
     try:
         sharded.load_full(policy.module, folder, "ema" if ema else "model")
@@ -162,21 +165,28 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str | None = None, 
     if ema and not has_ema:
         raise ExportError(f"--ema: the run {run} has no EMA weights (it trained with train.ema_decay=0); drop --ema")
     use_ema = has_ema and ema is not False
-    policy = load_trained_policy(cfg, path, use_ema)
     p = cfg.policy
+    if p.quantize != "none":
+        note(f"the run trained its LoRA over a base quantised to {p.quantize} (policy.quantize); the export is the "
+             f"LoRA for the unquantised base ({p.path or p.name}), which diffusers loads it onto")
+    policy = load_trained_policy(cfg, path, use_ema)
     kind = "lora" if p.lora_rank > 0 else "full"
     info = ExportInfo(FORMAT, kind, str(run), path.name, state.iteration, use_ema, p.name, p.path, p.lora_rank,
                       float(p.lora_alpha or 2 * p.lora_rank) if kind == "lora" else 0.0)
+    usage = getattr(policy, "lora_usage", None)
+    lora_load = tuple(usage(str(out))) if usage is not None and kind == "lora" else ()
     card = model_card(info, cfg, (path / "config.yaml").read_text(), run_summary(run), out,
-                      video=len(policy.latent_shape) == 4, transformer_class=type(policy.module).__name__)
-    return ExportResult(out, info, _write_folder(policy, info, out, card))
+                      video=len(policy.latent_shape) == 4, transformer_class=type(policy.module).__name__,
+                      lora_load=lora_load)
+    return ExportResult(out, info, _write_folder(policy, info, out, card), lora_load)
 
 
 def load_hint(result: ExportResult) -> str:
     """One line on how diffusers loads the export."""
     out, info = str(result.out), result.info
     if info.kind == "lora" and info.base and (Path(info.base) / "model_index.json").is_file():
-        return f"load with pipe = DiffusionPipeline.from_pretrained({info.base!r}); pipe.load_lora_weights({out!r})"
+        loads = "; ".join(result.lora_load or [f"pipe.load_lora_weights({out!r})"])
+        return f"load with pipe = DiffusionPipeline.from_pretrained({info.base!r}); {loads}"
     if info.kind == "lora":  # a base that is no pipeline folder (digits)
         return (f"load into the base transformer with transformer.load_lora_adapter({out!r}, prefix='transformer', "
                 f"weight_name={LORA_FILE!r})")

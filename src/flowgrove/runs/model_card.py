@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from dataclasses import dataclass
+from typing import Sequence
 
 import yaml
 
@@ -62,12 +63,13 @@ def _results(summary: dict | None) -> list[str]:
     return [*rows, "", f"Evaluated by the run after {summary.get('steps')} steps (`summary.json`)."]
 
 
-def _usage(info: ExportInfo, out: Path, transformer_class: str) -> list[str]:
+def _usage(info: ExportInfo, out: Path, transformer_class: str, lora_load: Sequence[str] = ()) -> list[str]:
     pipeline = "from diffusers import DiffusionPipeline"
     base_is_pipeline = bool(info.base) and (Path(info.base) / "model_index.json").is_file()
     if info.kind == "lora" and base_is_pipeline:
         return [pipeline, f"pipe = DiffusionPipeline.from_pretrained({info.base!r})",
-                f"pipe.load_lora_weights({str(out)!r})  # adapter scale 1: alpha is folded into lora_B"]
+                "# adapter scale 1: alpha is folded into lora_B",
+                *(lora_load or [f"pipe.load_lora_weights({str(out)!r})"])]
     if info.kind == "lora":  # the base is no pipeline folder (built-in weights): into the base transformer
         return [f"# transformer: the base {transformer_class}", f"transformer.load_lora_adapter({str(out)!r}, prefix='transformer', "
                 "weight_name='pytorch_lora_weights.safetensors')"]
@@ -93,7 +95,8 @@ def _training(info: ExportInfo, cfg: Config) -> list[str]:
 
 
 def model_card(info: ExportInfo, cfg: Config, config_text: str, summary: dict | None, out: Path, *,
-               video: bool = False, transformer_class: str = "the transformer class") -> str:
+               video: bool = False, transformer_class: str = "the transformer class",
+               lora_load: Sequence[str] = ()) -> str:
     """The ``README.md`` text of an export folder.
 
     Args:
@@ -104,6 +107,8 @@ def model_card(info: ExportInfo, cfg: Config, config_text: str, summary: dict | 
         out: The export folder (in the loading snippet).
         video: The policy generates videos (``pipeline_tag: text-to-video``).
         transformer_class: The trained module's diffusers class (loading a bare transformer folder).
+        lora_load: The policy's own lines that load a LoRA export into ``pipe`` (``lora_usage``; default
+            ``pipe.load_lora_weights(out)``).
 
     Returns:
         Markdown with YAML front matter.
@@ -114,7 +119,7 @@ def model_card(info: ExportInfo, cfg: Config, config_text: str, summary: dict | 
         f"GRPO alignment with flowgrove {__version__} (`flowgrove export` of the run `{info.run}`).", "",
         "## Training", "", *_training(info, cfg), "",
         "## Held-out results", "", *_results(summary), "",
-        "## Usage", "", "```python", *_usage(info, out, transformer_class), "```", "",
+        "## Usage", "", "```python", *_usage(info, out, transformer_class, lora_load), "```", "",
         "## Config", "", f"flowgrove {__version__}, the run's resolved config:", "", "```yaml", config_text.rstrip(),
         "```",
     ]

@@ -1,8 +1,8 @@
 """The tensors of a checkpoint as one ``torch.distributed.checkpoint`` (DCP) folder, written by every rank.
 
 One DCP state holds four parts: ``model`` (the trainable weights, and the module's buffers, as
-``get_state_dict(..., StateDictOptions(ignore_frozen_params=True))`` gives them: plain tensors of a single
-process or DDP, DTensor shards under FSDP2), ``optim`` (AdamW's moments keyed by parameter name; absent before
+``get_state_dict(..., StateDictOptions(ignore_frozen_params=True))`` gives them less a quantised base's own state:
+plain tensors of a single process or DDP, DTensor shards under FSDP2), ``optim`` (AdamW's moments keyed by parameter name; absent before
 the first optimizer step), and ``ema`` / ``reference`` (dicts keyed by parameter name, sharded like the weights).
 Each rank writes its own ``__RANK_0.distcp`` and rank 0 the ``.metadata``; DCP reshards on load, so a folder
 written by N ranks loads on M ranks, or in one process without a process group (``flowgrove export``).
@@ -96,14 +96,22 @@ def trainable_names(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters() if p.requires_grad]
 
 
+def trained_and_buffers(module: nn.Module, model: dict) -> dict:
+    """``model`` (``get_model_state_dict``'s) without what a frozen layer writes beside its parameters (the NF4 state
+    of a quantised base, bitsandbytes' ``...weight.absmax``, ``.quant_map``: rebuilt with the policy, never trained):
+    the trainable weights and the module's buffers."""
+    keep = set(trainable_names(module)) | {name for name, _ in module.named_buffers()}
+    return {key: value for key, value in model.items() if key in keep}
+
+
 def training_state(state: TrainingState, with_optimizer: bool) -> dict[str, dict]:
     """The DCP state of a trainer's state (views of its live tensors, so a load writes into them)."""
     module = state.module
     if with_optimizer:
         model, optim = get_state_dict(module, state.optimizer, options=_OPTIONS)
-        out = {"model": model, "optim": optim}
+        out = {"model": trained_and_buffers(module, model), "optim": optim}
     else:
-        out = {"model": get_model_state_dict(module, options=_OPTIONS)}
+        out = {"model": trained_and_buffers(module, get_model_state_dict(module, options=_OPTIONS))}
     names = trainable_names(module)
     for part in ("ema", "reference"):
         if getattr(state, part) is not None:

@@ -6,6 +6,7 @@ trainer's state as a checkpoint takes it and gives it back (:class:`TrainingStat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -25,17 +26,32 @@ class TrainerParts:
     optimizer: torch.optim.Optimizer
 
 
+def _adamw8bit(params: list[Tensor], **kwargs: object) -> torch.optim.Optimizer:
+    from torchao.optim import AdamW8bit
+
+    return AdamW8bit(params, **kwargs)
+
+
+# train.optimizer -> the optimizer class over (params, lr, betas, eps, weight_decay)
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW, "adamw8bit": _adamw8bit}
+
+
+def build_optimizer(cfg: Config, params: list[Tensor]) -> torch.optim.Optimizer:
+    """``train.optimizer`` over ``params`` with ``train``'s learning rate, betas, eps and weight decay."""
+    t = cfg.train
+    return OPTIMIZERS[t.optimizer](params, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
+
+
 def build_parts(cfg: Config, policy: FlowPolicy, device: torch.device) -> TrainerParts:
-    """The engine of ``run.parallel`` around ``policy.module`` and AdamW over its trainable parameters."""
+    """The engine of ``run.parallel`` (and ``run.offload``) around ``policy.module`` and ``train.optimizer`` over its
+    trainable parameters."""
     world, _ = distributed.world_size_and_rank()
-    kind = engine.choose_kind(cfg.run.parallel, world, cfg.policy.lora_rank)
-    built = engine.build_engine(kind, policy.module, device, cfg.policy.dtype)  # FSDP2 shards in place
+    kind = engine.choose_kind(cfg.run.parallel, world, cfg.policy.lora_rank, cfg.run.offload)
+    built = engine.build_engine(kind, policy.module, device, cfg.policy.dtype, cfg.run.offload)  # FSDP2 shards in place
     params = [p for p in policy.module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the policy has no trainable parameters")
-    t = cfg.train
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
-    return TrainerParts(device, built, params, optimizer)
+    return TrainerParts(device, built, params, build_optimizer(cfg, params))
 
 
 @dataclass

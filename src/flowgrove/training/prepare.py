@@ -1,15 +1,18 @@
-"""From ``policy.*`` settings to a policy ready for training: adapter options, LoRA, float32 master weights and
-gradient checkpointing. Family-agnostic: everything here goes through the policy protocol and ``policy.module``.
+"""From ``policy.*`` settings to a policy ready for training: adapter options, the quantised frozen base
+(``policy.quantize``), LoRA, float32 master weights and gradient checkpointing. Family-agnostic: everything here goes through the policy protocol and ``policy.module``.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 
 from flowgrove.config.load import Config
 from flowgrove.policies.base import FlowPolicy, build_policy, policy_factory
+from flowgrove.policies.pipelines import DTYPES
+from flowgrove.policies.quantize import quantize_base
 
 
 _OWN_KEYS = ("device", "dtype", "path", "weights")  # factory arguments set by their own policy.* keys
@@ -43,8 +46,10 @@ def apply_lora(policy: FlowPolicy, cfg: Config) -> None:
 
     policy.module.requires_grad_(False)
     alpha = p.lora_alpha or 2 * p.lora_rank
-    policy.module.add_adapter(LoraConfig(r=p.lora_rank, lora_alpha=alpha, target_modules=list(p.lora_targets),
-                                         init_lora_weights="gaussian"))
+    with warnings.catch_warnings():  # peft over torchao weights: merge() needs transformers' TorchAoConfig; unused
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
+        policy.module.add_adapter(LoraConfig(r=p.lora_rank, lora_alpha=alpha, target_modules=list(p.lora_targets),
+                                             init_lora_weights="gaussian"))
 
 
 def float32_masters(module: torch.nn.Module) -> int:
@@ -69,8 +74,10 @@ def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
 
 
 def prepare_policy(cfg: Config, device: torch.device) -> FlowPolicy:
-    """Build ``policy.name`` and make it trainable as configured (LoRA, float32 masters, checkpointing)."""
+    """Build ``policy.name`` and make it trainable as configured (the quantised frozen base, LoRA, float32 masters,
+    checkpointing)."""
     policy = build_policy(cfg.policy.name, **policy_kwargs(cfg, device))
+    quantize_base(policy.module, cfg.policy.quantize, DTYPES[cfg.policy.dtype])  # before the adapters wrap its layers
     apply_lora(policy, cfg)
     float32_masters(policy.module)
     if cfg.train.gradient_checkpointing:

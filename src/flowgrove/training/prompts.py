@@ -2,7 +2,10 @@
 
 A :class:`Prompt` is a ``str`` that carries its file's other columns in ``metadata`` (the text an OCR reward must
 find, GenEval's object tags, ...), so every reward keeps the ``(images, prompts)`` contract and those that need
-metadata read ``getattr(prompt, "metadata", {})``.
+metadata read ``getattr(prompt, "metadata", {})``. A row's ``image`` (an edit model's input image, a path relative
+to the prompt file) is checked when the file is read and kept as an absolute path in ``metadata["image"]``: the
+edit policies encode it with the prompt (and ``encode-prompts`` caches it), the rewards that compare input and output
+(``clip_direction``) open it.
 
 ``flowgrove encode-prompts`` writes a policy's encoder outputs as sharded safetensors with an ``index.json``;
 :class:`CachedPrompts` reads back only the rows a step needs (safetensors slices are memory-mapped), so a large
@@ -52,15 +55,44 @@ def _bad(path: Path, line: int | None, what: str) -> ValueError:
     return ValueError(f"{where}: {what}")
 
 
+def input_image_path(value: Any, path: Path, line: int) -> str:
+    """The absolute path of a row's input image ``value`` (relative to the prompt file ``path``), once the file is
+    there and its header reads as an image (PIL; the pixels are read when the image is used).
+
+    Raises:
+        ValueError: naming the prompt file, the row and the image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(value, str):
+        raise _bad(path, line, f'"image" must be a path relative to the prompt file, got {value!r}')
+    image = (path.parent / value).absolute()
+    if not image.is_file():
+        raise _bad(path, line, f"image {value!r} ({image}) does not exist; give a path relative to the prompt file")
+    try:
+        with Image.open(image) as opened:
+            opened.size  # noqa: B018 (the header is parsed here)
+    except (UnidentifiedImageError, OSError) as err:
+        raise _bad(path, line, f"image {value!r} ({image}) is not a readable image ({type(err).__name__}); give a "
+                               "PNG, JPEG or WebP file") from None
+    return str(image)
+
+
 def _from_record(record: Any, path: Path, line: int) -> Prompt:
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
         raise _bad(path, line, 'each row needs a non-empty "prompt" field (other fields become metadata for the rewards)')
-    return Prompt(record["prompt"].strip(), {k: v for k, v in record.items() if k != "prompt"})
+    metadata = {k: v for k, v in record.items() if k != "prompt"}
+    if metadata.get("image") in ("", None):  # a csv row without an input image: no "image" key
+        metadata.pop("image", None)
+    else:
+        metadata["image"] = input_image_path(metadata["image"], path, line)
+    return Prompt(record["prompt"].strip(), metadata)
 
 
 def read_prompts(path: str | Path, key: str = "prompt file") -> list[Prompt]:
     """Prompts of a ``.txt`` (one per line), ``.jsonl`` (one object per line with ``"prompt"``) or ``.csv`` (a
-    ``prompt`` column) file; every other field or column is kept as the prompt's metadata. Errors name ``key``."""
+    ``prompt`` column) file; every other field or column is kept as the prompt's metadata, an ``image`` as its
+    absolute path (:func:`input_image_path`). Errors name ``key``."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{key}={str(path)!r} is a folder; give a .txt, .jsonl or .csv file in it")

@@ -9,7 +9,7 @@ import torch
 
 from flowgrove.config.schema import Config
 from flowgrove.messages import note
-from flowgrove.parallel import distributed, rank_share
+from flowgrove.parallel import distributed, engine, rank_share
 from flowgrove.policies.base import FlowPolicy, makes_videos
 from flowgrove.rewards import RewardFn, build_reward
 from flowgrove.rewards.video import FRAMES, REDUCE, VideoReward, takes_videos
@@ -27,6 +27,7 @@ def build_trainer(cfg: Config, files: PromptFiles | None = None) -> GRPOTrainer:
     device = distributed.resolve_device(cfg.run.device)
     world, _ = distributed.init_from_env(device, cfg.run.collective_timeout)
     rank_share.check_global_batch(cfg, world)  # before any model loads
+    engine.choose_kind(cfg.run.parallel, world, cfg.policy.lora_rank, cfg.run.offload)  # run.offload's engine, too
     files = files or preflight(cfg)
     if cfg.run.threads > 0:  # torch's default (one per core) is 4-17x slower on a busy machine (README)
         torch.set_num_threads(cfg.run.threads)
