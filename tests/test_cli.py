@@ -16,7 +16,7 @@ TINY = ["rollout.prompts_per_step=2", "rollout.group_size=4", "eval.samples_per_
 @pytest.mark.parametrize("method", [m for m in preset_names() if load_config(method=m).policy.name == "digits"])
 def test_every_preset_trains_two_steps(tmp_path, method, capsys):
     out = tmp_path / method
-    extra = ["rollout.prompts_per_step=1"] if method.startswith("branch") else []
+    extra = ["rollout.prompts_per_step=1"] if method.startswith(("branch", "tree")) else []
     assert main(["train", "--method", method, "--steps", "2", "--out", str(out), *TINY, *extra]) == 0
     summary = json.loads((out / "summary.json").read_text())
     for key in ("method", "steps", "wall_seconds", "heldout_reward_before", "heldout_reward_after", "nfe_old", "nfe_new"):

@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
+from flowgrove.grpo.advantages import tree_zscores
 from flowgrove.grpo.tree import (
     Forest,
+    best_and_worst,
     build_forest,
     combine_masks,
     depth_prune_mask,
@@ -20,6 +22,7 @@ from flowgrove.grpo.tree import (
     split_steps_evenly,
     width_prune_mask,
 )
+from flowgrove.grpo.tree_rules import adaptive_split_counts, backprop_advantages
 
 
 def _as_lists(tensors):
@@ -308,6 +311,92 @@ def test_depthwise_advantages_tiny_std_is_zero():
     forest = build_forest(1, "0")
     adv = depthwise_advantages((torch.tensor([0.0]), torch.tensor([1.0, 1.0 + 1e-7])), forest)
     assert adv[1].tolist() == [0.0, 0.0]  # std 7e-8 < min_std 1e-6
+
+
+# --------------------------------------------------------------------------- TreeGRPO's backed-up advantages
+
+
+def test_backprop_advantages_hand_worked():
+    forest = build_forest(2, "0,1")
+    adv = backprop_advantages(LEAVES, forest)
+    s = math.sqrt(20.0 / 3.0)  # leaves [1, 3, 5, 7]: mean 4, sample std sqrt(20/3), one normalisation per tree
+    torch.testing.assert_close(adv[2], torch.tensor([-3.0, -1.0, 1.0, 3.0]) / s)
+    torch.testing.assert_close(adv[1], torch.tensor([-2.0, 2.0]) / s)  # subtree means [2, 6] - 4, not re-scaled
+    assert adv[0].tolist() == [0.0]
+    # BranchGRPO's depth-wise rule re-normalises depth 1 to +-1/sqrt2 = 0.707; here it keeps the leaves' scale, 0.775
+    assert depthwise_advantages(fuse_rewards(LEAVES, forest), forest)[1][1] < adv[1][1]
+
+
+def test_backprop_advantages_are_subtree_means_of_leaf_zscores_per_tree():
+    forest = build_forest(6, "0,2,4", branching=3, n_trees=3)
+    rewards = torch.randn(forest.num_leaves, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    adv = backprop_advantages(rewards, forest, eps=0.0)
+    per_tree = rewards.reshape(3, -1)
+    leaf_z = ((per_tree - per_tree.mean(1, keepdim=True)) / per_tree.std(1, keepdim=True)).reshape(-1)
+    for depth, (a, mean) in enumerate(zip(adv, fuse_rewards(rewards, forest))):
+        tree_mean = per_tree.mean(1).repeat_interleave(forest.nodes_per_depth[depth] // 3)
+        tree_std = per_tree.std(1).repeat_interleave(forest.nodes_per_depth[depth] // 3)
+        torch.testing.assert_close(a, (mean - tree_mean) / tree_std)  # (subtree mean - tree mean) / leaf std
+    torch.testing.assert_close(adv[-1], leaf_z)
+    # the shallow splits carry less than unit variance: their subtree means vary less than the leaves
+    assert adv[1].reshape(3, -1).std(1).max() < 1.0
+
+
+def test_backprop_advantages_constant_tree_and_path_weights():
+    forest = build_forest(2, "1", n_trees=2)
+    adv = backprop_advantages(torch.tensor([1.0, 3.0, 2.0, 2.0]), forest)
+    assert adv[2][2:].tolist() == [0.0, 0.0] and adv[1].tolist() == [0.0, 0.0]  # constant tree; a chain depth is 0
+    assert tree_zscores(torch.tensor([5.0]), 1).tolist() == [0.0]  # one value: 0, not NaN
+    two = build_forest(2, "0,1")
+    weighted = backprop_advantages(LEAVES, two, mode="path", edge_log_probs=EDGE_LOG_PROBS)
+    want = fuse_rewards(tree_zscores(LEAVES, 1), two, "path", EDGE_LOG_PROBS)
+    for got, expected in zip(weighted, want):
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="leaf_rewards must be"):
+        backprop_advantages(torch.zeros(3), two)
+
+
+# --------------------------------------------------------------------------- adaptive trees
+
+
+def test_adaptive_split_counts_hand_worked():
+    # T = 20, splits 0,3,6,9, K = 2. Calls = sum of nodes over depths 0..19.
+    assert adaptive_split_counts(20, [0, 3, 6, 9], 2, 203) == (1, 2, 4, 8)  # the full tree fits
+    # 160: m = 1, 2, 3, 5 -> nodes 1 | 2 x3 | 4 x3 | 7 x3 | 12 x10: 1 + 6 + 12 + 21 + 120 = 160
+    assert adaptive_split_counts(20, [0, 3, 6, 9], 2, 160) == (1, 2, 3, 5)
+    assert adaptive_split_counts(20, [0, 3, 6, 9], 2, 159) == (1, 2, 3, 4)  # 1 + 6 + 12 + 21 + 110 = 150
+    assert adaptive_split_counts(20, [0, 3, 6, 9], 2, 80) == (1, 1, 1, 1)  # 1 + 6 + 9 + 12 + 50 = 78
+    with pytest.raises(ValueError, match="78 calls"):
+        adaptive_split_counts(20, [0, 3, 6, 9], 2, 77)
+
+
+def test_best_and_worst_per_tree():
+    scores = torch.tensor([0.5, 0.1, 0.9, 0.3, 2.0, 2.0, 1.0, 3.0])  # two trees of four
+    # 3 per tree: the best one and the worst two; the tie 2.0, 2.0 ranks the lower index lower
+    assert best_and_worst(scores, 2, 3).tolist() == [False, True, True, True, True, False, True, True]
+    assert best_and_worst(scores, 2, 1).tolist() == [False, True, False, False, False, False, True, False]
+    assert not best_and_worst(scores, 2, 0).any() and best_and_worst(scores, 2, 4).all()
+    with pytest.raises(ValueError, match="count must be in"):
+        best_and_worst(scores, 2, 5)
+
+
+def test_forest_with_fan_out_hand_built():
+    # Two trees, T = 3, splits at 0 and 1; at step 1 only the second node of each tree splits (3 children):
+    # tree 0: r -> {a, b}; a -> a1; b -> b1, b2, b3; every node one child at step 2.
+    fan = (torch.tensor([2, 2]), torch.tensor([1, 3, 1, 3]), torch.ones(8, dtype=torch.long))
+    forest = Forest(3, (0, 1), 3, 2, fan)
+    assert forest.nodes_per_depth == (2, 4, 8, 8) and forest.model_calls == 14 and forest.num_leaves == 8
+    assert forest.parents[1].tolist() == [0, 1, 1, 1, 2, 3, 3, 3]
+    leaves = torch.tensor([4.0, 1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0])
+    fused = fuse_rewards(leaves, forest)
+    assert fused[1].tolist() == [4.0, 2.0, 0.0, 0.0] and fused[0].tolist() == [2.5, 0.0]  # root: mean of its 4 leaves
+    adv = depthwise_advantages(fused, forest)
+    torch.testing.assert_close(adv[1], torch.tensor([1.0, -1.0, 0.0, 0.0]) / math.sqrt(2.0))
+    assert leaf_paths(forest)[:4, 1].tolist() == [0, 1, 1, 1]
+    with pytest.raises(ValueError, match="same number of nodes"):
+        Forest(3, (0, 1), 3, 2, (torch.tensor([2, 2]), torch.tensor([1, 3, 1, 1]), torch.ones(6, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"fan_out\[1\] must be"):
+        Forest(3, (0, 1), 3, 2, (torch.tensor([2, 2]), torch.tensor([0, 3, 1, 3]), torch.ones(8, dtype=torch.long)))
 
 
 # --------------------------------------------------------------------------- pruning

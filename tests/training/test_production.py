@@ -55,7 +55,8 @@ def test_rollout_tensors_live_on_the_policy_device():
     t = _trainer(TinyPolicy())
     cfg = t.cfg
     plan = method.step_plan(cfg, 0)
-    roots, x = t._roots(rank_share.rank_share(cfg, 1, 0), torch.Generator().manual_seed(0))
+    share = rank_share.rank_share(cfg, 1, 0)
+    roots, x = share.roots, method.initial_noise(cfg, t.policy.latent_shape, share, torch.Generator().manual_seed(0))
     mask = method.store_mask(cfg, plan, roots.shape[0], torch.Generator().manual_seed(1))
     ro = rollout_mod.rollout(t.policy, t.cond, roots, x, method.rollout_spec(cfg, plan), torch.Generator(), store_mask=mask)
     device = next(t.policy.module.parameters()).device

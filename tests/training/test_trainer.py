@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flowgrove.config.load import load_config
-from flowgrove.training import method
+from flowgrove.training import adaptive, method
 from flowgrove.training.trainer import GRPOTrainer, NonFiniteRewardError
 
 from conftest import TinyPolicy, brightness
@@ -241,3 +241,53 @@ def test_dppo_leaves_only_corrective_updates_once_every_transition_is_past_the_b
         out = policy_loss(log_prob, old, args[2], 5.0, args[4], drift_kl=kwargs["drift_kl"].detach())
         assert out.clip_fraction.item() == pytest.approx(outward.float().mean().item())
         torch.testing.assert_close(out.loss, torch.where(outward, 0.0, -adv * r).mean())
+
+
+def test_one_update_per_rollout_is_the_single_update():
+    # train.updates_per_rollout=1 is the update every preset ran before the key existed: the same numbers, bit for bit.
+    runs = []
+    for extra in ([], ["train.updates_per_rollout=1"]):
+        trainer = make("branchgrpo", "rollout.prompts_per_step=1", *extra)
+        metrics = {k: v for k, v in trainer.step().items() if not k.startswith("seconds_")}
+        runs.append((metrics, [p.detach().clone() for p in trainer.params]))
+    (plain, w_plain), (one, w_one) = runs
+    assert plain == one
+    assert all(torch.equal(a, b) for a, b in zip(w_plain, w_one))
+    assert plain["last_pass_ratio_max_dev"] >= plain["first_ratio_max_dev"]
+
+
+def test_later_passes_move_the_ratio_and_the_clip_bounds_it():
+    # TreeGRPO's reuse: the second pass re-scores the rollout's transitions against the rollout's log-probs after the
+    # first pass's optimizer steps, so its ratios are away from 1 and some fall outside the clip range.
+    tight = ["rollout.prompts_per_step=1", "train.clip_range=1e-5"]  # the tiny policy's steps move ratios by ~1e-4
+    one = make("treegrpo", *tight, "train.updates_per_rollout=1").step()
+    two = make("treegrpo", *tight, "train.updates_per_rollout=2").step()
+    assert two["first_ratio_max_dev"] == one["first_ratio_max_dev"] < 1e-5
+    assert two["updates"] == 2 * one["updates"] and two["transitions"] == 2 * one["transitions"]
+    assert two["last_pass_ratio_max_dev"] > 100 * max(one["first_ratio_max_dev"], 1e-7)
+    assert two["last_pass_clip_fraction"] > 0.0 and two["last_pass_clip_fraction"] > one["last_pass_clip_fraction"]
+    assert two["clip_fraction"] > one["clip_fraction"]  # the mean over both passes
+
+
+def test_adaptive_tree_splits_its_extreme_nodes_within_the_call_budget(monkeypatch):
+    # 111 calls per tree: m = 1, 1, 2, 3 nodes split at steps 0, 3, 6, 9 (8 leaves); 92 calls fewer than the full tree.
+    trainer, seen, plain = make("branchgrpo-adaptive", "rollout.prompts_per_step=2", "tree.adaptive_calls=111"), [], adaptive.split_choice
+
+    def recording(cfg, score, n_trees, num_steps):
+        inner = plain(cfg, score, n_trees, num_steps)
+
+        def wrapped(step, x0_pred, rows):
+            fan = inner(step, x0_pred, rows)
+            seen.append((step, score(x0_pred, rows), fan))
+            return fan
+        return wrapped
+
+    monkeypatch.setattr(adaptive, "split_choice", recording)
+    metrics = trainer.step()
+    assert metrics["model_calls_saved_per_prompt"] == 203 - 111 and metrics["nfe_old"] == 111 / 8
+    assert [(step, int((fan == 2).sum())) for step, _, fan in seen] == [(0, 2), (3, 2), (6, 4), (9, 6)]  # 2 trees
+    _, scores, fan = seen[-1]  # step 9: 3 of each tree's 5 nodes split: its best one and worst two
+    for tree_scores, tree_fan in zip(scores.reshape(2, 5), fan.reshape(2, 5)):
+        order = tree_scores.argsort()
+        assert tree_fan[order[:2]].tolist() == [2, 2] and tree_fan[order[-1]] == 2 and tree_fan[order[2:4]].tolist() == [1, 1]
+    assert metrics["updates"] >= 1 and metrics["first_ratio_max_dev"] < 1e-5

@@ -13,7 +13,7 @@ import math
 import torch
 
 from flowgrove.config.schema import Config
-from flowgrove.grpo import tree
+from flowgrove.grpo import tree, tree_rules
 from flowgrove.messages import ConfigError, did_you_mean, one_line
 from flowgrove.policies.quantize import check_quantize
 from flowgrove.samplers.steps import noise_g, sde_type_of
@@ -70,10 +70,11 @@ def check_config(cfg: Config) -> None:
 def _check_mode(cfg: Config) -> None:
     if cfg.tree.enabled and cfg.window.enabled and not cfg.tree.mix:
         raise ConfigError("window.enabled with tree.enabled needs tree.mix=true (BranchGRPO-Mix); or disable one of them")
-    if cfg.tree.enabled and cfg.advantage.kind != "depthwise":
-        raise ConfigError(f"tree rollouts need advantage.kind=depthwise, got {cfg.advantage.kind!r}")
-    if not cfg.tree.enabled and cfg.advantage.kind == "depthwise":
-        raise ConfigError("advantage.kind=depthwise needs tree.enabled=true; use group or group_global_std for chains")
+    if cfg.tree.enabled and cfg.advantage.kind not in tree_rules.TREE_ADVANTAGES:
+        raise ConfigError(f"tree rollouts need advantage.kind=depthwise or backprop, got {cfg.advantage.kind!r}")
+    if not cfg.tree.enabled and cfg.advantage.kind in tree_rules.TREE_ADVANTAGES:
+        raise ConfigError(f"advantage.kind={cfg.advantage.kind} needs tree.enabled=true; use group or group_global_std "
+                          "for chains")
     if not cfg.tree.enabled and cfg.rollout.group_size < 2:
         raise ConfigError("rollout.group_size must be >= 2: GRPO normalises rewards within the images of one prompt")
     smallest, key = (cfg.tree.branching, "tree.branching") if cfg.tree.enabled else (cfg.rollout.group_size, "rollout.group_size")
@@ -122,16 +123,31 @@ def _check_tree(cfg: Config) -> None:
         splits = split_steps(cfg)
     except ValueError as err:
         raise ConfigError(f"tree.split_steps={list(t.split_steps)} is out of range for sampler.num_steps={steps}: {err}") from None
-    leaves = t.branching ** len(splits)
+    leaves, shape = t.branching ** len(splits), f"tree.branching {t.branching} ** {len(splits)} splits"
+    if t.adaptive_calls:
+        leaves, shape = _adaptive_leaves(cfg, splits), f"tree.adaptive_calls={t.adaptive_calls}"
     if t.width_keep > leaves:
         raise ConfigError(f"tree.width_keep={t.width_keep} is larger than the {leaves} leaves per tree "
-                          f"(tree.branching {t.branching} ** {len(splits)} splits); lower tree.width_keep (0 = off)")
+                          f"({shape}); lower tree.width_keep (0 = off)")
     bad = sorted(d for d in t.depth_pruning if not 1 <= d <= steps)
     if bad:
         raise ConfigError(f"tree.depth_pruning={list(t.depth_pruning)} holds depths {bad} outside [1, {steps}] "
                           f"(child depths of sampler.num_steps={steps})")
     if t.depth_stop != -1 and not 1 <= t.depth_stop <= steps:
         raise ConfigError(f"tree.depth_stop={t.depth_stop} must be -1 (the last split step) or in [1, {steps}]")
+
+
+def _adaptive_leaves(cfg: Config, splits: tuple[int, ...]) -> int:
+    """Leaves per adaptive tree (tree.adaptive_calls), or a ConfigError naming the key and the smallest budget."""
+    t = cfg.tree
+    if t.mix and cfg.window.tail == "dpm":
+        raise ConfigError("tree.adaptive_calls counts the calls of the sampler's grid, which a compressed tail "
+                          "(window.tail=dpm) shortens; set window.tail=euler or tree.adaptive_calls=0")
+    try:
+        counts = tree_rules.adaptive_split_counts(cfg.sampler.num_steps, splits, t.branching, t.adaptive_calls)
+    except ValueError as err:
+        raise ConfigError(f"tree.adaptive_calls={t.adaptive_calls}: {err}; raise it (0 = every node splits)") from None
+    return 1 + sum(counts) * (t.branching - 1)
 
 
 def _check_train(cfg: Config) -> None:

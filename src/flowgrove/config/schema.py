@@ -13,6 +13,7 @@ from flowgrove.grpo.losses import EMA_SCHEDULES, RATIO_NORMS, STEP_WEIGHTS, TRUS
 from flowgrove.grpo.matching import OBJECTIVES
 from flowgrove.grpo.plans import STRATEGIES, TAILS
 from flowgrove.grpo.tree import FUSION_MODES
+from flowgrove.grpo.tree_rules import TREE_ADVANTAGES
 from flowgrove.policies.quantize import QUANTIZE_KINDS
 from flowgrove.samplers.schedules import TAIL_SPACINGS
 from flowgrove.samplers.steps import NOISE_LEVELS
@@ -87,6 +88,7 @@ class TreeConfig:
     width_keep: int = _f(0, "Width pruning: leaves per tree whose post-split chains are trained (best and worst); 0 = off.", low=0)
     pruning_fraction: float = _f(1.0, "Fraction of training during which pruning is active.", low=0)
     mix: bool = _f(False, "Mix variant: SDE only at split steps and inside the window (window.*), ODE elsewhere.")
+    adaptive_calls: int = _f(0, "Adaptive trees: model calls per tree (prompt); at each split step the same fraction of a tree's nodes splits, the best and worst by the trained reward of their x0 prediction, the rest go on as chains (docs/trees.md); 0 = off (every node splits).", low=0)
     split_logprob_std: str = _f("drawn", "Std of a split child's log-prob: drawn (the std it was sampled with) or reference (BranchGRPO: unscaled).", ("drawn", "reference"))
 
 
@@ -107,7 +109,7 @@ class DataConfig:
 
 @dataclass
 class AdvantageConfig:
-    kind: str = _f("group", "group z-score, group_global_std (per-prompt mean, global std), or depthwise (trees).", ("group", "group_global_std", "depthwise"))
+    kind: str = _f("group", "group z-score, group_global_std (per-prompt mean, global std), depthwise (trees: BranchGRPO's z-scores of fused rewards per depth) or backprop (trees: TreeGRPO's leaf z-scores backed up as subtree means).", ("group", "group_global_std", *TREE_ADVANTAGES))
     ddof: int = _f(1, "Delta degrees of freedom of the std.", low=0)
     eps: float = _f(1e-8, "Added to the std.", low=0)
     clip: float = _f(5.0, "Advantages are clamped to +-clip.", low=0)
@@ -144,6 +146,7 @@ class TrainConfig:
     step_weight: str = _f("none", "Per-step weight of the policy loss: none, grpo_guard (GRPO-Guard: 1 / (sigma - sigma_next)) or tempflow (TempFlow-GRPO: the step's transition std over its mean on the trainable steps).", tuple(STEP_WEIGHTS))
     trust_region: str = _f("clip", "clip (PPO's ratio clip, train.clip_range) or dppo (Flow-DPPO: no clip; a transition whose exact KL to the rollout step reaches train.trust_region_kl while the update pushes it further gets no gradient).", tuple(TRUST_REGIONS))
     trust_region_kl: float = _f(1e-5, "dppo: bound on the exact per-dimension Gaussian KL between the current and the rollout policy's step.", low=0)
+    updates_per_rollout: int = _f(1, "Passes over the rollout's stored transitions (TreeGRPO, PPO-style reuse): each pass reshuffles them into the same accumulation groups; the rollout's log-probs stay the old log-probs, so later passes move the ratio and the clip bounds it.", low=1)
     objective: str = _f("grpo", "What the update trains: grpo (PPO-clip on the stored SDE transitions' log-probs), or a forward-process objective on the rollout's final samples noised at train.timesteps' grid times, without log-probs (any sampler, sampler.noise_level=0 for ODE rollouts): nft (DiffusionNFT) or awm (Advantage Weighted Matching).", OBJECTIVES)
     nft_beta: float = _f(1.0, "nft: beta of the implicit policies v+ = beta*v + (1-beta)*v_old, v- = (1+beta)*v_old - beta*v (DiffusionNFT: 1.0; 0.1 for OCR).", low=0)
     optimizer: str = _f("adamw", "adamw (torch's AdamW, float32 moments) or adamw8bit (torchao's AdamW8bit: both moments in 8 bits, blockwise scaled, for tensors of at least 4096 elements in whole blocks of 256; 2 bytes instead of 8 per parameter).", OPTIMIZERS)

@@ -136,3 +136,23 @@ def clamp_advantages(adv: Tensor, max_abs: float) -> Tensor:
     if max_abs <= 0:
         raise ValueError(f"max_abs must be > 0, got {max_abs}; the reference repos use 5.0.")
     return adv.clamp(-max_abs, max_abs)
+
+
+def tree_zscores(values: Tensor, n_trees: int, ddof: int = 1, eps: float = 1e-8, min_std: float = 1e-6) -> Tensor:
+    """Z-score ``values`` [N] (tree-major, ``N / n_trees`` per tree) within each tree.
+
+    ``(v - mean) / (std + eps)`` per tree; a tree with at most ``max(1, ddof)`` values or with ``std < min_std`` gets
+    zeros, never NaN.
+
+    Returns:
+        [N], shaped like ``values``.
+    """
+    if ddof < 0:
+        raise ValueError(f"ddof must be >= 0, got {ddof}")
+    per_tree = values.reshape(n_trees, -1)  # [n_trees, m], storage is tree-major
+    if per_tree.shape[1] <= max(1, ddof):
+        return torch.zeros_like(values)
+    std = per_tree.std(dim=1, correction=ddof, keepdim=True)  # [n_trees, 1]
+    centered = per_tree - per_tree.mean(dim=1, keepdim=True)  # [n_trees, m]
+    adv = torch.where(std >= min_std, centered / (std + eps), torch.zeros_like(centered))
+    return adv.reshape(-1)  # [N]

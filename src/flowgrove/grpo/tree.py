@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from flowgrove.grpo.advantages import tree_zscores
+
 FUSION_MODES = ("mean", "path", "local")
 
 
@@ -56,6 +58,9 @@ class Forest:
         split_steps: steps at which every node branches, ascending (validated and sorted).
         branching: children per node at a split step (K).
         n_trees: number of trees (one per prompt), stored tree-major within each depth.
+        fan_out: optional children per node, entry d a LongTensor [N_d] (>= 1; an adaptive tree, where a split step
+            splits only some nodes); every tree must keep the same number of nodes per depth. None: every node
+            splits into ``branching`` at a split step.
         nodes_per_depth: ``N_d`` over all trees, length T + 1.
         parents: ``parents[d]`` is a LongTensor [N_{d+1}] of indices into depth d, length T.
         tree_of: ``tree_of[d]`` is a LongTensor [N_d], the tree of each node, length T + 1.
@@ -65,6 +70,7 @@ class Forest:
     split_steps: tuple[int, ...]
     branching: int = 2
     n_trees: int = 1
+    fan_out: tuple[Tensor, ...] | None = field(default=None, compare=False, repr=False)
     nodes_per_depth: tuple[int, ...] = field(init=False, compare=False)
     parents: tuple[Tensor, ...] = field(init=False, compare=False, repr=False)
     tree_of: tuple[Tensor, ...] = field(init=False, compare=False, repr=False)
@@ -77,12 +83,24 @@ class Forest:
         if self.n_trees < 1:
             raise ValueError(f"n_trees must be >= 1, got {self.n_trees}")
         object.__setattr__(self, "split_steps", parse_split_steps(self.split_steps, self.num_steps))
+        if self.fan_out is not None and len(self.fan_out) != self.num_steps:
+            raise ValueError(f"fan_out needs {self.num_steps} tensors (one per step), got {len(self.fan_out)}")
         counts, parents = [self.n_trees], []
         for step in range(self.num_steps):
             fan_out = self.branching if step in self.split_steps else 1
+            if self.fan_out is not None:
+                fan_out = self.fan_out[step].cpu()  # [N_d]
+                if fan_out.shape != (counts[-1],) or bool((fan_out < 1).any()):
+                    raise ValueError(f"fan_out[{step}] must be [{counts[-1]}] counts >= 1, got {fan_out.tolist()}")
             parents.append(torch.arange(counts[-1]).repeat_interleave(fan_out))  # [N_{d+1}]
-            counts.append(counts[-1] * fan_out)
-        tree_of = tuple(torch.arange(self.n_trees).repeat_interleave(n // self.n_trees) for n in counts)
+            counts.append(parents[-1].numel())
+        tree_of = [torch.arange(self.n_trees)]  # [N_d] per depth: the tree of each node
+        for parent in parents:
+            tree_of.append(tree_of[-1][parent])
+            per_tree = torch.bincount(tree_of[-1], minlength=self.n_trees)  # [n_trees]
+            if bool((per_tree != per_tree[0]).any()):
+                raise ValueError(f"every tree needs the same number of nodes per depth, got {per_tree.tolist()}")
+        tree_of = tuple(tree_of)
         object.__setattr__(self, "nodes_per_depth", tuple(counts))
         object.__setattr__(self, "parents", tuple(parents))
         object.__setattr__(self, "tree_of", tree_of)
@@ -222,21 +240,32 @@ def depthwise_advantages(
     """
     if len(node_rewards) != forest.num_steps + 1:
         raise ValueError(f"node_rewards needs {forest.num_steps + 1} entries, got {len(node_rewards)}")
-    if ddof < 0:
-        raise ValueError(f"ddof must be >= 0, got {ddof}")
-    advantages = []
     for depth, rewards in enumerate(node_rewards):
         if rewards.shape != (forest.nodes_per_depth[depth],):
             raise ValueError(f"node_rewards[{depth}] must be [{forest.nodes_per_depth[depth]}]")
-        per_tree = rewards.reshape(forest.n_trees, -1)  # [n_trees, m], storage is tree-major
-        if per_tree.shape[1] <= max(1, ddof):
-            advantages.append(torch.zeros_like(rewards))
-            continue
-        std = per_tree.std(dim=1, correction=ddof, keepdim=True)  # [n_trees, 1]
-        centered = per_tree - per_tree.mean(dim=1, keepdim=True)  # [n_trees, m]
-        adv = torch.where(std >= min_std, centered / (std + eps), torch.zeros_like(centered))
-        advantages.append(adv.reshape(-1))  # [N_d]
-    return tuple(advantages)
+    return tuple(tree_zscores(rewards, forest.n_trees, ddof, eps, min_std) for rewards in node_rewards)
+
+
+def best_and_worst(scores: Tensor, n_trees: int, count: int) -> Tensor:
+    """Per tree the ``count // 2`` best and ``count - count // 2`` worst entries by ``scores`` (ties: the lower index
+    ranks lower). Width pruning keeps these leaves; an adaptive tree splits these nodes: a node whose x0 prediction
+    already scores at either end of its tree is where its children's rewards, and so the advantages, spread most.
+
+    Args:
+        scores: [N] one score per entry (tree-major, ``N / n_trees`` per tree).
+        n_trees: number of trees.
+        count: entries per tree, ``0 <= count <= N / n_trees``.
+
+    Returns:
+        Bool [N], True for the chosen entries.
+    """
+    per_tree = scores.numel() // n_trees
+    if not 0 <= count <= per_tree:
+        raise ValueError(f"count must be in [0, {per_tree}] (entries per tree), got {count}")
+    order = torch.argsort(scores.cpu().reshape(n_trees, per_tree), dim=1, stable=True)  # [n_trees, m] worst first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(per_tree).expand_as(order))
+    n_best = count // 2
+    return ((rank < count - n_best) | (rank >= per_tree - n_best)).reshape(-1)  # [N]
 
 
 def pruning_active(iteration: int, total_iterations: int, active_fraction: float) -> bool:
@@ -310,11 +339,7 @@ def width_prune_mask(forest: Forest, leaf_scores: Tensor, keep: int) -> tuple[Te
         raise ValueError(f"keep must be in [0, {per_tree}] (leaves per tree), got {keep}")
     if leaf_scores.shape != (forest.num_leaves,):
         raise ValueError(f"leaf_scores must be [{forest.num_leaves}], got {tuple(leaf_scores.shape)}")
-    n_best = keep // 2
-    scores = leaf_scores.detach().cpu().reshape(forest.n_trees, per_tree)  # [n_trees, L]
-    order = torch.argsort(scores, dim=1, stable=True)  # ascending: worst first
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(per_tree).expand_as(order))
-    kept_leaves = ((rank < keep - n_best) | (rank >= per_tree - n_best)).reshape(-1)  # [n_leaves]
+    kept_leaves = best_and_worst(leaf_scores.detach(), forest.n_trees, keep)  # [n_leaves]
     last_split = max(forest.split_steps, default=-1)
     paths = leaf_paths(forest)  # [n_leaves, T + 1]
     masks = []

@@ -1,5 +1,6 @@
 """From leaf rewards to one advantage per stored transition, for chains (group statistics) and trees
-(fused rewards, depth-wise z-scores). Orchestration over the pure functions of ``advantages`` and ``tree``.
+(fused rewards, depth-wise z-scores, or TreeGRPO's backed-up leaf z-scores). Orchestration over the pure functions of
+``advantages``, ``tree`` and ``tree_rules``.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import torch
 from torch import Tensor
 
 from flowgrove.config.load import AdvantageConfig, Config, TreeConfig
-from flowgrove.grpo import advantages, tree
+from flowgrove.grpo import advantages, tree, tree_rules
 from flowgrove.parallel.rank_share import RankShare
+from flowgrove.training import method
 from flowgrove.training.rollout import Rollout, Transitions
 
 
@@ -41,12 +43,12 @@ def tree_advantages(
     rewards: Tensor, weights: Tensor, forest: tree.Forest, edge_log_probs: tuple[Tensor, ...],
     cfg: AdvantageConfig, tree_cfg: TreeConfig,
 ) -> tuple[Tensor, ...]:
-    """rewards [K, N_leaves] -> advantages per depth (root first), depth-wise z-scores of fused rewards."""
+    """rewards [K, N_leaves] -> advantages per depth (root first): depth-wise z-scores of fused rewards
+    (``advantage.kind=depthwise``, BranchGRPO) or leaf z-scores backed up the tree (``backprop``, TreeGRPO)."""
 
     def one(leaf_rewards: Tensor) -> tuple[Tensor, ...]:
-        fused = tree.fuse_rewards(leaf_rewards, forest, mode=tree_cfg.fusion, edge_log_probs=edge_log_probs,
-                                  temperature=tree_cfg.temperature)
-        return tree.depthwise_advantages(fused, forest, ddof=cfg.ddof, eps=cfg.eps)
+        return tree_rules.TREE_ADVANTAGES[cfg.kind](leaf_rewards, forest, ddof=cfg.ddof, eps=cfg.eps, mode=tree_cfg.fusion,
+                                              edge_log_probs=edge_log_probs, temperature=tree_cfg.temperature)
 
     if cfg.aggregate == "advantage":
         per_reward = [one(row) for row in rewards]
@@ -64,6 +66,24 @@ def edge_values(per_depth: tuple[Tensor, ...], depth: Tensor, node: Tensor) -> T
 def chain_edge_advantages(sample_advantages: Tensor, rollout: Rollout) -> Tensor:
     """In a chain the child node index is the chain index: every edge gets its sample's advantage. [E]"""
     return sample_advantages[rollout.transitions.node]
+
+
+def edge_advantages(cfg: Config, weights: Tensor, gathered: Tensor, ro: Rollout, forest: tree.Forest | None,
+                    share: RankShare, gather: Callable[[Tensor, RankShare], Tensor]) -> Tensor:
+    """Advantages [E] (on the policy's device) of the stored transitions, from the rewards [K, N_total] of every
+    block's leaves (``share``: this rank's block; ``gather``: per-rank rows -> every block's rows). The collectives run
+    on the device; the credit math on these few numbers runs on the CPU, where the forest is: advantages are computed
+    once, each rank keeps its own rows."""
+    tr = ro.transitions
+    mine = lambda values: values.chunk(share.parts)[share.part]  # noqa: E731  (this block's rows)
+    if forest is not None:
+        fans = tuple(gather(f, share) for f in ro.fan_out) if ro.fan_out is not None else None
+        forest = method.forest(cfg, forest.n_trees * share.parts, forest.num_steps, fans)  # every block's trees
+        log_probs = tuple(gather(lp, share) for lp in ro.edge_log_probs)
+        per_depth = tree_advantages(gathered, weights, forest, log_probs, cfg.advantage, cfg.tree)
+        return edge_values(tuple(mine(a) for a in per_depth), tr.depth.cpu(), tr.node.cpu()).to(tr.x.device)
+    sample_adv = block_chain_advantages(gathered, weights, cfg, share)  # [N_r]
+    return chain_edge_advantages(sample_adv.to(tr.x.device), ro)
 
 
 def pruning_keep(cfg: Config, iteration: int, tr: Transitions, total: Tensor, forest: tree.Forest | None) -> Tensor:

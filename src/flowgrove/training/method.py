@@ -10,7 +10,8 @@ from torch import Tensor
 
 from flowgrove.config.checks import last_step_excluded, split_steps, trainable_positions, window_positions  # noqa: F401 (re-exported)
 from flowgrove.config.schema import Config
-from flowgrove.grpo import plans, selection, tree
+from flowgrove.parallel.rank_share import RankShare
+from flowgrove.grpo import plans, selection, tree, tree_rules
 from flowgrove.samplers import schedules
 from flowgrove.samplers.family import StepFamily
 from flowgrove.samplers.steps import noise_g
@@ -99,6 +100,21 @@ def mean_trained_std(cfg: Config, family: StepFamily) -> float:
     return family.sde(zeros, zeros, sigma, sigma_next, g, x_next=zeros).std.mean().item()
 
 
+def initial_noise(cfg: Config, latent_shape: tuple[int, ...], share: RankShare, generator: torch.Generator) -> Tensor:
+    """Initial noise [N0_r, *latent_shape] of this rank's chains or tree roots: the noise of the whole global batch is
+    drawn (so it does not depend on the world size) and sliced; one noise per step for trees with ``tree.same_noise``,
+    one per group with ``rollout.same_noise_in_group``."""
+    shape, total = latent_shape, share.total
+    if cfg.tree.enabled:
+        x = torch.randn((1 if cfg.tree.same_noise else total, *shape), generator=generator).expand(total, *shape)
+    elif cfg.rollout.same_noise_in_group:
+        x = torch.randn((cfg.rollout.prompts_per_step, *shape), generator=generator)
+        x = x.repeat_interleave(cfg.rollout.group_size, dim=0)  # [N0, ...]
+    else:
+        x = torch.randn((total, *shape), generator=generator)
+    return x[share.start:share.start + share.size].contiguous()  # [N0_r, ...]
+
+
 def store_mask(cfg: Config, plan: plans.StepPlan, num_chains: int, generator: torch.Generator) -> Tensor | None:
     """Per-chain trained steps [N, S] for the all-SDE methods; None when the plan decides (windows, trees) or no
     transition is trained (forward-process objectives)."""
@@ -134,7 +150,15 @@ def anchor_mask(cfg: Config, plan: plans.StepPlan, num_samples: int, generator: 
     return mask
 
 
-def forest(cfg: Config, n_trees: int, num_steps: int | None = None) -> tree.Forest:
-    """The trees of one step; ``num_steps`` is the plan's (a compressed tail shortens the trees)."""
-    return tree.build_forest(num_steps or cfg.sampler.num_steps, split_steps(cfg), cfg.tree.branching, n_trees)
+def forest(cfg: Config, n_trees: int, num_steps: int | None = None,
+           fan_out: tuple[Tensor, ...] | None = None) -> tree.Forest:
+    """The trees of one step; ``num_steps`` is the plan's (a compressed tail shortens the trees); ``fan_out`` the
+    children per node of an adaptive rollout (:attr:`flowgrove.training.rollout.Rollout.fan_out`)."""
+    return tree.Forest(num_steps or cfg.sampler.num_steps, split_steps(cfg), cfg.tree.branching, n_trees, fan_out)
+
+
+def adaptive_splits(cfg: Config, num_steps: int) -> dict[int, int]:
+    """Adaptive trees (``tree.adaptive_calls``): split step -> nodes per tree that split there."""
+    splits = split_steps(cfg)
+    return dict(zip(splits, tree_rules.adaptive_split_counts(num_steps, splits, cfg.tree.branching, cfg.tree.adaptive_calls)))
 

@@ -78,7 +78,9 @@ class UpdateStats:
     tail_anchor: float = 0.0  # mean squared output difference to the initial policy at untrained steps (train.tail_anchor)
     grad_norm: float = 0.0
     first_ratio_max_dev: float = 0.0  # max |ratio - 1| in the first micro-batch, before any weight change
+    last_pass_clip_fraction: float = 0.0  # clip_fraction of the last pass over the transitions (train.updates_per_rollout)
+    last_pass_ratio_max_dev: float = 0.0  # max |ratio - 1| over the last pass (with one pass: over the update)
     updates: int = 0
     skipped_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient norm
-    transitions: int = 0  # stored transitions trained, over all ranks
+    transitions: int = 0  # stored transitions trained, over all ranks (each pass counted)
     dropped_transitions: int = 0  # left out of the loss for a zero advantage (train.drop_zero_advantage), all ranks

@@ -9,7 +9,7 @@ together with the log-prob computed on exactly the stored tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -61,6 +61,9 @@ class Transitions(NamedTuple):
         return self.x.shape[0]
 
 
+SplitChoice = Callable[[int, Tensor, Tensor], Tensor]  # (step, x0_pred [N, ...], rows [N]) -> children per node [N]
+
+
 class Rollout(NamedTuple):
     """Result of one rollout over N0 roots and N_L leaves."""
 
@@ -70,6 +73,7 @@ class Rollout(NamedTuple):
     edge_log_probs: tuple[Tensor, ...]  # per step d: [N_{d+1}] log-prob of the edge into each node (0 for ODE)
     nodes_per_depth: tuple[int, ...]
     model_calls: int  # policy evaluations (rows), all nodes of all trees
+    fan_out: tuple[Tensor, ...] | None = None  # per step d: [N_d] children of each node (adaptive trees), else None
 
 
 def batched_velocity(policy: FlowPolicy, x: Tensor, sigma: Tensor, cond: Conditioning, chunk_size: int = 0) -> Tensor:
@@ -105,7 +109,8 @@ def _cat_transitions(parts: list[Transitions], like: Tensor, keep_mean: bool = F
 
 @torch.no_grad()
 def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: Tensor, spec: RolloutSpec,
-            generator: torch.Generator | NoiseSource, store_mask: Tensor | None = None, groups: Tensor | None = None) -> Rollout:
+            generator: torch.Generator | NoiseSource, store_mask: Tensor | None = None, groups: Tensor | None = None,
+            split_choice: SplitChoice | None = None) -> Rollout:
     """Sample chains or trees from ``x_init`` [N0, C, H, W] and store the trained SDE transitions.
 
     Args:
@@ -117,6 +122,7 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
         store_mask: optional [N0, S] bool, per-root trained steps (chains only: DanceGRPO's random subset).
         groups: optional [N0] ids of identical roots (same noise and prompt): their ODE prefix and first model
             call are computed once per group.
+        split_choice: adaptive trees: the children of each node at a split step (:data:`SplitChoice`); None: K.
 
     Returns:
         A :class:`Rollout`; the transitions hold only steps with ``plan.trained`` (and ``store_mask``) that drew noise.
@@ -129,7 +135,7 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
     x, rows, fan_out = _share_groups(x, rows, roots, groups)
     prev_x0 = prev_sigma = None
     n_nodes = x_init.shape[0]  # nodes at the current depth (groups share rows while fan_out is set)
-    stored, edge_log_probs, nodes, calls = [], [], [n_nodes], 0
+    stored, edge_log_probs, nodes, calls, split_fans = [], [], [n_nodes], 0, {}
     for step in range(plan.num_steps):
         sigma, sigma_next = plan.sigmas[step].item(), plan.sigmas[step + 1].item()
         velocity = batched_velocity(policy, x, x.new_full((x.shape[0],), sigma), cond.select(rows), spec.chunk_size)
@@ -142,22 +148,33 @@ def rollout(policy: FlowPolicy, cond: Conditioning, cond_index: Tensor, x_init: 
         if step == plan.num_steps - 1 and spec.reward_image == "x0_pred":
             # The last transition does not change x0_pred: it is neither sampled nor trained (DanceGRPO).
             _check_split(step, "x0_pred", k)
-            edges = (*edge_log_probs, x.new_zeros(x.shape[0]))
-            return Rollout(x0_pred, rows, _cat_transitions(stored, x, spec.keep_mean), edges, (*nodes, x.shape[0]), calls)
+            edges, all_nodes = (*edge_log_probs, x.new_zeros(x.shape[0])), (*nodes, x.shape[0])
+            return Rollout(x0_pred, rows, _cat_transitions(stored, x, spec.keep_mean), edges, all_nodes, calls,
+                           _fans(split_fans, all_nodes, split_choice is not None))
         if k > 1:
             _check_split(step, kind, k)
-            x, velocity, x0_pred, rows, roots, prev_x0 = _children(k, x, velocity, x0_pred, rows, roots, prev_x0)
+            fan = k if split_choice is None else split_choice(step, x0_pred, rows).to(x.device)  # int, or [N] per node
+            x, velocity, x0_pred, rows, roots, prev_x0 = _children(fan, x, velocity, x0_pred, rows, roots, prev_x0)
+            split_fans[step] = fan
         move = STEP_KINDS[kind](family, spec, Node(x, velocity, x0_pred, sigma, sigma_next, prev_x0, prev_sigma), k,
                                 generator)
         keep = _stored_rows(plan.trained[step], store_mask, roots, step)  # only SDE steps are trained (StepPlan)
         if keep is not None and move.log_prob is not None:  # a step that drew no noise (CPS onto sigma 0) has no density
             stored.append(_transitions(x, move, rows, keep, step, sigma, sigma_next, spec.keep_mean))
-        n_nodes *= k
+        n_nodes = n_nodes if fan_out is not None else x.shape[0]  # groups share rows only until a split
         edge_log_probs.append(move.log_prob if move.log_prob is not None else x.new_zeros(n_nodes))
         nodes.append(n_nodes)
         prev_x0, prev_sigma = (None, None) if kind == StepKind.SDE else (x0_pred, sigma)  # see Node.prev_x0
         x = move.x_next
-    return Rollout(x, rows, _cat_transitions(stored, x, spec.keep_mean), tuple(edge_log_probs), tuple(nodes), calls)
+    return Rollout(x, rows, _cat_transitions(stored, x, spec.keep_mean), tuple(edge_log_probs), tuple(nodes), calls,
+                   _fans(split_fans, nodes, split_choice is not None))
+
+
+def _fans(split_fans: dict[int, Tensor | int], nodes: Sequence[int], adaptive: bool) -> tuple[Tensor, ...] | None:
+    """Children per node at every step, [N_d] each (the splits' choices, 1 elsewhere); None unless ``adaptive``."""
+    if not adaptive:
+        return None
+    return tuple(torch.as_tensor(split_fans.get(d, 1)).cpu().expand(n).long() for d, n in enumerate(nodes[:-1]))
 
 
 def _check_store_mask(store_mask: Tensor | None, spec: RolloutSpec) -> None:
@@ -261,8 +278,9 @@ def _rows_of(index: Tensor, *nodes: Tensor | None) -> tuple[Tensor | None, ...]:
     return tuple(t[index] if t is not None else None for t in nodes)
 
 
-def _children(k: int, *nodes: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Every node's tensors repeated for its ``k`` children (siblings adjacent); None stays None."""
+def _children(k: int | Tensor, *nodes: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Every node's tensors repeated for its ``k`` children (an int, or [N] per node; siblings adjacent); None stays
+    None."""
     return tuple(t.repeat_interleave(k, dim=0) if t is not None else None for t in nodes)
 
 

@@ -13,22 +13,21 @@ import torch
 from torch import Tensor
 
 from flowgrove.config.load import Config
-from flowgrove.grpo import selection, tree
+from flowgrove.grpo import selection
 from flowgrove.grpo.advantages import aggregate_rewards
+from flowgrove.grpo.plans import StepPlan
 from flowgrove.grpo.losses import TrustRegion, ema_decay, kl_std, loss_weight, policy_loss, step_weights, transition_kl
 from flowgrove.parallel import distributed, engine, rank_share
 from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, PromptRows
 from flowgrove.rewards.base import RewardFn
 from flowgrove.rewards.scoring import RewardFailure, score_rewards
 from flowgrove.samplers.family import step_family
-from flowgrove.training import credit, forward, method
+from flowgrove.training import adaptive, credit, forward, method
 from flowgrove.training.halts import (NonFiniteRewardError, NonFiniteUpdatesError, RewardFailedError,  # noqa: F401
                                       TrainingHalted, halt_on_bad_rewards)
 from flowgrove.training.heldout import EvalResult, HeldOut, evaluate_policy, ode_images  # noqa: F401 (ode_images: re-exported)
 from flowgrove.training.parts import TrainerParts, TrainingState, UpdateStats, build_parts
 from flowgrove.training.rollout import NoiseSource, Rollout, Transitions, decode_batched, rescore, rescore_step, rollout
-
-
 
 
 def step_generator(seed: int, iteration: int, stream: int, rank: int = 0) -> torch.Generator:
@@ -86,22 +85,14 @@ class GRPOTrainer:
         self.step_cond, self.step_prompt_ids = cond, prompt_ids  # what this step's transitions' cond_index points into
         prompts = [self.prompts[i] for i in prompt_ids.tolist()]
         plan = method.step_plan(cfg, it)
-        spec = method.rollout_spec(cfg, plan)
-        roots, x_init = self._roots(share, noise)  # roots index the step's rows
-        mask = method.store_mask(cfg, plan, share.total, shared)
-        mask = mask[share.start:share.start + share.size] if mask is not None else None  # [N0_r, S] of the global mask
-        groups = None
-        if not cfg.tree.enabled and cfg.rollout.same_noise_in_group:  # a group's ODE prefix is computed once
-            groups = share.roots.to(roots.device)
-        ro = rollout(self.policy, cond, roots, x_init, spec, NoiseSource(noise, share.parts, share.part), store_mask=mask,
-                     groups=groups)
+        ro = self._rollout(plan, share, cond, prompts, noise, shared)
         t1 = time.perf_counter()
-        raw = self.score(ro, prompts)  # [K, N_L]
+        raw = self.score(ro.leaves, ro.leaf_cond_index, prompts)  # [K, N_L]
         gathered = self._gather(raw.T, share).T  # [K, N_all]: every block's leaves in order
         t2 = time.perf_counter()
-        forest = method.forest(cfg, share.size, plan.num_steps) if cfg.tree.enabled else None
+        forest = method.forest(cfg, share.size, plan.num_steps, ro.fan_out) if cfg.tree.enabled else None
         if cfg.train.objective == "grpo":
-            adv = self.edge_advantages(gathered, ro, forest, share)  # [E]
+            adv = credit.edge_advantages(cfg, self.weights, gathered, ro, forest, share, self._gather)  # [E]
             keep = credit.pruning_keep(cfg, it, ro.transitions, weighted_total(raw.cpu(), self.weights), forest)  # by this rank's leaves' total
             if share.span > 1:  # a tree's ranks all rolled it out; each trains its share of the kept transitions
                 keep = keep[rank_share.member_rows(keep.numel(), share).to(keep.device)]
@@ -113,7 +104,7 @@ class GRPOTrainer:
             cfg, self.policy, cond, ro, plan, NoiseSource(step_generator(cfg.train.seed, it, 2), share.parts, share.part),
             self.weights_swapped(self.reference))  # train.tail_anchor's rows, from their own stream
         n_leaves = ro.leaves.shape[0]
-        stats = self.update(batch, adv, n_leaves, shared, n_roots=roots.shape[0] / share.span, cond=cond, anchor=anchor)
+        stats = self.update(batch, adv, n_leaves, shared, n_roots=share.size / share.span, cond=cond, anchor=anchor)
         t3 = time.perf_counter()
         self.iteration += 1
         total_all = weighted_total(gathered, self.weights)  # [N_all]: the metrics do not depend on the world size
@@ -125,6 +116,8 @@ class GRPOTrainer:
             "model_calls_per_sample": ro.model_calls / n_leaves,  # below nfe_old where groups share a prefix
             "seconds_rollout": t1 - t0, "seconds_reward": t2 - t1, "seconds_update": t3 - t2, "seconds_step": t3 - t0,
         }
+        if cfg.tree.adaptive_calls:  # the calls an adaptive tree saved against every node splitting, per prompt (tree)
+            metrics["model_calls_saved_per_prompt"] = method.forest(cfg, 1, plan.num_steps).model_calls - ro.model_calls / share.size
         if cfg.window.enabled:
             metrics["window_start"] = float(min(plan.trained_steps, default=-1))
         if self.nonfinite_streak >= cfg.train.max_nonfinite_skips:
@@ -134,29 +127,32 @@ class GRPOTrainer:
                 "lower train.lr, set train.max_grad_norm, or check the rewards and the policy's dtype", metrics)
         return metrics
 
-    def _roots(self, share: rank_share.RankShare, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Conditioning rows [N0_r] and initial noise [N0_r, *latent_shape] of this rank's chains or tree roots:
-        the noise of the whole global batch is drawn (so it does not depend on the world size) and sliced."""
-        cfg, shape, total = self.cfg, self.policy.latent_shape, share.total
-        if cfg.tree.enabled:
-            x = torch.randn((1 if cfg.tree.same_noise else total, *shape), generator=generator).expand(total, *shape)
-        elif cfg.rollout.same_noise_in_group:
-            x = torch.randn((cfg.rollout.prompts_per_step, *shape), generator=generator)
-            x = x.repeat_interleave(cfg.rollout.group_size, dim=0)  # [N0, ...]
-        else:
-            x = torch.randn((total, *shape), generator=generator)
-        x = x[share.start:share.start + share.size]  # [N0_r, ...]
-        return share.roots.to(self.device), x.contiguous().to(self.device)
+    def _rollout(self, plan: StepPlan, share: rank_share.RankShare, cond: Conditioning, prompts: list[str],
+                 noise: torch.Generator, shared: torch.Generator) -> Rollout:
+        """This rank's chains or trees of one step: roots index ``cond`` (the step's rows, of ``prompts``); ``noise``
+        draws the initial and SDE noise, ``shared`` the trained steps."""
+        cfg = self.cfg
+        spec = method.rollout_spec(cfg, plan)
+        roots = share.roots.to(self.device)  # [N0_r] the step's row of each chain or tree root
+        x_init = method.initial_noise(cfg, self.policy.latent_shape, share, noise).to(self.device)  # [N0_r, ...]
+        mask = method.store_mask(cfg, plan, share.total, shared)
+        mask = mask[share.start:share.start + share.size] if mask is not None else None  # [N0_r, S] of the global mask
+        groups = None
+        if not cfg.tree.enabled and cfg.rollout.same_noise_in_group:  # a group's ODE prefix is computed once
+            groups = share.roots.to(roots.device)
+        score = lambda x0, rows: weighted_total(self.score(x0, rows, prompts).cpu(), self.weights)  # noqa: E731
+        choice = adaptive.split_choice(cfg, score, share.size, plan.num_steps) if cfg.tree.adaptive_calls else None
+        return rollout(self.policy, cond, roots, x_init, spec, NoiseSource(noise, share.parts, share.part), store_mask=mask,
+                       groups=groups, split_choice=choice)
 
-    def score(self, ro: Rollout, cond_prompts: Sequence[str] | None = None) -> Tensor:
-        """Rewards [K, N_leaves] of the decoded leaves, whose ``leaf_cond_index`` indexes ``cond_prompts`` (default:
-        the training prompts). A reward that raises, or NaN or inf, on any rank stops the step on every rank with a
-        clear message (:class:`RewardFailedError`, :class:`NonFiniteRewardError`), before any weight changes."""
-        cond_prompts = self.prompts if cond_prompts is None else cond_prompts
+    def score(self, latents: Tensor, cond_index: Tensor, cond_prompts: Sequence[str]) -> Tensor:
+        """Rewards [K, N] of latents [N, ...] (the leaves, or adaptive trees' x0 predictions) decoded, ``cond_index``
+        [N] indexing ``cond_prompts``. A reward that raises, or NaN or inf, on any rank stops the step on every rank
+        with a clear message (:class:`RewardFailedError`, :class:`NonFiniteRewardError`), before any weight changes."""
         raw, failure = None, None
         with torch.no_grad():
-            images = decode_batched(self.policy, ro.leaves, self.cfg.rollout.decode_batch)  # [N, 3, H, W] in [0, 1]
-            prompts = [cond_prompts[i] for i in ro.leaf_cond_index.tolist()]
+            images = decode_batched(self.policy, latents, self.cfg.rollout.decode_batch)  # [N, 3, H, W] in [0, 1]
+            prompts = [cond_prompts[i] for i in cond_index.tolist()]
             try:
                 raw = torch.stack([r.to(self.device) for r in score_rewards(self.rewards, images, prompts)])  # [K, N]
             except RewardFailure as err:
@@ -169,22 +165,6 @@ class GRPOTrainer:
         """Per-rank rows [B, ...] -> every block's rows [parts * B, ...] on the CPU, one copy of a shared block."""
         world, _ = distributed.world_size_and_rank()
         return rank_share.unique_blocks(distributed.all_gather_cat(rows.contiguous()), world, share.span).cpu()
-
-    def edge_advantages(self, gathered: Tensor, ro: Rollout, forest: tree.Forest | None,
-                        share: rank_share.RankShare) -> Tensor:
-        """Advantages [E] (on the policy's device) of the stored transitions, from the rewards [K, N_total] of every
-        block's leaves (``share``: this rank's block). The collectives run on the device; the
-        credit math on these few numbers runs on the CPU, where the forest is: advantages are computed once, each
-        rank keeps its own rows."""
-        cfg, tr = self.cfg, ro.transitions
-        mine = lambda values: values.chunk(share.parts)[share.part]  # noqa: E731  (this block's rows)
-        if forest is not None:
-            forest = method.forest(cfg, forest.n_trees * share.parts, forest.num_steps)  # every block's trees
-            log_probs = tuple(self._gather(lp, share) for lp in ro.edge_log_probs)
-            per_depth = credit.tree_advantages(gathered, self.weights, forest, log_probs, cfg.advantage, cfg.tree)
-            return credit.edge_values(tuple(mine(a) for a in per_depth), tr.depth.cpu(), tr.node.cpu()).to(tr.x.device)
-        sample_adv = credit.block_chain_advantages(gathered, self.weights, cfg, share)  # [N_r]
-        return credit.chain_edge_advantages(sample_adv.to(tr.x.device), ro)
 
     # ---- update --------------------------------------------------------------------------------------
     def update(self, tr: Transitions | forward.ForwardSamples, adv: Tensor, n_samples: int, generator: torch.Generator,
@@ -211,14 +191,38 @@ class GRPOTrainer:
         if size == 0:
             stats.dropped_transitions = len(tr) * world
             return stats
+        per_root = max(1, int(len(tr) // (n_roots or n_samples)))  # N-bar: stored transitions per chain or tree
+        totals: dict[str, float] = {}  # the metrics' means over every pass
+        norms, anchor_values = [], []
+        for _ in range(t.updates_per_rollout):  # the stored transitions reused, the rollout's log-probs kept as old
+            last = self._update_pass(tr, adv, live, cond, per_root, size, n_samples, generator, stats, totals, norms,
+                                     anchor, anchor_values)
+        stats.dropped_transitions = len(tr) * world - stats.transitions // t.updates_per_rollout
+        if stats.updates:
+            self._ema_update(per_rollout=True)
+        stats.grad_norm = sum(norms) / len(norms) if norms else float("nan")
+        totals["tail_anchor"] = sum(anchor_values) / len(anchor_values) if anchor_values else 0.0  # mean over groups
+        keys = ("loss", "clip_fraction", "approx_kl", "kl", "tail_anchor")
+        means = distributed.weighted_mean_over_ranks([totals.get(k, 0.0) for k in keys] + [last["clip_fraction"]],
+                                                     float(live.sum()))
+        stats.loss, stats.clip_fraction, stats.approx_kl, stats.kl, stats.tail_anchor, stats.last_pass_clip_fraction = means
+        stats.first_ratio_max_dev = distributed.max_over_ranks(stats.first_ratio_max_dev)
+        stats.last_pass_ratio_max_dev = distributed.max_over_ranks(last["ratio_max_dev"])
+        return stats
+
+    def _update_pass(self, tr: Transitions | forward.ForwardSamples, adv: Tensor, live: Tensor, cond: Conditioning,
+                     per_root: int, size: int, n_samples: int, generator: torch.Generator, stats: UpdateStats,
+                     totals: dict[str, float], norms: list[float], anchor: forward.ForwardSamples | None,
+                     anchor_values: list[float]) -> dict[str, float]:
+        """One pass over the stored rows, reshuffled into accumulation groups (an optimizer step each, each with its
+        share of the ``anchor`` rows); adds to ``stats``, ``totals``, ``norms`` and ``anchor_values``, and returns the
+        pass's clip fraction and largest |ratio - 1|."""
+        t, (world, _) = self.cfg.train, distributed.world_size_and_rank()
+        n_live_all, passes, last = int(live.sum()), t.updates_per_rollout, {"ratio_max_dev": 0.0, "clip_fraction": 0.0}
         order = selection.live_order(live.cpu(), size, generator)  # [size]
         groups = selection.accumulation_groups(order, t.accumulate, t.accumulate_size, n_samples, world)
         group_live = distributed.sum_over_ranks([float(live[g].sum()) for g in groups])  # per group, all ranks
-        stats.transitions = int(sum(group_live))  # trained, over all ranks
-        stats.dropped_transitions = len(tr) * world - stats.transitions
-        per_root = max(1, int(len(tr) // (n_roots or n_samples)))  # N-bar: stored transitions per chain or tree
-        totals: dict[str, float] = {}
-        norms, anchor_values = [], []
+        stats.transitions += int(sum(group_live))  # trained, over all ranks (and passes)
         for group, n_live, anchor_rows in zip(groups, group_live, forward.anchor_shares(anchor, len(groups))):
             if n_live == 0:  # on every rank: nothing to train in this group
                 continue
@@ -229,19 +233,13 @@ class GRPOTrainer:
                 dev = part.pop("ratio_dev", None)
                 if dev is not None and stats.updates == 0 and stats.skipped_steps == 0 and not totals:
                     stats.first_ratio_max_dev = dev
+                last["ratio_max_dev"] = max(last["ratio_max_dev"], dev if dev is not None else 0.0)
+                last["clip_fraction"] += part.get("clip_fraction", 0.0) * n / max(n_live_all, 1)  # 0 live rows: n = 0
                 for k, v in part.items():
-                    totals[k] = totals.get(k, 0.0) + v * n / int(live.sum())
+                    totals[k] = totals.get(k, 0.0) + v * n / (n_live_all * passes)
             norm = self._optimizer_step(sum(part.get("loss", 0.0) for _, part in parts), stats)
             norms += [] if norm is None else [norm]
-        if stats.updates:
-            self._ema_update(per_rollout=True)
-        stats.grad_norm = sum(norms) / len(norms) if norms else float("nan")
-        totals["tail_anchor"] = sum(anchor_values) / len(anchor_values) if anchor_values else 0.0  # mean over groups
-        keys = ("loss", "clip_fraction", "approx_kl", "kl", "tail_anchor")
-        means = distributed.weighted_mean_over_ranks([totals.get(k, 0.0) for k in keys], float(live.sum()))
-        stats.loss, stats.clip_fraction, stats.approx_kl, stats.kl, stats.tail_anchor = means  # over every rank's rows
-        stats.first_ratio_max_dev = distributed.max_over_ranks(stats.first_ratio_max_dev)
-        return stats
+        return last
 
     def _optimizer_step(self, group_loss: float, stats: UpdateStats) -> float | None:
         """Clip and step once an accumulation group's gradients are in; returns the gradient norm. None: the loss or
