@@ -71,11 +71,15 @@ def child_values(per_node: torch.Tensor, nodes_per_depth, tr) -> torch.Tensor:
 def observe(trainer: GRPOTrainer, advantages=None) -> dict:
     """Record the next step's rollout, rewards, transitions and advantages; ``advantages(tr)`` replaces them."""
     seen: dict = {}
-    score, update = trainer.score, trainer.update
+    roll, score, update = trainer._rollout, trainer.score, trainer.update
 
-    def spy_score(ro, *args):
-        raw = score(ro, *args)
-        seen.update(rollout=ro, raw=raw.clone())
+    def spy_rollout(*args):
+        seen.update(rollout=roll(*args))
+        return seen["rollout"]
+
+    def spy_score(*args):
+        raw = score(*args)
+        seen.update(raw=raw.clone())  # the last call is the leaves' (an adaptive tree scores x0 predictions first)
         return raw
 
     def spy_update(tr, adv, n_samples, generator, **kwargs):
@@ -84,7 +88,7 @@ def observe(trainer: GRPOTrainer, advantages=None) -> dict:
                     params_before=[p.detach().clone() for p in trainer.params])
         return update(tr, adv, n_samples, generator, **kwargs)
 
-    trainer.score, trainer.update = spy_score, spy_update
+    trainer._rollout, trainer.score, trainer.update = spy_rollout, spy_score, spy_update
     return seen
 
 
