@@ -116,6 +116,23 @@ def test_the_shipped_counts_of_flux1_dev_recount_exactly_on_the_meta_device():
     assert flux.lora_dims == lora_dims(model)
 
 
+def test_the_shipped_counts_of_wan2_2_ti2v_5b_recount_on_the_meta_device_and_match_the_published_5b():
+    cls_name, config = family_configs()["wan2.2-ti2v-5b"]["transformer"]
+    model = meta_model(cls_name, config)
+    wan = shipped_sizes()["wan2.2-ti2v-5b"]
+    assert wan.params == count(model) == 4_999_787_712  # Wan-AI/Wan2.2-TI2V-5B: "5B"
+    assert [u.params for u in wan.units] == [count(b) for b in model.blocks]
+    assert wan.lora_dims == lora_dims(model) and wan.patch == 32  # VAE 16x, patch 2
+
+
+def test_z_image_is_the_default_family_of_its_policy_and_recounts_6_15b_on_the_meta_device():
+    cls_name, config = family_configs()["z-image"]["transformer"]
+    assert shipped_sizes()["z-image"].params == count(meta_model(cls_name, config)) == 6_154_908_736  # published: 6B
+    from flowgrove.config.load import load_config
+
+    assert memory.predict_config(load_config(None, ["policy.name=z_image"])).family == "z-image"
+
+
 def _flux_lora(*extra: str):
     from flowgrove.config.load import load_config
 
@@ -146,7 +163,7 @@ def test_memory_json_and_table_on_the_command_line(capsys):
     assert cli.main(["memory", "--table"]) == 0
     table = capsys.readouterr().out
     for title in ("FLUX.1-dev", "SD3.5-Medium", "SD3.5-Large", "Qwen-Image", "Wan 2.1 1.3B", "Wan 2.1 14B",
-                  "HunyuanVideo", "SDXL"):
+                  "HunyuanVideo", "SDXL", "Wan 2.2 TI2V-5B", "Z-Image"):
         assert f"| {title} | LoRA r32 | 1 |" in table and f"| {title} | full | 8 |" in table
 
 

@@ -52,6 +52,12 @@ def _hunyuan_inputs(c: dict, side: int, text: int, dtype: torch.dtype) -> dict:
             "pooled_projections": torch.randn(1, c.get("pooled_projection_dim", 768), dtype=dtype)}
 
 
+def _z_image_inputs(c: dict, side: int, text: int, dtype: torch.dtype) -> dict:
+    p = c.get("all_patch_size", (2,))[0]
+    return {"x": [torch.randn(c.get("in_channels", 16), 1, p * side, p * side, dtype=dtype)],  # one [C, F, H, W]
+            "t": torch.tensor([0.5]), "cap_feats": [torch.randn(text, c.get("cap_feat_dim", 2560), dtype=dtype)]}
+
+
 def _unet_inputs(c: dict, side: int, text: int, dtype: torch.dtype) -> dict:
     time_dim = 6 * c["addition_time_embed_dim"]
     return {"sample": torch.randn(1, c.get("in_channels", 4), side, side, dtype=dtype), "timestep": torch.tensor([500]),
@@ -65,6 +71,7 @@ INPUTS: dict[str, Callable[[dict, int, int, torch.dtype], dict]] = {
     "FluxTransformer2DModel": _flux_inputs, "SD3Transformer2DModel": _sd3_inputs,
     "QwenImageTransformer2DModel": _qwen_inputs, "WanTransformer3DModel": _wan_inputs,
     "HunyuanVideoTransformer3DModel": _hunyuan_inputs, "UNet2DConditionModel": _unet_inputs,
+    "ZImageTransformer2DModel": _z_image_inputs,
 }
 JOINT_TEXT = {"FluxTransformer2DModel", "SD3Transformer2DModel", "QwenImageTransformer2DModel",
-              "HunyuanVideoTransformer3DModel"}  # text tokens run through the blocks with the image's
+              "HunyuanVideoTransformer3DModel", "ZImageTransformer2DModel"}  # text tokens run through the blocks with the image's

@@ -9,7 +9,7 @@ activation bytes, from the diffusers configs in ``flowgrove/assets/memory_famili
   line ``a + b * tokens`` goes through the two counts per group of blocks and outside them.
 - VAE decode: peak live tensor bytes (:class:`LiveBytes`) of one decode at two latent sizes, by output pixels.
 
-Measuring the eight families takes minutes, so ``scripts/memory_sizes.py`` writes the results once into
+Measuring the shipped families takes minutes, so ``scripts/memory_sizes.py`` writes the results once into
 ``flowgrove/assets/memory_sizes.json``, which ``flowgrove memory`` reads (:func:`shipped_sizes`); a test recounts one.
 """
 

@@ -23,7 +23,7 @@ from flowgrove.parallel.engine import choose_kind
 from flowgrove.policies.base import policy_factory
 
 DEFAULT_FAMILY = {"flux1": "flux1-dev", "sd3": "sd3.5-medium", "qwen_image": "qwen-image", "wan": "wan2.1-14b",
-                  "hunyuan_video": "hunyuan-video", "sdxl": "sdxl"}  # policy.name -> the family --model defaults to
+                  "hunyuan_video": "hunyuan-video", "sdxl": "sdxl", "z_image": "z-image"}  # policy.name -> the family --model defaults to
 CARDS = (24, 48, 80, 141)  # GiB per GPU of the --table's columns
 REWARD_MODELS = {"hpsv2": "clip-h", "pickscore": "clip-h", "clipscore": "clip-l", "aesthetic": "clip-l"}
 
