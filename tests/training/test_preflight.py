@@ -202,3 +202,35 @@ def test_the_torchvision_fallback_warning_is_dropped_and_nothing_else(caplog):
         logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`")
         logger.warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+@pytest.mark.parametrize(("policy", "pipeline"), [("flux_kontext", "FluxKontextPipeline"),
+                                                  ("qwen_image_edit", "QwenImageEditPipeline"),
+                                                  ("wan", "WanImageToVideoPipeline"),
+                                                  ("wan", "SkyReelsV2ImageToVideoPipeline")])
+def test_a_folder_that_needs_input_images_refuses_prompts_without_them_first(tmp_path, capsys, nothing_loads, policy,
+                                                                            pipeline):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(f'{{"_class_name": "{pipeline}"}}')
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "red.png")
+    (tmp_path / "mixed.jsonl").write_text('{"prompt": "make it red", "image": "red.png"}\n{"prompt": "a dog"}\n')
+    base = ["train", "--out", str(tmp_path / "run"), *QUIET, f"policy.name={policy}", f"policy.path={folder}",
+            "policy.lora_rank=4", "rewards={brightness: 1.0}"]
+    for extra, words in (([], ["data.train", "default prompts have none", ".jsonl"]),
+                         ([f"data.train={tmp_path / 'mixed.jsonl'}"], ["data.train", "prompt 2", "'a dog'", "no input image"])):
+        rc = cli.main([*base, *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "Loaded" not in err, err
+        assert all(w in err for w in words), (words, err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_text_to_video_wan_folder_needs_no_input_images(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    cfg = load_config(None, ["policy.name=wan", f"policy.path={folder}", "policy.lora_rank=4"], method="dancegrpo")
+    assert preflight(cfg).train is None  # the default prompts serve

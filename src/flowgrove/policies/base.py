@@ -130,6 +130,15 @@ class LocalFolder:
     family: str  # the policy name (``flux1``)
     folder: str  # what the folder holds (``FLUX.1``)
     download: str  # how to get it: the text after "Download it first, e.g. "
+    input_images: str = ""  # folders whose prompts need an input image: "*" every one, else a substring of the
+    # pipeline's ``_class_name`` in model_index.json (``ImageToVideo``); "" none
+
+    def needs_input_images(self, path: str | Path) -> bool:
+        """Whether the folder at ``path`` (already :meth:`check`-ed) edits or animates an input image per prompt."""
+        if self.input_images in ("", "*"):
+            return self.input_images == "*"
+        index = json.loads((Path(path) / "model_index.json").read_text())
+        return self.input_images in str(index.get("_class_name", ""))
 
     def check(self, path: str | Path) -> None:
         """``FileNotFoundError`` naming ``policy.path`` and the download when ``path`` holds no ``model_index.json``."""
@@ -188,6 +197,12 @@ def check_policy_folder(name: str, path: str | Path) -> None:
     policy_factory(name)  # an unknown name: the registry's error
     if name in _FOLDERS:
         _FOLDERS[name].check(path)
+
+
+def needs_input_images(name: str, path: str | Path) -> bool:
+    """Whether policy ``name``'s folder at ``path`` conditions on an input image per prompt (edit models,
+    image-to-video); loads nothing. Call after :func:`check_policy_folder`."""
+    return name in _FOLDERS and _FOLDERS[name].needs_input_images(path)
 
 
 def policy_names() -> list[str]:

@@ -59,7 +59,7 @@ class FluxKontextPolicy(Flux1Policy):
 
 KONTEXT_FOLDER = LocalFolder("flux_kontext", "FLUX.1 Kontext", "`hf download black-forest-labs/FLUX.1-Kontext-dev "
                              "--local-dir /models/FLUX.1-Kontext-dev` (accept the licence on huggingface.co and log "
-                             "in first)")
+                             "in first)", input_images="*")
 
 
 @register_policy("flux_kontext", KONTEXT_FOLDER)

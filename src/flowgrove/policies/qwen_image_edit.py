@@ -105,7 +105,7 @@ class QwenImageEditPolicy(QwenImagePolicy):
 
 
 QWEN_EDIT_FOLDER = LocalFolder("qwen_image_edit", "Qwen-Image-Edit",
-                               "`hf download Qwen/Qwen-Image-Edit --local-dir /models/Qwen-Image-Edit`")
+                               "`hf download Qwen/Qwen-Image-Edit --local-dir /models/Qwen-Image-Edit`", input_images="*")
 
 
 @register_policy("qwen_image_edit", QWEN_EDIT_FOLDER)

@@ -9,7 +9,7 @@ and reads the prompt files. The recipes call it before they claim a run folder, 
 from __future__ import annotations
 
 from flowgrove.config.schema import Config
-from flowgrove.policies.base import check_policy_folder
+from flowgrove.policies.base import check_policy_folder, needs_input_images
 from flowgrove.rewards.base import check_reward_options
 from flowgrove.training.prepare import check_policy_options
 from flowgrove.training.prompts import PromptFiles, read_prompt_files
@@ -27,4 +27,21 @@ def preflight(cfg: Config) -> PromptFiles:
     used = [n for n, w in cfg.rewards.items() if float(w) != 0] + [str(n) for n in cfg.eval.judges]
     for name in used:
         check_reward_options(name, cfg.reward_options.get(name, {}))
-    return read_prompt_files(cfg)
+    files = read_prompt_files(cfg)
+    if needs_input_images(cfg.policy.name, cfg.policy.path):
+        check_input_images(cfg, files)
+    return files
+
+
+def check_input_images(cfg: Config, files: PromptFiles) -> None:
+    """An edit or image-to-video folder conditions every prompt on an input image: ``data.train`` must be given and
+    every row of it (and of ``data.test``) must name one (``ValueError``: the key, the row and the fix)."""
+    fix = 'give it as a .jsonl ({"prompt": "...", "image": "input.png"}) or a .csv with an image column'
+    if files.train is None and files.cache is None:
+        raise ValueError(f"data.train: policy {cfg.policy.name} at {cfg.policy.path} conditions every prompt on an "
+                         f"input image, and the default prompts have none; {fix}")
+    for key, rows in (("data.train", files.train), ("data.test", files.test)):
+        for i, row in enumerate(rows or []):
+            if not getattr(row, "metadata", {}).get("image"):
+                raise ValueError(f"{key}: prompt {i + 1} ({str(row)[:80]!r}) has no input image, which policy "
+                                 f"{cfg.policy.name} at {cfg.policy.path} conditions on; {fix}")
