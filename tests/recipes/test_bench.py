@@ -44,6 +44,23 @@ def test_summary_over_seeds_by_hand_pairs_each_seed_with_the_references_same_see
     assert reach == {"mean": pytest.approx(4 / 3), "ci95": None, "n": 1, "reached": "1/2"}
     ref = summarize_bench(runs, "ref")["ref"]
     assert ref["time_ratio"]["mean"] == 1.0 and ref["seconds_to_reference_reward"]["reached"] == "2/2"
+    assert m["rollout_share"]["mean"] is None  # not timed in these records
+
+
+def test_phase_shares_are_each_phase_over_the_step_seconds_summed():
+    run = _run("m", 0, 5.0, [(0, 0.5), (10, 0.6), (20, 0.7)], (0.2, 0.5))
+    run.step_seconds = [5.0, 5.0, 10.0, 0.0]
+    run.phase_seconds = {"rollout": [3.0, 3.0, 6.0, 0.0], "reward": [1.0, 0.5, 1.0, 0.0], "update": [1.0, 1.5, 3.0, 0.0]}
+    s = summarize_bench({"m": [run]}, "m")["m"]["per_seed"][0]
+    # summed, not a mean of per-step ratios: 12 / 20, 2.5 / 20, 5.5 / 20
+    assert (s["rollout_share"], s["reward_share"], s["update_share"]) == pytest.approx((0.6, 0.125, 0.275))
+
+
+def test_summary_rejects_unpaired_seeds():
+    runs = {"ref": [_run("ref", 10, 5.0, [(0, 0.5), (10, 0.6), (20, 0.7)], (0.2, 0.5)),
+                    _run("ref", 11, 10.0, [(0, 0.5), (20, 0.8), (40, 0.9)], (0.2, 0.5))],
+            "m": [_run("m", 10, 1.0, [(0, 0.5), (2, 0.8), (4, 0.6)], (0.2, 0.1)),
+                  _run("m", 11, 2.0, [(0, 0.5), (4, 0.6), (8, 0.4)], (0.2, 0.3))]}
     with pytest.raises(ValueError, match="seed 11 compared with the reference's seed 10"):
         summarize_bench({"ref": runs["ref"], "m": runs["m"][::-1]}, "ref")
 
@@ -82,6 +99,9 @@ def test_tiny_bench_writes_the_fields_the_table_and_the_plot(two_seeds):
         for key in ("time_ratio", "gain", "judge_gain", "seconds_to_reference_reward", "best", "final"):
             assert set(m[key]) >= {"mean", "ci95"} and m[key]["n"] <= 2, (name, key)
         assert m["seconds_to_reference_reward"]["reached"].endswith("/2")
+        for s in m["per_seed"]:  # the trainer's step seconds are its rollout, reward and update seconds
+            assert s["rollout_share"] + s["reward_share"] + s["update_share"] == pytest.approx(1.0)
+            assert 0 < s["rollout_share"] < 1 and 0 < s["update_share"] < 1
         assert [s["train_seed"] for s in m["per_seed"]] == [0, 1]
         assert [[p["step"] for p in s["curve"]] for s in m["per_seed"]] == [[0, 1, 2]] * 2
         for s in m["per_seed"]:
@@ -90,6 +110,7 @@ def test_tiny_bench_writes_the_fields_the_table_and_the_plot(two_seeds):
     assert data["methods"]["dancegrpo"]["time_ratio"]["mean"] == 1.0
     table = (two_seeds / "bench.md").read_text()
     assert "| dancegrpo |" in table and "| mixgrpo |" in table and "Worse than dancegrpo" in table
+    assert "rollout / reward / update share |" in table
     assert (two_seeds / "reward_vs_seconds.png").stat().st_size > 1000
 
 

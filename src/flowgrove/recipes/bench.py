@@ -21,7 +21,7 @@ import torch
 
 from flowgrove.config.load import Config, load_config
 from flowgrove.parallel import distributed
-from flowgrove.recipes.bench_report import EvalPoint, SeedRun, bands, format_markdown, summarize_bench
+from flowgrove.recipes.bench_report import PHASES, EvalPoint, SeedRun, bands, format_markdown, summarize_bench
 from flowgrove.rewards import build_reward
 from flowgrove.rewards.base import RewardFn
 from flowgrove.runs.metrics import plot_reward_bands
@@ -139,6 +139,8 @@ class SeedBench:
                 self.runs[m].step_seconds.append(metrics["seconds_step"])
                 self.runs[m].nfe_old.append(metrics["nfe_old"])
                 self.runs[m].nfe_new.append(metrics["nfe_new"])
+                for phase in PHASES:
+                    self.runs[m].phase_seconds.setdefault(phase, []).append(metrics[f"seconds_{phase}"])
             if step + 1 in at:
                 for m in methods:
                     self.evaluate(m)

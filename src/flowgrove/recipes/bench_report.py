@@ -8,6 +8,8 @@ Per seed ``s`` (every method trained with ``train.seed = base + s``, so the meth
   rewards and weights (so every method is measured on the same scale; ``own_gain`` uses the method's own);
 - ``judge_gain`` = mean over the judges (rewards no method trains on) of final - before; None without judges;
 - ``best`` / ``final``: the highest held-out reward over the evaluation points after step 0, and the last;
+- ``rollout_share`` / ``reward_share`` / ``update_share``: the share of the method's step seconds (summed over the
+  steps) spent sampling the rollout, scoring it, and in the policy update (they add up to 1);
 - ``seconds_to_reference_reward``: training seconds (step seconds summed, evaluations excluded) at which the
   held-out reward first reaches the reference's final held-out reward of the same seed, linearly interpolated
   between the last evaluation point below and the first at or above it; None if it never does (``reached: k/N``).
@@ -26,7 +28,8 @@ from flowgrove.evaluation.seeds import first_reach, summarize
 from flowgrove.runs.metrics import Band
 
 SUMMARISED = ("time_ratio", "gain", "judge_gain", "seconds_to_reference_reward", "best", "final", "before", "own_gain",
-              "seconds_per_step", "nfe_old", "nfe_new")
+              "seconds_per_step", "nfe_old", "nfe_new", "rollout_share", "reward_share", "update_share")
+PHASES = ("rollout", "reward", "update")  # a step's parts, as the trainer times them (metrics ``seconds_<phase>``)
 PAIRED = ("gain", "judge_gain", "final")  # summarised also as differences to the reference in the same seed
 
 
@@ -51,6 +54,14 @@ class SeedRun:
     nfe_old: list[float] = field(default_factory=list)
     nfe_new: list[float] = field(default_factory=list)
     curve: list[EvalPoint] = field(default_factory=list)
+    phase_seconds: dict[str, list[float]] = field(default_factory=dict)  # phase -> its seconds per step
+
+
+def phase_shares(run: SeedRun) -> dict[str, float | None]:
+    """``<phase>_share``: the phase's seconds summed over the steps / the step seconds summed; None if not timed."""
+    total = sum(run.step_seconds)
+    return {f"{p}_share": sum(run.phase_seconds[p]) / total if run.phase_seconds.get(p) and total > 0 else None
+            for p in PHASES}
 
 
 def judge_gain(run: SeedRun) -> float | None:
@@ -72,7 +83,7 @@ def seed_values(run: SeedRun, ref: SeedRun) -> dict:
         "nfe_old": statistics.fmean(run.nfe_old), "nfe_new": statistics.fmean(run.nfe_new),
         "before": first.reward, "final": last.reward, "best": max(p.reward for p in run.curve[1:]),
         "gain": last.reward - first.reward, "own_gain": last.own_reward - first.own_reward,
-        "judge_gain": judge_gain(run),
+        "judge_gain": judge_gain(run), **phase_shares(run),
         "reference_final": ref.curve[-1].reward,
         "seconds_to_reference_reward": first_reach([p.seconds for p in run.curve], [p.reward for p in run.curve],
                                                    ref.curve[-1].reward),
@@ -155,11 +166,12 @@ def format_markdown(summary: dict) -> str:
              (f"Held-out reward = the reference's trained rewards and weights ({summary['reward_weights']}); judges: "
               f"{judges}. Mean ± 95 % CI (t) over seeds (train.seed {summary['train_seeds']})."), "",
              (f"| method | NFE old / new | s/iter (median) | time vs {ref} | gain | judge gain | best | final | "
-              f"s to {ref} final | reached |"), "|" + "---|" * 10]
+              f"s to {ref} final | reached | rollout / reward / update share |"), "|" + "---|" * 11]
     for m, s in methods.items():
         reach = s["seconds_to_reference_reward"]
         lines.append(f"| {m} | {s['nfe_old']['mean']:.2f} / {s['nfe_new']['mean']:.2f} | "
                      f"{_pm(s['seconds_per_step'], '{:.3f}')} | {_pm(s['time_ratio'], '{:.2f}', 'x')} | "
                      f"{_pm(s['gain'])} | {_pm(s['judge_gain'])} | {_pm(s['best'], '{:.4f}')} | "
-                     f"{_pm(s['final'], '{:.4f}')} | {_pm(reach, '{:.1f}', ' s')} | {reach['reached']} |")
+                     f"{_pm(s['final'], '{:.4f}')} | {_pm(reach, '{:.1f}', ' s')} | {reach['reached']} | "
+                     f"{' / '.join(_pm(s[p + '_share'], '{:.2f}') for p in PHASES)} |")
     return "\n".join([*lines, "", worse_line(methods, ref, n), ""])
