@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flowgrove import cli
-from flowgrove.bench.memory import GIB, MemoryPlan, predict
+from flowgrove.bench.memory import GIB, MemoryPlan, lora_params, predict
 from flowgrove.bench.memory_inputs import INPUTS
 from flowgrove.bench.memory_sizes import (LiveBytes, add_lora, count, diffusers_class, family_configs,
                                           lora_dims, measured_lines, meta_model, model_sizes, saved_by_unit,
@@ -27,6 +27,9 @@ TINY = {
     "flux": ("FluxTransformer2DModel", {"patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 2,
                                         "attention_head_dim": 16, "num_attention_heads": 4, "joint_attention_dim": 32,
                                         "pooled_projection_dim": 16, "axes_dims_rope": [4, 6, 6]}, 16, 0),
+    "flux2": ("Flux2Transformer2DModel", {"patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 2,
+                                          "attention_head_dim": 16, "num_attention_heads": 4, "joint_attention_dim": 32,
+                                          "timestep_guidance_channels": 32, "axes_dims_rope": [4, 4, 4, 4]}, 16, 0),
     "sd3": ("SD3Transformer2DModel", {"sample_size": 32, "patch_size": 2, "in_channels": 4, "num_layers": 3,
                                       "attention_head_dim": 16, "num_attention_heads": 4, "joint_attention_dim": 32,
                                       "caption_projection_dim": 64, "pooled_projection_dim": 16, "out_channels": 4,
@@ -133,6 +136,80 @@ def test_z_image_is_the_default_family_of_its_policy_and_recounts_6_15b_on_the_m
     assert memory.predict_config(load_config(None, ["policy.name=z_image"])).family == "z-image"
 
 
+def test_the_shipped_counts_of_flux2_dev_recount_on_the_meta_device_and_match_the_published_32b_and_24b():
+    from flowgrove.bench.memory_sizes import text_encoder_params
+
+    family = family_configs()["flux2-dev"]
+    model = meta_model(*family["transformer"])
+    flux2 = shipped_sizes()["flux2-dev"]
+    assert flux2.params == count(model) == 32_223_281_152  # black-forest-labs/FLUX.2-dev: "32B"
+    assert [u.params for u in flux2.units] == [count(b) for b in (*model.transformer_blocks,
+                                                                  *model.single_transformer_blocks)]
+    assert flux2.lora_dims == lora_dims(model) and flux2.patch == 16 and flux2.joint_text
+    # Mistral-Small-3.1-24B with its (loaded, unused for text) Pixtral vision tower: "24B"
+    assert flux2.text_encoder_params == text_encoder_params(family["text_encoders"]) == 24_011_361_280
+    assert 3.8e9 < shipped_sizes()["flux2-klein-4b"].params < 4.0e9  # FLUX.2 [klein] 4B
+
+
+def test_an_input_image_doubles_the_image_tokens_of_an_edit_model_and_changes_nothing_else():
+    """FLUX.1 Kontext is FLUX.1-dev's transformer with the input image's 4096 tokens (1024^2) after the output's:
+    its activations are FLUX.1-dev's with 4096 more tokens in the sequence, every other line item is equal."""
+    kontext, flux = shipped_sizes()["flux1-kontext-dev"], shipped_sizes()["flux1-dev"]
+    assert (kontext.image_tokens, flux.image_tokens) == (1, 0)
+    assert kontext.tokens(1024, 1024, 1, 512) == 2 * 4096 + 512 and flux.tokens(1024, 1024, 1, 512) == 4096 + 512
+    plan = MemoryPlan(lora_rank=32, checkpointing=True, text_tokens=512)
+    edit, base = predict(kontext, plan).items, predict(flux, plan).items
+    assert edit["activations"] > 1.5 * base["activations"]
+    longer = predict(flux, replace(plan, text_tokens=512 + 4096)).items  # joint text: 4096 more tokens
+    for key in ("activations", "backward transient"):
+        assert edit[key] == pytest.approx(longer[key], rel=1e-9)
+    assert {k: v for k, v in edit.items() if k not in ("activations", "backward transient")} == pytest.approx(
+        {k: v for k, v in base.items() if k not in ("activations", "backward transient")}, rel=1e-9)
+    # Qwen-Image-Edit encodes the input at policy.options.image_area, not at the output's size
+    qie = shipped_sizes()["qwen-image-edit"]
+    assert qie.tokens(512, 512, 1, 2048, input_pixels=1024 * 1024) == 1024 + 4096 + 2048
+
+
+def test_wan2_2_a14b_high_keeps_the_second_expert_frozen_and_both_trains_its_adapters_too():
+    a14b = shipped_sizes()["wan2.2-a14b"]
+    one = replace(a14b, experts=1)  # the same transformer alone: Wan 2.1 14B's
+    assert a14b.experts == 2 and a14b.params == shipped_sizes()["wan2.1-14b"].params == 14_288_491_584
+    plan = MemoryPlan(lora_rank=32, checkpointing=True, height=480, width=832, frames=81)
+    high, single = predict(a14b, plan).items, predict(one, plan).items
+    both = predict(a14b, replace(plan, expert="both")).items
+    assert high["frozen weights"] - single["frozen weights"] == a14b.params * 2  # the idle expert in bf16
+    assert {k: v for k, v in high.items() if k != "frozen weights"} == {k: v for k, v in single.items()
+                                                                         if k != "frozen weights"}
+    adapter = lora_params(a14b, plan.lora_targets, 32)
+    assert both["trainable weights (float32)"] - high["trainable weights (float32)"] == adapter * 4
+    assert both["optimizer state"] - high["optimizer state"] == adapter * 8
+    assert both["gradients"] - high["gradients"] == adapter * 4
+    assert both["frozen weights"] == high["frozen weights"]  # two bf16 bases either way
+    # the expert with no row of the micro-batch runs one at weight 0: one more row of activations
+    assert both["activations"] == pytest.approx(predict(a14b, replace(plan, micro_batch=2)).items["activations"])
+    # policy.quantize quantises the trained module only: the idle expert stays bf16
+    int8 = replace(plan, quantize="int8")
+    assert (predict(a14b, int8).items["frozen weights"] - predict(one, int8).items["frozen weights"]
+            == a14b.params * 2)
+
+
+def test_expert_is_read_from_policy_options_and_refused_on_a_one_expert_model(tmp_path, capsys):
+    assert cli.main(["memory", "policy.name=wan", "policy.options.expert=both", "--model", "wan2.2-a14b",
+                     "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["expert"] == "both"
+    assert cli.main(["memory", "policy.name=wan", "policy.options.expert=both"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "policy.options.expert=both needs a two-expert model" in err and "--model wan2.2-a14b" in err
+    assert "\n" not in err
+    cls_name, config = family_configs()["wan2.2-a14b"]["transformer"]  # a folder as Wan2.2-T2V-A14B ships
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": 0.875}))
+    for sub in ("transformer", "transformer_2"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "config.json").write_text(json.dumps({"_class_name": cls_name, **config}))
+    assert cli.main(["memory", "policy.name=wan", f"policy.path={tmp_path}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] == "wan2.2-a14b"
+
+
 def _flux_lora(*extra: str):
     from flowgrove.config.load import load_config
 
@@ -162,8 +239,11 @@ def test_memory_json_and_table_on_the_command_line(capsys):
     assert out["family"] == "flux1-dev" and out["plan"]["lora_rank"] == 32 and out["gib"]["peak"] > 20
     assert cli.main(["memory", "--table"]) == 0
     table = capsys.readouterr().out
-    for title in ("FLUX.1-dev", "SD3.5-Medium", "SD3.5-Large", "Qwen-Image", "Wan 2.1 1.3B", "Wan 2.1 14B",
-                  "HunyuanVideo", "SDXL", "Wan 2.2 TI2V-5B", "Z-Image"):
+    titles = ("FLUX.1-dev", "SD3.5-Medium", "SD3.5-Large", "Qwen-Image", "Wan 2.1 1.3B", "Wan 2.1 14B", "HunyuanVideo",
+              "SDXL", "Wan 2.2 TI2V-5B", "Z-Image", "FLUX.2 [dev]", "FLUX.2 [klein] 4B", "FLUX.1 Kontext [dev]",
+              "Qwen-Image-Edit", "Wan 2.2 A14B")
+    assert sorted(titles) == sorted(f["title"] for f in family_configs().values())
+    for title in titles:
         assert f"| {title} | LoRA r32 | 1 |" in table and f"| {title} | full | 8 |" in table
 
 

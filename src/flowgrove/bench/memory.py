@@ -18,7 +18,10 @@ The run has two phases, and the peak is the larger:
 
 Bytes per parameter: frozen weights in the policy dtype (bf16: 2) or quantised (int8 / float8: 1, nf4: 0.5 plus one
 float32 absmax per 64 weights), only the ``nn.Linear`` weights being quantised; trainable weights float32 masters
-(4) with float32 gradients (4) and AdamW's two moments (8; 8-bit AdamW: 2). Not modeled: allocator fragmentation,
+(4) with float32 gradients (4) and AdamW's two moments (8; 8-bit AdamW: 2). A two-expert model (Wan 2.2 A14B)
+trains one expert with the other frozen whole in the policy dtype, or (``expert=both``) both, each with its own
+adapters and optimizer state. Edit models append the input image's latent tokens to the output's, so their
+sequence (activations, attention) is longer at equal size. Not modeled: allocator fragmentation,
 the CUDA context and NCCL buffers (about 1-3 GiB together) and the rollout's transient activations (inference
 mode keeps none). LoRA's activations are measured with the default targets (``to_q``, ``to_k``, ``to_v``,
 ``to_out.0``); other targets change them a little, and only their parameter count is exact.
@@ -79,11 +82,16 @@ class ModelSizes:
     patch: int  # latent pixels per token side (VAE scale x patch size): tokens = (H / patch) * (W / patch)
     frames_per_token: int  # video: 4 frames per latent frame (1 + (F - 1) / 4 latent frames); images: 0
     joint_text: bool  # text tokens run through the blocks with the image's (MM-DiT), not only cross-attended
+    image_tokens: int = 0  # edit models: input images whose latent tokens follow the output's in the sequence
+    experts: int = 1  # copies of the transformer in the folder (Wan 2.2 A14B: transformer and transformer_2)
 
-    def tokens(self, height: int, width: int, frames: int, text: int) -> int:
-        """Tokens of one sample through the blocks: latent patches (x latent frames for videos) plus joint text."""
+    def tokens(self, height: int, width: int, frames: int, text: int, input_pixels: int = 0) -> int:
+        """Tokens of one sample through the blocks: latent patches (x latent frames for videos), those of
+        ``image_tokens`` input images (each ``input_pixels`` in area; 0: the output's size) and joint text."""
         latent_frames = 1 + (frames - 1) // self.frames_per_token if self.frames_per_token else 1
-        return latent_frames * (height // self.patch) * (width // self.patch) + (text if self.joint_text else 0)
+        output = latent_frames * (height // self.patch) * (width // self.patch)
+        inputs = self.image_tokens * (input_pixels // self.patch**2 if input_pixels else output)
+        return output + inputs + (text if self.joint_text else 0)
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,8 @@ class MemoryPlan:
     width: int = 1024
     frames: int = 1
     text_tokens: int = 512
+    input_pixels: int = 0  # edit models: the input image's pixel area (0: the output's; qwen_image_edit's image_area)
+    expert: str = "high"  # two-expert models (policy.options.expert): high | low trains one, both trains both
     decode_batch: int = 1
     ema: bool = False  # a float32 EMA copy of the trainable weights
     reference: bool = False  # a float32 KL-reference copy of the trainable weights
@@ -135,17 +145,29 @@ def lora_params(sizes: ModelSizes, targets: tuple[str, ...], rank: int) -> int:
     return rank * sum(sizes.lora_dims.get(t, 0) for t in targets)
 
 
+def trained_experts(sizes: ModelSizes, plan: MemoryPlan) -> int:
+    """Copies of the transformer that train: both experts of a two-expert model under ``expert=both``, else one."""
+    return sizes.experts if plan.expert == "both" else 1
+
+
 def trainable_params(sizes: ModelSizes, plan: MemoryPlan) -> int:
-    """The parameters AdamW trains: the LoRA adapters, or the whole model."""
-    return lora_params(sizes, plan.lora_targets, plan.lora_rank) if plan.lora_rank else sizes.params
+    """The parameters AdamW trains: the LoRA adapters, or the whole model, of each trained expert."""
+    one = lora_params(sizes, plan.lora_targets, plan.lora_rank) if plan.lora_rank else sizes.params
+    return one * trained_experts(sizes, plan)
 
 
 def frozen_weight_bytes(sizes: ModelSizes, plan: MemoryPlan) -> float:
-    """The frozen base under LoRA: Linear weights quantised (``policy.quantize``), the rest in the policy dtype."""
+    """The frozen weights: under LoRA the trained experts' base (Linear weights quantised by ``policy.quantize``,
+    the rest in the policy dtype), and an untrained second expert whole in the policy dtype (``policy.quantize``
+    quantises the trained module only)."""
     dtype = DTYPE_BYTES[plan.dtype]
+    idle = (sizes.experts - trained_experts(sizes, plan)) * sizes.params * dtype
+    if not plan.lora_rank:
+        return idle
     if plan.quantize == "none":
-        return sizes.params * dtype
-    return sizes.linear_weights * QUANT_BYTES[plan.quantize] + (sizes.params - sizes.linear_weights) * dtype
+        return idle + trained_experts(sizes, plan) * sizes.params * dtype
+    base = sizes.linear_weights * QUANT_BYTES[plan.quantize] + (sizes.params - sizes.linear_weights) * dtype
+    return idle + trained_experts(sizes, plan) * base
 
 
 def shard(plan: MemoryPlan) -> int:
@@ -158,7 +180,7 @@ def state_bytes(sizes: ModelSizes, plan: MemoryPlan) -> dict[str, float]:
     trained = trainable_params(sizes, plan)
     on_gpu = 0.0 if plan.offload == "params" else 1.0
     optimizer_on_gpu = 0.0 if plan.offload in ("optimizer", "params") else 1.0
-    frozen = frozen_weight_bytes(sizes, plan) if plan.lora_rank else 0.0
+    frozen = frozen_weight_bytes(sizes, plan)
     per_gpu = trained * MASTER_BYTES / shard(plan)
     copies = (int(plan.ema) + int(plan.reference)) * per_gpu
     return {"frozen weights": frozen, "trainable weights (float32)": per_gpu * on_gpu,
@@ -182,10 +204,17 @@ def fsdp_buffer_bytes(sizes: ModelSizes, plan: MemoryPlan) -> float:
     return 2 * largest * DTYPE_BYTES[plan.dtype] + largest * MASTER_BYTES
 
 
-def rows_scale(plan: MemoryPlan) -> float:
-    """Samples through one training forward (x2 for a CFG branch's graph) times the compute dtype's size over the
-    measured bfloat16's."""
-    return plan.micro_batch * (2 if plan.cfg_graph else 1) * DTYPE_BYTES[plan.dtype] / ACT_DTYPE_BYTES
+def rows_scale(sizes: ModelSizes, plan: MemoryPlan) -> float:
+    """Samples through one training forward (x2 for a CFG branch's graph; +1 when both experts train: the expert
+    that got no row of the micro-batch runs one at weight 0, ``WanPolicy._expert_velocity``) times the compute
+    dtype's size over the measured bfloat16's."""
+    idle_row = 1 if trained_experts(sizes, plan) > 1 else 0
+    return (plan.micro_batch * (2 if plan.cfg_graph else 1) + idle_row) * DTYPE_BYTES[plan.dtype] / ACT_DTYPE_BYTES
+
+
+def plan_tokens(sizes: ModelSizes, plan: MemoryPlan) -> int:
+    """Tokens of one sample through the blocks under ``plan``'s sizes."""
+    return sizes.tokens(plan.height, plan.width, plan.frames, plan.text_tokens, plan.input_pixels)
 
 
 def saved_line(unit: UnitSizes, plan: MemoryPlan) -> Line:
@@ -195,23 +224,23 @@ def saved_line(unit: UnitSizes, plan: MemoryPlan) -> Line:
 
 def one_block_bytes(sizes: ModelSizes, plan: MemoryPlan) -> float:
     """Saved activations of the largest block for the forward's rows (what backward holds of a recomputed block)."""
-    n = sizes.tokens(plan.height, plan.width, plan.frames, plan.text_tokens)
-    return rows_scale(plan) * max(saved_line(u, plan)(n) for u in sizes.units)
+    n = plan_tokens(sizes, plan)
+    return rows_scale(sizes, plan) * max(saved_line(u, plan)(n) for u in sizes.units)
 
 
 def activation_bytes(sizes: ModelSizes, plan: MemoryPlan) -> float:
     """Saved activations of one training forward: every block's (or, checkpointed, every block's inputs plus the one
     block recomputed in backward) and the outside's, for the forward's rows; a full fine-tune outside FSDP2 adds
     autocast's compute-dtype copy of every weight (FSDP2 gathers the blocks in that dtype instead)."""
-    n = sizes.tokens(plan.height, plan.width, plan.frames, plan.text_tokens)
-    outside = rows_scale(plan) * (sizes.outside_lora if plan.lora_rank else sizes.outside)(n)
+    n, rows = plan_tokens(sizes, plan), rows_scale(sizes, plan)
+    outside = rows * (sizes.outside_lora if plan.lora_rank else sizes.outside)(n)
     casts = 0.0
     if not plan.lora_rank and plan.parallel != "fsdp" and plan.dtype != "float32":
-        casts = sizes.params * DTYPE_BYTES[plan.dtype]
+        casts = trained_experts(sizes, plan) * sizes.params * DTYPE_BYTES[plan.dtype]
     if plan.checkpointing:
-        blocks = rows_scale(plan) * sum(u.inputs(n) for u in sizes.units) + one_block_bytes(sizes, plan)
+        blocks = rows * sum(u.inputs(n) for u in sizes.units) + one_block_bytes(sizes, plan)
     else:
-        blocks = rows_scale(plan) * sum(saved_line(u, plan)(n) for u in sizes.units)
+        blocks = rows * sum(saved_line(u, plan)(n) for u in sizes.units)
     return blocks + outside + casts
 
 

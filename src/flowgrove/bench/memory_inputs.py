@@ -21,6 +21,18 @@ def _flux_inputs(c: dict, side: int, text: int, dtype: torch.dtype) -> dict:
             "guidance": torch.tensor([3.5]) if c.get("guidance_embeds") else None}
 
 
+def _flux2_inputs(c: dict, side: int, text: int, dtype: torch.dtype) -> dict:
+    n = side * side
+    ids = torch.zeros(n, 4, dtype=torch.long)  # (t, row, col, l) as Flux2Pipeline._prepare_latent_ids
+    ids[:, 1], ids[:, 2] = torch.arange(n).div(side, rounding_mode="floor"), torch.arange(n).remainder(side)
+    txt_ids = torch.zeros(text, 4, dtype=torch.long)
+    txt_ids[:, 3] = torch.arange(text)
+    return {"hidden_states": torch.randn(1, n, c.get("in_channels", 128), dtype=dtype),
+            "encoder_hidden_states": torch.randn(1, text, c.get("joint_attention_dim", 15360), dtype=dtype),
+            "timestep": torch.tensor([0.5]), "img_ids": ids, "txt_ids": txt_ids,
+            "guidance": torch.tensor([4.0]) if c.get("guidance_embeds", True) else None}
+
+
 def _sd3_inputs(c: dict, side: int, text: int, dtype: torch.dtype) -> dict:
     p = c.get("patch_size", 2)
     return {"hidden_states": torch.randn(1, c.get("in_channels", 16), p * side, p * side, dtype=dtype),
@@ -68,10 +80,12 @@ def _unet_inputs(c: dict, side: int, text: int, dtype: torch.dtype) -> dict:
 
 
 INPUTS: dict[str, Callable[[dict, int, int, torch.dtype], dict]] = {
-    "FluxTransformer2DModel": _flux_inputs, "SD3Transformer2DModel": _sd3_inputs,
+    "FluxTransformer2DModel": _flux_inputs, "Flux2Transformer2DModel": _flux2_inputs,
+    "SD3Transformer2DModel": _sd3_inputs,
     "QwenImageTransformer2DModel": _qwen_inputs, "WanTransformer3DModel": _wan_inputs,
     "HunyuanVideoTransformer3DModel": _hunyuan_inputs, "UNet2DConditionModel": _unet_inputs,
     "ZImageTransformer2DModel": _z_image_inputs,
 }
-JOINT_TEXT = {"FluxTransformer2DModel", "SD3Transformer2DModel", "QwenImageTransformer2DModel",
-              "HunyuanVideoTransformer3DModel", "ZImageTransformer2DModel"}  # text tokens run through the blocks with the image's
+JOINT_TEXT = {"FluxTransformer2DModel", "Flux2Transformer2DModel", "SD3Transformer2DModel",
+              "QwenImageTransformer2DModel", "HunyuanVideoTransformer3DModel",
+              "ZImageTransformer2DModel"}  # text tokens run through the blocks with the image's

@@ -34,6 +34,7 @@ from flowgrove.training.prepare import float32_masters
 
 FAMILIES_FILE = "memory_families.json"
 SIZES_FILE = "memory_sizes.json"
+IMAGE_VAES = ("AutoencoderKL", "AutoencoderKLFlux2")  # decode [B, C, h, w]; the others one latent frame [B, C, 1, h, w]
 MEASURE_SIDES = (4, 8)  # latent token grid sides of the two measured forwards (16 and 64 image tokens)
 
 
@@ -284,8 +285,9 @@ class LiveBytes(TorchDispatchMode):
 def vae_decode_line(cls_name: str, config: dict, dtype: torch.dtype = torch.bfloat16,
                     sides: tuple[int, int] = (4, 8)) -> Line:
     """Peak live bytes of one sample's VAE decode (weights excluded) by output pixels, from two latent sizes (one
-    latent frame for the video-shaped VAEs: Wan's, HunyuanVideo's and Qwen-Image's)."""
-    video = cls_name != "AutoencoderKL"
+    latent frame for the video-shaped VAEs: Wan's, HunyuanVideo's and Qwen-Image's; FLUX.1's, SD's and FLUX.2's decode
+    images)."""
+    video = cls_name not in IMAGE_VAES
     vae = build_random(diffusers_class(cls_name), config, torch.device("cpu"), dtype)
     channels = vae.config.latent_channels if hasattr(vae.config, "latent_channels") else vae.config.z_dim
     points = []
@@ -316,7 +318,8 @@ def family_sizes(name: str, family: dict) -> ModelSizes:
     sizes = model_sizes(name, cls_name, config, family["measure"], text, family["patch"], 4 if family["video"] else 0)
     vae_cls, vae_config = family["vae"]
     return replace(sizes, text_encoder_params=text_encoder_params(family["text_encoders"]),
-                   vae_params=count(meta_model(vae_cls, vae_config)), decode=vae_decode_line(vae_cls, vae_config))
+                   vae_params=count(meta_model(vae_cls, vae_config)), decode=vae_decode_line(vae_cls, vae_config),
+                   image_tokens=family.get("image_tokens", 0), experts=family.get("experts", 1))
 
 
 def sizes_to_json(sizes: ModelSizes) -> dict:

@@ -21,9 +21,12 @@ from flowgrove.config.schema import Config
 from flowgrove.messages import ConfigError, note
 from flowgrove.parallel.engine import choose_kind
 from flowgrove.policies.base import policy_factory
+from flowgrove.policies.wan_folder import check_expert
 
 DEFAULT_FAMILY = {"flux1": "flux1-dev", "sd3": "sd3.5-medium", "qwen_image": "qwen-image", "wan": "wan2.1-14b",
-                  "hunyuan_video": "hunyuan-video", "sdxl": "sdxl", "z_image": "z-image"}  # policy.name -> the family --model defaults to
+                  "hunyuan_video": "hunyuan-video", "sdxl": "sdxl", "z_image": "z-image", "flux2": "flux2-dev",
+                  "flux_kontext": "flux1-kontext-dev",
+                  "qwen_image_edit": "qwen-image-edit"}  # policy.name -> the family --model defaults to
 CARDS = (24, 48, 80, 141)  # GiB per GPU of the --table's columns
 REWARD_MODELS = {"hpsv2": "clip-h", "pickscore": "clip-h", "clipscore": "clip-l", "aesthetic": "clip-l"}
 
@@ -32,9 +35,14 @@ ARCHITECTURE_KEYS = ("num_layers", "num_single_layers", "num_attention_heads", "
                      "block_out_channels", "transformer_layers_per_block")  # what tells a family's sizes apart
 
 
+def expert_count(path: str) -> int:
+    """Transformers of the folder at ``path``: 2 with a ``transformer_2/`` (Wan 2.2 A14B), else 1."""
+    return 2 if path and (Path(path) / "transformer_2" / "config.json").is_file() else 1
+
+
 def family_of_folder(policy: str, path: str) -> str | None:
     """The shipped family of ``policy`` whose transformer (or UNet) config the folder's matches on the
-    architecture keys, or None (no folder, no readable config file, no match)."""
+    architecture keys and whose expert count it has, or None (no folder, no readable config file, no match)."""
     for sub in ("transformer", "unet"):
         config = Path(path) / sub / "config.json" if path else None
         if config is not None and config.is_file():
@@ -46,8 +54,8 @@ def family_of_folder(policy: str, path: str) -> str | None:
                 return None
             for name, family in family_configs().items():
                 shipped = family["transformer"][1]
-                if family["policy"] == policy and all(data.get(k) == shipped[k] for k in ARCHITECTURE_KEYS
-                                                      if k in shipped):
+                if (family["policy"] == policy and family.get("experts", 1) == expert_count(path)
+                        and all(data.get(k) == shipped[k] for k in ARCHITECTURE_KEYS if k in shipped)):
                     return name
     return None
 
@@ -96,6 +104,22 @@ def decode_rows(cfg: Config, gpus: int) -> int:
     return r.decode_batch or -(-r.prompts_per_step * r.group_size // gpus)
 
 
+def expert_of(options: dict, family: dict) -> str:
+    """``policy.options.expert`` (``high`` by default), checked against the family's experts.
+
+    Raises:
+        ConfigError: an unknown value, or ``low`` / ``both`` on a one-expert family.
+    """
+    expert = str(options.get("expert", "high"))
+    check_expert(expert, 2, Path(family["title"]))  # the value; the family's count below
+    if expert != "high" and family.get("experts", 1) == 1:
+        two = [name for name, f in family_configs().items() if f.get("experts", 1) == 2]
+        raise ConfigError(f"policy.options.expert={expert} needs a two-expert model, and {family['title']} has one "
+                          f"transformer; pass --model {' or '.join(two)} (or its folder as policy.path), or drop the "
+                          "option")
+    return expert
+
+
 def plan_of(cfg: Config, family: dict, gpus: int) -> MemoryPlan:
     """The memory-relevant settings of ``cfg`` on ``gpus`` GPUs."""
     options = policy_settings(cfg) if cfg.policy.name == family["policy"] else {}
@@ -110,6 +134,7 @@ def plan_of(cfg: Config, family: dict, gpus: int) -> MemoryPlan:
         cfg_graph=family["cfg"] and guidance > 1 and not options.get("detach_uncond", False),
         height=int(options.get("height", 1024)), width=int(options.get("width", 1024)),
         frames=int(options.get("num_frames", 1)) if family["video"] else 1, text_tokens=text,
+        input_pixels=int(options.get("image_area", 0)), expert=expert_of(options, family),
         decode_batch=decode_rows(cfg, gpus), ema=cfg.train.ema_decay > 0, reference=cfg.train.kl_beta > 0,
         text_encoders=not cfg.policy.offload_text_encoders, reward_params=reward_parameters(cfg))
 
