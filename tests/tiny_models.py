@@ -134,10 +134,11 @@ def tiny_hunyuan_video_pipeline():
                                 text_encoder_2=CLIPTextModel(tiny_clip_config()), tokenizer_2=tiny_tokenizers()[0])
 
 
-def tiny_qwen_image_parts(vocab_size: int, **token_ids: int) -> dict:
-    """diffusers ``tests/pipelines/qwenimage`` components of Qwen-Image and Qwen-Image-Edit: the transformer, the
-    VAE (scale 4), a Qwen2.5-VL text encoder of ``vocab_size`` tokens (``token_ids``: its vision token ids) and the
-    shipped scheduler settings (dynamic shifting)."""
+def tiny_qwen_image_parts(vocab_size: int, zero_cond_t: bool = False, **token_ids: int) -> dict:
+    """diffusers ``tests/pipelines/qwenimage`` components of Qwen-Image and Qwen-Image-Edit: the transformer
+    (``zero_cond_t``: Qwen-Image-Edit-2511's setting), the VAE (scale 4), a Qwen2.5-VL text encoder of
+    ``vocab_size`` tokens (``token_ids``: its vision token ids) and the shipped scheduler settings (dynamic
+    shifting)."""
     import torch
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -145,7 +146,7 @@ def tiny_qwen_image_parts(vocab_size: int, **token_ids: int) -> dict:
     torch.manual_seed(0)
     transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
                                               attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
-                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4), zero_cond_t=zero_cond_t)
     vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
                                  temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     config = Qwen2_5_VLConfig(

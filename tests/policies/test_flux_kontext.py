@@ -35,8 +35,9 @@ def save_tiny_kontext(path) -> None:
                         text_encoder_2=t5, tokenizer_2=t5_tok, transformer=_tiny_flux(True)).save_pretrained(str(path))
 
 
-def write_edit_prompts(folder, count: int = 2, side: int = SIDE):
-    """``count`` random RGB input images and a jsonl prompt file naming them relative to itself."""
+def write_edit_prompts(folder, count: int = 2, side: int = SIDE, per_row: int = 1):
+    """``count`` rows of ``per_row`` random square RGB input images each (the ``j``-th ``side + 32 j`` pixels wide)
+    and a jsonl prompt file naming them relative to itself (several: a list)."""
     import numpy as np
     from PIL import Image
 
@@ -44,8 +45,12 @@ def write_edit_prompts(folder, count: int = 2, side: int = SIDE):
     (folder / "inputs").mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(count):
-        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / "inputs" / f"{i}.png")
-        rows.append(json.dumps({"prompt": ["make it red", "a big dog instead"][i % 2], "image": f"inputs/{i}.png"}))
+        names = [f"inputs/{i}.png"] + [f"inputs/{i}_{j}.png" for j in range(1, per_row)]
+        for j, name in enumerate(names):
+            width = side + 32 * j
+            Image.fromarray(rng.integers(0, 256, (width, width, 3), dtype=np.uint8)).save(folder / name)
+        rows.append(json.dumps({"prompt": ["make it red", "a big dog instead"][i % 2],
+                                "image": names[0] if per_row == 1 else names}))
     (folder / "edits.jsonl").write_text("\n".join(rows) + "\n")
     return folder / "edits.jsonl"
 

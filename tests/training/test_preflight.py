@@ -228,6 +228,45 @@ def test_a_folder_that_needs_input_images_refuses_prompts_without_them_first(tmp
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(("pipeline", "rows", "words"), [
+    ("QwenImageEditPipeline", ['["red.png", "blue.png"]'], ["prompt 1", "has 2 input images", "takes one per prompt"]),
+    ("FluxKontextPipeline", ['"red.png"', '"red.png;blue.png"'], ["prompt 2", "has 2 input images", "one image per row"]),
+    ("QwenImageEditPlusPipeline", ['["red.png", "blue.png"]', '"red.png"'],
+     ["prompt 2", "has 1 input image and prompt 1 has 2", "the same number"]),
+])
+def test_the_number_of_input_images_per_row_is_checked_first(tmp_path, capsys, nothing_loads, pipeline, rows, words):
+    """One image per row unless the folder takes several (``QwenImageEditPlusPipeline``), and then one number for
+    every row of the file, as its rows' image tokens stack."""
+    from PIL import Image
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(f'{{"_class_name": "{pipeline}"}}')
+    for name in ("red.png", "blue.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "p.jsonl").write_text("".join(f'{{"prompt": "edit {i}", "image": {row}}}\n' for i, row in enumerate(rows)))
+    policy = "flux_kontext" if "Flux" in pipeline else "qwen_image_edit"
+    rc = cli.main(["train", "--out", str(tmp_path / "run"), *QUIET, f"policy.name={policy}", f"policy.path={folder}",
+                   "policy.lora_rank=4", "rewards={brightness: 1.0}", f"data.train={tmp_path / 'p.jsonl'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Loaded" not in err, err
+    assert all(w in err for w in ["data.train", *words]), (words, err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_plus_folder_takes_rows_of_several_images(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "QwenImageEditPlusPipeline"}')
+    Image.new("RGB", (8, 8)).save(tmp_path / "red.png")
+    (tmp_path / "p.csv").write_text("prompt,image\nmerge them,red.png;red.png\nagain,red.png;red.png\n")
+    cfg = load_config(None, ["policy.name=qwen_image_edit", f"policy.path={folder}", "policy.lora_rank=4",
+                             f"data.train={tmp_path / 'p.csv'}"], method="dancegrpo")
+    assert [len(row.metadata["images"]) for row in preflight(cfg).train] == [2, 2]
+
+
 def test_a_text_to_video_wan_folder_needs_no_input_images(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()

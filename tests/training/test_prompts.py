@@ -68,7 +68,24 @@ def test_input_images_are_paths_relative_to_the_prompt_file(tmp_path):
     assert read_prompts(tmp_path / "data" / "p.jsonl")[0].metadata["tag"] == "x"
 
 
+def test_several_input_images_are_a_jsonl_list_or_a_semicolon_separated_csv_cell(tmp_path):
+    """Qwen-Image-Edit-2509 rows: ``metadata["images"]`` holds every path in order, ``metadata["image"]`` the first
+    (the one ``clip_direction`` compares with); a one-image row has both too."""
+    cat, hat = _write_png(tmp_path / "in" / "cat.png"), _write_png(tmp_path / "in" / "hat.png")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "put the hat on the cat", "image": ["in/cat.png", "in/hat.png"]}\n'
+                                      '{"prompt": "one", "image": "in/cat.png"}\n')
+    (tmp_path / "p.csv").write_text("prompt,image\nput the hat on the cat,in/cat.png; in/hat.png\none,in/cat.png\n")
+    for name in ("p.jsonl", "p.csv"):
+        several, one = read_prompts(tmp_path / name)
+        assert several.metadata == {"image": str(cat.absolute()), "images": [str(cat.absolute()), str(hat.absolute())]}
+        assert one.metadata == {"image": str(cat.absolute()), "images": [str(cat.absolute())]}
+
+
 @pytest.mark.parametrize("row, words", [
+    ('{"prompt": "a", "image": ["ok.png", "gone.png"]}', ["p.jsonl:2", "'gone.png'", "does not exist"]),
+    ('{"prompt": "a", "image": []}', ["p.jsonl:2", '"image" []', "no path", "jsonl list"]),
+    ('{"prompt": "a", "image": "ok.png;"}', ["p.jsonl:2", "an empty path", '";"-separated']),
+    ('{"prompt": "a", "image": "ok.png", "images": ["x.png"]}', ["p.jsonl:2", '"images" is the name', '"image"']),
     ('{"prompt": "a", "image": "gone.png"}', ["p.jsonl:2", "'gone.png'", "does not exist"]),
     ('{"prompt": "a", "image": "notes.png"}', ["p.jsonl:2", "'notes.png'", "not a readable image"]),
     ('{"prompt": "a", "image": 3}', ["p.jsonl:2", '"image"', "relative to the prompt file"]),

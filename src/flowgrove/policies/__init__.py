@@ -5,7 +5,7 @@ Registered: ``digits`` (built-in tiny FLUX on 8x8 digits, shipped weights), ``nu
 two-digit numbers, shipped weights), ``flux1`` (a local diffusers FLUX.1 folder), ``flux_kontext`` (FLUX.1 Kontext,
 editing an input image), ``flux2`` (FLUX.2 [dev] and [klein]), ``sd3`` (SD3 / SD3.5 with classifier-free guidance),
 ``wan`` (Wan 2.1 / 2.2 text-to-video), ``qwen_image`` (Qwen-Image), ``qwen_image_edit`` (Qwen-Image-Edit, editing
-an input image), ``hunyuan_video`` (HunyuanVideo text-to-video, embedded guidance); ``sd15`` and ``sdxl`` (Stable
+an input image; -2509 / -2511, several), ``hunyuan_video`` (HunyuanVideo text-to-video, embedded guidance); ``sd15`` and ``sdxl`` (Stable
 Diffusion 1.x and XL, diffusion models on the DDIM step family); ``z_image`` (Z-Image and the distilled
 Z-Image-Turbo).
 Importing this package is light; diffusers and transformers load inside the factories.

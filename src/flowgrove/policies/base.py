@@ -29,8 +29,8 @@ class Conditioning:
     pooled: Tensor | None = None  # [B, P] pooled embedding (FLUX ``pooled_projections``); None if unused
     negative_prompt_embeds: Tensor | None = None  # [B, L, D] the negative prompt's tokens (CFG); None if unused
     negative_pooled: Tensor | None = None  # [B, P] the negative prompt's pooled embedding (CFG); None if unused
-    image_latents: Tensor | None = None  # [B, N, D] the input image's latent tokens (edit models; Wan image-to-video:
-    # its first-frame mask and latents [B, 4 + C, F', H', W']); None if unused
+    image_latents: Tensor | None = None  # [B, N, D] the input image's latent tokens (edit models; several images':
+    # one after another; Wan image-to-video: its first-frame mask and latents [B, 4 + C, F', H', W']); None if unused
     image_embeds: Tensor | None = None  # [B, N, D] an image encoder's states of the input image (Wan 2.1 I2V's CLIP)
 
     def __post_init__(self) -> None:
@@ -132,13 +132,22 @@ class LocalFolder:
     download: str  # how to get it: the text after "Download it first, e.g. "
     input_images: str = ""  # folders whose prompts need an input image: "*" every one, else a substring of the
     # pipeline's ``_class_name`` in model_index.json (``ImageToVideo``); "" none
+    several_images: str = ""  # of those, the folders whose prompts may give several input images: a substring of
+    # the pipeline's ``_class_name`` (``EditPlus``); "" none (one image per prompt)
+
+    def pipeline_class(self, path: str | Path) -> str:
+        """The ``_class_name`` of the folder's ``model_index.json`` (already :meth:`check`-ed)."""
+        return str(json.loads((Path(path) / "model_index.json").read_text()).get("_class_name", ""))
 
     def needs_input_images(self, path: str | Path) -> bool:
         """Whether the folder at ``path`` (already :meth:`check`-ed) edits or animates an input image per prompt."""
         if self.input_images in ("", "*"):
             return self.input_images == "*"
-        index = json.loads((Path(path) / "model_index.json").read_text())
-        return self.input_images in str(index.get("_class_name", ""))
+        return self.input_images in self.pipeline_class(path)
+
+    def takes_several_images(self, path: str | Path) -> bool:
+        """Whether a prompt may give the folder at ``path`` (already :meth:`check`-ed) several input images."""
+        return bool(self.several_images) and self.several_images in self.pipeline_class(path)
 
     def check(self, path: str | Path) -> None:
         """``FileNotFoundError`` naming ``policy.path`` and the download when ``path`` holds no ``model_index.json``."""
@@ -203,6 +212,12 @@ def needs_input_images(name: str, path: str | Path) -> bool:
     """Whether policy ``name``'s folder at ``path`` conditions on an input image per prompt (edit models,
     image-to-video); loads nothing. Call after :func:`check_policy_folder`."""
     return name in _FOLDERS and _FOLDERS[name].needs_input_images(path)
+
+
+def takes_several_images(name: str, path: str | Path) -> bool:
+    """Whether a prompt may give policy ``name``'s folder at ``path`` several input images (Qwen-Image-Edit-2509's
+    ``QwenImageEditPlusPipeline``), not one; loads nothing. Call after :func:`check_policy_folder`."""
+    return name in _FOLDERS and _FOLDERS[name].takes_several_images(path)
 
 
 def policy_names() -> list[str]:

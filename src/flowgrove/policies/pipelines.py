@@ -147,24 +147,59 @@ def load_local_pipeline(pipeline_cls: Any, path: str, spec: LocalFolder, *, dtyp
     return pipe
 
 
-def input_images(prompts: Sequence[str], family: str) -> list[Any]:
-    """The RGB input image of each prompt as a PIL image, from ``prompt.metadata["image"]`` (the absolute path that
-    ``flowgrove.training.prompts.read_prompts`` resolved and checked from the prompt file's ``image`` column).
+def input_image_paths(prompt: str, family: str) -> list[str]:
+    """The absolute paths of a prompt's input images, in order: ``prompt.metadata["images"]`` (what
+    ``flowgrove.training.prompts.read_prompts`` resolved and checked from the prompt file's ``image`` field), or
+    ``metadata["image"]`` alone (a row built in code, an older prompt cache).
 
     Raises:
         ValueError: a prompt without an input image (a plain string, or a row without ``image``).
     """
+    metadata = getattr(prompt, "metadata", {})
+    paths = metadata.get("images") or ([metadata["image"]] if metadata.get("image") else [])
+    if not paths:
+        raise ValueError(f"{family} edits an input image: prompt {str(prompt)!r} has none; give data.train as a "
+                         '.jsonl ({"prompt": "...", "image": "input.png"}) or .csv with an image column')
+    return list(paths)
+
+
+def _read_rgb(path: str) -> Any:
     from PIL import Image
 
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def input_images(prompts: Sequence[str], family: str) -> list[Any]:
+    """The RGB input image of each prompt as a PIL image (:func:`input_image_paths`), for a family that takes one.
+
+    Raises:
+        ValueError: a prompt without an input image, or with several.
+    """
     images = []
     for prompt in prompts:
-        path = getattr(prompt, "metadata", {}).get("image")
-        if not path:
-            raise ValueError(f"{family} edits an input image: prompt {str(prompt)!r} has none; give data.train as a "
-                             '.jsonl ({"prompt": "...", "image": "input.png"}) or .csv with an image column')
-        with Image.open(path) as image:
-            images.append(image.convert("RGB"))
+        paths = input_image_paths(prompt, family)
+        if len(paths) > 1:
+            raise ValueError(f"{family} takes one input image per prompt, but prompt {str(prompt)!r} has "
+                             f"{len(paths)}; give one image per row")
+        images.append(_read_rgb(paths[0]))
     return images
+
+
+def input_image_sets(prompts: Sequence[str], family: str) -> list[list[Any]]:
+    """Each prompt's RGB input images, in order, as PIL images (:func:`input_image_paths`), for a family that takes
+    several: every prompt gives the same number, as their tokens stack into one batch.
+
+    Raises:
+        ValueError: a prompt without an input image, or prompts with different numbers of them.
+    """
+    paths = [input_image_paths(prompt, family) for prompt in prompts]
+    for prompt, row in zip(prompts, paths):
+        if len(row) != len(paths[0]):
+            raise ValueError(f"{family} stacks prompts with one number of input images, but prompt "
+                             f"{str(prompts[0])!r} has {len(paths[0])} and {str(prompt)!r} {len(row)}; give every "
+                             "row of a prompt file the same number")
+    return [[_read_rgb(path) for path in row] for row in paths]
 
 
 def decode_wan_vae(vae: nn.Module, latents: Tensor) -> Tensor:

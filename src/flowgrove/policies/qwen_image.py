@@ -16,8 +16,9 @@ the velocity is the pipeline's true CFG against ``negative_prompt`` (encoded onc
 token's prediction to the norm of the conditional one.
 
 ``qwen_image_edit`` (``qwen_image_edit.py``) extends the policy: ``image_grid`` set, ``Conditioning.image_latents``
-(the input image's packed tokens) follow the latent's tokens with their own ``img_shapes`` entry, and
-``negative_prompt_embeds`` (the negative prompt encoded with each row's image) replace the shared negative.
+(the input images' packed tokens, ``image_grid`` each) follow the latent's tokens with an ``img_shapes`` entry per
+image, and ``negative_prompt_embeds`` (the negative prompt encoded with each row's images) replace the shared
+negative.
 """
 
 from __future__ import annotations
@@ -89,9 +90,9 @@ class QwenImagePolicy(PipelineExports):
         b, _, h, w = x.shape
         tokens = pack_latents(x)  # [B, HW/4, 4C]
         n, shapes = tokens.shape[1], [(1, h // 2, w // 2)]
-        if image is not None:  # the edit pipelines: the input image's tokens [B, N, 4C] follow, with their shape
+        if image is not None:  # the edit pipelines: the input images' tokens [B, k * N, 4C] follow, a shape each
             tokens = torch.cat([tokens, image.to(tokens.dtype)], dim=1)
-            shapes.append((1, *self.image_grid))
+            shapes += [(1, *self.image_grid)] * (image.shape[1] // (self.image_grid[0] * self.image_grid[1]))
         mask = text_mask(embeds)  # [B, L]
         length = max(int(mask.sum(dim=1).max()), 1)
         embeds, mask = embeds[:, :length], mask[:, :length]  # the pipeline pads to the batch's longest prompt

@@ -26,8 +26,21 @@ the same ``Qwen2VLProcessor`` class from the folder's ``processor/`` files with 
 Its bicubic resize is PIL's; transformers' torchvision image processor (the one chosen where torchvision loads)
 resizes slightly differently, so vision features can differ from a torchvision install at the resize's precision.
 
-``QwenImageEditPlusPipeline`` (2509: several input images, a 384^2 copy for the text encoder and a 1024^2 one for
-the VAE) is not covered: its encoding differs, and it needs its own adapter.
+Qwen-Image-Edit-2509 and -2511 folders (``model_index.json``'s ``_class_name`` ``QwenImageEditPlusPipeline``) load
+the same way as :class:`QwenImageEditPlusPolicy`: a prompt row may give several input images (all rows of a batch
+the same number, so their tokens stack), and each is used twice as that pipeline does:
+
+* **to the text encoder**: a copy resized to ``calculate_dimensions(condition_area, its own aspect ratio)`` (the
+  pipeline's ``CONDITION_IMAGE_SIZE`` 384^2), all of a row's copies in the edit template, each after its
+  ``Picture i:`` label. The pipeline encodes one prompt at a time (it refuses batches), so the policy encodes each
+  row alone too (and the negative prompt with each row's copies under CFG);
+* **to the transformer**: a copy at ``image_size`` as above (the pipeline's ``VAE_IMAGE_SIZE`` 1024^2, at the
+  output's aspect ratio where the pipeline takes each image's own), VAE-encoded and packed; a row's images' tokens
+  follow the latent's one image after another (``Conditioning.image_latents`` ``[B, k * N, 4C]``), each with its
+  ``img_shapes`` entry. 2511's ``zero_cond_t`` transformer (input-image tokens modulated at timestep 0) reads those
+  entries itself.
+
+A row equals ``QwenImageEditPlusPipeline`` called on it alone when its images have the output's aspect ratio.
 """
 
 from __future__ import annotations
@@ -38,9 +51,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from flowgrove.messages import ConfigError
 from flowgrove.policies.base import Conditioning, register_policy
 from flowgrove.policies.flux import pack_latents
-from flowgrove.policies.pipelines import DTYPES, LocalFolder, input_images, local_folder
+from flowgrove.policies.pipelines import DTYPES, LocalFolder, input_image_sets, input_images, local_folder
 from flowgrove.policies.qwen_image import QwenImagePolicy, load_qwen_pipeline
 
 
@@ -81,46 +95,107 @@ class QwenImageEditPolicy(QwenImagePolicy):
         self.image_grid = (self.image_size[0] // side, self.image_size[1] // side)  # its 2x2 token grid
 
     def encode_images(self, images: Sequence[Any]) -> Tensor:
-        """Packed, normalised VAE tokens ``[B, N, 4C]`` of PIL ``images`` (each already at ``image_size``)."""
+        """Packed, normalised VAE tokens ``[B, N, 4C]`` of PIL ``images``, each resized to ``image_size``."""
         pipe, vae = self.pipe, self.pipe.vae
         pixels = pipe.image_processor.preprocess(list(images), *self.image_size).unsqueeze(2)  # [B, 3, 1, H, W]
         with torch.no_grad():
             latents = pipe._encode_vae_image(pixels.to(vae.device, vae.dtype), generator=None)  # [B, C, 1, h, w]
         return pack_latents(latents[:, :, 0])  # [B, N, 4C]
 
+    def input_rows(self, prompts: Sequence[str]) -> list[list[Any]]:
+        """Each prompt's input images as PIL images: one per prompt."""
+        return [[image] for image in input_images(prompts, self.FAMILY)]
+
+    def condition_image(self, image: Any) -> Any:
+        """The copy of PIL ``image`` the text encoder reads: the pipeline's resize to ``image_size``."""
+        return self.pipe.image_processor.resize(image, *self.image_size)
+
+    def encode_text(self, prompts: Sequence[str], shown: Sequence[Sequence[Any]]) -> Tensor:
+        """Text states ``[B, max_sequence_length, D]`` of ``prompts``, each with its row of ``shown`` images."""
+        return self._encode(prompts, [row[0] for row in shown])
+
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        """Qwen2.5-VL states of the edit template with each row's input image (and, under CFG, of the negative
-        prompt with it), and the image's VAE tokens.
+        """Qwen2.5-VL states of the edit template with each row's input images (and, under CFG, of the negative
+        prompt with them), and the images' VAE tokens ``[B, k * N, 4C]``.
 
         Raises:
-            ValueError: a prompt without an input image, or more tokens than ``max_sequence_length``.
+            ValueError: a prompt without an input image (or with a number this folder does not take), or more
+                tokens than ``max_sequence_length``.
         """
-        shown = [self.pipe.image_processor.resize(image, *self.image_size)
-                 for image in input_images(prompts, self.FAMILY)]  # the pipeline's resize of one input image
+        rows = self.input_rows(prompts)  # B rows of k PIL images
+        shown = [[self.condition_image(image) for image in row] for row in rows]
         negative = None
         if self.guidance_scale > 1:
-            negative = self._encode([self.negative_prompt] * len(shown), shown)  # [B, L, D]
-        return Conditioning(self._encode(prompts, shown), negative_prompt_embeds=negative,
-                            image_latents=self.encode_images(shown))
+            negative = self.encode_text([self.negative_prompt] * len(rows), shown)  # [B, L, D]
+        latents = self.encode_images([image for row in rows for image in row])  # [B * k, N, 4C]
+        return Conditioning(self.encode_text(prompts, shown), negative_prompt_embeds=negative,
+                            image_latents=latents.reshape(len(rows), -1, latents.shape[-1]))  # [B, k * N, 4C]
+
+
+class QwenImageEditPlusPolicy(QwenImageEditPolicy):
+    """A diffusers ``QwenImageEditPlusPipeline`` (Qwen-Image-Edit-2509 / 2511) as a ``FlowPolicy``:
+    ``qwen_image_edit`` with several input images per prompt, the text encoder reading a ``condition_area`` copy of
+    each (module docstring)."""
+
+    def __init__(self, pipe: Any, height: int, width: int, max_sequence_length: int, guidance_scale: float = 1.0,
+                 negative_prompt: str = " ", guidance: float | None = None, image_area: int = 1024 * 1024,
+                 condition_area: int = 384 * 384, compute_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(pipe, height, width, max_sequence_length, guidance_scale, negative_prompt, guidance,
+                         image_area, compute_dtype)
+        self.condition_area = int(condition_area)
+
+    def input_rows(self, prompts: Sequence[str]) -> list[list[Any]]:
+        """Each prompt's input images as PIL images, in order: the same number for every prompt."""
+        return input_image_sets(prompts, self.FAMILY)
+
+    def condition_image(self, image: Any) -> Any:
+        """The pipeline's copy of PIL ``image`` for the text encoder: ``condition_area`` at the image's own ratio."""
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+
+        width, height = calculate_dimensions(self.condition_area, image.width / image.height)
+        return self.pipe.image_processor.resize(image, height, width)
+
+    def encode_text(self, prompts: Sequence[str], shown: Sequence[Sequence[Any]]) -> Tensor:
+        """Text states ``[B, max_sequence_length, D]``, one prompt at a time with all of its row's images, as the
+        pipeline encodes (it takes one prompt per call)."""
+        return torch.cat([self._encode([prompt], row) for prompt, row in zip(prompts, shown)])  # [B, L, D]
 
 
 QWEN_EDIT_FOLDER = LocalFolder("qwen_image_edit", "Qwen-Image-Edit",
-                               "`hf download Qwen/Qwen-Image-Edit --local-dir /models/Qwen-Image-Edit`", input_images="*")
+                               "`hf download Qwen/Qwen-Image-Edit --local-dir /models/Qwen-Image-Edit` (several input "
+                               "images per prompt: Qwen/Qwen-Image-Edit-2509)", input_images="*",
+                               several_images="EditPlus")
 
 
 @register_policy("qwen_image_edit", QWEN_EDIT_FOLDER)
 def build_qwen_image_edit_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "bfloat16",
                                  height: int = 1024, width: int = 1024, max_sequence_length: int = 2048,
                                  guidance_scale: float = 1.0, negative_prompt: str = " ", guidance: float | None = None,
-                                 image_area: int = 1024 * 1024) -> QwenImageEditPolicy:
-    """Load a local diffusers Qwen-Image-Edit folder offline (``QwenImageEditPipeline``, its processor built by
-    :func:`image_only_processor`); the options are :func:`flowgrove.policies.qwen_image.build_qwen_image_policy`'s
-    (``max_sequence_length`` now counts the input image's vision tokens too, about 1400 at 1024^2) and
-    ``image_area``, the pixel area of the input image the VAE encodes (the pipeline's 1024^2)."""
-    from diffusers import QwenImageEditPipeline
+                                 image_area: int = 1024 * 1024,
+                                 condition_area: int | None = None) -> QwenImageEditPolicy:
+    """Load a local diffusers Qwen-Image-Edit folder offline (``QwenImageEditPipeline``; a 2509 / 2511 folder,
+    ``QwenImageEditPlusPipeline`` in its ``model_index.json``, as :class:`QwenImageEditPlusPolicy`), its processor
+    built by :func:`image_only_processor`. The options are
+    :func:`flowgrove.policies.qwen_image.build_qwen_image_policy`'s (``max_sequence_length`` now counts the input
+    images' vision tokens too: about 1400 for one 1024^2 image, about 190 per 384^2 copy), ``image_area``, the pixel
+    area of each input image the VAE encodes (the pipelines' 1024^2), and, for a ``QwenImageEditPlusPipeline``
+    folder only, ``condition_area``, that of each copy the text encoder reads (None: the pipeline's 384^2).
 
-    processor = image_only_processor(local_folder(path, QWEN_EDIT_FOLDER, dtype))
-    pipe = load_qwen_pipeline(QwenImageEditPipeline, QWEN_EDIT_FOLDER, path, device, dtype, height, width,
-                              components={"processor": processor})
-    return QwenImageEditPolicy(pipe, height, width, max_sequence_length, guidance_scale, negative_prompt, guidance,
-                               image_area, compute_dtype=DTYPES[dtype])
+    Raises:
+        ConfigError: ``condition_area`` for a ``QwenImageEditPipeline`` folder (before any weights load).
+    """
+    from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
+
+    folder = local_folder(path, QWEN_EDIT_FOLDER, dtype)
+    plus = QWEN_EDIT_FOLDER.takes_several_images(folder)
+    if condition_area is not None and not plus:
+        raise ConfigError(f"policy.options.condition_area sizes the text encoder's copies of a "
+                          f"QwenImageEditPlusPipeline folder's input images, but {path} holds a "
+                          f"{QWEN_EDIT_FOLDER.pipeline_class(folder)}, which reads the VAE's copy: drop the option")
+    processor = image_only_processor(folder)
+    pipe = load_qwen_pipeline(QwenImageEditPlusPipeline if plus else QwenImageEditPipeline, QWEN_EDIT_FOLDER, path,
+                              device, dtype, height, width, components={"processor": processor})
+    args = (pipe, height, width, max_sequence_length, guidance_scale, negative_prompt, guidance, image_area)
+    if plus:
+        return QwenImageEditPlusPolicy(*args, condition_area=condition_area or 384 * 384, compute_dtype=DTYPES[dtype])
+    return QwenImageEditPolicy(*args, compute_dtype=DTYPES[dtype])

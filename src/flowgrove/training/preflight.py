@@ -9,7 +9,8 @@ and reads the prompt files. The recipes call it before they claim a run folder, 
 from __future__ import annotations
 
 from flowgrove.config.schema import Config
-from flowgrove.policies.base import check_policy_folder, needs_input_images
+from flowgrove.policies.base import check_policy_folder, needs_input_images, takes_several_images
+from flowgrove.policies.pipelines import input_image_paths
 from flowgrove.rewards.base import check_reward_options
 from flowgrove.training.prepare import check_policy_options
 from flowgrove.training.prompts import PromptFiles, read_prompt_files
@@ -35,13 +36,26 @@ def preflight(cfg: Config) -> PromptFiles:
 
 def check_input_images(cfg: Config, files: PromptFiles) -> None:
     """An edit or image-to-video folder conditions every prompt on an input image: ``data.train`` must be given and
-    every row of it (and of ``data.test``) must name one (``ValueError``: the key, the row and the fix)."""
+    every row of it (and of ``data.test``) must name one; one only, unless the folder takes several
+    (``QwenImageEditPlusPipeline``), and then every row of a file the same number (``ValueError``: the key, the row
+    and the fix)."""
     fix = 'give it as a .jsonl ({"prompt": "...", "image": "input.png"}) or a .csv with an image column'
+    policy = f"policy {cfg.policy.name} at {cfg.policy.path}"
     if files.train is None and files.cache is None:
-        raise ValueError(f"data.train: policy {cfg.policy.name} at {cfg.policy.path} conditions every prompt on an "
-                         f"input image, and the default prompts have none; {fix}")
+        raise ValueError(f"data.train: {policy} conditions every prompt on an input image, and the default prompts "
+                         f"have none; {fix}")
+    several = takes_several_images(cfg.policy.name, cfg.policy.path)
     for key, rows in (("data.train", files.train), ("data.test", files.test)):
+        counts: list[int] = []
         for i, row in enumerate(rows or []):
             if not getattr(row, "metadata", {}).get("image"):
-                raise ValueError(f"{key}: prompt {i + 1} ({str(row)[:80]!r}) has no input image, which policy "
-                                 f"{cfg.policy.name} at {cfg.policy.path} conditions on; {fix}")
+                raise ValueError(f"{key}: prompt {i + 1} ({str(row)[:80]!r}) has no input image, which {policy} "
+                                 f"conditions on; {fix}")
+            counts.append(len(input_image_paths(row, cfg.policy.name)))
+            if counts[-1] > 1 and not several:
+                raise ValueError(f"{key}: prompt {i + 1} ({str(row)[:80]!r}) has {counts[-1]} input images, but "
+                                 f"{policy} takes one per prompt; give one image per row")
+            if counts[-1] != counts[0]:
+                raise ValueError(f"{key}: prompt {i + 1} ({str(row)[:80]!r}) has {counts[-1]} input "
+                                 f"image{'s' * (counts[-1] != 1)} and prompt 1 has {counts[0]}; {policy} stacks a "
+                                 "batch's input images, so give every row of the file the same number")

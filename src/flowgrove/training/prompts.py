@@ -3,9 +3,11 @@
 A :class:`Prompt` is a ``str`` that carries its file's other columns in ``metadata`` (the text an OCR reward must
 find, GenEval's object tags, ...), so every reward keeps the ``(images, prompts)`` contract and those that need
 metadata read ``getattr(prompt, "metadata", {})``. A row's ``image`` (an edit model's input image, a path relative
-to the prompt file) is checked when the file is read and kept as an absolute path in ``metadata["image"]``: the
-edit policies encode it with the prompt (and ``encode-prompts`` caches it), the rewards that compare input and output
-(``clip_direction``) open it.
+to the prompt file; several: a jsonl list or a csv cell of ``;``-separated paths, for Qwen-Image-Edit-2509's
+``QwenImageEditPlusPipeline``) is checked when the file is read and kept as absolute paths: ``metadata["images"]``
+all of them in order, ``metadata["image"]`` the first (the image being edited). The edit policies encode them with
+the prompt (and ``encode-prompts`` caches them), the rewards that compare input and output (``clip_direction``) open
+``metadata["image"]``.
 
 ``flowgrove encode-prompts`` writes a policy's encoder outputs as sharded safetensors with an ``index.json``;
 :class:`CachedPrompts` reads back only the rows a step needs (safetensors slices are memory-mapped), so a large
@@ -78,21 +80,45 @@ def input_image_path(value: Any, path: Path, line: int) -> str:
     return str(image)
 
 
+IMAGE_SEPARATOR = ";"  # between the paths of a csv ``image`` cell with several input images
+
+
+def input_image_values(value: Any, path: Path, line: int) -> list[Any]:
+    """The input images a row's ``image`` field names: a jsonl list as it is, a string split at ``;`` (a csv cell, or
+    a jsonl string) with blanks around each path dropped; ``[]`` for none (an empty cell, null).
+
+    Raises:
+        ValueError: an empty list, or an empty path between separators (naming the prompt file and the row).
+    """
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(IMAGE_SEPARATOR)]
+    if isinstance(value, list) and (not value or "" in value):
+        what = "an empty path" if value else "no path"
+        raise _bad(path, line, f'"image" {value!r} holds {what}; give one path or several (a jsonl list, or '
+                               f'"{IMAGE_SEPARATOR}"-separated in a csv cell), each relative to the prompt file')
+    return value if isinstance(value, list) else [value]
+
+
 def _from_record(record: Any, path: Path, line: int) -> Prompt:
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
         raise _bad(path, line, 'each row needs a non-empty "prompt" field (other fields become metadata for the rewards)')
-    metadata = {k: v for k, v in record.items() if k != "prompt"}
-    if metadata.get("image") in ("", None):  # a csv row without an input image: no "image" key
-        metadata.pop("image", None)
-    else:
-        metadata["image"] = input_image_path(metadata["image"], path, line)
+    if "images" in record:  # the resolved paths' key: a field of that name would be overwritten or taken for them
+        raise _bad(path, line, '"images" is the name flowgrove gives the resolved input images; name them in "image" '
+                               f'(one path, a jsonl list, or "{IMAGE_SEPARATOR}"-separated in a csv cell)')
+    metadata = {k: v for k, v in record.items() if k not in ("prompt", "image")}
+    images = [input_image_path(value, path, line) for value in input_image_values(record.get("image"), path, line)]
+    if images:  # a csv row without an input image has no "image" key
+        metadata.update(image=images[0], images=images)
     return Prompt(record["prompt"].strip(), metadata)
 
 
 def read_prompts(path: str | Path, key: str = "prompt file") -> list[Prompt]:
     """Prompts of a ``.txt`` (one per line), ``.jsonl`` (one object per line with ``"prompt"``) or ``.csv`` (a
-    ``prompt`` column) file; every other field or column is kept as the prompt's metadata, an ``image`` as its
-    absolute path (:func:`input_image_path`). Errors name ``key``."""
+    ``prompt`` column) file; every other field or column is kept as the prompt's metadata, an ``image`` (one path or
+    several, :func:`input_image_values`) as absolute paths in ``images`` and the first in ``image``
+    (:func:`input_image_path`). Errors name ``key``."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{key}={str(path)!r} is a folder; give a .txt, .jsonl or .csv file in it")
