@@ -202,12 +202,18 @@ def test_expert_is_read_from_policy_options_and_refused_on_a_one_expert_model(tm
     assert "policy.options.expert=both needs a two-expert model" in err and "--model wan2.2-a14b" in err
     assert "\n" not in err
     cls_name, config = family_configs()["wan2.2-a14b"]["transformer"]  # a folder as Wan2.2-T2V-A14B ships
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": 0.875}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": 0.875,
+                                                              "transformer": ["diffusers", cls_name],
+                                                              "transformer_2": ["diffusers", cls_name]}))
     for sub in ("transformer", "transformer_2"):
         (tmp_path / sub).mkdir()
         (tmp_path / sub / "config.json").write_text(json.dumps({"_class_name": cls_name, **config}))
     assert cli.main(["memory", "policy.name=wan", f"policy.path={tmp_path}", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["family"] == "wan2.2-a14b"
+    # the rule the wan policy loads by: a transformer_2/ folder that model_index.json does not name is not an expert
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": 0.875}))
+    assert cli.main(["memory", "policy.name=wan", f"policy.path={tmp_path}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] != "wan2.2-a14b"
 
 
 def _flux_lora(*extra: str):

@@ -76,6 +76,10 @@ def image_only_processor(folder: Path) -> Any:
                                      tokenizer=AutoTokenizer.from_pretrained(str(source)))
 
 
+# The pipelines' pixel areas (diffusers' VAE_IMAGE_SIZE and, for QwenImageEditPlusPipeline, CONDITION_IMAGE_SIZE).
+IMAGE_AREA = 1024 * 1024
+CONDITION_AREA = 384 * 384
+
 class QwenImageEditPolicy(QwenImagePolicy):
     """A diffusers ``QwenImageEditPipeline`` as a ``FlowPolicy``: ``qwen_image`` conditioned on each prompt's input
     image (module docstring)."""
@@ -83,7 +87,7 @@ class QwenImageEditPolicy(QwenImagePolicy):
     FAMILY = "qwen_image_edit"
 
     def __init__(self, pipe: Any, height: int, width: int, max_sequence_length: int, guidance_scale: float = 1.0,
-                 negative_prompt: str = " ", guidance: float | None = None, image_area: int = 1024 * 1024,
+                 negative_prompt: str = " ", guidance: float | None = None, image_area: int = IMAGE_AREA,
                  compute_dtype: torch.dtype = torch.float32) -> None:
         from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
 
@@ -138,8 +142,8 @@ class QwenImageEditPlusPolicy(QwenImageEditPolicy):
     each (module docstring)."""
 
     def __init__(self, pipe: Any, height: int, width: int, max_sequence_length: int, guidance_scale: float = 1.0,
-                 negative_prompt: str = " ", guidance: float | None = None, image_area: int = 1024 * 1024,
-                 condition_area: int = 384 * 384, compute_dtype: torch.dtype = torch.float32) -> None:
+                 negative_prompt: str = " ", guidance: float | None = None, image_area: int = IMAGE_AREA,
+                 condition_area: int = CONDITION_AREA, compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__(pipe, height, width, max_sequence_length, guidance_scale, negative_prompt, guidance,
                          image_area, compute_dtype)
         self.condition_area = int(condition_area)
@@ -171,7 +175,7 @@ QWEN_EDIT_FOLDER = LocalFolder("qwen_image_edit", "Qwen-Image-Edit",
 def build_qwen_image_edit_policy(path: str = "", *, device: str | torch.device = "cpu", dtype: str = "bfloat16",
                                  height: int = 1024, width: int = 1024, max_sequence_length: int = 2048,
                                  guidance_scale: float = 1.0, negative_prompt: str = " ", guidance: float | None = None,
-                                 image_area: int = 1024 * 1024,
+                                 image_area: int = IMAGE_AREA,
                                  condition_area: int | None = None) -> QwenImageEditPolicy:
     """Load a local diffusers Qwen-Image-Edit folder offline (``QwenImageEditPipeline``; a 2509 / 2511 folder,
     ``QwenImageEditPlusPipeline`` in its ``model_index.json``, as :class:`QwenImageEditPlusPolicy`), its processor
@@ -197,5 +201,6 @@ def build_qwen_image_edit_policy(path: str = "", *, device: str | torch.device =
                               device, dtype, height, width, components={"processor": processor})
     args = (pipe, height, width, max_sequence_length, guidance_scale, negative_prompt, guidance, image_area)
     if plus:
-        return QwenImageEditPlusPolicy(*args, condition_area=condition_area or 384 * 384, compute_dtype=DTYPES[dtype])
+        area = CONDITION_AREA if condition_area is None else condition_area
+        return QwenImageEditPlusPolicy(*args, condition_area=area, compute_dtype=DTYPES[dtype])
     return QwenImageEditPolicy(*args, compute_dtype=DTYPES[dtype])

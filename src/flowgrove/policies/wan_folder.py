@@ -60,6 +60,13 @@ class WanFolder:
 PIPELINES = ("WanPipeline", "WanImageToVideoPipeline", "SkyReelsV2ImageToVideoPipeline")
 
 
+def experts_in_index(index: dict) -> int:
+    """Transformers a pipeline's ``model_index.json`` (as a dict) names: 2 with a ``transformer_2`` component and a
+    ``boundary_ratio`` (Wan 2.2 A14B), else 1."""
+    two = (index.get("transformer_2") or [None])[0] is not None and index.get("boundary_ratio") is not None
+    return 2 if two else 1
+
+
 def read_wan_folder(folder: Path) -> WanFolder:
     """The folder's :class:`WanFolder` from ``model_index.json`` alone.
 
@@ -68,8 +75,7 @@ def read_wan_folder(folder: Path) -> WanFolder:
             (TI2V-5B's image mode replaces the first latent frame instead of conditioning on it).
     """
     index = json.loads((folder / "model_index.json").read_text())
-    two = (index.get("transformer_2") or [None])[0] is not None and index.get("boundary_ratio") is not None
-    info = WanFolder(str(index.get("_class_name")), 2 if two else 1, bool(index.get("expand_timesteps")))
+    info = WanFolder(str(index.get("_class_name")), experts_in_index(index), bool(index.get("expand_timesteps")))
     if info.pipeline not in PIPELINES:
         raise ConfigError(f"policy.path: {folder} holds a {info.pipeline} folder; the wan policy drives "
                           f"{', '.join(PIPELINES)} folders: point policy.path at one")

@@ -21,7 +21,7 @@ from flowgrove.config.schema import Config
 from flowgrove.messages import ConfigError, note
 from flowgrove.parallel.engine import choose_kind
 from flowgrove.policies.base import policy_factory
-from flowgrove.policies.wan_folder import check_expert
+from flowgrove.policies.wan_folder import check_expert, experts_in_index
 
 DEFAULT_FAMILY = {"flux1": "flux1-dev", "sd3": "sd3.5-medium", "qwen_image": "qwen-image", "wan": "wan2.1-14b",
                   "hunyuan_video": "hunyuan-video", "sdxl": "sdxl", "z_image": "z-image", "flux2": "flux2-dev",
@@ -36,8 +36,13 @@ ARCHITECTURE_KEYS = ("num_layers", "num_single_layers", "num_attention_heads", "
 
 
 def expert_count(path: str) -> int:
-    """Transformers of the folder at ``path``: 2 with a ``transformer_2/`` (Wan 2.2 A14B), else 1."""
-    return 2 if path and (Path(path) / "transformer_2" / "config.json").is_file() else 1
+    """Transformers of the folder at ``path`` by the rule the wan policy loads by (``experts_in_index``); 1 without
+    a readable ``model_index.json``."""
+    try:
+        index = json.loads((Path(path) / "model_index.json").read_text()) if path else {}
+    except (OSError, ValueError):  # loading the folder reports it; the prediction takes one expert
+        return 1
+    return experts_in_index(index) if isinstance(index, dict) else 1
 
 
 def family_of_folder(policy: str, path: str) -> str | None:
