@@ -187,10 +187,10 @@ def test_wan2_2_a14b_high_keeps_the_second_expert_frozen_and_both_trains_its_ada
     assert both["frozen weights"] == high["frozen weights"]  # two bf16 bases either way
     # the expert with no row of the micro-batch runs one at weight 0: one more row of activations
     assert both["activations"] == pytest.approx(predict(a14b, replace(plan, micro_batch=2)).items["activations"])
-    # policy.quantize quantises the trained module only: the idle expert stays bf16
+    # policy.quantize quantises the idle expert as it does the trained one (prepare_policy's frozen_modules)
     int8 = replace(plan, quantize="int8")
-    assert (predict(a14b, int8).items["frozen weights"] - predict(one, int8).items["frozen weights"]
-            == a14b.params * 2)
+    assert (predict(a14b, int8).items["frozen weights"] == 2 * predict(one, int8).items["frozen weights"]
+            == 2 * (a14b.linear_weights * 1 + (a14b.params - a14b.linear_weights) * 2))
 
 
 def test_expert_is_read_from_policy_options_and_refused_on_a_one_expert_model(tmp_path, capsys):

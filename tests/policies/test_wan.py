@@ -405,3 +405,31 @@ def test_wan_image_to_video_trains_the_dancegrpo_i2v_preset_and_exports(i2v_dirs
                                 prompt_file=i2v_dirs / "prompts.jsonl")
     base = _policy(i2v_dirs / "wan21", num_frames=5, guidance_scale=3.0)
     check_pipeline_lora_export(run, out, base, _rows(i2v_dirs), atol=1e-6)
+
+
+def test_wan22_policy_quantize_quantises_the_idle_expert_too(a14b_dir):
+    pytest.importorskip("torchao")
+    from flowgrove.config.load import load_config
+    from flowgrove.policies.quantize import transformer_blocks
+    from flowgrove.training.prepare import prepare_policy
+
+    args = ["policy.name=wan", f"policy.path={a14b_dir}", "policy.lora_rank=4", "run.device=cpu",
+            "policy.options={num_frames: 5, height: 16, width: 16, max_sequence_length: 8, guidance_scale: 1.0}"]
+    plain = prepare_policy(load_config(None, args), torch.device("cpu"))
+    policy = prepare_policy(load_config(None, [*args, "policy.quantize=int8"]), torch.device("cpu"))
+    trained, idle = policy.experts
+    assert policy.frozen_modules == [idle] and policy.module is trained
+
+    def base_weights(module):
+        return [m.weight for block in transformer_blocks(module) for name, m in block.named_modules()
+                if "lora_" not in name and isinstance(m, torch.nn.Linear)]
+
+    assert all(type(w) is not torch.nn.Parameter for w in base_weights(trained) + base_weights(idle))
+    assert not any(p.requires_grad for p in idle.parameters())  # the adapters reach the trained expert only
+    cond = policy.encode_prompts(PROMPTS)
+    x = torch.randn((2, *policy.latent_shape), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for sigma in (0.95, 0.5):  # the trained expert's side of the boundary 0.875, then the idle one's
+            s = torch.full((2,), sigma)
+            got, want = policy.velocity(x, s, cond), plain.velocity(x, s, cond)
+            assert 0 < float((got - want).norm() / want.norm()) < 0.05  # int8's rounding, on both sides

@@ -157,17 +157,17 @@ def trainable_params(sizes: ModelSizes, plan: MemoryPlan) -> int:
 
 
 def frozen_weight_bytes(sizes: ModelSizes, plan: MemoryPlan) -> float:
-    """The frozen weights: under LoRA the trained experts' base (Linear weights quantised by ``policy.quantize``,
-    the rest in the policy dtype), and an untrained second expert whole in the policy dtype (``policy.quantize``
-    quantises the trained module only)."""
+    """The frozen weights: under LoRA the trained experts' base and an untrained second expert whole, each with its
+    Linear weights quantised by ``policy.quantize`` and the rest in the policy dtype (``policy.quantize`` needs LoRA);
+    without LoRA the untrained expert in the policy dtype."""
     dtype = DTYPE_BYTES[plan.dtype]
-    idle = (sizes.experts - trained_experts(sizes, plan)) * sizes.params * dtype
+    idle = sizes.experts - trained_experts(sizes, plan)
     if not plan.lora_rank:
-        return idle
+        return idle * sizes.params * dtype
     if plan.quantize == "none":
-        return idle + trained_experts(sizes, plan) * sizes.params * dtype
+        return sizes.experts * sizes.params * dtype
     base = sizes.linear_weights * QUANT_BYTES[plan.quantize] + (sizes.params - sizes.linear_weights) * dtype
-    return idle + trained_experts(sizes, plan) * base
+    return sizes.experts * base
 
 
 def shard(plan: MemoryPlan) -> int:

@@ -91,6 +91,9 @@ class FlowPolicy(Protocol):
         latent_shape: Shape of one unpacked latent, any rank: ``(C, H, W)`` (images) or ``(C, F, H, W)`` (videos).
         module: The trainable transformer (what LoRA adapts, the optimizer trains and FSDP2 shards in place).
 
+    Optional attribute: ``frozen_modules``, the models the policy computes with besides ``module`` and never trains
+    (Wan 2.2 A14B's idle expert); ``policy.quantize`` quantises their blocks as it does ``module``'s.
+
     Optional methods (``flowgrove export``; a policy without them cannot be exported in that form):
         ``export_lora(state, lora_config, out)``: write peft's adapter ``state`` of ``module`` (scaling folded
         into ``lora_B``) and its ``LoraConfig`` kwargs into the folder ``out`` in diffusers' format for the

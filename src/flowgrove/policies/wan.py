@@ -98,6 +98,12 @@ class WanPolicy:
         return {"high": (0,), "low": (1,), "both": (0, 1)}[self.expert]
 
     @property
+    def frozen_modules(self) -> list[nn.Module]:
+        """The untrained expert of a two-expert folder (``expert=high|low``): it computes its side of the boundary
+        in rollouts and training alike, frozen; ``policy.quantize`` quantises it too."""
+        return [m for i, m in enumerate(self.experts) if i not in self.trained]
+
+    @property
     def module(self) -> nn.Module:
         """The trained module: ``transformer``, ``transformer_2`` (``expert="low"``) or both (:class:`WanExperts`)."""
         return self._pair if self._pair is not None else self.experts[self.trained[0]]

@@ -77,7 +77,8 @@ def prepare_policy(cfg: Config, device: torch.device) -> FlowPolicy:
     """Build ``policy.name`` and make it trainable as configured (the quantised frozen base, LoRA, float32 masters,
     checkpointing)."""
     policy = build_policy(cfg.policy.name, **policy_kwargs(cfg, device))
-    quantize_base(policy.module, cfg.policy.quantize, DTYPES[cfg.policy.dtype])  # before the adapters wrap its layers
+    for module in (policy.module, *getattr(policy, "frozen_modules", ())):  # before the adapters wrap its layers
+        quantize_base(module, cfg.policy.quantize, DTYPES[cfg.policy.dtype])
     apply_lora(policy, cfg)
     float32_masters(policy.module)
     if cfg.train.gradient_checkpointing:
