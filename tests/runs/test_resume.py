@@ -242,6 +242,34 @@ def test_a_reward_server_failing_mid_run_is_one_line_exit_2_and_resumes(tmp_path
     assert _rows(run) == _rows(remote_reference) and _summary(run) == _summary(remote_reference)
 
 
+def test_a_reward_server_failing_in_the_periodic_evaluation_keeps_the_step_it_follows(tmp_path, capsys, reward_server):
+    from flowgrove.cli import main
+
+    url, state = reward_server
+    periodic = [*SMALL, "eval.every=2", *_remote(url)]
+    state.update(calls=0, at=None)
+    assert main(["train", "--steps", "4", "--out", str(tmp_path / "full"), *periodic]) == 0
+    state.update(calls=0, at=4, answer=_out_of_memory)  # 0, 1 before training (held-out, guard), 2, 3 the steps
+    run = tmp_path / "run"
+    assert main(["train", "--steps", "4", "--out", str(run), *periodic]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"flowgrove: error: reward 'remote' failed (RewardServerError: {url}/score gave "
+                               "HTTP 500")
+    assert (f"in the held-out evaluation after step 2; the step's training is kept; the last good state is checkpoint "
+            f"{run / 'checkpoints' / 'step_000002'}; resume with `{program()} train --resume {run}`") in lines[0]
+    assert [r["step"] for r in _rows(run)] == [1, 2]  # the step the evaluation followed is logged
+    assert main(["train", "--resume", str(run)]) == 0  # the server answers again
+    train_keys = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("eval/", "guard/"))} for r in rows]  # noqa: E731
+    assert train_keys(_rows(run)) == train_keys(_rows(tmp_path / "full"))
+    assert _summary(run) == _summary(tmp_path / "full")
+    state.update(calls=0, at=0)  # before the first step: nothing trained, the same one line and exit code
+    assert main(["train", "--steps", "4", "--out", str(tmp_path / "early"), *periodic]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("flowgrove: error: reward 'remote' failed") and line.endswith("in the held-out evaluation")
+    assert "\n" not in line
+
+
 def test_a_resume_continues_against_a_reward_server_that_moved(tmp_path, capsys, reward_server, remote_reference):
     from test_rewards_http import serving
 

@@ -27,6 +27,7 @@ from flowgrove.runs.checkpoint import (CheckpointWriteError, Choice, checkpoint_
                                        remove_leftovers, save_checkpoint)
 from flowgrove.runs.metrics import MetricsLogger, plot_reward_curves, read_metrics, save_grid
 from flowgrove.runs.resume import resume_plan, settle_run_dir
+from flowgrove.training.halts import EvalRewardFailedError
 from flowgrove.training.preflight import preflight
 from flowgrove.training.setup import build_trainer
 from flowgrove.training.trainer import EvalResult, GRPOTrainer, RewardFailedError, TrainingHalted
@@ -325,7 +326,13 @@ def _steps(cfg: Config, trainer: GRPOTrainer, logger: MetricsLogger | None, save
                 torch.set_rng_state(rng)
             raise
         if monitor:  # periodic evaluation and guard: eval/* join this step's row; GuardStop halts
-            monitor.after_step(trainer, metrics)
+            try:
+                monitor.after_step(trainer, metrics)
+            except EvalRewardFailedError as err:
+                halted = EvalRewardFailedError(f"{err} after step {trainer.iteration}; the step's training is kept",
+                                               err.reward)
+                halted.metrics = metrics  # the step completed: its row is logged and its training checkpointed
+                raise halted from None
         if logger:
             logger.log(metrics)
         bar.update(1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flowgrove.messages import UserFixable
 from flowgrove.parallel import distributed
 from flowgrove.rewards.scoring import RewardFailure
 
@@ -30,6 +31,20 @@ class RewardFailedError(TrainingHalted):
     def __init__(self, message: str, reward: str | None = None):
         super().__init__(message)
         self.reward = reward
+
+
+class EvalRewardFailedError(RewardFailedError, UserFixable):
+    """A reward raised (on some rank) while scoring the held-out evaluation. Between steps, the step before it
+    completed and its training is kept: the runner adds which step (``metrics``) and checkpoints it; before the
+    first step nothing has trained (exit code 2 either way)."""
+
+
+def halt_on_failed_eval_reward(failure: RewardFailure | None) -> None:
+    """Raise :class:`EvalRewardFailedError` on every rank when a reward raised on any rank (here: ``failure``) while
+    scoring a held-out evaluation: one collective, so none is left waiting in the evaluation's gather."""
+    if distributed.any_rank(failure is not None):
+        what = f"reward {failure.name!r} failed ({failure.detail})" if failure else "a reward failed on another rank"
+        raise EvalRewardFailedError(f"{what} in the held-out evaluation", failure.name if failure else None)
 
 
 class NonFiniteUpdatesError(TrainingHalted):

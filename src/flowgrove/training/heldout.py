@@ -21,9 +21,10 @@ from flowgrove.grpo.advantages import aggregate_rewards
 from flowgrove.parallel import distributed
 from flowgrove.policies.base import Conditioning, FlowPolicy
 from flowgrove.rewards.base import RewardFn
-from flowgrove.rewards.scoring import score_rewards
+from flowgrove.rewards.scoring import RewardFailure, score_rewards
 from flowgrove.samplers.family import step_family
 from flowgrove.training import method
+from flowgrove.training.halts import halt_on_failed_eval_reward
 from flowgrove.training.rollout import batched_velocity, decode_batched
 
 
@@ -106,7 +107,12 @@ def score_share(rewards: Mapping[str, RewardFn], images: Tensor, prompts: Sequen
     """Each reward of this rank's images [M, ...] with their prompts, gathered over ranks: [K, n] float32 (CPU)."""
     if not rewards:
         return torch.zeros(0, n)
-    raw = torch.stack([r.float().to(images.device) for r in score_rewards(rewards, images, prompts)])  # [K, M]
+    raw, failure = None, None
+    try:
+        raw = torch.stack([r.float().to(images.device) for r in score_rewards(rewards, images, prompts)])  # [K, M]
+    except RewardFailure as err:
+        failure = err
+    halt_on_failed_eval_reward(failure)  # on every rank, before the gather
     return gather_rows(raw.T.contiguous(), n).T.cpu()  # [K, n]
 
 
