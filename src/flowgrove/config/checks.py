@@ -51,8 +51,22 @@ def check_method(cfg: Config) -> None:
 
     ``build_config`` runs them, so a bad combination is reported before any model or weight is loaded.
     """
-    for check in (_check_mode, _check_steps, _check_window, _check_tree, _check_train, _check_cps, _check_objective):
+    for check in (_check_mode, _check_steps, _check_window, _check_tree, _check_train, _check_cps, _check_objective,
+                  _check_scouts):
         check(cfg)
+
+
+def _check_scouts(cfg: Config) -> None:
+    """Scouts rank each chain's own initial noise: not a tree's one root, not a group's one shared noise."""
+    s = cfg.rollout.scouts
+    if s == 1:
+        return
+    if cfg.tree.enabled:
+        raise ConfigError(f"rollout.scouts={s} ranks the initial noises of chains, but a tree (tree.enabled) grows from "
+                          "one root noise; set rollout.scouts=1")
+    if cfg.rollout.same_noise_in_group:
+        raise ConfigError(f"rollout.scouts={s} ranks each chain's own initial noise, but rollout.same_noise_in_group=true "
+                          "gives a group one shared noise; set rollout.same_noise_in_group=false (or rollout.scouts=1)")
 
 
 def check_config(cfg: Config) -> None:

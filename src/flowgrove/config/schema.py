@@ -98,6 +98,8 @@ class RolloutConfig:
     group_size: int = _f(8, "Images per prompt (chains); trees use their leaves.", low=1)
     same_noise_in_group: bool = _f(True, "A group starts from one shared initial noise (DanceGRPO, MixGRPO).")
     decode_batch: int = _f(0, "Largest batch of one decoder (VAE) call; 0 = no limit.", low=0)
+    scouts: int = _f(1, "Scout rollouts (Sol-RL's idea): with S > 1 every chain draws S candidate initial noises, a cheap Euler ODE pass of rollout.scout_steps scores them with the trained rewards, and each group rolls out in full its group_size // 2 best and the rest worst candidates; 1 = off.", low=1)
+    scout_steps: int = _f(4, "Euler ODE steps of the scout pass (rollout.scouts > 1), on the sampler's schedule.", low=1)
 
 
 @dataclass

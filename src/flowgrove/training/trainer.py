@@ -22,7 +22,7 @@ from flowgrove.policies.base import Conditioning, EncodedPrompts, FlowPolicy, Pr
 from flowgrove.rewards.base import RewardFn
 from flowgrove.rewards.scoring import RewardFailure, score_rewards
 from flowgrove.samplers.family import step_family
-from flowgrove.training import adaptive, credit, forward, method
+from flowgrove.training import adaptive, credit, forward, method, scouts
 from flowgrove.training.halts import (NonFiniteRewardError, NonFiniteUpdatesError, RewardFailedError,  # noqa: F401
                                       TrainingHalted, halt_on_bad_rewards)
 from flowgrove.training.heldout import EvalResult, HeldOut, evaluate_policy, ode_images  # noqa: F401 (ode_images: re-exported)
@@ -113,7 +113,8 @@ class GRPOTrainer:
             **{f"reward/{name}": gathered[k].mean().item() for k, name in enumerate(self.rewards)},
             **{k: v for k, v in vars(stats).items()},
             "nfe_old": forest.nfe_per_leaf if forest else float(plan.nfe_old), "nfe_new": stats.transitions / gathered.shape[1],
-            "model_calls_per_sample": ro.model_calls / n_leaves,  # below nfe_old where groups share a prefix
+            # below nfe_old where groups share a prefix; with scouts, their ODE passes' calls too
+            "model_calls_per_sample": ro.model_calls / n_leaves + scouts.scout_calls_per_sample(cfg),
             "seconds_rollout": t1 - t0, "seconds_reward": t2 - t1, "seconds_update": t3 - t2, "seconds_step": t3 - t0,
         }
         if cfg.tree.adaptive_calls:  # the calls an adaptive tree saved against every node splitting, per prompt (tree)
@@ -134,13 +135,16 @@ class GRPOTrainer:
         cfg = self.cfg
         spec = method.rollout_spec(cfg, plan)
         roots = share.roots.to(self.device)  # [N0_r] the step's row of each chain or tree root
-        x_init = method.initial_noise(cfg, self.policy.latent_shape, share, noise).to(self.device)  # [N0_r, ...]
+        score = lambda x0, rows: weighted_total(self.score(x0, rows, prompts).cpu(), self.weights)  # noqa: E731
+        if cfg.rollout.scouts > 1:  # each group's best and worst of its candidates, by a cheap ODE pass
+            x_init = scouts.scout_noise(cfg, self.policy, cond, roots, share, noise, score)  # [N0_r, ...]
+        else:
+            x_init = method.initial_noise(cfg, self.policy.latent_shape, share, noise).to(self.device)  # [N0_r, ...]
         mask = method.store_mask(cfg, plan, share.total, shared)
         mask = mask[share.start:share.start + share.size] if mask is not None else None  # [N0_r, S] of the global mask
         groups = None
         if not cfg.tree.enabled and cfg.rollout.same_noise_in_group:  # a group's ODE prefix is computed once
             groups = share.roots.to(roots.device)
-        score = lambda x0, rows: weighted_total(self.score(x0, rows, prompts).cpu(), self.weights)  # noqa: E731
         choice = adaptive.split_choice(cfg, score, share.size, plan.num_steps) if cfg.tree.adaptive_calls else None
         return rollout(self.policy, cond, roots, x_init, spec, NoiseSource(noise, share.parts, share.part), store_mask=mask,
                        groups=groups, split_choice=choice)
