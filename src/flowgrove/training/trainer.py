@@ -113,8 +113,7 @@ class GRPOTrainer:
             **{f"reward/{name}": gathered[k].mean().item() for k, name in enumerate(self.rewards)},
             **{k: v for k, v in vars(stats).items()},
             "nfe_old": forest.nfe_per_leaf if forest else float(plan.nfe_old), "nfe_new": stats.transitions / gathered.shape[1],
-            # below nfe_old where groups share a prefix; with scouts, their ODE passes' calls too
-            "model_calls_per_sample": ro.model_calls / n_leaves + scouts.scout_calls_per_sample(cfg),
+            "model_calls_per_sample": ro.model_calls / n_leaves + scouts.scout_calls_per_sample(cfg),  # < nfe_old with shared prefixes; + scouts
             "seconds_rollout": t1 - t0, "seconds_reward": t2 - t1, "seconds_update": t3 - t2, "seconds_step": t3 - t0,
         }
         if cfg.tree.adaptive_calls:  # the calls an adaptive tree saved against every node splitting, per prompt (tree)
