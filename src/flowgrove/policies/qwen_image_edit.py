@@ -80,6 +80,7 @@ def image_only_processor(folder: Path) -> Any:
 IMAGE_AREA = 1024 * 1024
 CONDITION_AREA = 384 * 384
 
+
 class QwenImageEditPolicy(QwenImagePolicy):
     """A diffusers ``QwenImageEditPipeline`` as a ``FlowPolicy``: ``qwen_image`` conditioned on each prompt's input
     image (module docstring)."""

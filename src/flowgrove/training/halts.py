@@ -39,12 +39,16 @@ class EvalRewardFailedError(RewardFailedError, UserFixable):
     first step nothing has trained (exit code 2 either way)."""
 
 
+def _failed(failure: RewardFailure | None) -> str:
+    """What failed, for the message: this rank's reward and its error, or another rank's."""
+    return f"reward {failure.name!r} failed ({failure.detail})" if failure else "a reward failed on another rank"
+
+
 def halt_on_failed_eval_reward(failure: RewardFailure | None) -> None:
     """Raise :class:`EvalRewardFailedError` on every rank when a reward raised on any rank (here: ``failure``) while
     scoring a held-out evaluation: one collective, so none is left waiting in the evaluation's gather."""
     if distributed.any_rank(failure is not None):
-        what = f"reward {failure.name!r} failed ({failure.detail})" if failure else "a reward failed on another rank"
-        raise EvalRewardFailedError(f"{what} in the held-out evaluation", failure.name if failure else None)
+        raise EvalRewardFailedError(f"{_failed(failure)} in the held-out evaluation", failure.name if failure else None)
 
 
 class NonFiniteUpdatesError(TrainingHalted):
@@ -58,8 +62,7 @@ def halt_on_bad_rewards(raw: Tensor | None, failure: RewardFailure | None, names
     bad = ~torch.isfinite(raw) if raw is not None else None  # [K, N]
     worst = distributed.max_over_ranks(2.0 if failure is not None else float(bool(bad.any())))  # 2 raised, 1 NaN/inf
     if worst == 2.0:
-        what = f"reward {failure.name!r} failed ({failure.detail})" if failure else "a reward failed on another rank"
-        raise RewardFailedError(f"{what} at step {step}; the step was skipped and no weights changed",
+        raise RewardFailedError(f"{_failed(failure)} at step {step}; the step was skipped and no weights changed",
                                 failure.name if failure else None)
     if worst == 1.0:
         bad_names = [name for k, name in enumerate(names) if bad[k].any()]

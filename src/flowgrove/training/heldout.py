@@ -69,8 +69,9 @@ class Share:
     velocities: list[Tensor] = field(default_factory=list)  # S x [M, *latent] (CPU): the output at states[i]
 
 
-def _integrate(policy: FlowPolicy, x: Tensor, sigmas: Tensor, cond_rows: Conditioning, chunk_size: int,
-               keep: Share | None) -> Tensor:
+def integrate_ode(policy: FlowPolicy, x: Tensor, sigmas: Tensor, cond_rows: Conditioning, chunk_size: int,
+                  keep: Share | None = None) -> Tensor:
+    """Euler ODE steps of ``x`` [M, *latent] over ``sigmas`` [S + 1] (``keep``: record every state and output)."""
     family = step_family(policy)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         v = batched_velocity(policy, x, x.new_full((x.shape[0],), float(sigma)), cond_rows, chunk_size)
@@ -96,9 +97,9 @@ def sample_share(policy: FlowPolicy, cond: Conditioning, rows: Tensor, sigmas: T
     share = Share(positions, sigmas)
     keep = share if keep_states else None
     k = sigmas.shape[0] - 1 if then is None else max(0, min(switch_at, sigmas.shape[0] - 1))
-    x = _integrate(policy, x, sigmas[:k + 1], cond_rows, chunk_size, keep)
+    x = integrate_ode(policy, x, sigmas[:k + 1], cond_rows, chunk_size, keep)
     with then if then is not None else nullcontext():
-        x = _integrate(policy, x, sigmas[k:], cond_rows, chunk_size, keep)
+        x = integrate_ode(policy, x, sigmas[k:], cond_rows, chunk_size, keep)
     share.images = decode_batched(policy, x, decode_batch)
     return share
 

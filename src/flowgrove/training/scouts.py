@@ -21,9 +21,8 @@ from flowgrove.config.load import Config
 from flowgrove.grpo.tree import best_and_worst
 from flowgrove.parallel.rank_share import RankShare
 from flowgrove.policies.base import Conditioning, FlowPolicy
-from flowgrove.samplers.family import step_family
 from flowgrove.training import method
-from flowgrove.training.rollout import batched_velocity
+from flowgrove.training.heldout import integrate_ode
 
 Score = Callable[[Tensor, Tensor], Tensor]  # (latents [N, ...], cond rows [N]) -> weighted reward totals [N]
 
@@ -74,11 +73,7 @@ def scout_noise(cfg: Config, policy: FlowPolicy, cond: Conditioning, roots: Tens
     s = cfg.rollout.scouts
     x0 = candidate_noise(cfg, policy.latent_shape, share, generator).to(roots.device)  # [N0_r * S, ...]
     rows = roots.repeat_interleave(s)  # [N0_r * S]
-    cand_cond = cond.select(rows)
-    family, sigmas = step_family(policy), method.base_sigmas(cfg, cfg.rollout.scout_steps)
-    x = x0
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        v = batched_velocity(policy, x, x.new_full((x.shape[0],), float(sigma)), cand_cond, cfg.sampler.chunk_size)
-        x = family.ode(x, v, sigma, sigma_next)  # [N0_r * S, ...]
+    sigmas = method.base_sigmas(cfg, cfg.rollout.scout_steps)
+    x = integrate_ode(policy, x0, sigmas, cond.select(rows), cfg.sampler.chunk_size)  # [N0_r * S, ...]
     keep = pick_extremes(score(x, rows), rows, s).to(x0.device)  # [N0_r * S]
     return x0[keep]  # [N0_r, ...]: each group's chosen candidates, in order
